@@ -1,0 +1,122 @@
+"""Agent API: register, login, logout, token renew."""
+
+from drf_spectacular.utils import extend_schema, inline_serializer
+from rest_framework import serializers, status
+from rest_framework.permissions import AllowAny
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from reclo_site.api.errors import ApiError
+from reclo_site.api.fields import StrictCharField
+from reclo_site.api.schema import error_responses
+from reclo_site.http import client_address
+
+from . import services
+
+
+class TokenOutput(serializers.Serializer):
+    message = serializers.CharField()
+    user_id = serializers.IntegerField()
+    token = serializers.CharField(help_text="32 alphanumeric characters; shown only here.")
+    token_expires = serializers.DateTimeField()
+
+
+def _token_response(user, token, key, message, status_code):
+    body = {"message": message, "user_id": user.pk, "token": key, "token_expires": token.expires}
+    return Response(TokenOutput(body).data, status=status_code)
+
+
+class RegisterInput(serializers.Serializer):
+    username = StrictCharField(allow_blank=True, trim_whitespace=False, required=False, default="")
+    email = StrictCharField(allow_blank=True, required=False, default="")
+    password = StrictCharField(allow_blank=True, trim_whitespace=False, required=False, default="")
+    token_name = StrictCharField(required=False, default="agent", max_length=100)
+
+
+class RegisterApi(APIView):
+    authentication_classes = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(
+        operation_id="register",
+        request=RegisterInput,
+        responses={201: TokenOutput, **error_responses(104, 201, 202, 203, 204, 205)},
+        auth=[],
+    )
+    def post(self, request):
+        data = _valid(RegisterInput, request)
+        try:
+            user = services.user_register(username=data["username"], email=data["email"], password=data["password"])
+        except services.AccountError as exc:
+            raise exc.as_api_error() from None
+        token, key = services.token_create(user=user, name=data["token_name"])
+        return _token_response(user, token, key, "Account created.", status.HTTP_201_CREATED)
+
+
+class LoginInput(serializers.Serializer):
+    email = StrictCharField(allow_blank=True, required=False, default="")
+    password = StrictCharField(allow_blank=True, trim_whitespace=False, required=False, default="")
+    token_name = StrictCharField(required=False, default="agent", max_length=100)
+
+
+class LoginApi(APIView):
+    authentication_classes = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(
+        operation_id="login",
+        request=LoginInput,
+        responses={200: TokenOutput, **error_responses(104, 206, 207, 208, 209, 210)},
+        auth=[],
+    )
+    def post(self, request):
+        data = _valid(LoginInput, request)
+        try:
+            user = services.user_check_login(
+                email=data["email"], password=data["password"], address=client_address(request)
+            )
+        except services.AccountError as exc:
+            headers = {"Retry-After": str(exc.retry_after)} if hasattr(exc, "retry_after") else None
+            raise ApiError(exc.code, exc.message, headers=headers) from None
+        token, key = services.token_create(user=user, name=data["token_name"])
+        return _token_response(user, token, key, "Logged in.", status.HTTP_200_OK)
+
+
+class MessageOutput(serializers.Serializer):
+    message = serializers.CharField()
+
+
+class LogoutApi(APIView):
+    @extend_schema(operation_id="logout", request=None, responses={200: MessageOutput, **error_responses(102, 211)})
+    def post(self, request):
+        try:
+            services.token_revoke(token=request.auth)
+        except Exception as exc:  # noqa: BLE001 - the contract has a code for this
+            raise ApiError(211, "Failed to deactivate the token; try again.") from exc
+        return Response({"message": "Logged out; this token no longer works."})
+
+
+class TokenRenewApi(APIView):
+    @extend_schema(
+        operation_id="token_renew",
+        request=None,
+        responses={
+            200: inline_serializer(
+                "TokenRenewOutput", {"message": serializers.CharField(), "token_expires": serializers.DateTimeField()}
+            ),
+            **error_responses(102),
+        },
+    )
+    def post(self, request):
+        token = services.token_renew(token=request.auth)
+        return Response(
+            {"message": "Token renewed.", "token_expires": serializers.DateTimeField().to_representation(token.expires)}
+        )
+
+
+def _valid(serializer_class, request) -> dict:
+    if not isinstance(request.data, dict):
+        raise ApiError(104, "The body must be a JSON object.")
+    serializer = serializer_class(data=request.data)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data

@@ -1,0 +1,57 @@
+"""Users and their agent API tokens."""
+
+from django.contrib.auth.models import AbstractUser
+from django.db import models
+from django.utils import timezone
+
+
+class User(AbstractUser):
+    """A ReClo customer. Logs in with email; the email is unique (case-insensitive)."""
+
+    email = models.EmailField("email address", unique=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(models.functions.Lower("email"), name="accounts_user_email_ci_unique"),
+        ]
+
+
+class ApiTokenQuerySet(models.QuerySet):
+    def active(self):
+        return self.filter(revoked_at__isnull=True, expires__gt=timezone.now())
+
+
+class ApiToken(models.Model):
+    """An agent's credential. Only the SHA-256 of the token is stored.
+
+    The token itself is 32 random alphanumeric characters (~190 bits), so a
+    fast hash is enough: nothing can be brute-forced back from the digest.
+    """
+
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100)
+    key_hash = models.CharField(max_length=64, unique=True)
+    # The first characters, so people can tell their tokens apart.
+    prefix = models.CharField(max_length=6)
+    created = models.DateTimeField(default=timezone.now)
+    expires = models.DateTimeField(db_index=True)
+    last_used = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True, db_index=True)
+
+    objects = ApiTokenQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created"]
+
+    def __str__(self):
+        return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None and self.expires > timezone.now()
+
+    @property
+    def state(self) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        return "active" if self.expires > timezone.now() else "expired"

@@ -1,0 +1,18 @@
+"""Beat jobs of the accounts app."""
+
+import logging
+
+from celery import shared_task
+
+from . import services
+
+log = logging.getLogger(__name__)
+
+
+@shared_task
+def expire_tokens() -> int:
+    """Deactivate agent tokens past their 60 days (idempotent, bounded batches)."""
+    count = services.tokens_expire()
+    if count:
+        log.info("expired %d API tokens", count)
+    return count

@@ -1,0 +1,1 @@
+"""What every API app shares: the error envelope, codes, throttling."""

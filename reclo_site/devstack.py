@@ -1,0 +1,129 @@
+"""`make run`: the whole system on one machine, until Ctrl-C.
+
+Starts moto's server mode as the local AWS, prepares the database and the
+bucket, then runs the portal, a Celery worker and Celery beat side by side.
+If any of them dies, everything is stopped, so a half-running stack never
+looks healthy.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _wait_for_port(host: str, port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise SystemExit(f"nothing answered on {host}:{port} after {timeout:.0f}s")
+
+
+def _port_busy(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _environment(moto_port: int, web_port: int) -> dict:
+    env = dict(os.environ)
+    env.setdefault("DJANGO_SETTINGS_MODULE", "reclo_site.settings")
+    env.setdefault("AWS_ENDPOINT_URL", f"http://127.0.0.1:{moto_port}")
+    # moto accepts any credentials; real ones never reach the emulator.
+    if "127.0.0.1" in env["AWS_ENDPOINT_URL"] or "localhost" in env["AWS_ENDPOINT_URL"]:
+        env.setdefault("AWS_ACCESS_KEY_ID", "reclo-local")
+        env.setdefault("AWS_SECRET_ACCESS_KEY", "reclo-local")
+    env.setdefault("AWS_REGION", "us-east-1")
+    env.setdefault("SITE_URL", f"http://127.0.0.1:{web_port}")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def main() -> int:
+    moto_port = int(os.environ.get("MOTO_PORT", "5000"))
+    web_port = int(os.environ.get("PORT", "8000"))
+    env = _environment(moto_port, web_port)
+    python = str(BIN / "python")
+    procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(name: str, args: list[str]) -> None:
+        print(f"reclo: starting {name}", flush=True)
+        procs.append((name, subprocess.Popen(args, cwd=ROOT, env=env, start_new_session=True)))
+
+    def stop_all() -> None:
+        for _name, proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for _name, proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        if env["AWS_ENDPOINT_URL"].startswith(f"http://127.0.0.1:{moto_port}"):
+            if _port_busy("127.0.0.1", moto_port):
+                raise SystemExit(f"port {moto_port} is taken; set MOTO_PORT to a free port")
+            start("local AWS emulator (moto)", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(moto_port)])
+            _wait_for_port("127.0.0.1", moto_port)
+        if _port_busy("127.0.0.1", web_port):
+            raise SystemExit(f"port {web_port} is taken; set PORT to a free port")
+        manage = [python, "manage.py"]
+        subprocess.run([*manage, "migrate", "--no-input", "-v", "0"], cwd=ROOT, env=env, check=True)
+        subprocess.run([*manage, "collectstatic", "--no-input", "-v", "0"], cwd=ROOT, env=env, check=True)
+        subprocess.run([*manage, "setup_cloud"], cwd=ROOT, env=env, check=True)
+        celery = [str(BIN / "celery"), "-A", "reclo_site"]
+        # The file-system broker has no broadcast, so no mingle/gossip/heartbeat.
+        start(
+            "Celery worker",
+            [
+                *celery,
+                "worker",
+                "-l",
+                "info",
+                "--concurrency",
+                "2",
+                "--without-mingle",
+                "--without-gossip",
+                "--without-heartbeat",
+            ],
+        )
+        start("Celery beat", [*celery, "beat", "-l", "info"])
+        start("portal", [*manage, "runserver", f"127.0.0.1:{web_port}", "--noreload", "--skip-checks"])
+        _wait_for_port("127.0.0.1", web_port)
+        print(
+            "\n"
+            f"  ReClo is running: http://127.0.0.1:{web_port}/  (sign up there)\n"
+            f"  API docs:         http://127.0.0.1:{web_port}/api/v1/docs\n"
+            f"  Local AWS:        {env['AWS_ENDPOINT_URL']}\n"
+            "  Agent:            .venv/bin/reclo-agent --help\n"
+            "  Press Ctrl-C to stop.\n",
+            flush=True,
+        )
+        while True:
+            for name, proc in procs:
+                if proc.poll() is not None:
+                    print(f"reclo: {name} exited with {proc.returncode}; stopping", file=sys.stderr)
+                    return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\nreclo: stopping", flush=True)
+        return 0
+    finally:
+        stop_all()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

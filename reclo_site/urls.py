@@ -1,0 +1,29 @@
+"""Root URLs: pages at /, the agent API under /api/v1/."""
+
+from django.contrib import admin
+from django.urls import include, path, re_path
+from drf_spectacular.views import SpectacularJSONAPIView, SpectacularRedocView
+
+from . import views
+
+api_v1 = [
+    path("", include("accounts.api_urls")),
+    path("", include("backups.api_urls")),
+    path("", include("recovery.api_urls")),
+    path("schema", SpectacularJSONAPIView.as_view(), name="schema"),
+    path("docs", SpectacularRedocView.as_view(url_name="api:schema"), name="docs"),
+]
+
+urlpatterns = [
+    path("api/v1/", include((api_v1, "api"))),
+    path("accounts/", include("accounts.urls")),
+    path("", include("backups.urls")),
+    path("recovery/", include("recovery.urls")),
+    path("admin/", admin.site.urls),
+    path("healthz", views.healthz, name="healthz"),
+    # Anything else under /api/ answers the JSON envelope, even with DEBUG on.
+    re_path(r"^api/", views.api_not_found),
+]
+
+handler404 = "reclo_site.views.not_found"
+handler500 = "reclo_site.views.server_error"
