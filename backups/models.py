@@ -1,0 +1,74 @@
+"""Protected servers and their restore points (backups)."""
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+
+class Server(models.Model):
+    """A protected server of one tenant, known by the name its agent reports."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="servers")
+    name = models.CharField(max_length=63)
+    created = models.DateTimeField(default=timezone.now)
+    # When the owner was last told that backups stopped arriving (no repeat mails).
+    overdue_notified_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "name"], name="backups_server_user_name_unique")]
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+
+class Backup(models.Model):
+    """One restore point of one disk: a VHD stored as seekable zstd in S3.
+
+    A row is created `pending` when upload credentials are granted; complete
+    makes it `verifying`; the worker's verdict makes it `verified` or `failed`.
+    """
+
+    class Kind(models.TextChoices):
+        FULL = "full"
+        INCREMENTAL = "incremental"
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        VERIFYING = "verifying"
+        VERIFIED = "verified"
+        FAILED = "failed"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="backups")
+    server = models.ForeignKey(Server, on_delete=models.CASCADE, related_name="backups")
+    disk = models.CharField(max_length=63)
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    parent = models.ForeignKey("self", on_delete=models.PROTECT, null=True, blank=True, related_name="children")
+    file_name = models.CharField(max_length=255)
+    key = models.CharField(max_length=512, unique=True)
+    virtual_size = models.BigIntegerField()
+    # Declared by the agent (at start or complete); checked against storage.
+    file_size = models.BigIntegerField(null=True, blank=True)
+    sha256 = models.CharField(max_length=64, blank=True)
+    # The VHD footer's unique id, read by the verifier; an incremental's
+    # parent id must equal its parent's.
+    vhd_unique_id = models.UUIDField(null=True, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    failure = models.TextField(blank=True)
+    date_created = models.DateTimeField(default=timezone.now, db_index=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    verified_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-date_created"]
+        indexes = [models.Index(fields=["user", "-date_created"]), models.Index(fields=["server", "disk", "status"])]
+
+    def __str__(self):
+        return f"{self.server.name}/{self.disk} {self.kind} {self.id}"
+
+    @property
+    def file_size_mb(self) -> float | None:
+        return None if self.file_size is None else round(self.file_size / (1024 * 1024), 3)
