@@ -1,0 +1,61 @@
+"""VHD restore points: write, read, validate, merge and store them.
+
+A restore point is a VHD (Microsoft's "Virtual Hard Disk Image Format
+Specification" 1.0): a full backup is a dynamic VHD, an incremental one a
+differencing VHD whose parent is the previous restore point. It is stored as
+seekable zstd, one frame per VHD block.
+
+This is hand-written because no maintained Python library writes VHDs
+(libvhdi, used by the tests as an independent second reader, only reads;
+qemu-img writes fixed and dynamic ones but is a separate tool and cannot
+make differencing VHDs from a sector mask). Modules:
+
+- :mod:`.format` -- footer and header structures, checksums, CHS geometry;
+- :mod:`.bitmap` -- MSB-first sector bitmaps as runs of sectors;
+- :mod:`.writer` -- streaming writers (dynamic, differencing, fixed);
+- :mod:`.reader` -- reading one VHD or a differencing chain;
+- :mod:`.validate` -- checking an untrusted upload;
+- :mod:`.merge` -- collapsing a chain into one dynamic VHD;
+- :mod:`.seekzstd` -- the seekable zstd storage format.
+"""
+
+from .bitmap import make_bitmap, set_runs
+from .errors import VHDError
+from .format import DEFAULT_BLOCK_SIZE, ParentInfo, VHDInfo, chs_geometry
+from .merge import merge_chain
+from .reader import ChainReader, VHDReader, open_chain
+from .seekzstd import (
+    SeekableReader,
+    SeekableZstdWriter,
+    Stored,
+    check_seekable,
+    compress_seekable,
+    open_seekable,
+)
+from .validate import validate
+from .writer import VHDWriter, scan_allocated, write_dynamic_from_raw, write_fixed
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "ChainReader",
+    "ParentInfo",
+    "SeekableReader",
+    "SeekableZstdWriter",
+    "Stored",
+    "VHDError",
+    "VHDInfo",
+    "VHDReader",
+    "VHDWriter",
+    "check_seekable",
+    "chs_geometry",
+    "compress_seekable",
+    "make_bitmap",
+    "merge_chain",
+    "open_chain",
+    "open_seekable",
+    "scan_allocated",
+    "set_runs",
+    "validate",
+    "write_dynamic_from_raw",
+    "write_fixed",
+]

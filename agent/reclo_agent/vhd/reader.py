@@ -1,0 +1,344 @@
+"""Reading VHDs (fixed, dynamic, differencing) and differencing chains.
+
+:class:`VHDReader` opens one VHD from a seekable binary file object (a local
+file, or the decompressed view of a stored object from
+:func:`~reclo_agent.vhd.seekzstd.open_seekable`). Opening it checks the
+whole structure, because the files come from customers' machines: every
+size, offset and count read from the file is bounded by the file's size
+before anything is allocated or looped over, and any inconsistency raises
+:class:`~reclo_agent.vhd.errors.VHDError`.
+
+:class:`ChainReader` stacks a base (dynamic or fixed) and differencing
+layers: a sector comes from the topmost layer whose block bitmap has it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import sys
+from array import array
+from collections.abc import Iterator, Sequence
+from itertools import pairwise
+from typing import BinaryIO
+
+from . import bitmap
+from .errors import VHDError
+from .format import (
+    DEFAULT_BLOCK_SIZE,
+    DISK_TYPE_NAMES,
+    FOOTER_SIZE,
+    HEADER_SIZE,
+    MAX_BLOCK_SIZE,
+    MAX_VIRTUAL_SIZE,
+    MIN_BLOCK_SIZE,
+    NO_OFFSET,
+    PLATFORM_NONE,
+    SECTOR,
+    UNALLOCATED,
+    DiskType,
+    DynamicHeader,
+    Footer,
+    VHDInfo,
+    bitmap_size,
+)
+
+
+def read_at(f: BinaryIO, offset: int, n: int, what: str) -> bytes:
+    """Exactly ``n`` bytes at ``offset`` (looping over short reads)."""
+    f.seek(offset)
+    chunks, left = [], n
+    while left:
+        chunk = f.read(left)
+        if not chunk:
+            raise VHDError(f"file truncated: {what} at offset {offset} is cut short")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+class VHDReader:
+    """One VHD file, structure checked on opening.
+
+    ``read()`` and ``read_block()`` give this layer alone (for a differencing
+    VHD, sectors it does not hold read as zeros); use :class:`ChainReader`
+    for the disk a chain describes.
+    """
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.file_size = f.seek(0, 2)
+        if self.file_size < FOOTER_SIZE:
+            raise VHDError(f"file too small to be a VHD ({self.file_size} bytes)")
+        raw_footer = read_at(f, self.file_size - FOOTER_SIZE, FOOTER_SIZE, "footer")
+        self.footer = footer = Footer.unpack(raw_footer)
+        if footer.disk_type not in DISK_TYPE_NAMES:
+            raise VHDError(f"unsupported disk type {footer.disk_type} (not fixed, dynamic or differencing)")
+        self.disk_type = DiskType(footer.disk_type)
+        size = self.virtual_size = footer.current_size
+        if size == 0 or size % SECTOR or size > MAX_VIRTUAL_SIZE:
+            raise VHDError(
+                f"virtual size {size} is not a positive multiple of {SECTOR} up to {MAX_VIRTUAL_SIZE}"
+            )
+        self.header: DynamicHeader | None = None
+        if self.disk_type == DiskType.FIXED:
+            self._open_fixed()
+        else:
+            self._open_dynamic(raw_footer)
+        self.block_count = -(-size // self.block_size)
+        self._sectors_per_block = self.block_size // SECTOR
+        self._full_bitmap = bitmap.full_bitmap(self._sectors_per_block, self._bitmap_size)
+        header = self.header
+        differencing = self.disk_type == DiskType.DIFFERENCING
+        self.info = VHDInfo(
+            disk_type=DISK_TYPE_NAMES[self.disk_type],
+            unique_id=footer.unique_id,
+            virtual_size=size,
+            block_size=header.block_size if header else None,
+            allocated_blocks=self.allocated_count,
+            timestamp=footer.timestamp,
+            file_size=self.file_size,
+            parent_unique_id=header.parent_unique_id if differencing else None,
+            parent_timestamp=header.parent_timestamp if differencing else None,
+            parent_name=header.parent_name if differencing else None,
+        )
+
+    def _open_fixed(self) -> None:
+        if self.footer.data_offset != NO_OFFSET:
+            raise VHDError(f"fixed VHD has a data offset ({self.footer.data_offset:#x}); expected none")
+        if self.file_size != self.virtual_size + FOOTER_SIZE:
+            raise VHDError(
+                f"fixed VHD file is {self.file_size} bytes; its virtual size "
+                f"{self.virtual_size} needs {self.virtual_size + FOOTER_SIZE}"
+            )
+        # A fixed disk is read in blocks of the usual size, all present.
+        self.block_size = DEFAULT_BLOCK_SIZE
+        self._bitmap_size = bitmap_size(self.block_size)
+        self._bat = None
+        self.allocated_count = -(-self.virtual_size // self.block_size)
+
+    def _open_dynamic(self, raw_footer: bytes) -> None:
+        f, file_size, footer = self._f, self.file_size, self.footer
+        end = file_size - FOOTER_SIZE  # where the data area ends
+        if footer.data_offset != FOOTER_SIZE:
+            raise VHDError(f"dynamic header offset is {footer.data_offset:#x}; expected {FOOTER_SIZE:#x}")
+        if end < FOOTER_SIZE + HEADER_SIZE:
+            raise VHDError(f"file too small for a dynamic VHD ({file_size} bytes)")
+        if read_at(f, 0, FOOTER_SIZE, "footer copy") != raw_footer:
+            raise VHDError("the footer copy at the start differs from the footer at the end")
+        self.header = header = DynamicHeader.unpack(read_at(f, FOOTER_SIZE, HEADER_SIZE, "dynamic header"))
+
+        block_size = header.block_size
+        if block_size & (block_size - 1) or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
+            raise VHDError(
+                f"block size {block_size} is not a power of two between {MIN_BLOCK_SIZE} and {MAX_BLOCK_SIZE}"
+            )
+        self.block_size = block_size
+        self._bitmap_size = bitmap_size(block_size)
+        blocks = -(-self.virtual_size // block_size)
+        if header.max_table_entries < blocks:
+            raise VHDError(
+                f"BAT has {header.max_table_entries} entries but the disk has {blocks} blocks"
+            )
+        # Bound the BAT by the file before reading it: only then allocate.
+        bat_end = header.table_offset + 4 * header.max_table_entries
+        if bat_end > end:
+            raise VHDError(
+                f"BAT ({header.max_table_entries} entries at offset {header.table_offset}) "
+                f"does not fit in the {file_size}-byte file"
+            )
+        bat = array("I")
+        bat.frombytes(read_at(f, header.table_offset, 4 * blocks, "BAT"))
+        if sys.byteorder == "little":
+            bat.byteswap()
+        self._bat = bat
+
+        # Everything in the file must be inside it and must not overlap.
+        regions = [(0, FOOTER_SIZE, "footer copy"), (FOOTER_SIZE, FOOTER_SIZE + HEADER_SIZE, "dynamic header"),
+                   (header.table_offset, bat_end, "BAT")]
+        if self.disk_type == DiskType.DIFFERENCING:
+            for n, loc in enumerate(header.locators):
+                if loc.code == PLATFORM_NONE:
+                    continue
+                loc_end = loc.data_offset + loc.data_length
+                if loc_end > end:
+                    raise VHDError(f"parent locator {n} ({loc.code!r}) points outside the file")
+                regions.append((loc.data_offset, loc_end, f"parent locator {n}"))
+        regions.sort()
+        for (_, a_end, a), (b_start, _, b) in pairwise(regions):
+            if b_start < a_end:
+                raise VHDError(f"{a} and {b} overlap")
+
+        # Blocks: bitmap + data, at sector offsets; all the same length, so
+        # sorted starts must be at least one block apart.
+        stride = self._bitmap_size + block_size
+        starts = sorted(entry for entry in bat if entry != UNALLOCATED)
+        self.allocated_count = len(starts)
+        if starts and starts[-1] * SECTOR + stride > end:
+            raise VHDError(f"BAT entry for block {bat.index(starts[-1])} points outside the file")
+        for a, b in pairwise(starts):
+            if (b - a) * SECTOR < stride:
+                raise VHDError(f"blocks {bat.index(a)} and {bat.index(b)} overlap")
+        for r_start, r_end, what in regions:
+            # The block starting last before r_end is the only one that can
+            # overlap the region (blocks do not overlap each other).
+            i = bisect.bisect_left(starts, -(-r_end // SECTOR))
+            if i and starts[i - 1] * SECTOR + stride > r_start:
+                raise VHDError(f"block {bat.index(starts[i - 1])} overlaps the {what}")
+
+    @property
+    def size(self) -> int:
+        return self.virtual_size
+
+    def block_length(self, index: int) -> int:
+        """Bytes of block ``index`` inside the virtual disk (the last may be short)."""
+        return min(self.block_size, self.virtual_size - index * self.block_size)
+
+    def is_allocated(self, index: int) -> bool:
+        return self._bat is None or self._bat[index] != UNALLOCATED
+
+    def read_bitmap(self, index: int) -> bytes | None:
+        """The sector bitmap of block ``index``, or None if it is not in the file."""
+        if self._bat is None:
+            return self._full_bitmap
+        entry = self._bat[index]
+        if entry == UNALLOCATED:
+            return None
+        return read_at(self._f, entry * SECTOR, self._bitmap_size, f"bitmap of block {index}")
+
+    def read_block_data(self, index: int) -> bytes:
+        """The stored bytes of block ``index`` (``block_size``; zeros if absent).
+
+        Sectors that the bitmap does not mark are returned as stored; callers
+        that care use the bitmap (as :class:`ChainReader` does).
+        """
+        if self._bat is None:
+            n = self.block_length(index)
+            data = read_at(self._f, index * self.block_size, n, f"block {index}")
+            return data.ljust(self.block_size, b"\0")
+        entry = self._bat[index]
+        if entry == UNALLOCATED:
+            return bytes(self.block_size)
+        offset = entry * SECTOR + self._bitmap_size
+        return read_at(self._f, offset, self.block_size, f"block {index}")
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes of this layer alone at ``offset`` of the virtual disk."""
+        return ChainReader([self], _check=False).read(offset, length)
+
+
+class ChainReader:
+    """The virtual disk of a chain: ``[base, incremental1, incremental2, ...]``.
+
+    The base is a dynamic (or fixed) VHD; each layer above is a differencing
+    VHD whose parent unique id is the unique id of the layer below, with the
+    same virtual size and block size (anything else raises VHDError).
+    """
+
+    def __init__(self, layers: Sequence[VHDReader], *, _check: bool = True) -> None:
+        if not layers:
+            raise ValueError("a chain needs at least one VHD")
+        self.layers = list(layers)
+        top = self.layers[-1]
+        if _check:
+            self._check_links()
+        self.virtual_size = top.virtual_size
+        self.block_size = top.block_size
+        self.block_count = top.block_count
+        self._nsect = self.block_size // SECTOR
+        self._cache: tuple[int, bytes] | None = None
+
+    def _check_links(self) -> None:
+        base = self.layers[0]
+        if base.disk_type == DiskType.DIFFERENCING:
+            raise VHDError("the base of a chain must be a full (dynamic or fixed) VHD, not a differencing one")
+        for n, (below, layer) in enumerate(pairwise(self.layers), start=1):
+            if layer.disk_type != DiskType.DIFFERENCING:
+                raise VHDError(f"layer {n} of the chain is a {layer.info.disk_type} VHD, not a differencing one")
+            if layer.info.parent_unique_id != below.info.unique_id:
+                raise VHDError(
+                    f"layer {n}'s parent id {layer.info.parent_unique_id} is not the id "
+                    f"{below.info.unique_id} of the layer below"
+                )
+            if layer.virtual_size != below.virtual_size:
+                raise VHDError(f"layer {n} is {layer.virtual_size} bytes, its parent {below.virtual_size}")
+            if layer.block_size != below.block_size:
+                raise VHDError(f"layer {n} has {layer.block_size}-byte blocks, its parent {below.block_size}")
+
+    @property
+    def size(self) -> int:
+        return self.virtual_size
+
+    @property
+    def top(self) -> VHDReader:
+        return self.layers[-1]
+
+    def allocated_blocks(self) -> Iterator[int]:
+        """Indices of blocks stored in some layer, in increasing order.
+
+        Every other block reads as zeros; this costs no data reads.
+        """
+        for index in range(self.block_count):
+            if any(layer.is_allocated(index) for layer in self.layers):
+                yield index
+
+    def read_block(self, index: int) -> bytes:
+        """Block ``index`` of the virtual disk (the last one may be short)."""
+        if self._cache and self._cache[0] == index:
+            return self._cache[1]
+        length = self.layers[-1].block_length(index)
+        nsect = length // SECTOR
+        # Sectors still needed, as an integer whose top bit is sector 0.
+        need = ((1 << nsect) - 1) << (self._nsect - nsect)
+        out: bytes | bytearray | None = None
+        for layer in reversed(self.layers):
+            layer_bitmap = layer.read_bitmap(index)
+            if layer_bitmap is None:
+                continue
+            have = bitmap.to_int(layer_bitmap, self._nsect)
+            take = need & have
+            if take:
+                data = layer.read_block_data(index)
+                if out is None and take == need:
+                    out = data  # the whole block from one layer: no copying
+                else:
+                    if out is None:
+                        out = bytearray(self.block_size)
+                    take_map = bitmap.from_int(take, self._nsect, -(-self._nsect // 8))
+                    for start, count in bitmap.set_runs(take_map, self._nsect):
+                        lo, hi = start * SECTOR, (start + count) * SECTOR
+                        out[lo:hi] = data[lo:hi]
+            need &= ~have
+            if not need:
+                break
+        block = bytes(length) if out is None else bytes(out[:length])
+        self._cache = (index, block)
+        return block
+
+    def iter_blocks(self) -> Iterator[tuple[int, bytes]]:
+        """``(index, data)`` of every block stored in some layer, in order.
+
+        Blocks no layer stores are all zeros and are skipped without any
+        read; restoring to a target that is not known to be zeroed must write
+        zeros there itself.
+        """
+        for index in self.allocated_blocks():
+            yield index, self.read_block(index)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` of the virtual disk (short at its end)."""
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        end = min(offset + length, self.virtual_size)
+        parts = []
+        while offset < end:
+            index, within = divmod(offset, self.block_size)
+            block = self.read_block(index)
+            part = block[within : within + end - offset]
+            parts.append(part)
+            offset += len(part)
+        return b"".join(parts)
+
+
+def open_chain(files: Sequence[BinaryIO]) -> ChainReader:
+    """A :class:`ChainReader` over file objects, base first."""
+    return ChainReader([VHDReader(f) for f in files])

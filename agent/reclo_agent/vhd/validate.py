@@ -1,0 +1,52 @@
+"""Structural validation of an untrusted VHD (the portal's upload verifier)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import BinaryIO
+
+from .errors import VHDError
+from .format import VHDInfo
+from .reader import VHDReader
+
+# The backup kinds of the API and the VHD disk type each must be.
+KIND_DISK_TYPES = {"full": "dynamic", "incremental": "differencing"}
+
+
+def validate(
+    fileobj: BinaryIO,
+    *,
+    expected_kind: str | None = None,
+    parent_unique_id: uuid.UUID | None = None,
+    virtual_size: int | None = None,
+) -> VHDInfo:
+    """Check a VHD's structure and that it fits what was declared.
+
+    ``fileobj`` is a seekable binary file object (e.g. from
+    :func:`~reclo_agent.vhd.seekzstd.open_seekable`). Checks the footer
+    (cookie, checksum, version, disk type, size) and for dynamic and
+    differencing disks both footer copies, the dynamic header (cookie,
+    checksum, block size), the BAT (bounded by the file, every entry inside
+    the data area, no two blocks overlapping each other or the metadata) and
+    the parent locators. Then: ``expected_kind`` ("full" needs a dynamic VHD,
+    "incremental" a differencing one), ``parent_unique_id`` (the parent
+    backup's VHD unique id) and ``virtual_size``.
+
+    Returns the file's :class:`VHDInfo`; raises :class:`VHDError` with a
+    human-readable reason for anything malformed or not fitting.
+    """
+    if expected_kind is not None and expected_kind not in KIND_DISK_TYPES:
+        raise ValueError(f"expected_kind must be one of {sorted(KIND_DISK_TYPES)}, not {expected_kind!r}")
+    info = VHDReader(fileobj).info
+    if expected_kind is not None and info.disk_type != KIND_DISK_TYPES[expected_kind]:
+        raise VHDError(
+            f"a {expected_kind} backup must be a {KIND_DISK_TYPES[expected_kind]} VHD, "
+            f"this one is {info.disk_type}"
+        )
+    if parent_unique_id is not None and info.parent_unique_id != parent_unique_id:
+        raise VHDError(
+            f"parent id {info.parent_unique_id} does not match the parent backup's VHD id {parent_unique_id}"
+        )
+    if virtual_size is not None and info.virtual_size != virtual_size:
+        raise VHDError(f"virtual size {info.virtual_size} does not match the expected {virtual_size}")
+    return info

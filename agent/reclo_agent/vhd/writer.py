@@ -1,0 +1,355 @@
+"""Streaming VHD writers: dynamic, differencing and fixed.
+
+The agent compresses while it uploads, so a VHD is written front to back to
+a non-seekable output, never patched afterwards. A dynamic VHD's BAT (which
+block lives where) sits before the data, so :class:`VHDWriter` is told up
+front which blocks will be allocated; it then lays the file out as
+
+    footer copy | dynamic header | BAT | parent locators | blocks... | footer
+
+where the n-th allocated block (in increasing block order) is at a fixed
+place, and the caller pushes exactly those blocks in that order. The agent
+knows the allocated blocks after hashing its pages; for a raw image file,
+:func:`write_dynamic_from_raw` pre-scans it for all-zero blocks (one extra
+read, which beats buffering or rewriting the output). Memory stays bounded
+whatever the disk size: the BAT (4 bytes per block) and one block.
+
+If ``out`` has an ``end_frame()`` method (as
+:class:`~reclo_agent.vhd.seekzstd.SeekableZstdWriter` does), it is called
+after the metadata and after every block, so each VHD block becomes exactly
+one zstd frame of the stored object and a ranged read reaches it directly.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from array import array
+from collections.abc import Iterable
+from typing import BinaryIO
+
+from . import bitmap
+from .format import (
+    DEFAULT_BLOCK_SIZE,
+    FOOTER_SIZE,
+    HEADER_SIZE,
+    MAX_BLOCK_SIZE,
+    MAX_VIRTUAL_SIZE,
+    MIN_BLOCK_SIZE,
+    NO_OFFSET,
+    PLATFORM_W2KU,
+    PLATFORM_W2RU,
+    SECTOR,
+    UNALLOCATED,
+    DiskType,
+    DynamicHeader,
+    Footer,
+    ParentInfo,
+    ParentLocator,
+    VHDInfo,
+    bitmap_size,
+    vhd_timestamp,
+)
+
+
+def _check_size(size: int) -> None:
+    if not 0 < size <= MAX_VIRTUAL_SIZE or size % SECTOR:
+        raise ValueError(
+            f"disk size {size} must be a positive multiple of {SECTOR} "
+            f"and at most {MAX_VIRTUAL_SIZE} bytes"
+        )
+
+
+def _pad(n: int) -> int:
+    """``n`` rounded up to a whole sector."""
+    return -(-n // SECTOR) * SECTOR
+
+
+class VHDWriter:
+    """Writes a dynamic VHD, or a differencing one when ``parent`` is given.
+
+    ``allocated`` names every block index that :meth:`write_block` will be
+    called for (any iterable, any order); the calls must then come in
+    increasing block order. :meth:`close` writes the final footer and returns
+    the file's :class:`VHDInfo`. Used as a context manager it closes on
+    success only, so a failed write never looks like a complete VHD.
+    """
+
+    def __init__(
+        self,
+        out: BinaryIO,
+        virtual_size: int,
+        allocated: Iterable[int],
+        *,
+        parent: ParentInfo | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        unique_id: uuid.UUID | None = None,
+        timestamp: int | None = None,
+    ) -> None:
+        _check_size(virtual_size)
+        if block_size & (block_size - 1) or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
+            raise ValueError(f"block size {block_size} is not a power of two in the sane range")
+        self._out = out
+        self._end_frame = getattr(out, "end_frame", None)
+        self.virtual_size = virtual_size
+        self.block_size = block_size
+        self.block_count = -(-virtual_size // block_size)
+        self._sectors_per_block = block_size // SECTOR
+        self._bitmap_size = bitmap_size(block_size)
+        self._full_bitmap = bitmap.full_bitmap(self._sectors_per_block, self._bitmap_size)
+        self._footer = Footer(
+            disk_type=DiskType.DIFFERENCING if parent else DiskType.DYNAMIC,
+            current_size=virtual_size,
+            unique_id=unique_id or uuid.uuid4(),
+            timestamp=vhd_timestamp() if timestamp is None else timestamp,
+            data_offset=FOOTER_SIZE,
+        )
+        self._parent = parent
+        self._closed = False
+
+        # The metadata, in file order.
+        table_offset = FOOTER_SIZE + HEADER_SIZE
+        bat_bytes = _pad(self.block_count * 4)
+        locators, locator_data = self._locators(parent, table_offset + bat_bytes)
+        data_start = table_offset + bat_bytes + len(locator_data)
+
+        # The BAT: 4 bytes per block, filled in place. Mark the allocated
+        # blocks first, then number them in block order.
+        self._bat = array("I", [UNALLOCATED]) * self.block_count
+        for index in allocated:
+            if not 0 <= index < self.block_count:
+                raise ValueError(f"block {index} is outside a {self.block_count}-block disk")
+            self._bat[index] = 0
+        stride = (self._bitmap_size + block_size) // SECTOR
+        sector = data_start // SECTOR
+        self.allocated_count = 0
+        for index in range(self.block_count):
+            if self._bat[index] != UNALLOCATED:
+                self._bat[index] = sector
+                sector += stride
+                self.allocated_count += 1
+        if sector > UNALLOCATED:  # the final footer's sector must fit too
+            raise ValueError("VHD would exceed the 2 TiB reachable by 32-bit BAT entries")
+        self.file_size = sector * SECTOR + FOOTER_SIZE
+
+        header = DynamicHeader(
+            table_offset=table_offset,
+            max_table_entries=self.block_count,
+            block_size=block_size,
+            parent_unique_id=parent.unique_id if parent else uuid.UUID(int=0),
+            parent_timestamp=parent.timestamp if parent else 0,
+            parent_name=parent.file_name if parent else "",
+            locators=locators,
+        )
+        bat = array("I", self._bat)
+        if sys.byteorder == "little":
+            bat.byteswap()  # the BAT is big-endian on disk
+        self._write(self._footer.pack())
+        self._write(header.pack())
+        self._write(bat.tobytes().ljust(bat_bytes, b"\xff"))
+        self._write(locator_data)
+        self._next = self._next_allocated(0)
+        if self._end_frame:
+            self._end_frame()
+
+    @staticmethod
+    def _locators(parent: ParentInfo | None, offset: int) -> tuple[tuple[ParentLocator, ...], bytes]:
+        """Parent locators and their data (each padded to a sector) at ``offset``.
+
+        Windows resolves a parent through the absolute (W2ku) then the relative
+        (W2ru) locator. We only know the parent's file name (restore points sit
+        side by side), so W2ku holds the bare name and W2ru ``.\\name``.
+        """
+        if parent is None:
+            return (), b""
+        locators, data = [], b""
+        for code, path in ((PLATFORM_W2KU, parent.file_name), (PLATFORM_W2RU, ".\\" + parent.file_name)):
+            encoded = path.encode("utf-16-le")
+            space = _pad(len(encoded))
+            locators.append(ParentLocator(code, space, len(encoded), offset + len(data)))
+            data += encoded.ljust(space, b"\0")
+        return tuple(locators), data
+
+    def _write(self, data: bytes) -> None:
+        self._out.write(data)
+
+    def _next_allocated(self, start: int) -> int | None:
+        for index in range(start, self.block_count):
+            if self._bat[index] != UNALLOCATED:
+                return index
+        return None
+
+    def write_block(self, index: int, data: bytes, sectors: bytes | None = None) -> None:
+        """Write block ``index``: ``data`` plus which sectors it holds.
+
+        ``data`` is the block's bytes (``block_size``, or up to the end of the
+        disk for the last block). ``sectors`` is a sector bitmap (see
+        :mod:`.bitmap`; ``make_bitmap`` builds one from runs); ``None`` means
+        every sector. Sectors not in it are zero-filled in the data and clear
+        in the bitmap: in a differencing VHD they come from the parent.
+        """
+        if self._closed:
+            raise ValueError("write_block() on a closed VHDWriter")
+        if index != self._next:
+            raise ValueError(
+                f"block {index} written out of order or not announced in `allocated` "
+                f"(expected block {self._next})"
+            )
+        in_disk = min(self.block_size, self.virtual_size - index * self.block_size)
+        if len(data) not in (in_disk, self.block_size):
+            raise ValueError(f"block {index} must be {in_disk} bytes, got {len(data)}")
+        nsect = in_disk // SECTOR
+        if sectors is None and nsect == self._sectors_per_block:
+            block_bitmap = self._full_bitmap
+        else:
+            spb = self._sectors_per_block
+            if sectors is None:
+                present = -1
+            elif len(sectors) * 8 < spb:
+                raise ValueError(f"sector bitmap of block {index} has fewer than {spb} bits")
+            else:
+                present = bitmap.to_int(sectors, spb)
+            # Sectors past the end of the disk are never present.
+            present &= ((1 << nsect) - 1) << (spb - nsect)
+            block_bitmap = bitmap.from_int(present, spb, self._bitmap_size)
+        payload = bytes(data).ljust(self.block_size, b"\0")
+        if block_bitmap is not self._full_bitmap:
+            holes = bitmap.clear_runs(block_bitmap, self._sectors_per_block)
+            if holes:
+                buf = bytearray(payload)
+                for start, count in holes:
+                    buf[start * SECTOR : (start + count) * SECTOR] = bytes(count * SECTOR)
+                payload = bytes(buf)
+        self._write(block_bitmap)
+        self._write(payload)
+        self._next = self._next_allocated(index + 1)
+        if self._end_frame:
+            self._end_frame()
+
+    def close(self) -> VHDInfo:
+        """Write the footer (after checking every announced block came)."""
+        if self._closed:
+            raise ValueError("VHDWriter already closed")
+        if self._next is not None:
+            raise ValueError(f"block {self._next} was announced but never written")
+        self._write(self._footer.pack())
+        self._closed = True
+        parent = self._parent
+        return VHDInfo(
+            disk_type="differencing" if parent else "dynamic",
+            unique_id=self._footer.unique_id,
+            virtual_size=self.virtual_size,
+            block_size=self.block_size,
+            allocated_blocks=self.allocated_count,
+            timestamp=self._footer.timestamp,
+            file_size=self.file_size,
+            parent_unique_id=parent.unique_id if parent else None,
+            parent_timestamp=parent.timestamp if parent else None,
+            parent_name=parent.file_name if parent else None,
+        )
+
+    def __enter__(self) -> VHDWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and not self._closed:
+            self.close()
+
+
+def _read_exactly(src: BinaryIO, n: int) -> bytes:
+    """``n`` bytes from ``src`` (looping over short reads), or fail."""
+    chunks, left = [], n
+    while left:
+        chunk = src.read(left)
+        if not chunk:
+            raise ValueError(f"source ended {left} bytes early")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _source_size(src: BinaryIO, size: int | None) -> int:
+    if size is None:
+        size = src.seek(0, 2)
+        src.seek(0)
+    _check_size(size)
+    return size
+
+
+def scan_allocated(src: BinaryIO, size: int, block_size: int = DEFAULT_BLOCK_SIZE) -> list[int]:
+    """Indices of the blocks of a raw disk image that are not all zeros.
+
+    Reads ``src`` from its current position; the caller seeks back.
+    """
+    zero = bytes(block_size)
+    allocated = []
+    for index in range(-(-size // block_size)):
+        data = _read_exactly(src, min(block_size, size - index * block_size))
+        if data != zero[: len(data)]:
+            allocated.append(index)
+    return allocated
+
+
+def write_dynamic_from_raw(
+    src: BinaryIO,
+    out: BinaryIO,
+    *,
+    size: int | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    unique_id: uuid.UUID | None = None,
+    timestamp: int | None = None,
+) -> VHDInfo:
+    """Write a raw disk image (a seekable file or block device) as a dynamic VHD.
+
+    All-zero blocks are left unallocated; that takes a first pass over
+    ``src`` to find them. ``size`` defaults to the size of ``src``.
+    """
+    size = _source_size(src, size)
+    start = src.tell()
+    allocated = scan_allocated(src, size, block_size)
+    writer = VHDWriter(out, size, allocated, block_size=block_size, unique_id=unique_id, timestamp=timestamp)
+    for index in allocated:
+        src.seek(start + index * block_size)
+        writer.write_block(index, _read_exactly(src, min(block_size, size - index * block_size)))
+    return writer.close()
+
+
+def write_fixed(
+    src: BinaryIO,
+    out: BinaryIO,
+    *,
+    size: int | None = None,
+    unique_id: uuid.UUID | None = None,
+    timestamp: int | None = None,
+    chunk_size: int = DEFAULT_BLOCK_SIZE,
+) -> VHDInfo:
+    """Write ``size`` bytes of ``src`` as a fixed VHD: the raw data, then a footer.
+
+    ``src`` is read sequentially; ``size`` must be given when ``src`` cannot
+    seek. A frame ends every ``chunk_size`` bytes if ``out`` has ``end_frame()``.
+    """
+    size = _source_size(src, size)
+    footer = Footer(
+        disk_type=DiskType.FIXED,
+        current_size=size,
+        unique_id=unique_id or uuid.uuid4(),
+        timestamp=vhd_timestamp() if timestamp is None else timestamp,
+        data_offset=NO_OFFSET,
+    )
+    end_frame = getattr(out, "end_frame", None)
+    left = size
+    while left:
+        out.write(_read_exactly(src, min(chunk_size, left)))
+        left -= min(chunk_size, left)
+        if end_frame:
+            end_frame()
+    out.write(footer.pack())
+    return VHDInfo(
+        disk_type="fixed",
+        unique_id=footer.unique_id,
+        virtual_size=size,
+        block_size=None,
+        allocated_blocks=-(-size // DEFAULT_BLOCK_SIZE),
+        timestamp=footer.timestamp,
+        file_size=size + FOOTER_SIZE,
+    )
