@@ -56,11 +56,15 @@ def main() -> int:
     python = str(BIN / "python")
     procs: list[tuple[str, subprocess.Popen]] = []
 
-    def start(name: str, args: list[str]) -> None:
-        print(f"reclo: starting {name}", flush=True)
-        procs.append((name, subprocess.Popen(args, cwd=ROOT, env=env, start_new_session=True)))
+    def start(name: str, args: list[str], log: Path | None = None) -> None:
+        print(f"reclo: starting {name}" + (f" (log: {log.relative_to(ROOT)})" if log else ""), flush=True)
+        out = open(log, "ab") if log else None  # noqa: SIM115 - lives as long as the process
+        procs.append((name, subprocess.Popen(args, cwd=ROOT, env=env, start_new_session=True, stdout=out,
+                                             stderr=subprocess.STDOUT if out else None)))  # fmt: skip
 
     def stop_all() -> None:
+        # A second Ctrl-C must not cut the shutdown short and leave orphans.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         for _name, proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -76,7 +80,11 @@ def main() -> int:
         if env["AWS_ENDPOINT_URL"].startswith(f"http://127.0.0.1:{moto_port}"):
             if _port_busy("127.0.0.1", moto_port):
                 raise SystemExit(f"port {moto_port} is taken; set MOTO_PORT to a free port")
-            start("local AWS emulator (moto)", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(moto_port)])
+            start(
+                "local AWS emulator (moto)",
+                [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(moto_port)],
+                log=ROOT / "var" / "moto.log",
+            )
             _wait_for_port("127.0.0.1", moto_port)
         if _port_busy("127.0.0.1", web_port):
             raise SystemExit(f"port {web_port} is taken; set PORT to a free port")
@@ -112,7 +120,10 @@ def main() -> int:
             "  Press Ctrl-C to stop.\n",
             flush=True,
         )
+        parent = os.getppid()
         while True:
+            if os.getppid() != parent:  # `make` was killed: do not linger as orphans
+                return 1
             for name, proc in procs:
                 if proc.poll() is not None:
                     print(f"reclo: {name} exited with {proc.returncode}; stopping", file=sys.stderr)

@@ -94,6 +94,8 @@ def exception_handler(exc, context):
     if isinstance(exc, ApiError):
         code, message, fields, status_code = exc.error_code, str(exc.detail), exc.fields, exc.status_code
         headers.update(exc.headers)
+        if code == 102:
+            headers["WWW-Authenticate"] = "Token"
     elif isinstance(exc, exceptions.ValidationError):
         code, status_code = 104, 400
         fields = _flatten(exc.detail)

@@ -1,0 +1,34 @@
+"""Playwright driving Debian's Chromium, for end-to-end page tests."""
+
+import os
+from contextlib import contextmanager
+
+import pytest
+
+from reclo_site import testing
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+@contextmanager
+def chromium_page(viewport=(1280, 900)):
+    """A fresh Chromium page; skips locally (fails in CI) without Chromium or Playwright."""
+    if not os.path.exists(CHROMIUM):
+        testing.require_tool("chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:  # pragma: no cover - requirements install it
+        if testing.IN_CI:
+            pytest.fail("playwright is not installed")
+        pytest.skip("playwright is not installed")
+    # Playwright's sync API runs its own event loop; Django must allow ORM
+    # calls from this thread while it does.
+    os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]}, accept_downloads=True)
+            yield context.new_page()
+        finally:
+            browser.close()
