@@ -216,13 +216,14 @@ CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="") or REDIS_URL or "filesy
 if CELERY_BROKER_URL == "filesystem://":
     # kombu's file-system transport: a broker with no server, for local runs.
     _broker_dir = VAR_DIR / "broker"
-    for _sub in ("queue", "processed"):
+    for _sub in ("queue", "processed", "control"):
         (_broker_dir / _sub).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir / "queue"),
         "data_folder_out": str(_broker_dir / "queue"),
         "processed_folder": str(_broker_dir / "processed"),
         "store_processed": False,
+        "control_folder": str(_broker_dir / "control"),
     }
 else:
     # Redelivery after a lost worker must come after the longest task.
