@@ -39,6 +39,7 @@ class RegisterApi(APIView):
 
     @extend_schema(
         operation_id="register",
+        tags=["accounts"],
         request=RegisterInput,
         responses={201: TokenOutput, **error_responses(104, 201, 202, 203, 204, 205)},
         auth=[],
@@ -65,6 +66,7 @@ class LoginApi(APIView):
 
     @extend_schema(
         operation_id="login",
+        tags=["accounts"],
         request=LoginInput,
         responses={200: TokenOutput, **error_responses(104, 206, 207, 208, 209, 210)},
         auth=[],
@@ -87,7 +89,12 @@ class MessageOutput(serializers.Serializer):
 
 
 class LogoutApi(APIView):
-    @extend_schema(operation_id="logout", request=None, responses={200: MessageOutput, **error_responses(102, 211)})
+    @extend_schema(
+        operation_id="logout",
+        tags=["accounts"],
+        request=None,
+        responses={200: MessageOutput, **error_responses(102, 211)},
+    )
     def post(self, request):
         try:
             services.token_revoke(token=request.auth)
@@ -99,6 +106,7 @@ class LogoutApi(APIView):
 class TokenRenewApi(APIView):
     @extend_schema(
         operation_id="token_renew",
+        tags=["accounts"],
         request=None,
         responses={
             200: inline_serializer(

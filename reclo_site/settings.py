@@ -50,6 +50,7 @@ INSTALLED_APPS = [
     "django.contrib.humanize",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "reclo_site",
     "accounts",
     "backups",
@@ -191,11 +192,15 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "ReClo API",
     "DESCRIPTION": (
         "The agent-facing API of ReClo. Authenticate with `Authorization: Token <token>`. "
-        'Errors are `{"error": <code>, "message": "..."}`; the codes are listed under '
-        "the `Error` schema."
+        'Errors are `{"error": <code>, "message": "..."}`; with their codes in '
+        "the table below."
     ),
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # The docs page's scripts come from our own static files, not a CDN.
+    "REDOC_DIST": "SIDECAR",
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",

@@ -82,7 +82,9 @@ class TestRegister:
         assert_error(post(anon_api, "/api/v1/register", raw), 400, 104)
 
     def test_a_non_json_content_type_answers_104(self, anon_api):
-        response = anon_api.post("/api/v1/register", data="username=x", content_type="application/x-www-form-urlencoded")
+        response = anon_api.post(
+            "/api/v1/register", data="username=x", content_type="application/x-www-form-urlencoded"
+        )
         assert_error(response, 415, 104)
 
 
@@ -98,7 +100,9 @@ class TestLogin:
         assert post(anon_api, "/api/v1/login", {"email": "ALICE@example.com", "password": password}).status_code == 200
 
     def test_unknown_email_and_wrong_password_look_the_same(self, anon_api, user):
-        wrong = assert_error(post(anon_api, "/api/v1/login", {"email": user.email, "password": "nope-nope-nope"}), 401, 207)
+        wrong = assert_error(
+            post(anon_api, "/api/v1/login", {"email": user.email, "password": "nope-nope-nope"}), 401, 207
+        )
         unknown = assert_error(post(anon_api, "/api/v1/login", {"email": "who@example.com", "password": "x"}), 401, 207)
         assert wrong == unknown
 
@@ -136,10 +140,17 @@ class TestLogin:
     @override_settings(LOGIN_FAILURES_PER_ADDRESS=4, LOGIN_FAILURES_PER_ACCOUNT=100)
     def test_repeated_failures_from_one_address_lock_that_address(self, anon_api, user, password):
         for i in range(4):
-            post(anon_api, "/api/v1/login", {"email": f"guess{i}@example.com", "password": "x"}, REMOTE_ADDR="203.0.113.5")
+            post(
+                anon_api,
+                "/api/v1/login",
+                {"email": f"guess{i}@example.com", "password": "x"},
+                REMOTE_ADDR="203.0.113.5",
+            )
         locked = post(anon_api, "/api/v1/login", {"email": user.email, "password": password}, REMOTE_ADDR="203.0.113.5")
         assert_error(locked, 429, 210)
-        elsewhere = post(anon_api, "/api/v1/login", {"email": user.email, "password": password}, REMOTE_ADDR="192.0.2.7")
+        elsewhere = post(
+            anon_api, "/api/v1/login", {"email": user.email, "password": password}, REMOTE_ADDR="192.0.2.7"
+        )
         assert elsewhere.status_code == 200
 
     @override_settings(LOGIN_FAILURES_PER_ACCOUNT=3)
@@ -219,7 +230,9 @@ class TestEnvelope:
 
         from reclo_site.api.throttling import TokenRateThrottle
 
-        with mock.patch.object(TokenRateThrottle, "THROTTLE_RATES", {**api_settings.DEFAULT_THROTTLE_RATES, "token": "2/min"}):
+        with mock.patch.object(
+            TokenRateThrottle, "THROTTLE_RATES", {**api_settings.DEFAULT_THROTTLE_RATES, "token": "2/min"}
+        ):
             api.post("/api/v1/token/renew")
             api.post("/api/v1/token/renew")
             response = api.post("/api/v1/token/renew")
@@ -243,3 +256,5 @@ class TestSchema:
         response = client.get("/api/v1/docs")
         assert response.status_code == 200
         assert b"/api/v1/schema" in response.content
+        # Its scripts are served by us, not fetched from a CDN.
+        assert b"drf_spectacular_sidecar" in response.content and b"cdn." not in response.content

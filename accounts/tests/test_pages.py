@@ -63,7 +63,9 @@ class TestLogin:
                                                                      "next": "/accounts/tokens/"})  # fmt: skip
         assert ok["Location"] == "/accounts/tokens/"
         client.logout()
-        evil = client.post("/accounts/login/", {"email": user.email, "password": password, "next": "https://evil.example/"})
+        evil = client.post(
+            "/accounts/login/", {"email": user.email, "password": password, "next": "https://evil.example/"}
+        )
         assert evil["Location"] == "/"
 
     def test_the_session_lasts_12_hours(self, client, user, password):
