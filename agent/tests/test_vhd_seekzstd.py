@@ -20,6 +20,7 @@ from reclo_agent.vhd import (
     open_chain,
     open_seekable,
     validate,
+    validate_stored,
     write_dynamic_from_raw,
 )
 
@@ -177,3 +178,20 @@ def test_fuzz_stored_objects_raise_only_vhderror(flips, cut):
         validate(open_seekable(io.BytesIO(bytes(data))))
     except VHDError:
         pass
+
+
+def test_validate_stored_checks_frames_and_vhd(kit):
+    disk = kit.make_disk(SIZE, seed=9)
+    out = io.BytesIO()
+    with SeekableZstdWriter(out) as stored:
+        info = write_dynamic_from_raw(io.BytesIO(bytes(disk)), stored)
+    blob = out.getvalue()
+    assert validate_stored(io.BytesIO(blob), expected_kind="full", virtual_size=SIZE) == info
+    with pytest.raises(VHDError, match="incremental backup must be"):
+        validate_stored(io.BytesIO(blob), expected_kind="incremental")
+    # Damage in a data frame is invisible to the VHD structure check alone.
+    at = len(blob) // 2
+    bad = blob[:at] + bytes([blob[at] ^ 0x55]) + blob[at + 1 :]
+    validate(open_seekable(io.BytesIO(bad)))
+    with pytest.raises(VHDError):
+        validate_stored(io.BytesIO(bad))

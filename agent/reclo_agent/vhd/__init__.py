@@ -32,7 +32,7 @@ from .seekzstd import (
     compress_seekable,
     open_seekable,
 )
-from .validate import validate
+from .validate import validate, validate_stored
 from .writer import VHDWriter, scan_allocated, write_dynamic_from_raw, write_fixed
 
 __all__ = [
@@ -56,6 +56,7 @@ __all__ = [
     "scan_allocated",
     "set_runs",
     "validate",
+    "validate_stored",
     "write_dynamic_from_raw",
     "write_fixed",
 ]

@@ -8,6 +8,7 @@ from typing import BinaryIO
 from .errors import VHDError
 from .format import VHDInfo
 from .reader import VHDReader
+from .seekzstd import check_seekable, open_seekable
 
 # The backup kinds of the API and the VHD disk type each must be.
 KIND_DISK_TYPES = {"full": "dynamic", "incremental": "differencing"}
@@ -50,3 +51,27 @@ def validate(
     if virtual_size is not None and info.virtual_size != virtual_size:
         raise VHDError(f"virtual size {info.virtual_size} does not match the expected {virtual_size}")
     return info
+
+
+def validate_stored(
+    fileobj: BinaryIO,
+    *,
+    expected_kind: str | None = None,
+    parent_unique_id: uuid.UUID | None = None,
+    virtual_size: int | None = None,
+) -> VHDInfo:
+    """Verify a stored object (seekable zstd of a VHD) end to end.
+
+    First every frame is decompressed and checked against its checksum and
+    the seek table (:func:`~reclo_agent.vhd.seekzstd.check_seekable`), then
+    the VHD inside is validated as by :func:`validate`. ``fileobj`` is the
+    compressed object (seekable, e.g. a ranged-GET file object); it is read
+    once in full. Raises :class:`VHDError` with the reason.
+    """
+    check_seekable(fileobj)
+    return validate(
+        open_seekable(fileobj),
+        expected_kind=expected_kind,
+        parent_unique_id=parent_unique_id,
+        virtual_size=virtual_size,
+    )

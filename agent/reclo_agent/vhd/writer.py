@@ -276,13 +276,14 @@ def _source_size(src: BinaryIO, size: int | None) -> int:
     return size
 
 
-def scan_allocated(src: BinaryIO, size: int, block_size: int = DEFAULT_BLOCK_SIZE) -> list[int]:
+def scan_allocated(src: BinaryIO, size: int, block_size: int = DEFAULT_BLOCK_SIZE) -> array:
     """Indices of the blocks of a raw disk image that are not all zeros.
 
-    Reads ``src`` from its current position; the caller seeks back.
+    Reads ``src`` from its current position; the caller seeks back. Returns
+    an ``array('I')`` (4 bytes per allocated block).
     """
     zero = bytes(block_size)
-    allocated = []
+    allocated = array("I")
     for index in range(-(-size // block_size)):
         data = _read_exactly(src, min(block_size, size - index * block_size))
         if data != zero[: len(data)]:
