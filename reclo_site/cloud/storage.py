@@ -1,12 +1,28 @@
 """S3: the backup bucket and the objects in it."""
 
+import hashlib
+import io
 import json
+from collections import OrderedDict
+from datetime import datetime
 
 from botocore.exceptions import BotoCoreError, ClientError
 from django.conf import settings
 
 from .clients import client
-from .errors import translate
+from .errors import CloudError, CloudPermanentError, CloudUnavailable, translate
+
+MiB = 1024 * 1024
+# S3's multipart limits: parts of 5 MiB (but the last) to 5 GiB, 10,000 parts.
+MIN_PART_SIZE = 5 * MiB
+MAX_PARTS = 10_000
+# Incomplete multipart uploads left behind by killed agents are aborted by
+# the bucket itself after this many days, as well as by our beat job.
+ABORT_INCOMPLETE_UPLOADS_DAYS = 2
+
+
+class ObjectChanged(CloudPermanentError):
+    """The object was overwritten while we were reading it."""
 
 
 def bucket_name() -> str:
@@ -39,6 +55,25 @@ def ensure_bucket() -> None:
             Bucket=name,
             ServerSideEncryptionConfiguration={
                 "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
+            },
+        )
+        # No ACLs at all: the bucket owner owns every object an agent writes.
+        s3.put_bucket_ownership_controls(
+            Bucket=name, OwnershipControls={"Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]}
+        )
+        # Parts of uploads an agent never finished cost money and are
+        # invisible in listings; the bucket drops them by itself.
+        s3.put_bucket_lifecycle_configuration(
+            Bucket=name,
+            LifecycleConfiguration={
+                "Rules": [
+                    {
+                        "ID": "abort-incomplete-backup-uploads",
+                        "Status": "Enabled",
+                        "Filter": {"Prefix": "backups/"},
+                        "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": ABORT_INCOMPLETE_UPLOADS_DAYS},
+                    }
+                ]
             },
         )
     except (ClientError, BotoCoreError) as exc:
@@ -75,6 +110,248 @@ def delete_object(key: str) -> None:
         client("s3").delete_object(Bucket=bucket_name(), Key=key)
     except (ClientError, BotoCoreError) as exc:
         raise translate(exc, f"delete {key}") from exc
+
+
+def delete_objects(keys: list[str]) -> None:
+    """Delete several objects; missing ones are not an error. Raises on the first failure."""
+    s3 = client("s3")
+    for start in range(0, len(keys), 1000):  # DeleteObjects takes up to 1,000 keys
+        batch = keys[start : start + 1000]
+        try:
+            resp = s3.delete_objects(
+                Bucket=bucket_name(), Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise translate(exc, f"delete {len(batch)} objects") from exc
+        errors = resp.get("Errors") or []
+        if errors:
+            first = errors[0]
+            raise CloudUnavailable(f"delete {first.get('Key')}: {first.get('Code')} {first.get('Message', '')}")
+
+
+def multipart_uploads(*, prefix: str, initiated_before: datetime | None = None, key: str | None = None) -> list:
+    """Incomplete multipart uploads under `prefix` as (key, upload id) pairs.
+
+    `initiated_before` keeps only older ones; `key` only those of one object.
+    """
+    s3 = client("s3")
+    found = []
+    kwargs = {"Bucket": bucket_name(), "Prefix": key or prefix}
+    try:
+        while True:
+            resp = s3.list_multipart_uploads(**kwargs)
+            for upload in resp.get("Uploads", []):
+                if key is not None and upload["Key"] != key:
+                    continue
+                if initiated_before is None or upload["Initiated"] < initiated_before:
+                    found.append((upload["Key"], upload["UploadId"]))
+            if not resp.get("IsTruncated"):
+                return found
+            kwargs["KeyMarker"] = resp["NextKeyMarker"]
+            kwargs["UploadIdMarker"] = resp["NextUploadIdMarker"]
+    except (ClientError, BotoCoreError) as exc:
+        raise translate(exc, f"list multipart uploads under {prefix}") from exc
+
+
+def abort_multipart_upload(key: str, upload_id: str) -> None:
+    """Abort one incomplete upload; one already gone is not an error."""
+    try:
+        client("s3").abort_multipart_upload(Bucket=bucket_name(), Key=key, UploadId=upload_id)
+    except (ClientError, BotoCoreError) as exc:
+        error = translate(exc, f"abort upload of {key}")
+        if error.code != "NoSuchUpload":
+            raise error from exc
+
+
+class ObjectReader(io.RawIOBase):
+    """A read-only, seekable file object over one object, read by ranged GETs.
+
+    The VHD validator and the seekable zstd reader jump between the seek
+    table at the end and the blocks they need, so nothing is downloaded as a
+    whole. Reads go in aligned chunks with a small cache, so the small reads
+    of a parser cost one request per chunk.
+
+    Every GET names the ETag seen on opening (If-Match): an agent that still
+    holds upload credentials cannot swap the object halfway through a check
+    (that raises ObjectChanged).
+
+    With `sha256=True` the chunks fetched in order from the start are hashed
+    as they pass, and `sha256_hexdigest()` reads only what was never fetched:
+    a check that reads everything front to back (as the zstd frame check
+    does) gets the object's SHA-256 without a second download.
+    """
+
+    def __init__(self, key: str, *, chunk_size: int = 8 * MiB, cache_chunks: int = 4, sha256: bool = False):
+        super().__init__()
+        self.key = key
+        info = head_object(key)
+        self.size = info["size"]
+        self.etag = info["etag"]
+        self._s3 = client("s3")
+        self._chunk_size = chunk_size
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache_chunks = cache_chunks
+        self._pos = 0
+        self._hash = hashlib.sha256() if sha256 else None
+        self._hashed = 0  # bytes [0, _hashed) are in the hash
+        self.requests = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        wanted = min(len(view), max(0, self.size - self._pos))
+        done = 0
+        while done < wanted:
+            index, within = divmod(self._pos, self._chunk_size)
+            chunk = self._chunk(index)
+            take = min(wanted - done, len(chunk) - within)
+            view[done : done + take] = chunk[within : within + take]
+            done += take
+            self._pos += take
+        return done
+
+    def _chunk(self, index: int) -> bytes:
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        start = index * self._chunk_size
+        end = min(start + self._chunk_size, self.size)
+        data = self._get(start, end).read()
+        if len(data) != end - start:
+            raise CloudUnavailable(f"read {self.key}: got {len(data)} of {end - start} bytes", "ShortRead")
+        if self._hash is not None and self._hashed == start:
+            self._hash.update(data)
+            self._hashed = end
+        self._cache[index] = data
+        if len(self._cache) > self._cache_chunks:
+            self._cache.popitem(last=False)
+        return data
+
+    def _get(self, start: int, end: int):
+        """The body stream of bytes [start, end)."""
+        self.requests += 1
+        try:
+            resp = self._s3.get_object(
+                Bucket=bucket_name(), Key=self.key, Range=f"bytes={start}-{end - 1}", IfMatch=f'"{self.etag}"'
+            )
+        except (ClientError, BotoCoreError) as exc:
+            error = translate(exc, f"read {self.key}")
+            if error.code in ("PreconditionFailed", "412"):
+                raise ObjectChanged(f"{self.key} changed while it was being read", error.code) from exc
+            raise error from exc
+        return resp["Body"]
+
+    def sha256_hexdigest(self) -> str:
+        """The object's SHA-256, fetching only the part not hashed yet."""
+        if self._hash is None:
+            raise ValueError("open the reader with sha256=True")
+        if self._hashed < self.size:
+            body = self._get(self._hashed, self.size)
+            try:
+                for piece in body.iter_chunks(MiB):
+                    self._hash.update(piece)
+                    self._hashed += len(piece)
+            except BotoCoreError as exc:
+                raise translate(exc, f"read {self.key}") from exc
+            if self._hashed != self.size:
+                raise CloudUnavailable(f"read {self.key}: stream ended at {self._hashed} of {self.size}", "ShortRead")
+        return self._hash.hexdigest()
+
+
+class ObjectWriter(io.RawIOBase):
+    """A write-only stream into a new object, sent as a multipart upload.
+
+    For objects the worker makes itself (retention's merged fulls): parts go
+    up as they fill, so memory holds one part whatever the object's size.
+    `expected_size` (an upper bound) picks a part size that stays within
+    S3's 10,000 parts. Used as a context manager, an exception aborts the
+    upload, so a failed write never leaves a complete object behind.
+    """
+
+    def __init__(self, key: str, *, expected_size: int = 0, part_size: int = 16 * MiB):
+        super().__init__()
+        self.key = key
+        needed = -(-int(expected_size * 1.05) // (MAX_PARTS - 100)) if expected_size else 0
+        self.part_size = max(part_size, MIN_PART_SIZE, -(-needed // MiB) * MiB)
+        self._s3 = client("s3")
+        self._buffer = bytearray()
+        self._parts: list[dict] = []
+        self.size = 0
+        try:
+            self._upload_id = self._s3.create_multipart_upload(Bucket=bucket_name(), Key=key)["UploadId"]
+        except (ClientError, BotoCoreError) as exc:
+            raise translate(exc, f"start upload of {key}") from exc
+        self._done = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if self._done:
+            raise ValueError("write to a finished ObjectWriter")
+        view = memoryview(data).cast("B")
+        self._buffer += view
+        self.size += len(view)
+        while len(self._buffer) >= self.part_size:
+            self._send(bytes(self._buffer[: self.part_size]))
+            del self._buffer[: self.part_size]
+        return len(view)
+
+    def _send(self, body: bytes) -> None:
+        number = len(self._parts) + 1
+        try:
+            resp = self._s3.upload_part(
+                Bucket=bucket_name(), Key=self.key, UploadId=self._upload_id, PartNumber=number, Body=body
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise translate(exc, f"upload part {number} of {self.key}") from exc
+        self._parts.append({"PartNumber": number, "ETag": resp["ETag"]})
+
+    def finish(self) -> int:
+        """Send the last part and complete the upload; returns the object's size."""
+        if self._done:
+            return self.size
+        if self._buffer or not self._parts:
+            self._send(bytes(self._buffer))
+            self._buffer.clear()
+        try:
+            self._s3.complete_multipart_upload(
+                Bucket=bucket_name(), Key=self.key, UploadId=self._upload_id, MultipartUpload={"Parts": self._parts}
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise translate(exc, f"complete upload of {self.key}") from exc
+        self._done = True
+        return self.size
+
+    def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            try:
+                abort_multipart_upload(self.key, self._upload_id)
+            except CloudError:
+                pass  # the bucket's lifecycle rule and the beat job clean it up
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.finish()
+        else:
+            self.abort()
+        return super().__exit__(exc_type, exc, tb)
 
 
 def tenant_marker_key(user_id: int) -> str:
