@@ -61,10 +61,22 @@ class Backup(models.Model):
     date_created = models.DateTimeField(default=timezone.now, db_index=True)
     completed_at = models.DateTimeField(null=True, blank=True)
     verified_at = models.DateTimeField(null=True, blank=True)
+    # When the newest upload credentials handed out for a pending upload
+    # expire: after that the agent can no longer write, and clean-up may drop it.
+    credentials_expire = models.DateTimeField(null=True, blank=True)
+    # The last time the weekly scrub re-read this object (oldest go first).
+    scrubbed_at = models.DateTimeField(null=True, blank=True)
+    # Retention's claim while it merges this restore point into its full,
+    # so two workers never merge the same one.
+    merge_claimed_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-date_created"]
-        indexes = [models.Index(fields=["user", "-date_created"]), models.Index(fields=["server", "disk", "status"])]
+        indexes = [
+            models.Index(fields=["user", "-date_created"]),
+            models.Index(fields=["server", "disk", "status"]),
+            models.Index(fields=["server", "-date_created"]),
+        ]
 
     def __str__(self):
         return f"{self.server.name}/{self.disk} {self.kind} {self.id}"
@@ -72,3 +84,34 @@ class Backup(models.Model):
     @property
     def file_size_mb(self) -> float | None:
         return None if self.file_size is None else round(self.file_size / (1024 * 1024), 3)
+
+
+class AccountLimits(models.Model):
+    """Per-account overrides of the backup limits; absent means the defaults."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="backup_limits")
+    # Largest stored object (compressed) an upload may declare, in bytes.
+    max_file_size = models.BigIntegerField(null=True, blank=True, help_text="Bytes; empty: RECLO_MAX_BACKUP_SIZE.")
+
+    class Meta:
+        verbose_name_plural = "account limits"
+
+    def __str__(self):
+        return f"limits of {self.user}"
+
+
+class ObjectDeletion(models.Model):
+    """An object to delete once nobody can still be reading it.
+
+    Retention replaces a chain's objects while agents may hold read
+    credentials for them (a restore in progress), so the old objects stay
+    until those credentials have expired; failed deletions wait here too.
+    """
+
+    key = models.CharField(max_length=512, unique=True)
+    not_before = models.DateTimeField(db_index=True)
+    reason = models.CharField(max_length=200, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+
+    def __str__(self):
+        return self.key
