@@ -64,6 +64,4 @@ def backup_key(*, user_id: int, server: str, disk: str, backup_id: uuid.UUID, me
     if not isinstance(backup_id, uuid.UUID):
         raise TypeError("backup_id must be a UUID made by the portal")
     suffix = MERGED_SUFFIX if merged else KEY_SUFFIX
-    return (
-        f"{tenant_prefix(user_id)}{check_name(server, 'server')}/{check_name(disk, 'disk')}/{backup_id}{suffix}"
-    )
+    return f"{tenant_prefix(user_id)}{check_name(server, 'server')}/{check_name(disk, 'disk')}/{backup_id}{suffix}"

@@ -7,4 +7,6 @@ app_name = "backups"
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
     path("servers/add/", views.add_server, name="add-server"),
+    path("servers/<int:server_id>/", views.server_detail, name="server-detail"),
+    path("backups/<uuid:backup_id>/delete/", views.backup_delete, name="backup-delete"),
 ]

@@ -1,15 +1,65 @@
-"""Backup pages."""
+"""Backup pages: the dashboard, a server's restore points, deleting one, adding a server."""
+
+import shlex
 
 from django.conf import settings
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.shortcuts import render
+from django.http import Http404
+from django.shortcuts import redirect, render
+
+from . import selectors, services
+from .forms import BackupDeleteForm
 
 
 @login_required
 def dashboard(request):
-    return render(request, "backups/dashboard.html", {"servers": []})
+    servers = selectors.server_overview(user=request.user)
+    return render(request, "backups/dashboard.html", {"servers": servers})
+
+
+@login_required
+def server_detail(request, server_id: int):
+    found = selectors.server_timeline(user=request.user, server_id=server_id)
+    if found is None:
+        raise Http404("No such server.")
+    overview, timelines = found
+    return render(
+        request,
+        "backups/server.html",
+        {"overview": overview, "server": overview.server, "timelines": timelines},
+    )
+
+
+@login_required
+def backup_delete(request, backup_id):
+    found = selectors.backup_delete_preview(user=request.user, backup_id=backup_id)
+    if found is None:
+        raise Http404("No such backup.")
+    backup, dependents = found
+    form = BackupDeleteForm(request.POST or None, dependents=len(dependents))
+    if request.method == "POST" and form.is_valid():
+        try:
+            deleted = services.backup_delete(user=request.user, backup_id=backup.pk, cascade=True)
+        except services.BackupError as exc:
+            messages.error(request, exc.message)
+        else:
+            messages.success(
+                request, f"Deleted {len(deleted)} restore point(s) of {backup.server.name} / {backup.disk}."
+            )
+            return redirect("backups:server-detail", server_id=backup.server_id)
+    return render(request, "backups/backup_delete.html", {"backup": backup, "dependents": dependents, "form": form})
 
 
 @login_required
 def add_server(request):
-    return render(request, "backups/add_server.html", {"site_url": settings.SITE_URL})
+    portal, email = shlex.quote(settings.SITE_URL), shlex.quote(request.user.email)
+    commands = {
+        "install": "python3 -m venv /opt/reclo-agent\n/opt/reclo-agent/bin/pip install ./agent\n"
+        "ln -s /opt/reclo-agent/bin/reclo-agent /usr/local/bin/reclo-agent",
+        "login": f"reclo-agent login --portal {portal} --email {email}",
+        "backup": 'reclo-agent backup /dev/sda --server "$(hostname -s)" --disk sda',
+        "schedule": "reclo-agent schedule install --every 1h",
+        "check": "reclo-agent list\nreclo-agent restore BACKUP_ID /dev/sdb",
+    }
+    return render(request, "backups/add_server.html", {"commands": commands, "site_url": settings.SITE_URL})

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import environ
 from celery.schedules import crontab
+from csp.constants import NONCE, NONE, SELF
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -48,6 +49,7 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "django.contrib.humanize",
+    "csp",
     "rest_framework",
     "drf_spectacular",
     "drf_spectacular_sidecar",
@@ -59,6 +61,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "reclo_site.middleware.RequestIdMiddleware",
+    "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -81,6 +85,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "csp.context_processors.nonce",
             ],
         },
     },
@@ -129,6 +134,23 @@ SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
 CSRF_COOKIE_SAMESITE = "Lax"
 X_FRAME_OPTIONS = "DENY"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+# Scripts only from our own static files or carrying the request's nonce;
+# nothing from other origins, no framing.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF, NONCE],
+        "style-src": [SELF],
+        "img-src": [SELF, "data:"],
+        "connect-src": [SELF],
+        "font-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [NONE],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+    }
+}
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 
@@ -166,8 +188,11 @@ if env("EMAIL_URL", default=""):
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"request_id": {"()": "reclo_site.middleware.RequestIdFilter"}},
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["request_id"]},
+    },
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
     "loggers": {"botocore": {"level": "WARNING"}, "boto3": {"level": "WARNING"}},
 }
@@ -254,6 +279,15 @@ CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE = {
     # Deactivate agent tokens older than 60 days since issue or renewal.
     "expire-tokens": {"task": "accounts.tasks.expire_tokens", "schedule": crontab(minute=7)},
+    # Abort multipart uploads and drop pending uploads whose credentials have
+    # expired; re-enqueue verifications that a lost worker left behind.
+    "backups-clean-up-uploads": {"task": "backups.tasks.uploads_clean_up", "schedule": crontab(minute=17)},
+    # Delete objects that retention replaced, once no restore can still read them.
+    "backups-purge-objects": {"task": "backups.tasks.objects_purge", "schedule": crontab(minute=37)},
+    # Re-read a sample of stored backups (SHA-256 and VHD structure), Sunday night.
+    "backups-scrub": {"task": "backups.tasks.backups_scrub", "schedule": crontab(minute=23, hour=3, day_of_week=0)},
+    # Email owners whose servers stopped sending backups (twice the usual interval).
+    "backups-overdue": {"task": "backups.tasks.overdue_notify", "schedule": crontab(minute="*/15")},
 }
 
 # --- Cloud (AWS; moto's server mode locally) ------------------------------------
@@ -262,5 +296,23 @@ AWS_ENDPOINT_URL = env("AWS_ENDPOINT_URL", default="") or None
 AWS_REGION = env("AWS_REGION", default="us-east-1")
 RECLO_BUCKET = env("RECLO_BUCKET", default="reclo-backups")
 
+# --- Backups -------------------------------------------------------------------
+
+# Lifetime of the STS credentials of an upload or a restore: at most 12 hours
+# (the contract); 1 hour when AWS caps it (role chaining, see cloud/credentials.py).
+RECLO_CREDENTIALS_TTL = timedelta(hours=env.float("RECLO_CREDENTIALS_TTL_HOURS", default=12))
+# Set: credentials come from AssumeRole on this role. Empty: GetFederationToken.
+RECLO_UPLOAD_ROLE_ARN = env("RECLO_UPLOAD_ROLE_ARN", default="")
+# Largest stored (compressed) backup an account may upload, unless its
+# AccountLimits row says otherwise. 2 TiB covers the VHD format's 2040 GiB disks.
+RECLO_MAX_BACKUP_SIZE = env.int("RECLO_MAX_BACKUP_SIZE", default=2 * 1024**4)
+# Restore points kept per server and disk; older ones are merged into the full.
+RECLO_RETENTION_KEEP = env.int("RECLO_RETENTION_KEEP", default=14)
+# Stored backups the weekly scrub re-reads per run.
+RECLO_SCRUB_SAMPLE = env.int("RECLO_SCRUB_SAMPLE", default=50)
+# The backup interval assumed until a disk has restore points enough to show its own.
+RECLO_DEFAULT_BACKUP_INTERVAL = timedelta(hours=env.float("RECLO_DEFAULT_BACKUP_INTERVAL_HOURS", default=24))
+
 # How many reverse proxies in front of the portal append to X-Forwarded-For.
 NUM_PROXIES = env.int("NUM_PROXIES", default=0)
+

@@ -120,10 +120,14 @@ def upload_policy(key: str) -> str:
         {
             "Version": "2012-10-17",
             "Statement": [
-                {"Sid": "WriteOneBackup", "Effect": "Allow", "Action": list(UPLOAD_ACTIONS),
-                 "Resource": object_arn(key)},
+                {
+                    "Sid": "WriteOneBackup",
+                    "Effect": "Allow",
+                    "Action": list(UPLOAD_ACTIONS),
+                    "Resource": object_arn(key),
+                },
             ],
-        }  # fmt: skip
+        }
     )
 
 

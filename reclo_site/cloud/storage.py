@@ -278,9 +278,11 @@ class ObjectWriter(io.RawIOBase):
 
     For objects the worker makes itself (retention's merged fulls): parts go
     up as they fill, so memory holds one part whatever the object's size.
-    `expected_size` (an upper bound) picks a part size that stays within
-    S3's 10,000 parts. Used as a context manager, an exception aborts the
-    upload, so a failed write never leaves a complete object behind.
+    `expected_size` picks the first part size; since the final size is
+    only a guess, the part size also doubles every 1,000 parts, which keeps
+    any object up to S3's 5 TiB within its 10,000 parts. Used as a context
+    manager, an exception aborts the upload, so a failed write never leaves
+    a complete object behind.
     """
 
     def __init__(self, key: str, *, expected_size: int = 0, part_size: int = 16 * MiB):
@@ -307,10 +309,14 @@ class ObjectWriter(io.RawIOBase):
         view = memoryview(data).cast("B")
         self._buffer += view
         self.size += len(view)
-        while len(self._buffer) >= self.part_size:
-            self._send(bytes(self._buffer[: self.part_size]))
-            del self._buffer[: self.part_size]
+        while len(self._buffer) >= self._next_part_size():
+            size = self._next_part_size()
+            self._send(bytes(self._buffer[:size]))
+            del self._buffer[:size]
         return len(view)
+
+    def _next_part_size(self) -> int:
+        return self.part_size << (len(self._parts) // 1000)
 
     def _send(self, body: bytes) -> None:
         number = len(self._parts) + 1

@@ -1,0 +1,317 @@
+"""Agent API of backups: list, detail, delete, uploads, download grants.
+
+One view per operation (the detail and delete of one backup share a URL,
+so they share one view class with a method each), small input and output
+serializers, and services doing the work.
+"""
+
+import uuid
+
+from django.conf import settings
+from django.db import DatabaseError
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field, inline_serializer
+from rest_framework import serializers, status
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from reclo_site.api.errors import ApiError
+from reclo_site.api.fields import StrictCharField, StrictIntegerField
+from reclo_site.api.schema import error_responses
+from reclo_site.cloud import storage
+
+from . import selectors, services
+from .models import Backup
+from .naming import InvalidName, check_name
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 200
+
+
+# --- output ----------------------------------------------------------------------
+
+
+class BackupOutput(serializers.Serializer):
+    backup_id = serializers.UUIDField(source="id")
+    server = serializers.CharField(source="server.name")
+    disk = serializers.CharField()
+    kind = serializers.ChoiceField(choices=Backup.Kind.choices)
+    parent_id = serializers.UUIDField(allow_null=True)
+    file_name = serializers.CharField()
+    file_size = serializers.IntegerField(allow_null=True, help_text="Bytes of the stored (compressed) object.")
+    file_size_mb = serializers.FloatField(allow_null=True)
+    virtual_size = serializers.IntegerField(help_text="Bytes of the disk.")
+    sha256 = serializers.SerializerMethodField()
+    status = serializers.ChoiceField(choices=Backup.Status.choices)
+    failure = serializers.SerializerMethodField()
+    date_created = serializers.DateTimeField()
+    completed_at = serializers.DateTimeField(allow_null=True)
+    verified_at = serializers.DateTimeField(allow_null=True)
+
+    @extend_schema_field(OpenApiTypes.STR)
+    def get_sha256(self, backup) -> str | None:
+        return backup.sha256 or None
+
+    @extend_schema_field(OpenApiTypes.STR)
+    def get_failure(self, backup) -> str | None:
+        """Why the backup failed; null unless `status` is `failed`."""
+        return backup.failure or None
+
+
+class CredentialsOutput(serializers.Serializer):
+    AccessKeyId = serializers.CharField()  # noqa: N815 - boto3's own names, as the contract says
+    SecretAccessKey = serializers.CharField()  # noqa: N815
+    SessionToken = serializers.CharField()  # noqa: N815
+    Expiration = serializers.CharField(help_text="RFC 3339 UTC; at most 12 hours away.")
+
+
+class UploadOutput(serializers.Serializer):
+    message = serializers.CharField()
+    upload_id = serializers.UUIDField()
+    backup_id = serializers.UUIDField(help_text="The same id: the backup this upload becomes.")
+    bucket = serializers.CharField()
+    key = serializers.CharField(help_text="The one object key the credentials may write.")
+    region = serializers.CharField()
+    endpoint_url = serializers.CharField(allow_null=True, help_text="The S3 endpoint to use; null for AWS itself.")
+    credentials = CredentialsOutput()
+
+
+class ChainEntryOutput(serializers.Serializer):
+    backup_id = serializers.UUIDField(source="id")
+    kind = serializers.ChoiceField(choices=Backup.Kind.choices)
+    key = serializers.CharField()
+    file_size = serializers.IntegerField()
+    sha256 = serializers.CharField()
+
+
+class DownloadOutput(serializers.Serializer):
+    message = serializers.CharField()
+    chain = ChainEntryOutput(many=True, help_text="Base first; restore by applying each in order.")
+    bucket = serializers.CharField()
+    region = serializers.CharField()
+    endpoint_url = serializers.CharField(allow_null=True)
+    credentials = CredentialsOutput()
+
+
+BackupListOutput = inline_serializer(
+    "BackupListOutput",
+    {
+        "message": serializers.CharField(),
+        "count": serializers.IntegerField(help_text="Backups matching, over all pages."),
+        "next": serializers.URLField(allow_null=True, help_text="The next page, or null on the last one."),
+        "previous": serializers.URLField(allow_null=True),
+        "backups": BackupOutput(many=True),
+    },
+)
+BackupDetailOutput = inline_serializer(
+    "BackupDetailOutput", {"message": serializers.CharField(), "backup": BackupOutput()}
+)
+MessageOutput = inline_serializer("BackupMessageOutput", {"message": serializers.CharField()})
+DeleteOutput = inline_serializer(
+    "BackupDeleteOutput",
+    {"message": serializers.CharField(), "deleted": serializers.ListField(child=serializers.UUIDField())},
+)
+
+
+def _storage_place() -> dict:
+    return {"bucket": storage.bucket_name(), "region": settings.AWS_REGION, "endpoint_url": settings.AWS_ENDPOINT_URL}
+
+
+# --- input -----------------------------------------------------------------------
+
+
+class StrictUUIDField(serializers.UUIDField):
+    """A UUID given as a string (DRF's own would also take an integer)."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid", value=data)
+        return super().to_internal_value(data)
+
+
+class UploadStartInput(serializers.Serializer):
+    server = StrictCharField(max_length=200, trim_whitespace=False, help_text="1–63 of A-Z a-z 0-9 . _ -")
+    disk = StrictCharField(max_length=200, trim_whitespace=False, help_text="1–63 of A-Z a-z 0-9 . _ -")
+    file_name = StrictCharField(max_length=300, trim_whitespace=False)
+    virtual_size = StrictIntegerField(min_value=1)
+    kind = serializers.ChoiceField(choices=Backup.Kind.choices)
+    parent_id = StrictUUIDField(required=False, allow_null=True, default=None)
+    file_size = StrictIntegerField(required=False, allow_null=True, default=None, min_value=1)
+    sha256 = StrictCharField(required=False, allow_null=True, default=None, max_length=64, min_length=64)
+
+
+class UploadCompleteInput(serializers.Serializer):
+    file_size = StrictIntegerField(required=False, allow_null=True, default=None, min_value=1)
+    sha256 = StrictCharField(required=False, allow_null=True, default=None, max_length=64, min_length=64)
+
+
+def _valid(serializer_class, request) -> dict:
+    data = request.data  # an empty body parses as an empty QueryDict, a dict
+    if not isinstance(data, dict):
+        raise ApiError(104, "The body must be a JSON object.")
+    serializer = serializer_class(data=data)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data
+
+
+def _call(service, **kwargs):
+    try:
+        return service(**kwargs)
+    except services.BackupError as exc:
+        raise exc.as_api_error() from None
+
+
+def _upload_body(grant, message: str) -> dict:
+    return {
+        "message": message,
+        "upload_id": grant.backup.pk,
+        "backup_id": grant.backup.pk,
+        **_storage_place(),
+        "key": grant.backup.key,
+        "credentials": grant.credentials.as_api(),
+    }
+
+
+# --- views -----------------------------------------------------------------------
+
+
+class BackupListApi(APIView):
+    @extend_schema(
+        operation_id="backups_list",
+        parameters=[
+            OpenApiParameter("server", str, description="Only this server's backups (its name)."),
+            OpenApiParameter("page", int, description="1-based page number."),
+            OpenApiParameter(
+                "page_size",
+                int,
+                description=f"Backups per page (default {DEFAULT_PAGE_SIZE}, at most {MAX_PAGE_SIZE}).",
+            ),
+        ],
+        responses={200: BackupListOutput, **error_responses(102, 104, 301)},
+    )
+    def get(self, request):
+        server = request.query_params.get("server")
+        fields = {}
+        if server is not None:
+            try:
+                check_name(server, "server")
+            except InvalidName as exc:
+                fields["server"] = [str(exc)]
+        page = _positive(request.query_params.get("page", "1"), "page", fields)
+        size = _positive(request.query_params.get("page_size", str(DEFAULT_PAGE_SIZE)), "page_size", fields)
+        if size and size > MAX_PAGE_SIZE:
+            fields["page_size"] = [f"At most {MAX_PAGE_SIZE}."]
+        if fields:
+            raise ApiError(104, "The request has invalid fields: " + ", ".join(sorted(fields)) + ".", fields=fields)
+        try:
+            qs = selectors.backup_list(user=request.user, server=server)
+            count = qs.count()
+            start = (page - 1) * size
+            backups = list(qs[start : start + size])
+        except DatabaseError as exc:
+            raise ApiError(301, "Could not read the list of backups; try again shortly.") from exc
+        return Response(
+            {
+                "message": f"{count} backup(s).",
+                "count": count,
+                "next": _page_url(request, page + 1) if start + size < count else None,
+                "previous": _page_url(request, page - 1) if page > 1 and count else None,
+                "backups": BackupOutput(backups, many=True).data,
+            }
+        )
+
+
+def _positive(raw: str, name: str, fields: dict) -> int:
+    if raw.isascii() and raw.isdigit() and 0 < int(raw) < 10**9:
+        return int(raw)
+    fields[name] = ["A positive whole number."]
+    return 0
+
+
+def _page_url(request, page: int) -> str:
+    query = request.query_params.copy()
+    query["page"] = str(page)
+    return request.build_absolute_uri(request.path + "?" + query.urlencode())
+
+
+class BackupApi(APIView):
+    @extend_schema(operation_id="backups_detail", responses={200: BackupDetailOutput, **error_responses(102, 105)})
+    def get(self, request, backup_id: uuid.UUID):
+        backup = selectors.backup_get(user=request.user, backup_id=backup_id)
+        if backup is None:
+            raise ApiError(105, "No backup with that id.")
+        return Response({"message": f"Backup {backup.pk}.", "backup": BackupOutput(backup).data})
+
+    @extend_schema(
+        operation_id="backups_delete",
+        parameters=[
+            OpenApiParameter(
+                "cascade", bool, description="Also delete the incremental backups built on this one, newest first."
+            )
+        ],
+        responses={200: DeleteOutput, **error_responses(102, 104, 309, 310, 311)},
+    )
+    def delete(self, request, backup_id: uuid.UUID):
+        raw = request.query_params.get("cascade", "false").lower()
+        if raw not in ("true", "false", "1", "0"):
+            raise ApiError(104, "cascade must be true or false.", fields={"cascade": ["true or false."]})
+        deleted = _call(services.backup_delete, user=request.user, backup_id=backup_id, cascade=raw in ("true", "1"))
+        return Response({"message": f"Deleted {len(deleted)} backup(s).", "deleted": deleted})
+
+
+class UploadStartApi(APIView):
+    @extend_schema(
+        operation_id="uploads_start",
+        request=UploadStartInput,
+        responses={201: UploadOutput, **error_responses(102, 104, 303, 312, 313)},
+    )
+    def post(self, request):
+        data = _valid(UploadStartInput, request)
+        grant = _call(services.backup_start, user=request.user, **data)
+        body = _upload_body(grant, "Upload granted: write the object, then complete the upload.")
+        return Response(UploadOutput(body).data, status=status.HTTP_201_CREATED)
+
+
+class UploadCredentialsApi(APIView):
+    @extend_schema(
+        operation_id="uploads_credentials",
+        request=None,
+        responses={200: UploadOutput, **error_responses(102, 303, 305)},
+    )
+    def post(self, request, upload_id: uuid.UUID):
+        grant = _call(services.backup_credentials_refresh, user=request.user, upload_id=upload_id)
+        return Response(UploadOutput(_upload_body(grant, "Fresh credentials for the same key.")).data)
+
+
+class UploadCompleteApi(APIView):
+    @extend_schema(
+        operation_id="uploads_complete",
+        request=UploadCompleteInput,
+        responses={202: BackupDetailOutput, **error_responses(102, 104, 304, 305, 306, 307, 313)},
+    )
+    def post(self, request, upload_id: uuid.UUID):
+        data = _valid(UploadCompleteInput, request)
+        backup = _call(services.backup_complete, user=request.user, upload_id=upload_id, **data)
+        message = {
+            Backup.Status.VERIFYING: "Upload complete; the backup is being verified.",
+            Backup.Status.VERIFIED: "The backup is verified.",
+            Backup.Status.FAILED: "The backup failed verification.",
+        }.get(backup.status, "")
+        return Response({"message": message, "backup": BackupOutput(backup).data}, status=status.HTTP_202_ACCEPTED)
+
+
+class BackupDownloadApi(APIView):
+    @extend_schema(
+        operation_id="backups_download",
+        request=None,
+        responses={200: DownloadOutput, **error_responses(102, 303, 307, 401)},
+    )
+    def post(self, request, backup_id: uuid.UUID):
+        grant = _call(services.backup_download_grant, user=request.user, backup_id=backup_id)
+        body = {
+            "message": f"Read-only credentials for the {len(grant.chain)} object(s) of this restore point's chain.",
+            "chain": grant.chain,
+            **_storage_place(),
+            "credentials": grant.credentials.as_api(),
+        }
+        return Response(DownloadOutput(body).data)

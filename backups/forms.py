@@ -1,0 +1,27 @@
+"""Forms of the backup pages."""
+
+from django import forms
+
+
+class BackupDeleteForm(forms.Form):
+    """The confirmation of a delete; it names how many dependents the page showed.
+
+    If an incremental arrived on top of the backup after the page was shown,
+    the numbers differ and the owner confirms again instead of deleting a
+    restore point they never saw.
+    """
+
+    dependents = forms.IntegerField(min_value=0, widget=forms.HiddenInput)
+
+    def __init__(self, *args, dependents: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.current = dependents
+        self.fields["dependents"].initial = dependents
+
+    def clean_dependents(self):
+        value = self.cleaned_data["dependents"]
+        if value != self.current:
+            raise forms.ValidationError(
+                "Restore points were added to this chain since the page was shown; check the list and confirm again."
+            )
+        return value

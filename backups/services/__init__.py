@@ -1,0 +1,40 @@
+"""Every write and side effect of the backups app; views and tasks call these.
+
+Split by flow: uploads (start, credentials, complete), verification (the
+worker's verdict, the scrub), downloads (restore grants), lifecycle
+(failing, deleting, clean-up jobs), retention (merging old restore points)
+and notifications (overdue emails).
+"""
+
+from .downloads import DownloadGrant, backup_download_grant, chain_of
+from .errors import BackupError
+from .lifecycle import backup_delete, backup_fail, objects_purge, uploads_clean_up
+from .notifications import overdue_notify
+from .retention import MergeFailed, backup_merge, retention_apply
+from .uploads import UploadGrant, backup_complete, backup_credentials_refresh, backup_start, max_file_size
+from .verification import backup_scrub, backup_verify, backups_scrub_pick, chain_mark_broken, object_check
+
+__all__ = [
+    "BackupError",
+    "DownloadGrant",
+    "MergeFailed",
+    "UploadGrant",
+    "backup_complete",
+    "backup_credentials_refresh",
+    "backup_delete",
+    "backup_download_grant",
+    "backup_fail",
+    "backup_merge",
+    "backup_scrub",
+    "backup_start",
+    "backup_verify",
+    "backups_scrub_pick",
+    "chain_mark_broken",
+    "chain_of",
+    "max_file_size",
+    "object_check",
+    "objects_purge",
+    "overdue_notify",
+    "retention_apply",
+    "uploads_clean_up",
+]

@@ -1,0 +1,83 @@
+"""Download grants: read-only credentials for exactly one chain's objects."""
+
+from dataclasses import dataclass
+
+from reclo_site import cloud
+from reclo_site.cloud import credentials
+
+from ..models import Backup
+from ..naming import tenant_prefix
+from .errors import BackupError
+
+
+@dataclass(frozen=True)
+class DownloadGrant:
+    """The chain to restore (base first) and credentials that can read it."""
+
+    chain: list[Backup]
+    credentials: credentials.TemporaryCredentials
+
+
+def chain_of(backup: Backup) -> list[Backup]:
+    """`backup`'s chain, base first, in one query (parents are on the same disk)."""
+    rows = {
+        row.pk: row
+        for row in Backup.objects.filter(server_id=backup.server_id, disk=backup.disk).only(
+            "id", "parent_id", "kind", "key", "file_size", "sha256", "status", "failure", "virtual_size"
+        )
+    }
+    chain, current = [], rows.get(backup.pk, backup)
+    while current is not None:
+        chain.append(current)
+        if len(chain) > len(rows):
+            raise RuntimeError(f"backup {backup.pk}'s parents form a loop")
+        current = rows.get(current.parent_id) if current.parent_id else None
+    chain.reverse()
+    return chain
+
+
+def read_policy(user_id: int, keys: list[str]) -> str:
+    """A read-only session policy naming exactly `keys`.
+
+    Whole ARNs when they fit STS's 2,048 characters. Long server and disk
+    names times a long chain may not (about 8 keys at the longest names),
+    so then each key becomes `backups/<user>/*/<backup id>.<suffix>`: the
+    backup id is a UUID the portal made and every object under the tenant's
+    prefix was written through credentials for one exact portal-made key, so
+    each pattern still matches that one object and nothing else. Raises
+    PolicyTooLarge if even that does not fit (a chain of some 20 points).
+    """
+    try:
+        return credentials.download_policy([credentials.object_arn(key) for key in keys])
+    except credentials.PolicyTooLarge:
+        prefix = tenant_prefix(user_id)
+        patterns = []
+        for key in keys:
+            if not key.startswith(prefix):
+                raise ValueError(f"{key} is not under {prefix}") from None
+            patterns.append(credentials.object_arn_pattern(prefix, "/" + key.rsplit("/", 1)[1]))
+        return credentials.download_policy(patterns)
+
+
+def backup_download_grant(*, user, backup_id) -> DownloadGrant:
+    """Read-only credentials for every object of a restore point's chain.
+
+    401 for an unknown id, another tenant's, or a chain not verified yet;
+    307 when a restore point of the chain failed verification (with its
+    reason); 303 when STS fails. Idempotent: each call is a fresh grant.
+    """
+    backup = Backup.objects.filter(user=user, pk=backup_id).first()
+    if backup is None:
+        raise BackupError(401, "No restorable backup with that id.")
+    chain = chain_of(backup)
+    for point in chain:
+        if point.status == Backup.Status.FAILED:
+            raise BackupError(307, f"Restore point {point.pk} of this chain failed verification: {point.failure}")
+        if point.status != Backup.Status.VERIFIED:
+            raise BackupError(401, f"Restore point {point.pk} of this chain is {point.status}, not verified yet.")
+    try:
+        policy = read_policy(user.pk, [point.key for point in chain])
+        grant = credentials.issue(policy=policy, session_name=f"reclo-rd-{user.pk}-{backup.pk.hex}")
+    except cloud.CloudError as exc:
+        raise BackupError(303, "Could not get temporary storage credentials; try again shortly.") from exc
+    return DownloadGrant(chain=chain, credentials=grant)

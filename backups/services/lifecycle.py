@@ -1,0 +1,224 @@
+"""Ending restore points: failing them, deleting them, and the clean-up jobs.
+
+Every function here follows the house rule for cloud calls: the database
+state changes in its own short transaction, the S3 calls happen outside
+it, and what could not be deleted is written down (ObjectDeletion) for the
+purge job instead of being forgotten.
+"""
+
+import logging
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import models, transaction
+from django.utils import timezone
+
+from reclo_site import cloud
+from reclo_site.cloud import storage
+
+from ..models import Backup, ObjectDeletion
+from .errors import BackupError
+
+log = logging.getLogger(__name__)
+
+# A pending upload stays usable this long after its newest credentials
+# expired, so an agent that finished writing just in time can still complete.
+UPLOAD_GRACE = timedelta(hours=1)
+# A verification still `verifying` after this long lost its worker (the
+# task's hard time limit plus a margin): clean-up enqueues it again.
+VERIFY_STUCK_AFTER = timedelta(hours=3, minutes=30)
+CLEAN_UP_BATCH = 200
+PURGE_BATCH = 500
+
+LIVE_STATUSES = (Backup.Status.PENDING, Backup.Status.VERIFYING, Backup.Status.VERIFIED)
+
+
+def object_forget(key: str, *, reason: str, not_before: datetime | None = None) -> None:
+    """Delete an object now, or write it down for the purge job.
+
+    `not_before` in the future always defers: used while someone may still
+    hold credentials for the key (an agent that can still write it, or a
+    restore that can still read it). Never raises for cloud failures.
+    """
+    now = timezone.now()
+    if not_before is None or not_before <= now:
+        try:
+            storage.delete_object(key)
+            return
+        except cloud.CloudError as exc:
+            log.warning("deleting %s failed, deferring: %s", key, exc)
+            not_before = now
+    ObjectDeletion.objects.update_or_create(key=key, defaults={"not_before": not_before, "reason": reason[:200]})
+
+
+def _after_writable(backup: Backup) -> None:
+    """An agent may rewrite a pending key until its credentials expire: purge it then."""
+    if backup.credentials_expire and backup.credentials_expire > timezone.now():
+        object_forget(backup.key, reason="written after it was given up", not_before=backup.credentials_expire)
+
+
+def backup_fail(*, backup: Backup, reason: str, from_statuses=(Backup.Status.PENDING, Backup.Status.VERIFYING)) -> bool:
+    """Mark a backup failed with `reason` and delete its object.
+
+    Conditional on its status being one of `from_statuses`, so of two
+    workers only one fails it. Returns whether this call did. Idempotent.
+    """
+    changed = Backup.objects.filter(pk=backup.pk, status__in=from_statuses).update(
+        status=Backup.Status.FAILED, failure=reason[:2000]
+    )
+    if changed:
+        log.info("backup %s failed: %s", backup.pk, reason)
+        object_forget(backup.key, reason="failed verification")
+        _after_writable(backup)
+    return bool(changed)
+
+
+def _protected_elsewhere(ids: list) -> bool:
+    """Whether rows of other apps (a recovery, say) protect any of these backups."""
+    for rel in Backup._meta.related_objects:
+        if rel.related_model is Backup or rel.on_delete not in (models.PROTECT, models.RESTRICT):
+            continue
+        if rel.related_model._default_manager.filter(**{f"{rel.field.name}__in": ids}).exists():
+            return True
+    return False
+
+
+def descendants_of(backup: Backup, rows: list[Backup]) -> list[tuple[int, Backup]]:
+    """(depth, backup) of everything built on `backup`, from rows of its disk."""
+    children: dict = {}
+    for row in rows:
+        children.setdefault(row.parent_id, []).append(row)
+    found, level, depth = [], [backup], 0
+    while level:
+        depth += 1
+        level = [child for parent in level for child in children.get(parent.pk, [])]
+        found.extend((depth, child) for child in level)
+    return found
+
+
+def backup_delete(*, user, backup_id, cascade: bool = False) -> list:
+    """Delete a restore point (and with `cascade` its dependents, newest first).
+
+    309 for an unknown id or another tenant's; 311 when live restore points
+    depend on it and `cascade` is false (failed dependents go along anyway:
+    nothing can be restored from them). The rows are first marked failed in
+    one transaction, so no new incremental can start on them and no
+    verification in flight can succeed on top of them; then each object is
+    deleted, then its row. A storage failure answers 310 and leaves the
+    remaining rows failed, so deleting again finishes the job.
+
+    Returns the ids deleted. Idempotent in effect: repeating it after a 310
+    continues where it stopped.
+    """
+    target = Backup.objects.filter(user=user, pk=backup_id).first()
+    if target is None:
+        raise BackupError(309, "No backup with that id.")
+    with transaction.atomic():
+        rows = list(Backup.objects.select_for_update().filter(server_id=target.server_id, disk=target.disk))
+        target = next((row for row in rows if row.pk == target.pk), None)
+        if target is None:
+            raise BackupError(309, "No backup with that id.")
+        below = descendants_of(target, rows)
+        live = [b for _, b in below if b.status != Backup.Status.FAILED]
+        if live and not cascade:
+            raise BackupError(
+                311,
+                f"{len(live)} newer restore point(s) depend on this backup; delete them first, "
+                "or pass ?cascade=true to delete them with it.",
+            )
+        # Children before parents; among equals, newest first.
+        doomed = [b for _, b in sorted(below, key=lambda item: (-item[0], -item[1].date_created.timestamp()))]
+        doomed.append(target)
+        ids = [b.pk for b in doomed]
+        if _protected_elsewhere(ids):
+            raise BackupError(311, "A recovery uses this backup or one built on it; finish that recovery first.")
+        Backup.objects.filter(pk__in=ids).exclude(status=Backup.Status.FAILED).update(
+            status=Backup.Status.FAILED, failure="Being deleted at the owner's request."
+        )
+    deleted = []
+    for backup in doomed:
+        try:
+            storage.delete_object(backup.key)
+        except cloud.CloudError as exc:
+            log.warning("deleting backup %s: %s", backup.pk, exc)
+            raise BackupError(310, "Storage did not delete the backup; try again.") from exc
+        Backup.objects.filter(pk=backup.pk).delete()
+        _after_writable(backup)
+        deleted.append(backup.pk)
+    return deleted
+
+
+def uploads_clean_up(*, now: datetime | None = None) -> dict:
+    """Beat job: drop pending uploads past their credentials, abort stale multipart uploads.
+
+    Also re-enqueues verifications whose worker was lost. Works in bounded
+    batches; safe to overlap with itself (every step is conditional).
+    """
+    from .. import tasks  # tasks import the services; this breaks the cycle
+
+    now = now or timezone.now()
+    counts = {"dropped": 0, "aborted": 0, "requeued": 0}
+    stale = Backup.objects.filter(status=Backup.Status.PENDING, credentials_expire__lt=now - UPLOAD_GRACE)
+    for backup in stale.order_by("credentials_expire")[:CLEAN_UP_BATCH]:
+        try:
+            for key, upload_id in storage.multipart_uploads(prefix=backup.key, key=backup.key):
+                storage.abort_multipart_upload(key, upload_id)
+                counts["aborted"] += 1
+            storage.delete_object(backup.key)
+        except cloud.CloudError as exc:
+            log.warning("clean-up of upload %s: %s; next run retries", backup.pk, exc)
+            continue
+        counts["dropped"] += Backup.objects.filter(pk=backup.pk, status=Backup.Status.PENDING).delete()[0]
+
+    # Multipart uploads no pending upload explains: started before any
+    # credentials still alive could have started them.
+    started_before = now - settings.RECLO_CREDENTIALS_TTL - UPLOAD_GRACE
+    try:
+        uploads = storage.multipart_uploads(prefix="backups/", initiated_before=started_before)
+    except cloud.CloudError as exc:
+        log.warning("listing multipart uploads: %s", exc)
+        uploads = []
+    alive = set(
+        Backup.objects.filter(
+            status=Backup.Status.PENDING,
+            key__in={key for key, _ in uploads},
+            credentials_expire__gte=now - UPLOAD_GRACE,
+        ).values_list("key", flat=True)
+    )
+    for key, upload_id in uploads:
+        if key not in alive:
+            try:
+                storage.abort_multipart_upload(key, upload_id)
+                counts["aborted"] += 1
+            except cloud.CloudError as exc:
+                log.warning("aborting upload of %s: %s", key, exc)
+
+    stuck = Backup.objects.filter(status=Backup.Status.VERIFYING, completed_at__lt=now - VERIFY_STUCK_AFTER)
+    for backup_id in stuck.values_list("pk", flat=True)[:CLEAN_UP_BATCH]:
+        tasks.enqueue(tasks.backup_verify, str(backup_id))
+        counts["requeued"] += 1
+    return counts
+
+
+def objects_purge(*, now: datetime | None = None) -> int:
+    """Beat job: delete the objects written down in ObjectDeletion once due.
+
+    A key that a live backup uses again is never deleted (its entry is just
+    dropped). Failures stay for the next run. Safe to overlap.
+    """
+    now = now or timezone.now()
+    due = list(ObjectDeletion.objects.filter(not_before__lte=now).order_by("not_before")[:PURGE_BATCH])
+    if not due:
+        return 0
+    in_use = set(
+        Backup.objects.filter(key__in=[d.key for d in due], status__in=LIVE_STATUSES).values_list("key", flat=True)
+    )
+    keys = [d.key for d in due if d.key not in in_use]
+    try:
+        storage.delete_objects(keys)
+    except cloud.CloudError as exc:
+        log.warning("purging %d objects: %s; next run retries", len(keys), exc)
+        ObjectDeletion.objects.filter(pk__in=[d.pk for d in due]).update(attempts=models.F("attempts") + 1)
+        return 0
+    ObjectDeletion.objects.filter(pk__in=[d.pk for d in due]).delete()
+    return len(keys)

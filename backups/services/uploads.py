@@ -1,0 +1,254 @@
+"""Uploads: grant credentials for one object, refresh them, complete the upload."""
+
+import functools
+import re
+import uuid
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+from reclo_agent.vhd.format import MAX_VIRTUAL_SIZE, SECTOR
+
+from reclo_site import cloud
+from reclo_site.cloud import credentials, storage
+
+from ..models import AccountLimits, Backup, Server
+from ..naming import InvalidName, backup_key, check_file_name, check_name
+from .errors import BackupError
+from .lifecycle import UPLOAD_GRACE, backup_fail
+
+SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
+
+
+@dataclass(frozen=True)
+class UploadGrant:
+    """A pending upload and the credentials that may write its object."""
+
+    backup: Backup
+    credentials: credentials.TemporaryCredentials
+
+
+def max_file_size(user) -> int:
+    """The largest stored backup this account may upload, in bytes."""
+    limit = AccountLimits.objects.filter(user=user).values_list("max_file_size", flat=True).first()
+    return limit or settings.RECLO_MAX_BACKUP_SIZE
+
+
+def _check_size(user, file_size: int) -> None:
+    limit = max_file_size(user)
+    if file_size > limit:
+        raise BackupError(313, f"The backup is {file_size} bytes; this account's limit is {limit} bytes.")
+
+
+def _validated(server, disk, file_name, virtual_size, kind, file_size, sha256) -> dict:
+    """The declared fields, or BackupError(104) with a message per bad field."""
+    fields = {}
+    for name, value, check in (
+        ("server", server, functools.partial(check_name, what="server")),
+        ("disk", disk, functools.partial(check_name, what="disk")),
+        ("file_name", file_name, check_file_name),
+    ):
+        try:
+            check(value)
+        except InvalidName as exc:
+            fields[name] = [str(exc)]
+    if not isinstance(virtual_size, int) or not 0 < virtual_size <= MAX_VIRTUAL_SIZE or virtual_size % SECTOR:
+        fields["virtual_size"] = [f"A positive multiple of {SECTOR} bytes, at most {MAX_VIRTUAL_SIZE} (2040 GiB)."]
+    if kind not in Backup.Kind.values:
+        fields["kind"] = ["'full' or 'incremental'."]
+    if file_size is not None and (not isinstance(file_size, int) or file_size <= 0):
+        fields["file_size"] = ["A positive number of bytes."]
+    if sha256 is not None and not (isinstance(sha256, str) and SHA256_RE.fullmatch(sha256)):
+        fields["sha256"] = ["64 hexadecimal characters."]
+    if fields:
+        raise BackupError(104, "The request has invalid fields: " + ", ".join(sorted(fields)) + ".", fields)
+    return {"sha256": sha256.lower() if sha256 else ""}
+
+
+def _chain_parent(*, user, server: str, disk: str, kind: str, parent_id, virtual_size: int) -> Backup | None:
+    """The parent an incremental builds on, checked against the chain rules (312)."""
+    if kind == Backup.Kind.FULL:
+        if parent_id is not None:
+            raise BackupError(312, "A full backup has no parent; send parent_id with incremental backups only.")
+        return None
+    if parent_id is None:
+        raise BackupError(312, "An incremental backup needs parent_id, the restore point it builds on.")
+    parent = Backup.objects.select_related("server").filter(user=user, pk=parent_id).first()
+    if parent is None:
+        raise BackupError(312, "The parent backup does not exist.")
+    if parent.status != Backup.Status.VERIFIED:
+        raise BackupError(312, f"The parent backup is {parent.status}, not verified.")
+    if parent.server.name != server or parent.disk != disk:
+        raise BackupError(312, "The parent backup belongs to another server or disk.")
+    if parent.virtual_size != virtual_size:
+        raise BackupError(
+            312,
+            f"The parent backup is of a {parent.virtual_size}-byte disk, not {virtual_size} bytes; make a full backup.",
+        )
+    newest = (
+        Backup.objects.filter(server_id=parent.server_id, disk=disk, status=Backup.Status.VERIFIED)
+        .order_by("-date_created", "-pk")
+        .values_list("pk", flat=True)
+        .first()
+    )
+    if newest != parent.pk:
+        raise BackupError(
+            312, f"The parent is not the newest verified restore point of this disk ({newest}); make a full backup."
+        )
+    return parent
+
+
+def backup_start(
+    *,
+    user,
+    server: str,
+    disk: str,
+    file_name: str,
+    virtual_size: int,
+    kind: str,
+    parent_id: uuid.UUID | None = None,
+    file_size: int | None = None,
+    sha256: str | None = None,
+) -> UploadGrant:
+    """Record a pending upload and grant credentials that can write its one object.
+
+    Checks the names (104), the chain rules (312) and a declared size
+    against the account's limit (313). STS is asked before anything is
+    written, so when it fails (303) no pending upload is left behind. The
+    server is created on its first upload. Not idempotent: every call is a
+    new upload; one an agent abandons is dropped by `uploads_clean_up`.
+    """
+    clean = _validated(server, disk, file_name, virtual_size, kind, file_size, sha256)
+    if file_size is not None:
+        _check_size(user, file_size)
+    parent = _chain_parent(
+        user=user, server=server, disk=disk, kind=kind, parent_id=parent_id, virtual_size=virtual_size
+    )
+    backup_id = uuid.uuid4()
+    key = backup_key(user_id=user.pk, server=server, disk=disk, backup_id=backup_id)
+    try:
+        grant = credentials.issue(
+            policy=credentials.upload_policy(key), session_name=f"reclo-up-{user.pk}-{backup_id.hex}"
+        )
+    except cloud.CloudError as exc:
+        raise BackupError(303, "Could not get temporary storage credentials; try again shortly.") from exc
+    with transaction.atomic():
+        if parent is not None:
+            # The parent may have been deleted or superseded since it was checked.
+            locked = Backup.objects.select_for_update().filter(pk=parent.pk, status=Backup.Status.VERIFIED).first()
+            if locked is None:
+                raise BackupError(312, "The parent backup is no longer a verified restore point.")
+        server_row, _ = Server.objects.get_or_create(user=user, name=server)
+        backup = Backup.objects.create(
+            id=backup_id,
+            user=user,
+            server=server_row,
+            disk=disk,
+            kind=kind,
+            parent=parent,
+            file_name=file_name,
+            key=key,
+            virtual_size=virtual_size,
+            file_size=file_size,
+            sha256=clean["sha256"],
+            credentials_expire=grant.expiration,
+        )
+    return UploadGrant(backup=backup, credentials=grant)
+
+
+def _pending_upload(user, upload_id) -> Backup:
+    backup = Backup.objects.select_related("server").filter(user=user, pk=upload_id).first()
+    if backup is None:
+        raise BackupError(305, "No upload with that id.")
+    return backup
+
+
+def _expired(backup: Backup) -> bool:
+    return backup.credentials_expire is None or backup.credentials_expire + UPLOAD_GRACE <= timezone.now()
+
+
+def backup_credentials_refresh(*, user, upload_id) -> UploadGrant:
+    """Fresh credentials for the same key, while the upload is pending (else 305).
+
+    Idempotent in effect: each call grants another set for the same one key.
+    """
+    backup = _pending_upload(user, upload_id)
+    if backup.status != Backup.Status.PENDING:
+        raise BackupError(305, "That upload is already completed.")
+    if _expired(backup):
+        raise BackupError(305, "That upload has expired; start a new one.")
+    try:
+        grant = credentials.issue(
+            policy=credentials.upload_policy(backup.key), session_name=f"reclo-up-{user.pk}-{backup.pk.hex}"
+        )
+    except cloud.CloudError as exc:
+        raise BackupError(303, "Could not get temporary storage credentials; try again shortly.") from exc
+    changed = Backup.objects.filter(pk=backup.pk, status=Backup.Status.PENDING).update(
+        credentials_expire=max(grant.expiration, backup.credentials_expire)
+    )
+    if not changed:
+        raise BackupError(305, "That upload is already completed.")
+    backup.credentials_expire = max(grant.expiration, backup.credentials_expire)
+    return UploadGrant(backup=backup, credentials=grant)
+
+
+def _declared(at_start, at_complete, what: str):
+    if at_start and at_complete is not None and at_start != at_complete:
+        raise BackupError(
+            307, f"The {what} sent now ({at_complete}) differs from the one declared at start ({at_start})."
+        )
+    value = at_complete if at_complete is not None else at_start
+    if value in (None, ""):
+        raise BackupError(104, f"Send {what}: it was not declared at start.", {what: ["This field is required."]})
+    return value
+
+
+def backup_complete(*, user, upload_id, file_size: int | None = None, sha256: str | None = None) -> Backup:
+    """Check the uploaded object at once and hand it to the verifier.
+
+    305 for an unknown, another tenant's or expired upload; 306 when the
+    object is not in storage (the upload stays pending: finish it and call
+    again); 307 when its size differs from the declared one (the backup
+    fails and the object is deleted) or the declarations disagree; 313 over
+    the account's limit; 304 when storage cannot be asked. Otherwise the
+    backup becomes `verifying` and the verification is enqueued after the
+    commit. Idempotent: a completed upload is returned as it stands.
+    """
+    backup = _pending_upload(user, upload_id)
+    if backup.status != Backup.Status.PENDING:
+        return backup
+    if _expired(backup):
+        raise BackupError(305, "That upload has expired; start a new one.")
+    if sha256 is not None and not (isinstance(sha256, str) and SHA256_RE.fullmatch(sha256)):
+        raise BackupError(104, "The request has invalid fields: sha256.", {"sha256": ["64 hexadecimal characters."]})
+    if file_size is not None and (not isinstance(file_size, int) or file_size <= 0):
+        raise BackupError(
+            104, "The request has invalid fields: file_size.", {"file_size": ["A positive number of bytes."]}
+        )
+    size = _declared(backup.file_size, file_size, "file_size")
+    digest = _declared(backup.sha256, sha256.lower() if sha256 else None, "sha256")
+    _check_size(user, size)
+    try:
+        stored = storage.head_object(backup.key)
+    except cloud.ObjectNotFound:
+        raise BackupError(306, "The backup is not in storage yet; finish the upload, then complete it.") from None
+    except cloud.CloudError as exc:
+        raise BackupError(304, "Could not check the upload in storage; try again shortly.") from exc
+    if stored["size"] != size:
+        reason = f"The stored object is {stored['size']} bytes; {size} were declared."
+        backup_fail(backup=backup, reason=reason, from_statuses=(Backup.Status.PENDING,))
+        raise BackupError(307, reason)
+
+    from .. import tasks  # tasks import the services; this breaks the cycle
+
+    with transaction.atomic():
+        changed = Backup.objects.filter(pk=backup.pk, status=Backup.Status.PENDING).update(
+            status=Backup.Status.VERIFYING, file_size=size, sha256=digest, completed_at=timezone.now()
+        )
+        if changed:
+            # Enqueued only once the row says `verifying`, or the worker
+            # could read the row before the commit and do nothing.
+            transaction.on_commit(functools.partial(tasks.enqueue, tasks.backup_verify, str(backup.pk)))
+    backup.refresh_from_db()
+    return backup

@@ -1,0 +1,193 @@
+"""Verifying uploads, and the scrub that re-checks stored restore points.
+
+Nothing the agent declared is trusted: the worker reads the stored object
+itself (ranged reads through the cloud adapter, never a whole download to
+disk), checks its SHA-256, and checks the VHD inside with the agent
+package's seekable zstd reader and validator.
+"""
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.core.mail import send_mail
+from django.db import transaction
+from django.urls import reverse
+from django.utils import timezone
+from reclo_agent import vhd
+
+from reclo_site import cloud
+from reclo_site.cloud import storage
+
+from ..models import Backup
+from .lifecycle import backup_fail, descendants_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ObjectCheck:
+    """What reading a stored restore point found."""
+
+    size: int
+    sha256: str
+    info: vhd.VHDInfo
+
+
+def object_check(key: str, *, kind: str, virtual_size: int, parent_unique_id: uuid.UUID | None = None) -> ObjectCheck:
+    """Read a stored restore point and check everything about it.
+
+    The VHD's structure (footer and header checksums, disk type fits
+    `kind`, parent id, virtual size, every BAT entry inside the data) is
+    validated through the seek table, reading only the frames it needs;
+    then every zstd frame is decompressed against the seek table and its
+    checksum, front to back, which is also the pass that hashes the object.
+
+    Raises VHDError for a bad file, ObjectNotFound / ObjectChanged /
+    CloudUnavailable for storage trouble.
+    """
+    with storage.ObjectReader(key, sha256=True) as raw:
+        disk = vhd.open_seekable(raw)
+        info = vhd.validate(disk, expected_kind=kind, parent_unique_id=parent_unique_id, virtual_size=virtual_size)
+        vhd.check_seekable(raw)
+        digest = raw.sha256_hexdigest()
+        return ObjectCheck(size=raw.size, sha256=digest, info=info)
+
+
+def _problem(backup: Backup, *, parent_unique_id) -> tuple[ObjectCheck | None, str]:
+    """Check `backup`'s object against its row: (check, "") or (None, reason)."""
+    try:
+        check = object_check(
+            backup.key, kind=backup.kind, virtual_size=backup.virtual_size, parent_unique_id=parent_unique_id
+        )
+    except cloud.ObjectNotFound:
+        return None, "The object is not in storage."
+    except storage.ObjectChanged:
+        return None, "The object was overwritten while it was being checked."
+    except vhd.VHDError as exc:
+        return None, f"Not a valid restore point: {exc}"
+    if backup.file_size is not None and check.size != backup.file_size:
+        return None, f"The stored object is {check.size} bytes; {backup.file_size} were declared."
+    if backup.sha256 and check.sha256 != backup.sha256:
+        return None, f"The stored object's SHA-256 is {check.sha256}; {backup.sha256} was declared."
+    return check, ""
+
+
+def backup_verify(*, backup_id) -> Backup | None:
+    """The worker's verdict on a completed upload: `verified`, or `failed` with the reason.
+
+    On success retention is enqueued for the backup's disk. An incremental
+    is refused if, meanwhile, its parent stopped being verified or another
+    restore point on the same parent was verified first (a fork). Storage
+    outages propagate (CloudUnavailable) so the task retries. Idempotent:
+    does nothing unless the backup is `verifying`.
+    """
+    from .. import tasks  # tasks import the services; this breaks the cycle
+
+    backup = Backup.objects.select_related("parent").filter(pk=backup_id).first()
+    if backup is None or backup.status != Backup.Status.VERIFYING:
+        return backup
+    parent_unique_id = backup.parent.vhd_unique_id if backup.parent else None
+    if backup.parent and parent_unique_id is None:
+        backup_fail(backup=backup, reason="The parent backup's VHD id is unknown.")
+        return backup
+    check, reason = _problem(backup, parent_unique_id=parent_unique_id)
+    if not reason:
+        with transaction.atomic():
+            row = Backup.objects.select_for_update().filter(pk=backup.pk, status=Backup.Status.VERIFYING).first()
+            if row is None:
+                return backup  # deleted, or another worker decided first
+            if row.parent_id:
+                parent = Backup.objects.select_for_update().filter(pk=row.parent_id).first()
+                if parent is None or parent.status != Backup.Status.VERIFIED:
+                    reason = "The parent backup stopped being a verified restore point during verification."
+                elif Backup.objects.filter(parent_id=row.parent_id, status=Backup.Status.VERIFIED).exists():
+                    reason = "Another restore point built on the same parent was verified first."
+            if not reason:
+                row.status = Backup.Status.VERIFIED
+                row.sha256 = check.sha256
+                row.vhd_unique_id = check.info.unique_id
+                row.verified_at = timezone.now()
+                row.failure = ""
+                row.save(update_fields=["status", "sha256", "vhd_unique_id", "verified_at", "failure"])
+                transaction.on_commit(
+                    lambda: tasks.enqueue(tasks.retention_apply, row.server_id, row.disk)  # noqa: B023 - runs once
+                )
+                return row
+    backup_fail(backup=backup, reason=reason, from_statuses=(Backup.Status.VERIFYING,))
+    backup.refresh_from_db()
+    return backup
+
+
+def backup_scrub(*, backup_id) -> str:
+    """Re-read one verified restore point; mark its chain broken if it changed.
+
+    Returns "" when the object is sound, else the problem found. Storage
+    outages propagate for a retry. Idempotent.
+    """
+    backup = Backup.objects.select_related("parent", "server", "user").filter(pk=backup_id).first()
+    if backup is None or backup.status != Backup.Status.VERIFIED:
+        return ""
+    parent_unique_id = backup.parent.vhd_unique_id if backup.parent else None
+    check, problem = _problem(backup, parent_unique_id=parent_unique_id)
+    if not problem and backup.vhd_unique_id and check.info.unique_id != backup.vhd_unique_id:
+        problem = f"The VHD id changed from {backup.vhd_unique_id} to {check.info.unique_id}."
+    Backup.objects.filter(pk=backup.pk).update(scrubbed_at=timezone.now())
+    if problem:
+        chain_mark_broken(backup=backup, reason=problem)
+    return problem
+
+
+def backups_scrub_pick(*, sample: int | None = None) -> list:
+    """Ids of the verified restore points to re-read this run: the least recently checked."""
+    sample = settings.RECLO_SCRUB_SAMPLE if sample is None else sample
+    return list(
+        Backup.objects.filter(status=Backup.Status.VERIFIED)
+        .order_by("scrubbed_at", "verified_at")
+        .values_list("pk", flat=True)[:sample]
+    )
+
+
+def chain_mark_broken(*, backup: Backup, reason: str) -> list:
+    """Mark `backup` and every restore point built on it failed, and tell the owner.
+
+    Conditional on `backup` still having the key and digest that were
+    checked (retention may have replaced it meanwhile). Returns the ids
+    marked; idempotent.
+    """
+    with transaction.atomic():
+        changed = Backup.objects.filter(
+            pk=backup.pk, key=backup.key, sha256=backup.sha256, status=Backup.Status.VERIFIED
+        ).update(status=Backup.Status.FAILED, failure=f"Scrub: {reason}"[:2000])
+        if not changed:
+            return []
+        rows = list(Backup.objects.filter(server_id=backup.server_id, disk=backup.disk))
+        below = [b.pk for _, b in descendants_of(backup, rows) if b.status != Backup.Status.FAILED]
+        Backup.objects.filter(pk__in=below).update(
+            status=Backup.Status.FAILED, failure=f"Restore point {backup.pk} below it in the chain is broken."
+        )
+    log.error("chain of %s/%s broken at %s: %s", backup.server.name, backup.disk, backup.pk, reason)
+    _tell_owner_chain_broken(backup, reason, len(below))
+    return [backup.pk, *below]
+
+
+def _tell_owner_chain_broken(backup: Backup, reason: str, dependents: int) -> None:
+    when = timezone.localtime(backup.date_created).strftime("%Y-%m-%d %H:%M %Z")
+    body = (
+        f"ReClo re-read the restore point of {backup.server.name} / {backup.disk} from {when} "
+        f"and found a problem: {reason}\n\n"
+        f"That restore point and the {dependents} newer one(s) built on it can no longer be restored. "
+        "The next backup must be a full one (the agent makes one by itself when its next "
+        "incremental is refused; or run `reclo-agent backup SOURCE --full`).\n\n"
+        f"{settings.SITE_URL}{reverse('backups:server-detail', args=[backup.server_id])}\n"
+    )
+    try:
+        send_mail(
+            f"ReClo: a backup of {backup.server.name} is damaged",
+            body,
+            settings.DEFAULT_FROM_EMAIL,
+            [backup.user.email],
+        )
+    except Exception:  # noqa: BLE001 - the marking stands; the page shows it too
+        log.exception("could not email %s about the broken chain", backup.user.email)

@@ -1,0 +1,95 @@
+"""Celery tasks of the backups app: each takes ids and calls one service.
+
+Every task is idempotent (Celery may deliver twice; the worker settings ack
+late). Only the cloud adapter's transient errors are retried, with backoff
+and a cap; anything else fails at once with its reason in the log.
+"""
+
+import logging
+
+from celery import shared_task
+from kombu.exceptions import OperationalError as BrokerError
+
+from reclo_site.cloud import CloudUnavailable
+
+from . import services
+
+log = logging.getLogger(__name__)
+
+# Reading or merging a large restore point takes a while; these limits stay
+# under the broker's 4-hour redelivery timeout (settings), so a task that
+# runs long is never handed to a second worker while the first still runs.
+LONG_TASK = {"soft_time_limit": 3 * 60 * 60, "time_limit": 3 * 60 * 60 + 300}
+RETRY_CLOUD = {
+    "autoretry_for": (CloudUnavailable,),
+    "retry_backoff": 30,
+    "retry_backoff_max": 30 * 60,
+    "retry_jitter": True,
+    "max_retries": 8,
+}
+
+
+def enqueue(task, *args) -> None:
+    """Send a task; a broker outage is logged, not raised.
+
+    Used from transaction.on_commit, where the request has already
+    succeeded: the beat jobs pick up whatever was not sent (a `verifying`
+    backup is re-enqueued by uploads_clean_up, retention runs again after
+    the next verified backup).
+    """
+    try:
+        task.delay(*args)
+    except (BrokerError, OSError):
+        log.exception("could not enqueue %s%r", task.name, args)
+
+
+@shared_task(**RETRY_CLOUD, **LONG_TASK)
+def backup_verify(backup_id: str) -> str | None:
+    """Verify a completed upload (idempotent: only a `verifying` backup is read)."""
+    backup = services.backup_verify(backup_id=backup_id)
+    return backup.status if backup else None
+
+
+@shared_task(**RETRY_CLOUD, **LONG_TASK)
+def retention_apply(server_id: int, disk: str) -> str:
+    """One retention step for a disk; sends itself again while there is more to do."""
+    step = services.retention_apply(server_id=server_id, disk=disk)
+    if step:
+        enqueue(retention_apply, server_id, disk)
+    return step
+
+
+@shared_task(**RETRY_CLOUD, **LONG_TASK)
+def backup_scrub(backup_id: str) -> str:
+    """Re-read one verified restore point (idempotent)."""
+    return services.backup_scrub(backup_id=backup_id)
+
+
+@shared_task
+def backups_scrub() -> int:
+    """Beat, weekly: fan a sample of stored restore points out to backup_scrub."""
+    ids = services.backups_scrub_pick()
+    for backup_id in ids:
+        enqueue(backup_scrub, str(backup_id))
+    return len(ids)
+
+
+@shared_task
+def uploads_clean_up() -> dict:
+    """Beat, hourly: stale pending uploads, stale multipart uploads, lost verifications."""
+    counts = services.uploads_clean_up()
+    if any(counts.values()):
+        log.info("upload clean-up: %s", counts)
+    return counts
+
+
+@shared_task
+def objects_purge() -> int:
+    """Beat, hourly: delete objects whose deletion was deferred."""
+    return services.objects_purge()
+
+
+@shared_task
+def overdue_notify() -> int:
+    """Beat: email owners whose servers stopped sending backups."""
+    return services.overdue_notify()
