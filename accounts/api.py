@@ -50,7 +50,7 @@ class RegisterApi(APIView):
             user = services.user_register(username=data["username"], email=data["email"], password=data["password"])
         except services.AccountError as exc:
             raise exc.as_api_error() from None
-        token, key = services.token_create(user=user, name=data["token_name"])
+        token, key = services.token_create(user=user, name=data["token_name"], address=client_address(request))
         return _token_response(user, token, key, "Account created.", status.HTTP_201_CREATED)
 
 
@@ -80,7 +80,7 @@ class LoginApi(APIView):
         except services.AccountError as exc:
             headers = {"Retry-After": str(exc.retry_after)} if hasattr(exc, "retry_after") else None
             raise ApiError(exc.code, exc.message, headers=headers) from None
-        token, key = services.token_create(user=user, name=data["token_name"])
+        token, key = services.token_create(user=user, name=data["token_name"], address=client_address(request))
         return _token_response(user, token, key, "Logged in.", status.HTTP_200_OK)
 
 
@@ -97,7 +97,7 @@ class LogoutApi(APIView):
     )
     def post(self, request):
         try:
-            services.token_revoke(token=request.auth)
+            services.token_revoke(token=request.auth, address=client_address(request))
         except Exception as exc:  # noqa: BLE001 - the contract has a code for this
             raise ApiError(211, "Failed to deactivate the token; try again.") from exc
         return Response({"message": "Logged out; this token no longer works."})

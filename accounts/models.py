@@ -55,3 +55,33 @@ class ApiToken(models.Model):
         if self.revoked_at is not None:
             return "revoked"
         return "active" if self.expires > timezone.now() else "expired"
+
+
+class AuditEvent(models.Model):
+    """Something a tenant (or someone trying to be one) did. Never holds a secret."""
+
+    class Kind(models.TextChoices):
+        LOGIN_OK = "login.ok", "Logged in"
+        LOGIN_FAILED = "login.failed", "Failed login"
+        TOKEN_CREATED = "token.created", "API token created"
+        TOKEN_REVOKED = "token.revoked", "API token revoked"
+        UPLOAD_CREDENTIALS = "upload.credentials", "Upload credentials issued"
+        BACKUP_DELETED = "backup.deleted", "Backup deleted"
+        FAILOVER_STARTED = "failover.started", "Failover started"
+        INSTANCE_STARTED = "instance.started", "Instance started"
+        INSTANCE_STOPPED = "instance.stopped", "Instance stopped"
+        INSTANCE_TERMINATED = "instance.terminated", "Instance terminated"
+
+    user = models.ForeignKey(User, on_delete=models.CASCADE, null=True, blank=True, related_name="audit_events")
+    kind = models.CharField(max_length=32, choices=Kind.choices)
+    created = models.DateTimeField(default=timezone.now)
+    address = models.CharField(max_length=64, blank=True)
+    request_id = models.CharField(max_length=64, blank=True)
+    details = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-created", "-id"]
+        indexes = [models.Index(fields=["user", "-created"])]
+
+    def __str__(self):
+        return f"{self.created:%Y-%m-%d %H:%M:%S} {self.kind} user={self.user_id}"

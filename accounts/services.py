@@ -15,7 +15,8 @@ from reclo_site.api.errors import ApiError
 from reclo_site.cloud import storage
 
 from . import throttle
-from .models import ApiToken, User
+from .audit import audit_record
+from .models import ApiToken, AuditEvent, User
 from .tokens import hash_token, new_token
 
 log = logging.getLogger(__name__)
@@ -112,12 +113,15 @@ def user_check_login(*, email: str, password: str, address: str) -> User:
         User().set_password(password)
     if user is None:
         throttle.record_failure(email, address)
+        # Attributed to the account when it exists, so its owner sees the attempt.
+        audit_record(AuditEvent.Kind.LOGIN_FAILED, user=candidate, address=address, email=email[:254])
         raise AccountError(207, "Email or password does not match.")
     throttle.clear_account(email)
+    audit_record(AuditEvent.Kind.LOGIN_OK, user=user, address=address)
     return user
 
 
-def token_create(*, user: User, name: str) -> tuple[ApiToken, str]:
+def token_create(*, user: User, name: str, address: str = "") -> tuple[ApiToken, str]:
     """Issue a token for `user`. Returns the row and the token itself, shown once."""
     key = new_token()
     now = timezone.now()
@@ -129,12 +133,16 @@ def token_create(*, user: User, name: str) -> tuple[ApiToken, str]:
         created=now,
         expires=now + settings.API_TOKEN_LIFETIME,
     )
+    audit_record(AuditEvent.Kind.TOKEN_CREATED, user=user, address=address, token_name=token.name,
+                 token_prefix=token.prefix)  # fmt: skip
     return token, key
 
 
-def token_revoke(*, token: ApiToken) -> None:
-    """Revoke a token. Idempotent: revoking twice keeps the first time."""
-    ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+def token_revoke(*, token: ApiToken, address: str = "") -> None:
+    """Revoke a token. Idempotent: revoking twice keeps the first time (and logs once)."""
+    if ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=timezone.now()):
+        audit_record(AuditEvent.Kind.TOKEN_REVOKED, user=token.user, address=address, token_name=token.name,
+                     token_prefix=token.prefix)  # fmt: skip
 
 
 def token_renew(*, token: ApiToken) -> ApiToken:

@@ -11,4 +11,5 @@ urlpatterns = [
     path("password/", views.PasswordChange.as_view(), name="password-change"),
     path("tokens/", views.tokens, name="tokens"),
     path("tokens/<int:token_id>/revoke/", views.token_revoke, name="token-revoke"),
+    path("activity/", views.activity, name="activity"),
 ]

@@ -4,6 +4,7 @@ from django.contrib import messages
 from django.contrib.auth import login, logout
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.views import PasswordChangeView
+from django.core.paginator import Paginator
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse_lazy
 from django.utils.http import url_has_allowed_host_and_scheme
@@ -13,7 +14,7 @@ from reclo_site.http import client_address
 
 from . import services
 from .forms import LoginForm, SignupForm, TokenCreateForm
-from .models import ApiToken
+from .models import ApiToken, AuditEvent
 
 
 def signup(request):
@@ -72,7 +73,9 @@ def tokens(request):
     form = TokenCreateForm(request.POST or None)
     new_key = None
     if request.method == "POST" and form.is_valid():
-        token, new_key = services.token_create(user=request.user, name=form.cleaned_data["name"])
+        token, new_key = services.token_create(
+            user=request.user, name=form.cleaned_data["name"], address=client_address(request)
+        )
         messages.success(request, f"Token “{token.name}” created. Copy it now: it will not be shown again.")
         form = TokenCreateForm()
     rows = ApiToken.objects.filter(user=request.user)
@@ -86,6 +89,13 @@ def tokens(request):
 @require_POST
 def token_revoke(request, token_id):
     token = get_object_or_404(ApiToken, pk=token_id, user=request.user)
-    services.token_revoke(token=token)
+    services.token_revoke(token=token, address=client_address(request))
     messages.success(request, f"Token “{token.name}” revoked; agents using it must log in again.")
     return redirect("accounts:tokens")
+
+
+@login_required
+def activity(request):
+    """The owner's own audit log, newest first."""
+    page = Paginator(AuditEvent.objects.filter(user=request.user), 50).get_page(request.GET.get("page"))
+    return render(request, "accounts/activity.html", {"page": page})

@@ -1,5 +1,7 @@
 """Root URLs: pages at /, the agent API under /api/v1/."""
 
+from csp.constants import SELF, UNSAFE_INLINE
+from csp.decorators import csp_update
 from django.contrib import admin
 from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularRedocView
@@ -11,7 +13,14 @@ api_v1 = [
     path("", include("backups.api_urls")),
     path("", include("recovery.api_urls")),
     path("schema", SpectacularJSONAPIView.as_view(), name="schema"),
-    path("docs", SpectacularRedocView.as_view(url_name="api:schema"), name="docs"),
+    # Redoc styles itself inline and searches in a blob: web worker.
+    path(
+        "docs",
+        csp_update({"style-src": [UNSAFE_INLINE], "worker-src": [SELF, "blob:"]})(
+            SpectacularRedocView.as_view(url_name="api:schema")
+        ),
+        name="docs",
+    ),
 ]
 
 urlpatterns = [
