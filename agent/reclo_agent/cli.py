@@ -1,17 +1,420 @@
-"""Command line entry point of ``reclo-agent`` (a stub until the CLI lands)."""
+"""``reclo-agent``: the command line (see agent/README.md for the full story).
+
+    reclo-agent login --portal URL --email EMAIL
+    reclo-agent backup SOURCE [--server NAME] [--disk NAME] [--full] [--bandwidth-limit RATE]
+    reclo-agent list [--json]
+    reclo-agent restore BACKUP_ID TARGET [--force]
+    reclo-agent schedule install --every 1h [SOURCE ...]   |   reclo-agent schedule remove
+    reclo-agent status
+
+Results go to stdout (``backup`` prints ``<backup id> <kind>``); log lines,
+progress and errors to stderr. Every expected failure exits with its own
+code (:mod:`.errors`) and a sentence saying what to do. The API token is
+never printed or logged: it lives only in the config file (mode 0600).
+"""
+
+from __future__ import annotations
 
 import argparse
+import getpass
+import json
+import logging
+import os
+import socket
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from . import __version__, config, names, schedule
+from .api import PortalClient, normalize_portal_url
+from .backup import BackupOptions, BackupRun
+from .blockmap import PAGE_SIZES, MapStore
+from .errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    AgentError,
+    PortalError,
+    TokenRejected,
+    Unreachable,
+    UsageError,
+)
+from .progress import Reporter, human_bytes
+from .restore import restore
+from .state import UploadState
+from .throttle import parse_rate
+
+log = logging.getLogger("reclo_agent")
+
+ENV_PASSWORD = "RECLO_PASSWORD"  # noqa: S105 - the variable's name, not a password
+RENEW_WITHIN = timedelta(days=14)
+
+
+# --- plumbing -------------------------------------------------------------------------
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("reclo-agent: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    # Never below WARNING: botocore's debug output includes request headers,
+    # which carry the temporary credentials.
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load_config(args) -> config.Config:
+    return config.load(config.config_path(args.config))
+
+
+def _client(cfg: config.Config) -> PortalClient:
+    cfg.require_login()
+    client = PortalClient(cfg.portal, cfg.token)
+    _maybe_renew(cfg, client)
+    return client
+
+
+def _maybe_renew(cfg: config.Config, client: PortalClient) -> None:
+    """Renew a token that expires within two weeks, so scheduled runs never lapse."""
+    try:
+        expires = datetime.fromisoformat(cfg.token_expires.replace("Z", "+00:00"))
+    except ValueError:
+        return
+    if expires - datetime.now(UTC) > RENEW_WITHIN:
+        return
+    try:
+        cfg.token_expires = client.renew_token()["token_expires"]
+    except (Unreachable, PortalError) as exc:
+        log.warning("could not renew the API token (expires %s): %s", cfg.token_expires, exc)
+        return
+    config.save(cfg)
+    log.info("API token renewed; it now expires %s", cfg.token_expires)
+
+
+def _page_size(text: str) -> int:
+    text = text.strip().lower().removesuffix("b").removesuffix("i")
+    try:
+        value = int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+    except ValueError:
+        value = 0
+    if value not in PAGE_SIZES:
+        raise argparse.ArgumentTypeError("page size must be one of 4K, 8K, 16K, 32K, 64K")
+    return value
+
+
+# --- commands --------------------------------------------------------------------------
+
+
+def cmd_login(args) -> int:
+    cfg = _load_config(args)
+    portal = normalize_portal_url(args.portal)
+    password = os.environ.get(ENV_PASSWORD)
+    if password is None:
+        if not sys.stdin.isatty():
+            raise UsageError(f"No password: set {ENV_PASSWORD} or run login on a terminal to be asked.")
+        password = getpass.getpass(f"Password for {args.email} at {portal}: ")
+    client = PortalClient(portal)
+    token_name = args.token_name or f"reclo-agent@{socket.gethostname()}"[:100]
+    try:
+        body = client.login(args.email, password, token_name)
+    except PortalError as exc:
+        if exc.code == 207:
+            raise UsageError("The portal did not accept that email and password.") from exc
+        raise
+    cfg.portal, cfg.token, cfg.token_expires = portal, body["token"], body.get("token_expires", "")
+    cfg.email, cfg.user_id = args.email, body.get("user_id")
+    if args.state_dir:
+        cfg.state_dir = str(Path(args.state_dir).expanduser().resolve())
+    elif not cfg.state_dir:
+        cfg.state_dir = str(config.default_state_dir())
+    config.save(cfg)
+    print(f"Logged in to {portal} as {args.email}; token saved in {cfg.path} (expires {cfg.token_expires}).")
+    return EXIT_OK
+
+
+def cmd_logout(args) -> int:
+    cfg = _load_config(args)
+    cfg.require_login()
+    try:
+        PortalClient(cfg.portal, cfg.token).logout()
+    except TokenRejected:
+        pass  # already unusable: forgetting it is all that is left
+    cfg.token, cfg.token_expires = "", ""
+    config.save(cfg)
+    print("Logged out; the token is revoked and removed from the config.")
+    return EXIT_OK
+
+
+def _backup_options(args, cfg: config.Config, source: str, server: str | None, disk: str | None) -> BackupOptions:
+    rate = args.bandwidth_limit or cfg.bandwidth_limit
+    return BackupOptions(
+        source=source,
+        server=names.check(server, "server name") if server else names.default_server(),
+        disk=names.check(disk, "disk name") if disk else names.default_disk(source),
+        full=args.full,
+        page_size=args.page_size,
+        bandwidth=parse_rate(rate) if rate else None,
+    )
+
+
+def _report_backup(result) -> None:
+    detail = f"{human_bytes(result.file_size or 0)} stored"
+    if result.kind == "incremental":
+        detail += f" for {human_bytes(result.changed_bytes)} of changed pages"
+    if result.skipped_parts:
+        detail += f"; resumed, {result.skipped_parts} parts were already uploaded"
+    log.info("backup %s (%s) verified: %s", result.backup_id, result.kind, detail)
+    print(f"{result.backup_id} {result.kind}", flush=True)
+
+
+def cmd_backup(args) -> int:
+    cfg = _load_config(args)
+    client = _client(cfg)
+    reporter = Reporter(plain=args.plain or None, quiet=args.quiet)
+    if args.scheduled:
+        return _scheduled(args, cfg, client, reporter)
+    if not args.source:
+        raise UsageError("Give the SOURCE to back up: a block device (/dev/sda) or a raw disk image file.")
+    options = _backup_options(args, cfg, args.source, args.server, args.disk)
+    _report_backup(BackupRun(client, cfg.state, options, reporter).run())
+    return EXIT_OK
+
+
+def _scheduled(args, cfg, client, reporter) -> int:
+    jobs, _ = schedule.load_jobs(cfg.state)
+    if not jobs:
+        raise UsageError("No scheduled backups; set them up with: reclo-agent schedule install --every 1h SOURCE")
+    worst = EXIT_OK
+    for job in jobs:
+        try:
+            options = _backup_options(args, cfg, job.source, job.server, job.disk)
+            _report_backup(BackupRun(client, cfg.state, options, reporter).run())
+        except AgentError as exc:
+            log.error("backup of %s (%s/%s) failed: %s", job.source, job.server, job.disk, exc)
+            worst = worst or exc.exit_code
+            if isinstance(exc, TokenRejected):
+                break  # every other job would fail the same way
+    return worst
+
+
+def cmd_list(args) -> int:
+    client = _client(_load_config(args))
+    backups = list(client.iter_backups(server=args.server))
+    if args.json:
+        json.dump(backups, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    if not backups:
+        print("No backups yet.")
+        return EXIT_OK
+    header = ("BACKUP ID", "SERVER", "DISK", "KIND", "STATUS", "STORED", "DISK SIZE", "CREATED")
+    rows = [
+        (
+            str(b.get("backup_id")),
+            str(b.get("server")),
+            str(b.get("disk")),
+            str(b.get("kind")),
+            str(b.get("status")),
+            human_bytes(b["file_size"]) if b.get("file_size") is not None else "-",
+            human_bytes(b["virtual_size"]) if b.get("virtual_size") is not None else "-",
+            str(b.get("date_created") or ""),
+        )
+        for b in backups
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    failed = [b for b in backups if b.get("status") == "failed" and b.get("failure")]
+    for b in failed:
+        print(f"  {b['backup_id']} failed: {b['failure']}")
+    return EXIT_OK
+
+
+def cmd_restore(args) -> int:
+    client = _client(_load_config(args))
+    reporter = Reporter(plain=args.plain or None, quiet=args.quiet)
+    result = restore(client, args.backup_id, args.target, reporter, force=args.force)
+    size = human_bytes(result.virtual_size)
+    print(f"Restored {result.backup_id} ({size}, {result.layers} objects) to {args.target}.")
+    return EXIT_OK
+
+
+def cmd_schedule(args) -> int:
+    cfg = _load_config(args)
+    unit_dir = Path(args.unit_dir) if args.unit_dir else None
+    cron_file = Path(args.cron_file) if args.cron_file else None
+    if args.action == "remove":
+        removed = schedule.remove(state_dir=cfg.state, method=args.method, unit_dir=unit_dir, cron_file=cron_file)
+        print("Scheduled backups removed." if removed else "No scheduled backups were installed.")
+        return EXIT_OK
+    cfg.require_login()
+    if args.sources:
+        jobs = [
+            schedule.Job(
+                source=str(Path(src).resolve()) if not src.startswith("/dev/") else src,
+                server=names.check(args.server, "server name") if args.server else names.default_server(),
+                disk=names.check(args.disk, "disk name") if args.disk and len(args.sources) == 1
+                else names.default_disk(src),
+            )
+            for src in args.sources
+        ]  # fmt: skip
+        if args.disk and len(args.sources) > 1:
+            raise UsageError("--disk names one disk; with several sources each is named after its file.")
+    else:
+        jobs = [schedule.Job(m.source, m.server, m.disk) for m in MapStore(cfg.state).all() if m.source]
+    message = schedule.install(
+        jobs=jobs,
+        every=args.every,
+        config_path=cfg.path,
+        state_dir=cfg.state,
+        method=args.method,
+        unit_dir=unit_dir,
+        cron_file=cron_file,
+    )
+    print(f"Scheduled a backup every {args.every} of: " + ", ".join(f"{j.source} ({j.server}/{j.disk})" for j in jobs))
+    print(message)
+    return EXIT_OK
+
+
+def cmd_status(args) -> int:
+    cfg = _load_config(args)
+    code = EXIT_OK
+    mode = f"mode {oct(cfg.path.stat().st_mode & 0o777)[2:]}" if cfg.path.exists() else "missing"
+    print(f"config:     {cfg.path} ({mode})")
+    print(f"portal:     {cfg.portal or '-'}")
+    if not cfg.token:
+        print("logged in:  no (reclo-agent login --portal URL --email EMAIL)")
+        code = 3
+    else:
+        try:
+            client = _client(cfg)
+            next(iter(client.iter_backups()), None)
+            check = "token accepted"
+        except TokenRejected:
+            check, code = "token REJECTED: log in again", 3
+        except Unreachable as exc:
+            check, code = f"portal unreachable ({exc})", 4
+        print(f"logged in:  {cfg.email or '?'}, token expires {cfg.token_expires or '?'}; {check}")
+    print(f"state:      {cfg.state}")
+    maps = MapStore(cfg.state).all()
+    for m in maps:
+        print(f"disk:       {m.server}/{m.disk} from {m.source or '?'} ({human_bytes(m.virtual_size)}): "
+              f"last restore point {m.backup_id} ({m.kind}, {m.created})")  # fmt: skip
+    if not maps:
+        print("disk:       none backed up yet")
+    for server, disk, data in UploadState.all(cfg.state):
+        print(f"unfinished: {server}/{disk} {data.get('kind')} upload {data.get('upload_id')} ({data.get('phase')}); "
+              "the next backup of this disk resumes it")  # fmt: skip
+    jobs, meta = schedule.load_jobs(cfg.state)
+    if jobs:
+        print(f"schedule:   every {meta.get('every')} via {meta.get('method')}: "
+              + ", ".join(f"{j.source} ({j.server}/{j.disk})" for j in jobs))  # fmt: skip
+    else:
+        print("schedule:   none (reclo-agent schedule install --every 1h)")
+    return code
+
+
+# --- parser ---------------------------------------------------------------------------
+
+
+def _common_options(*, suppress: bool) -> argparse.ArgumentParser:
+    """Options accepted before and after the command name.
+
+    After it they default to SUPPRESS: otherwise a subcommand's default
+    would overwrite a value given before the command name.
+    """
+    common = argparse.ArgumentParser(add_help=False)
+    default = {"default": argparse.SUPPRESS} if suppress else {}
+    common.add_argument(
+        "--config", help=f"config file (default: ${config.ENV_CONFIG}, or {config.default_config_path()})", **default
+    )
+    common.add_argument("-v", "--verbose", action="store_true", help="debug log lines", **default)
+    common.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress", **default)
+    common.add_argument("--plain", action="store_true", help="log lines instead of a progress bar", **default)
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options(suppress=True)
+    parser = argparse.ArgumentParser(
+        prog="reclo-agent",
+        description="ReClo backup agent: image backups of this server's disks to the ReClo cloud.",
+        parents=[_common_options(suppress=False)],
+    )
+    parser.add_argument("--version", action="version", version=f"reclo-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("login", parents=[common], help="log in to the portal and save the API token")
+    p.add_argument("--portal", required=True, help="portal URL, e.g. https://reclo.example.com")
+    p.add_argument("--email", required=True)
+    p.add_argument("--state-dir", help=f"state folder (default {config.default_state_dir()})")
+    p.add_argument("--token-name", help="name of the token in the portal (default reclo-agent@HOST)")
+    p.set_defaults(func=cmd_login)
+
+    p = sub.add_parser("logout", parents=[common], help="revoke the API token and forget it")
+    p.set_defaults(func=cmd_logout)
+
+    p = sub.add_parser("backup", parents=[common], help="back up a disk (prints the backup id and kind)")
+    p.add_argument("source", nargs="?", metavar="SOURCE", help="block device or raw disk image file")
+    p.add_argument("--server", help="server name (default: this host's name)")
+    p.add_argument("--disk", help="disk name (default: the source's file name)")
+    p.add_argument("--full", action="store_true", help="make a full backup even if an incremental is possible")
+    p.add_argument("--bandwidth-limit", metavar="RATE", help="upload at most RATE bytes/s, e.g. 10M, 512K")
+    p.add_argument("--page-size", type=_page_size, default=4096, metavar="SIZE",
+                   help="change-tracking page: 4K (default) to 64K; changing it forces a full backup")  # fmt: skip
+    p.add_argument("--scheduled", action="store_true", help="back up the disks `schedule install` set up")
+    p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser("list", parents=[common], help="list the backups in the portal")
+    p.add_argument("--json", action="store_true", help="the contract's backup objects as JSON")
+    p.add_argument("--server", help="only this server's backups")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("restore", parents=[common], help="write a restore point to a disk or image file")
+    p.add_argument("backup_id", metavar="BACKUP_ID")
+    p.add_argument("target", metavar="TARGET", help="block device or image file to write")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file or a block device")
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("schedule", parents=[common], help="install or remove recurring backups")
+    p.add_argument("action", choices=["install", "remove"])
+    p.add_argument("sources", nargs="*", metavar="SOURCE",
+                   help="disks to back up (default: every disk backed up before)")  # fmt: skip
+    p.add_argument("--every", default="1h", help="interval: 30m, 1h, 6h, 1d (default 1h)")
+    p.add_argument("--server", help="server name (default: this host's name)")
+    p.add_argument("--disk", help="disk name, with one SOURCE")
+    p.add_argument("--method", choices=["systemd", "cron"], help="default: systemd where it runs, else cron")
+    p.add_argument("--unit-dir", help="write the systemd units here and do not run systemctl")
+    p.add_argument("--cron-file", help="write a cron.d-style file here instead of the crontab")
+    p.set_defaults(func=cmd_schedule)
+
+    p = sub.add_parser("status", parents=[common], help="configuration, login, disks, unfinished uploads, schedule")
+    p.set_defaults(func=cmd_status)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="reclo-agent",
-        description="ReClo backup agent (commands: login, backup, list, restore, "
-        "schedule; not implemented yet).",
-    )
-    parser.parse_args(argv)
-    parser.print_help()
-    return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        return args.func(args)
+    except AgentError as exc:
+        print(f"reclo-agent: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("reclo-agent: interrupted. Run the same command again: an upload resumes where it stopped.",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - last resort: one line, details with -v
+        if args.verbose:
+            log.exception("unexpected error")
+        print(f"reclo-agent: unexpected error: {type(exc).__name__}: {exc} (run with -v for details)",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -1,0 +1,267 @@
+"""``reclo-agent restore BACKUP_ID TARGET``: write a restore point back to a disk.
+
+The portal's download grant names the chain (base first) and gives
+read-only credentials for exactly those objects. Each object is streamed
+from S3 (:class:`~reclo_agent.s3stream.ObjectStream`: parallel ranged GETs,
+in order, hashed on the way), opened as seekable zstd and as a VHD, and the
+layers are stacked by :class:`~reclo_agent.vhd.ChainReader`. The disk is
+then written block by block, in order, by a writer thread, so downloading,
+decompressing and writing overlap. Nothing is staged on local disk.
+
+Checks: zstd frame checksums and the VHD structure as the data is read; at
+the end every object's size and SHA-256 against what the portal recorded.
+A mismatch fails the restore (exit 7) -- the target must not be trusted.
+
+Targets: a regular file is truncated and written sparse (blocks that are
+all zeros are skipped); a block device (or an existing file, which would be
+overwritten) needs ``--force``, and on a device every block is written,
+zeros included, since its old content must not show through.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import stat
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .api import PortalClient
+from .errors import DiskError, NoSpace, UsageError, VerificationFailed
+from .progress import Reporter, human_bytes
+from .s3 import S3Access
+from .s3stream import ObjectStream
+from .vhd import ChainReader, VHDError, VHDReader, open_seekable
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+WRITE_QUEUE = 8  # blocks waiting for the writer thread
+DOWNLOAD_THREADS = 8
+# Read-ahead memory shared by the chain's objects.
+READ_AHEAD_BUDGET = 64 * MiB
+CHUNK_SIZE = 4 * MiB
+
+
+@dataclass
+class RestoreResult:
+    backup_id: str
+    virtual_size: int
+    layers: int
+    downloaded: int
+    written: int
+    timings: dict = field(default_factory=dict)
+
+
+class Target:
+    """The restore target, opened for writing (see the module doc)."""
+
+    def __init__(self, path: str, size: int, *, force: bool) -> None:
+        self.path = path
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            raise DiskError(f"Cannot use {path} as the restore target: {exc.strerror}.") from exc
+        self.is_device = st is not None and stat.S_ISBLK(st.st_mode)
+        if st is not None and not (self.is_device or stat.S_ISREG(st.st_mode)):
+            raise UsageError(f"{path} is neither a block device nor a regular file.")
+        if st is not None and (self.is_device or st.st_size > 0) and not force:
+            what = "the block device" if self.is_device else "the existing file"
+            raise UsageError(f"Restoring would overwrite {what} {path}. Add --force if that is what you want.")
+        flags = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0) | (0 if self.is_device else os.O_CREAT)
+        try:
+            self.fd = os.open(path, flags, 0o600)
+        except PermissionError as exc:
+            raise DiskError(f"Cannot write {path}: permission denied (block devices need root).") from exc
+        except OSError as exc:
+            raise DiskError(f"Cannot open {path} for writing: {exc.strerror}.") from exc
+        try:
+            if self.is_device:
+                device_size = os.lseek(self.fd, 0, os.SEEK_END)
+                if device_size < size:
+                    raise NoSpace(
+                        f"{path} holds {device_size} bytes; the restore point is a {size}-byte disk. "
+                        "Restore to a device at least that large."
+                    )
+            else:
+                # Truncate to nothing first, so every block not written reads as zeros.
+                os.ftruncate(self.fd, 0)
+                os.ftruncate(self.fd, size)
+        except OSError as exc:
+            os.close(self.fd)
+            raise _write_error(path, exc) from exc
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def check_space(self, needed: int) -> None:
+        if self.is_device:
+            return
+        vfs = os.fstatvfs(self.fd)
+        free = vfs.f_bavail * vfs.f_frsize
+        if free < needed:
+            raise NoSpace(
+                f"Not enough space for {self.path}: the restore needs up to {human_bytes(needed)}, "
+                f"{human_bytes(free)} are free. Free some space or restore elsewhere."
+            )
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.fsync(self.fd)
+            finally:
+                os.close(self.fd)
+                self.fd = -1
+
+
+def _write_error(path: str, exc: OSError) -> Exception:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return NoSpace(f"Out of space writing {path} ({exc.strerror}). Free some space or restore elsewhere.")
+    return DiskError(f"Cannot write {path}: {exc.strerror}.")
+
+
+class _Writer:
+    """Writes ``(offset, data)`` to the target from a thread, in order of arrival."""
+
+    def __init__(self, target: Target) -> None:
+        self._target = target
+        self._queue: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE)
+        self._error: BaseException | None = None
+        self.written = 0
+        self._thread = threading.Thread(target=self._run, name="reclo-write", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # drain after a failure
+            offset, data = item
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.pwrite(self._target.fd, view, offset)
+                    view, offset = view[n:], offset + n
+                self.written += len(data)
+            except OSError as exc:
+                self._error = _write_error(self._target.path, exc)
+
+    def put(self, offset: int, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((offset, data))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def restore(
+    api: PortalClient, backup_id: str, target_path: str, reporter: Reporter, *, force: bool = False
+) -> RestoreResult:
+    t_start = time.monotonic()
+    grant = api.download(backup_id)
+    chain = grant.get("chain") or []
+    if not chain:
+        raise VerificationFailed(f"The portal returned an empty chain for backup {backup_id}.")
+    # Fresh read credentials for a long restore come from asking again.
+    s3 = S3Access(grant, refresh=lambda: api.download(backup_id)["credentials"],
+                  max_connections=DOWNLOAD_THREADS + 2)  # fmt: skip
+    ahead = max(2, min(8, READ_AHEAD_BUDGET // (CHUNK_SIZE * len(chain))))
+    total_stored = sum(int(item.get("file_size") or 0) for item in chain)
+    log.info(
+        "restoring backup %s: a chain of %d (%s stored) to %s", backup_id, len(chain), human_bytes(total_stored),
+        target_path,
+    )
+    with ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="reclo-get") as pool:
+        download_task = None
+        downloaded = [0]
+        lock = threading.Lock()
+
+        def count(n: int) -> None:
+            with lock:
+                downloaded[0] += n
+            if download_task is not None:
+                download_task.set_note(f"downloaded {human_bytes(downloaded[0])} of {human_bytes(total_stored)}")
+
+        streams: list[ObjectStream] = []
+        try:
+            for item in chain:
+                size = item.get("file_size")
+                if size is None:
+                    size = s3.call("head_object", Key=item["key"])["ContentLength"]
+                streams.append(ObjectStream(s3, item["key"], int(size), pool, chunk_size=CHUNK_SIZE, ahead=ahead,
+                                            on_bytes=count))  # fmt: skip
+            try:
+                reader = ChainReader([VHDReader(open_seekable(stream)) for stream in streams])
+            except VHDError as exc:
+                raise VerificationFailed(f"Restore point {backup_id} is not a readable chain: {exc}") from exc
+            size = reader.virtual_size
+            target = Target(target_path, size, force=force)
+            try:
+                allocated = list(reader.allocated_blocks())
+                target.check_space(len(allocated) * reader.block_size)
+                with reporter.task("restoring", size) as task:
+                    download_task = task
+                    written = _write_disk(reader, allocated, target, task)
+                    task.set_note(f"downloaded {human_bytes(downloaded[0])}")
+                _verify(chain, streams, backup_id)
+            finally:
+                target.close()
+        except VHDError as exc:
+            raise VerificationFailed(
+                f"Restore point {backup_id} is corrupt ({exc}); {target_path} must not be trusted."
+            ) from exc
+        finally:
+            for stream in streams:
+                stream.cancel()
+    elapsed = time.monotonic() - t_start
+    log.info("restored %s to %s in %.1fs", human_bytes(size), target_path, elapsed)
+    return RestoreResult(backup_id, size, len(chain), downloaded[0], written, {"restore": elapsed})
+
+
+def _write_disk(reader: ChainReader, allocated: list[int], target: Target, task) -> int:
+    """Every block of the disk to the target, in order; returns bytes written."""
+    block_size = reader.block_size
+    zero = bytes(block_size)
+    writer = _Writer(target)
+    try:
+        wanted = iter(allocated)
+        next_allocated = next(wanted, None)
+        for index in range(reader.block_count):
+            length = min(block_size, reader.virtual_size - index * block_size)
+            if index == next_allocated:
+                data = reader.read_block(index)
+                next_allocated = next(wanted, None)
+                if target.is_device or data != zero[: len(data)]:
+                    writer.put(index * block_size, data)
+            elif target.is_device:
+                writer.put(index * block_size, zero[:length])
+            task.advance(length)
+    finally:
+        writer.close()
+    return writer.written
+
+
+def _verify(chain: list[dict], streams: list[ObjectStream], backup_id: str) -> None:
+    for item, stream in zip(chain, streams, strict=True):
+        digest = stream.sha256_hexdigest()
+        expected = (item.get("sha256") or "").lower()
+        if expected and digest != expected:
+            raise VerificationFailed(
+                f"Object {item.get('backup_id') or item['key']} of restore point {backup_id} has SHA-256 {digest}, "
+                f"the portal recorded {expected}: the stored data is damaged and the restored disk must not be trusted."
+            )
+        if item.get("file_size") is not None and stream.size != int(item["file_size"]):
+            raise VerificationFailed(f"Object {item['key']} has the wrong size.")
+    log.info("all %d objects of the chain match their SHA-256", len(chain))
