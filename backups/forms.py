@@ -18,10 +18,11 @@ class BackupDeleteForm(forms.Form):
         self.current = dependents
         self.fields["dependents"].initial = dependents
 
-    def clean_dependents(self):
-        value = self.cleaned_data["dependents"]
-        if value != self.current:
+    def clean(self):
+        data = super().clean()
+        # A form-wide error: the field is hidden, so that is where it shows.
+        if "dependents" in data and data["dependents"] != self.current:
             raise forms.ValidationError(
                 "Restore points were added to this chain since the page was shown; check the list and confirm again."
             )
-        return value
+        return data

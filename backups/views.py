@@ -38,16 +38,21 @@ def backup_delete(request, backup_id):
         raise Http404("No such backup.")
     backup, dependents = found
     form = BackupDeleteForm(request.POST or None, dependents=len(dependents))
-    if request.method == "POST" and form.is_valid():
-        try:
-            deleted = services.backup_delete(user=request.user, backup_id=backup.pk, cascade=True)
-        except services.BackupError as exc:
-            messages.error(request, exc.message)
+    if request.method == "POST":
+        if form.is_valid():
+            try:
+                deleted = services.backup_delete(user=request.user, backup_id=backup.pk, cascade=True)
+            except services.BackupError as exc:
+                messages.error(request, exc.message)
+            else:
+                messages.success(
+                    request, f"Deleted {len(deleted)} restore point(s) of {backup.server.name} / {backup.disk}."
+                )
+                return redirect("backups:server-detail", server_id=backup.server_id)
         else:
-            messages.success(
-                request, f"Deleted {len(deleted)} restore point(s) of {backup.server.name} / {backup.disk}."
-            )
-            return redirect("backups:server-detail", server_id=backup.server_id)
+            # Show why, with a fresh form that carries what the page shows now.
+            messages.warning(request, " ".join(form.non_field_errors()) or "Confirm the deletion again.")
+        form = BackupDeleteForm(dependents=len(dependents))
     return render(request, "backups/backup_delete.html", {"backup": backup, "dependents": dependents, "form": form})
 
 

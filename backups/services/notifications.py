@@ -58,8 +58,7 @@ def overdue_notify(*, now: datetime | None = None) -> int:
 
 def _send(server: Server, disks: list, now: datetime) -> bool:
     lines = [
-        f"- {d.disk}: last restore point {timesince(d.newest_verified_at, now)} ago "
-        f"(usually every {d.interval_words})"
+        f"- {d.disk}: last restore point {timesince(d.newest_verified_at, now)} ago (usually every {d.interval_words})"
         for d in disks
     ]
     body = (

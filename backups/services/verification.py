@@ -174,12 +174,16 @@ def chain_mark_broken(*, backup: Backup, reason: str) -> list:
 
 def _tell_owner_chain_broken(backup: Backup, reason: str, dependents: int) -> None:
     when = timezone.localtime(backup.date_created).strftime("%Y-%m-%d %H:%M %Z")
+    if dependents:
+        plural = "s" if dependents != 1 else ""
+        lost = f"That restore point and the {dependents} newer restore point{plural} built on it"
+    else:
+        lost = "That restore point"
     body = (
         f"ReClo re-read the restore point of {backup.server.name} / {backup.disk} from {when} "
         f"and found a problem: {reason}\n\n"
-        f"That restore point and the {dependents} newer one(s) built on it can no longer be restored. "
-        "The next backup must be a full one (the agent makes one by itself when its next "
-        "incremental is refused; or run `reclo-agent backup SOURCE --full`).\n\n"
+        f"{lost} can no longer be restored. The next backup must be a full one (the agent makes "
+        "one by itself when its next incremental is refused; or run `reclo-agent backup SOURCE --full`).\n\n"
         f"{settings.SITE_URL}{reverse('backups:server-detail', args=[backup.server_id])}\n"
     )
     try:

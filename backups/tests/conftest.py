@@ -111,7 +111,7 @@ START = {"server": "fileserver", "disk": "sda", "file_name": "sda-1.vhd.zst", "v
 
 
 @pytest.fixture
-def upload(api, on_commit):
+def upload(api, aws, on_commit):
     """Upload `data` as a new backup through the API: start, write the object, complete.
 
     Returns the complete response; the verification has run by then.

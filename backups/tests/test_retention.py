@@ -1,0 +1,136 @@
+"""Retention merges old restore points into the full without losing any in the window."""
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from backups import services, tasks
+from backups.models import Backup, ObjectDeletion
+from backups.services import retention
+from reclo_site import cloud
+from reclo_site.cloud import storage
+
+from . import vhds
+from .conftest import stored_chain
+
+pytestmark = pytest.mark.django_db
+
+
+def verified(disk):
+    return list(Backup.objects.filter(server=disk.server, disk=disk.disk, status="verified").order_by("date_created"))
+
+
+def assert_restorable_bit_for_bit(disk, points):
+    for point in points:
+        assert vhds.restored(stored_chain(point)) == disk.raw[point.pk], f"restore point {point.pk} changed"
+
+
+def exists(key):
+    try:
+        storage.head_object(key)
+    except cloud.ObjectNotFound:
+        return False
+    return True
+
+
+def test_merging_keeps_every_restore_point_in_the_window_restorable_bit_for_bit(disk, settings, upload):
+    settings.RECLO_RETENTION_KEEP = 3
+    full = disk.full()
+    chain = [full] + [disk.incremental(seed) for seed in (2, 3, 4, 5)]
+    old_keys = {b.pk: b.key for b in chain}
+
+    tasks.retention_apply(disk.server.pk, "sda")  # eager: repeats itself until within the window
+
+    window = verified(disk)
+    assert [b.pk for b in window] == [b.pk for b in chain[2:]]
+    new_base = window[0]
+    assert (new_base.kind, new_base.parent_id) == ("full", None)
+    assert new_base.vhd_unique_id == disk.info[new_base.pk].unique_id  # the next one's parent id still fits
+    assert new_base.key.endswith(f"/{new_base.pk}.merged.vhd.zst")
+    assert_restorable_bit_for_bit(disk, window)
+
+    # The replaced objects stay until restores granted before could have finished.
+    replaced = {
+        old_keys[chain[0].pk],
+        old_keys[chain[1].pk],
+        old_keys[chain[2].pk],
+        chain[1].key.replace(".vhd.zst", ".merged.vhd.zst"),
+    }
+    deferred = set(ObjectDeletion.objects.values_list("key", flat=True))
+    assert deferred == replaced
+    assert all(d.not_before > timezone.now() + timedelta(hours=11) for d in ObjectDeletion.objects.all())
+    assert all(exists(k) for k in deferred)
+    assert services.objects_purge(now=timezone.now() + settings.RECLO_CREDENTIALS_TTL + timedelta(minutes=1)) == 4
+    assert not any(exists(k) for k in deferred)
+    assert_restorable_bit_for_bit(disk, window)
+
+    # The agent's next incremental builds on the newest point and verifies; retention merges again.
+    tip = window[-1]
+    new_raw = vhds.changed(disk.raw[tip.pk], 6)
+    data, info = vhds.incremental(disk.raw[tip.pk], new_raw, disk.info[tip.pk])
+    response = upload(data, kind="incremental", parent_id=tip.pk)
+    newest = Backup.objects.get(pk=response.json()["backup"]["backup_id"])
+    assert newest.status == "verified", newest.failure
+    disk.raw[newest.pk] = bytes(new_raw)
+    window = verified(disk)
+    assert [b.pk for b in window] == [chain[3].pk, chain[4].pk, newest.pk]
+    assert_restorable_bit_for_bit(disk, window)
+
+
+def test_a_full_nothing_builds_on_is_dropped(disk, settings):
+    settings.RECLO_RETENTION_KEEP = 2
+    lonely = disk.full(seed=7)
+    disk.full(seed=8)
+    disk.incremental(9)
+    assert services.retention_apply(server_id=disk.server.pk, disk="sda") == "dropped"
+    assert not Backup.objects.filter(pk=lonely.pk).exists()
+    assert ObjectDeletion.objects.get().key == lonely.key
+    assert services.retention_apply(server_id=disk.server.pk, disk="sda") == ""
+
+
+def test_retention_waits_while_an_incremental_on_the_full_is_in_flight(disk, settings):
+    settings.RECLO_RETENTION_KEEP = 1
+    full = disk.full()
+    disk.incremental(2, status="verifying")
+    disk.full(seed=3, when=timezone.now())
+    assert services.retention_apply(server_id=disk.server.pk, disk="sda") == ""
+    assert Backup.objects.get(pk=full.pk).status == "verified"
+
+
+def test_a_merge_another_worker_holds_is_left_alone(disk):
+    full = disk.full()
+    child = disk.incremental(2)
+    Backup.objects.filter(pk=child.pk).update(merge_claimed_at=timezone.now())
+    assert services.backup_merge(base_id=full.pk, child_id=child.pk) is None
+    # A claim older than any merge can take belongs to a dead worker.
+    Backup.objects.filter(pk=child.pk).update(merge_claimed_at=timezone.now() - retention.CLAIM_TTL - timedelta(1))
+    assert services.backup_merge(base_id=full.pk, child_id=child.pk).kind == "full"
+
+
+def test_a_chain_that_changes_during_the_merge_is_left_as_it_was(disk, monkeypatch):
+    full = disk.full()
+    child = disk.incremental(2)
+    real = retention._write_merged
+
+    def write_then_delete_the_child(base, inc, key):
+        result = real(base, inc, key)
+        Backup.objects.filter(pk=inc.pk).update(status="failed", failure="Being deleted at the owner's request.")
+        return result
+
+    monkeypatch.setattr(retention, "_write_merged", write_then_delete_the_child)
+    assert services.backup_merge(base_id=full.pk, child_id=child.pk) is None
+    assert Backup.objects.get(pk=full.pk).status == "verified"
+    assert Backup.objects.get(pk=child.pk).key == child.key
+    assert not exists(child.key.replace(".vhd.zst", ".merged.vhd.zst"))
+
+
+def test_a_damaged_source_fails_the_merge_and_changes_nothing(disk):
+    full = disk.full()
+    child = disk.incremental(2)
+    storage.put_object(full.key, b"not a vhd any more")
+    with pytest.raises(services.MergeFailed):
+        services.backup_merge(base_id=full.pk, child_id=child.pk)
+    child.refresh_from_db()
+    assert (child.kind, child.parent_id, child.merge_claimed_at) == ("incremental", full.pk, None)
+    assert not exists(child.key.replace(".vhd.zst", ".merged.vhd.zst"))
