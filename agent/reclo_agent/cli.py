@@ -380,16 +380,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("schedule", parents=[common], help="install or remove recurring backups")
-    p.add_argument("action", choices=["install", "remove"])
-    p.add_argument("sources", nargs="*", metavar="SOURCE",
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    place = _common_options(suppress=True)
+    place.add_argument("--method", choices=["systemd", "cron"], help="default: systemd where it runs, else cron")
+    place.add_argument("--unit-dir", help="write the systemd units here and do not run systemctl")
+    place.add_argument("--cron-file", help="write a cron.d-style file here instead of the crontab")
+    q = actions.add_parser("install", parents=[place], help="back up every --every (systemd timer or cron)")
+    q.add_argument("sources", nargs="*", metavar="SOURCE",
                    help="disks to back up (default: every disk backed up before)")  # fmt: skip
-    p.add_argument("--every", default="1h", help="interval: 30m, 1h, 6h, 1d (default 1h)")
-    p.add_argument("--server", help="server name (default: this host's name)")
-    p.add_argument("--disk", help="disk name, with one SOURCE")
-    p.add_argument("--method", choices=["systemd", "cron"], help="default: systemd where it runs, else cron")
-    p.add_argument("--unit-dir", help="write the systemd units here and do not run systemctl")
-    p.add_argument("--cron-file", help="write a cron.d-style file here instead of the crontab")
-    p.set_defaults(func=cmd_schedule)
+    q.add_argument("--every", default="1h", help="interval: 30m, 1h, 6h, 1d (default 1h)")
+    q.add_argument("--server", help="server name (default: this host's name)")
+    q.add_argument("--disk", help="disk name, with one SOURCE")
+    q.set_defaults(func=cmd_schedule)
+    q = actions.add_parser("remove", parents=[place], help="remove the timer or cron entry")
+    q.set_defaults(func=cmd_schedule)
 
     p = sub.add_parser("status", parents=[common], help="configuration, login, disks, unfinished uploads, schedule")
     p.set_defaults(func=cmd_status)

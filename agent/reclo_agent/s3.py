@@ -31,6 +31,20 @@ REFRESH_MARGIN = 10 * 60
 EXPIRED_CODES = {"ExpiredToken", "ExpiredTokenException", "TokenRefreshRequired", "RequestExpired"}
 
 
+_session = None
+_session_lock = threading.Lock()
+
+
+def _boto_session():
+    """One boto3 session per process: creating clients from it reuses the
+    parsed service models (a fresh session parses them again, ~0.2 s)."""
+    global _session
+    with _session_lock:
+        if _session is None:
+            _session = boto3.session.Session()
+        return _session
+
+
 def parse_expiration(value) -> float:
     """Unix time of an ``Expiration`` (RFC 3339 string or datetime)."""
     if isinstance(value, datetime):
@@ -92,14 +106,16 @@ class S3Access:
         self._credentials = credentials
         self._expires = parse_expiration(credentials["Expiration"])
         self._issued = self._clock()
-        self._client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            aws_access_key_id=credentials["AccessKeyId"],
-            aws_secret_access_key=credentials["SecretAccessKey"],
-            aws_session_token=credentials.get("SessionToken"),
-            config=self._config,
-        )
+        session = _boto_session()
+        with _session_lock:  # client creation from a shared session is not thread-safe
+            self._client = session.client(
+                "s3",
+                endpoint_url=self.endpoint_url,
+                aws_access_key_id=credentials["AccessKeyId"],
+                aws_secret_access_key=credentials["SecretAccessKey"],
+                aws_session_token=credentials.get("SessionToken"),
+                config=self._config,
+            )
 
     def _margin(self) -> float:
         return min(REFRESH_MARGIN, max(1.0, (self._expires - self._issued) / 4))

@@ -71,7 +71,8 @@ def cron_spec(seconds: int, rnd: random.Random | None = None) -> str:
         return f"{rnd.randrange(minutes)}-59/{minutes} * * * *"
     hours = minutes // 60
     if minutes % 60 == 0 and hours < 24 and 24 % hours == 0:
-        return f"{rnd.randrange(60)} {rnd.randrange(hours)}-23/{hours} * * *"
+        hour = "*" if hours == 1 else f"{rnd.randrange(hours)}-23/{hours}"
+        return f"{rnd.randrange(60)} {hour} * * *"
     if minutes % 60 == 0 and hours % 24 == 0:
         days = hours // 24
         return f"{rnd.randrange(60)} {rnd.randrange(24)} {'*' if days == 1 else f'*/{days}'} * *"

@@ -1,0 +1,223 @@
+"""The command line: commands, exit codes, messages a person can act on, no token shown."""
+
+import json
+import os
+import socket
+import stat
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from agent_helpers import FakePortal, make_image, scatter_writes
+from moto import mock_aws
+from reclo_agent import api as api_module
+from reclo_agent import cli
+from reclo_agent.state import StateLock
+
+TOKEN = "GoodToken0123456789abcdefghijklm"
+MiB = 1024 * 1024
+
+
+class StubPortal(BaseHTTPRequestHandler):
+    """Just enough of the accounts API: login, and a token check on the backups list."""
+
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+    def _send(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path == "/api/v1/login":
+            if body.get("password") == "right password":
+                return self._send(200, {"message": "Logged in.", "user_id": 3, "token": TOKEN,
+                                        "token_expires": "2099-01-01T00:00:00Z"})  # fmt: skip
+            return self._send(401, {"error": 207, "message": "Email or password does not match."})
+        return self._send(404, {"error": 105, "message": "No such endpoint."})
+
+    def do_GET(self):  # noqa: N802
+        if self.headers.get("Authorization") != f"Token {TOKEN}":
+            return self._send(401, {"error": 102, "message": "Token expired."})
+        return self._send(200, {"message": "0", "count": 0, "next": None, "backups": []})
+
+
+@pytest.fixture
+def stub():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StubPortal)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def cfg_path(tmp_path, monkeypatch):
+    path = tmp_path / "conf" / "agent.json"
+    monkeypatch.setenv("RECLO_AGENT_CONFIG", str(path))
+    monkeypatch.delenv("RECLO_PASSWORD", raising=False)
+    return path
+
+
+def logged_in(cfg_path, tmp_path, portal="http://127.0.0.1:9", token=TOKEN):
+    cfg_path.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(json.dumps({"portal": portal, "token": token, "token_expires": "2099-01-01T00:00:00Z",
+                                    "email": "a@example.com", "state_dir": str(tmp_path / "state")}))  # fmt: skip
+    os.chmod(cfg_path, 0o600)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_login_saves_the_token_0600_and_never_prints_it(stub, cfg_path, monkeypatch, capsys):
+    monkeypatch.setenv("RECLO_PASSWORD", "right password")
+    assert cli.main(["-v", "login", "--portal", stub + "/", "--email", "a@example.com"]) == 0
+    out, err = capsys.readouterr()
+    assert TOKEN not in out + err
+    assert "Logged in" in out
+    assert stat.S_IMODE(cfg_path.stat().st_mode) == 0o600
+    saved = json.loads(cfg_path.read_text())
+    assert saved["token"] == TOKEN and saved["portal"] == stub
+    # The saved token works; status says so without showing it.
+    assert cli.main(["status"]) == 0
+    out, err = capsys.readouterr()
+    assert "token accepted" in out and TOKEN not in out + err
+
+
+def test_wrong_password_is_a_plain_message(stub, cfg_path, monkeypatch, capsys):
+    monkeypatch.setenv("RECLO_PASSWORD", "wrong")
+    assert cli.main(["login", "--portal", stub, "--email", "a@example.com"]) == 2
+    assert "did not accept that email and password" in capsys.readouterr().err
+    assert not cfg_path.exists()
+
+
+def test_login_without_a_terminal_needs_the_environment_variable(stub, cfg_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", open(os.devnull))  # noqa: SIM115 - closed by pytest's teardown
+    assert cli.main(["login", "--portal", stub, "--email", "a@example.com"]) == 2
+    assert "RECLO_PASSWORD" in capsys.readouterr().err
+
+
+def test_an_expired_token_says_log_in_again(stub, cfg_path, tmp_path, capsys):
+    logged_in(cfg_path, tmp_path, portal=stub, token="Expired0123456789abcdefghijklmno")
+    assert cli.main(["list"]) == 3
+    err = capsys.readouterr().err
+    assert "log in again" in err.lower() and "reclo-agent login" in err
+    assert "Expired0123456789" not in err
+
+
+def test_an_unreachable_portal_exits_4(cfg_path, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(api_module.time, "sleep", lambda s: None)
+    logged_in(cfg_path, tmp_path, portal=f"http://127.0.0.1:{free_port()}")
+    assert cli.main(["list"]) == 4
+    assert "Cannot reach the portal" in capsys.readouterr().err
+
+
+def test_commands_need_a_login(cfg_path, capsys):
+    assert cli.main(["backup", "/dev/null"]) == 3
+    assert "reclo-agent login" in capsys.readouterr().err
+    assert cli.main(["status"]) == 3
+
+
+@pytest.fixture
+def fake(monkeypatch, cfg_path, tmp_path):
+    """The CLI talking to the in-process fake portal (over moto)."""
+    monkeypatch.setattr("moto.s3.models.S3_UPLOAD_PART_MIN_SIZE", 1024)
+    with mock_aws():
+        portal = FakePortal()
+        monkeypatch.setattr(cli, "PortalClient", lambda url, token: portal)
+        logged_in(cfg_path, tmp_path)
+        yield portal
+
+
+def test_backup_list_restore_through_the_command_line(fake, tmp_path, capsys):
+    image = make_image(4 * MiB)
+    source = tmp_path / "disk.img"
+    source.write_bytes(bytes(image))
+    assert cli.main(["backup", str(source), "--server", "web1", "--plain"]) == 0
+    out, err = capsys.readouterr()
+    full_id, kind = out.split()
+    assert kind == "full" and full_id in fake.backups
+    assert fake.backups[full_id]["disk"] == "disk.img"  # named after the file by default
+    assert "verified" in err
+
+    changed, _ = scatter_writes(image, 10)
+    source.write_bytes(bytes(changed))
+    assert cli.main(["backup", str(source), "--server", "web1", "--bandwidth-limit", "100M"]) == 0
+    inc_id, kind = capsys.readouterr().out.split()
+    assert kind == "incremental"
+
+    assert cli.main(["list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [b["backup_id"] for b in listed] == [inc_id, full_id]
+    assert cli.main(["list"]) == 0
+    table = capsys.readouterr().out
+    assert "BACKUP ID" in table and inc_id in table and "incremental" in table
+
+    assert cli.main(["restore", inc_id, str(tmp_path / "out.img")]) == 0
+    assert (tmp_path / "out.img").read_bytes() == bytes(changed)
+    assert cli.main(["restore", inc_id, str(tmp_path / "out.img")]) == 2  # exists: needs --force
+    assert "--force" in capsys.readouterr().err
+
+    assert cli.main(["status"]) == 0
+    status = capsys.readouterr().out
+    assert f"web1/disk.img from {source}" in status and inc_id in status
+
+
+def test_backup_errors_exit_with_their_codes(fake, tmp_path, capsys):
+    assert cli.main(["backup", str(tmp_path / "missing.img")]) == 5
+    assert "no such file" in capsys.readouterr().err
+    assert cli.main(["backup", "/dev/null", "--server", "../etc"]) == 2
+    assert "not allowed" in capsys.readouterr().err
+    assert cli.main(["backup", "/dev/null", "--bandwidth-limit", "lots"]) == 2
+
+    source = tmp_path / "disk.img"
+    source.write_bytes(bytes(make_image(2 * MiB)))
+    fake.verify_hook = lambda b: "footer checksum mismatch"
+    assert cli.main(["backup", str(source)]) == 7
+    err = capsys.readouterr().err
+    assert "could not verify" in err and "footer checksum mismatch" in err
+
+    fake.verify_hook = None
+    with StateLock(tmp_path / "state"):
+        assert cli.main(["backup", str(source)]) == 8
+    assert "Another reclo-agent backup is running" in capsys.readouterr().err
+
+
+def test_scheduled_runs_back_up_every_job_and_report_failures(fake, tmp_path, capsys):
+    good = tmp_path / "good.img"
+    good.write_bytes(bytes(make_image(2 * MiB)))
+    unit_dir = tmp_path / "units"
+    assert cli.main(["schedule", "install", "--every", "1h", str(good), str(tmp_path / "gone.img"),
+                     "--unit-dir", str(unit_dir)]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert cli.main(["backup", "--scheduled"]) == 5  # the missing disk fails, the other is backed up
+    out, err = capsys.readouterr()
+    assert out.split()[1] == "full"
+    assert "gone.img" in err and "failed" in err
+
+
+def test_token_near_expiry_is_renewed(fake, cfg_path, tmp_path):
+    cfg = json.loads(cfg_path.read_text())
+    cfg["token_expires"] = "2000-01-01T00:00:00Z"
+    cfg_path.write_text(json.dumps(cfg))
+    assert cli.main(["list"]) == 0
+    assert "renew" in fake.calls
+    assert json.loads(cfg_path.read_text())["token_expires"] > "2001"
+    assert stat.S_IMODE(cfg_path.stat().st_mode) == 0o600
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("login", "backup", "list", "restore", "schedule", "status"):
+        assert command in out

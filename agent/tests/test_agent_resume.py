@@ -1,0 +1,217 @@
+"""Resuming an upload after the agent was killed: only the missing parts are sent.
+
+A kill is simulated by failing the run after some parts (from inside the
+upload threads, as a dying process would stop them); the state folder is
+then exactly what a killed process leaves. The end-to-end test at the
+repository root does the same with a real SIGKILL.
+"""
+
+import json
+
+import pytest
+from agent_helpers import FakePortal, make_image, scatter_writes
+from moto import mock_aws
+from reclo_agent import s3 as s3_module
+from reclo_agent.backup import BackupOptions, BackupRun
+from reclo_agent.blockmap import MapStore
+from reclo_agent.progress import Reporter
+from reclo_agent.restore import restore
+from reclo_agent.state import PartRecord, UploadState
+
+MiB = 1024 * 1024
+PART = 256 * 1024
+QUIET = Reporter(quiet=True)
+
+
+class Killed(Exception):
+    """Stands for SIGKILL: the run stops where it is."""
+
+
+@pytest.fixture
+def portal(monkeypatch):
+    # Small parts keep the test fast; S3 itself needs 5 MiB but moto lets us lower it.
+    monkeypatch.setattr("moto.s3.models.S3_UPLOAD_PART_MIN_SIZE", 1024)
+    with mock_aws():
+        yield FakePortal()
+
+
+def run(portal, state, source, **kw):
+    options = BackupOptions(source, "srv1", "sda", poll_interval=0.01, part_size=PART, **kw)
+    return BackupRun(portal, state, options, QUIET).run()
+
+
+def kill_after_parts(monkeypatch, n: int) -> list[int]:
+    """Make upload_part fail after ``n`` successful calls; returns the part numbers sent."""
+    sent: list[int] = []
+    real_call = s3_module.S3Access.call
+
+    def call(self, operation, **kwargs):
+        if operation == "upload_part":
+            if len(sent) >= n:
+                raise Killed()
+            sent.append(kwargs["PartNumber"])
+        return real_call(self, operation, **kwargs)
+
+    monkeypatch.setattr(s3_module.S3Access, "call", call)
+    return sent
+
+
+def count_parts(monkeypatch) -> list[int]:
+    sent: list[int] = []
+    real_call = s3_module.S3Access.call
+
+    def call(self, operation, **kwargs):
+        if operation == "upload_part":
+            sent.append(kwargs["PartNumber"])
+        return real_call(self, operation, **kwargs)
+
+    monkeypatch.setattr(s3_module.S3Access, "call", call)
+    return sent
+
+
+def journal(state, server="srv1", disk="sda") -> dict[int, PartRecord]:
+    return UploadState.load(state, server, disk).parts
+
+
+def test_a_killed_upload_resumes_and_sends_only_the_missing_parts(portal, tmp_path, monkeypatch):
+    image = make_image(6 * MiB, seed=3)
+    source = tmp_path / "disk.img"
+    source.write_bytes(bytes(image))
+    state = tmp_path / "state"
+
+    sent_before = kill_after_parts(monkeypatch, 4)
+    with pytest.raises(Killed):
+        run(portal, state, str(source), max_in_flight=1)
+    assert sent_before == [1, 2, 3, 4]
+    done = journal(state)
+    assert sorted(done) == [1, 2, 3, 4]
+    record = json.loads((state / "uploads" / "srv1" / "sda.json").read_text())
+    assert record["phase"] == "uploading" and record["multipart_id"]
+    assert "SecretAccessKey" not in json.dumps(record)  # credentials are never stored
+    monkeypatch.undo()
+    monkeypatch.setattr("moto.s3.models.S3_UPLOAD_PART_MIN_SIZE", 1024)
+
+    sent_after = count_parts(monkeypatch)
+    result = run(portal, state, str(source))
+    assert result.status == "verified" and result.resumed
+    assert result.skipped_parts == 4
+    assert set(sent_after).isdisjoint({1, 2, 3, 4})
+    assert result.sent_parts == len(sent_after) and len(sent_after) > 0
+    # Same upload, not a new one.
+    assert result.backup_id == portal.uploads[record["upload_id"]]
+    assert len(portal.backups) == 1
+    restore(portal, result.backup_id, str(tmp_path / "out.img"), QUIET)
+    assert (tmp_path / "out.img").read_bytes() == bytes(image)
+
+
+def test_a_part_sent_but_never_journaled_is_recognised_by_its_etag(portal, tmp_path, monkeypatch):
+    source = tmp_path / "disk.img"
+    source.write_bytes(bytes(make_image(4 * MiB, seed=4)))
+    state = tmp_path / "state"
+    real_record = UploadState.record_part
+
+    def record(self, rec):
+        if rec.number == 3:  # killed between S3's answer and the journal write
+            raise Killed()
+        real_record(self, rec)
+
+    monkeypatch.setattr(UploadState, "record_part", record)
+    with pytest.raises(Killed):
+        run(portal, state, str(source), max_in_flight=1)
+    assert sorted(journal(state)) == [1, 2]
+    monkeypatch.setattr(UploadState, "record_part", real_record)
+
+    sent_after = count_parts(monkeypatch)
+    result = run(portal, state, str(source))
+    assert result.status == "verified"
+    assert result.skipped_parts == 3
+    assert set(sent_after).isdisjoint({1, 2, 3})
+
+
+def test_a_disk_that_changed_before_the_rerun_still_gives_a_correct_backup(portal, tmp_path, monkeypatch):
+    image = make_image(6 * MiB, seed=8)
+    source = tmp_path / "disk.img"
+    source.write_bytes(bytes(image))
+    state = tmp_path / "state"
+    kill_after_parts(monkeypatch, 3)
+    with pytest.raises(Killed):
+        run(portal, state, str(source), max_in_flight=1)
+    monkeypatch.undo()
+    monkeypatch.setattr("moto.s3.models.S3_UPLOAD_PART_MIN_SIZE", 1024)
+
+    changed, _ = scatter_writes(image, 10, seed=9)
+    changed[100] ^= 0xFF  # inside part 1 for sure
+    source.write_bytes(bytes(changed))
+    sent_after = count_parts(monkeypatch)
+    result = run(portal, state, str(source))
+    assert result.status == "verified"
+    assert 1 in sent_after  # its bytes changed, so it went again
+    restore(portal, result.backup_id, str(tmp_path / "out.img"), QUIET)
+    assert (tmp_path / "out.img").read_bytes() == bytes(changed)
+
+
+def test_a_run_killed_while_waiting_for_the_verdict_finishes_without_uploading(portal, tmp_path, monkeypatch):
+    source = tmp_path / "disk.img"
+    source.write_bytes(bytes(make_image(4 * MiB)))
+    state = tmp_path / "state"
+    real_get = portal.get_backup
+    real_complete = portal.complete_upload
+
+    def complete_but_verifying(upload_id, **kw):
+        backup = real_complete(upload_id, **kw)
+        portal.backups[backup["backup_id"]]["status"] = "verifying"  # the worker has not decided yet
+        return {**backup, "status": "verifying"}
+
+    def killed(backup_id):
+        raise Killed()
+
+    portal.complete_upload = complete_but_verifying
+    portal.get_backup = killed
+    with pytest.raises(Killed):
+        run(portal, state, str(source))
+    record = UploadState.load(state, "srv1", "sda")
+    assert record["phase"] == "completed"
+    assert MapStore(state).load("srv1", "sda")[0] is None  # not committed before the verdict
+
+    portal.get_backup = real_get
+    portal.backups[record["backup_id"]]["status"] = "verified"
+    sent_after = count_parts(monkeypatch)
+    result = run(portal, state, str(source))
+    assert result.backup_id == record["backup_id"] and result.status == "verified"
+    assert sent_after == []
+    assert MapStore(state).load("srv1", "sda")[0].backup_id == result.backup_id
+
+
+def test_an_expired_upload_starts_over(portal, tmp_path, monkeypatch):
+    source = tmp_path / "disk.img"
+    source.write_bytes(bytes(make_image(4 * MiB)))
+    state = tmp_path / "state"
+    kill_after_parts(monkeypatch, 2)
+    with pytest.raises(Killed):
+        run(portal, state, str(source), max_in_flight=1)
+    monkeypatch.undo()
+    monkeypatch.setattr("moto.s3.models.S3_UPLOAD_PART_MIN_SIZE", 1024)
+    old_upload = UploadState.load(state, "srv1", "sda")["upload_id"]
+    portal.backups[portal.uploads[old_upload]]["status"] = "failed"  # the clean-up job dropped it
+
+    result = run(portal, state, str(source))
+    assert result.status == "verified"
+    assert result.backup_id != portal.uploads[old_upload]
+    assert result.skipped_parts == 0
+
+
+def test_full_requested_abandons_an_unfinished_incremental(portal, tmp_path, monkeypatch):
+    image = make_image(4 * MiB)
+    source = tmp_path / "disk.img"
+    source.write_bytes(bytes(image))
+    state = tmp_path / "state"
+    run(portal, state, str(source))
+    source.write_bytes(bytes(scatter_writes(image, 200)[0]))
+    kill_after_parts(monkeypatch, 1)
+    with pytest.raises(Killed):
+        run(portal, state, str(source), max_in_flight=1)
+    monkeypatch.undo()
+    monkeypatch.setattr("moto.s3.models.S3_UPLOAD_PART_MIN_SIZE", 1024)
+    assert UploadState.load(state, "srv1", "sda")["kind"] == "incremental"
+    result = run(portal, state, str(source), full=True)
+    assert result.kind == "full" and result.skipped_parts == 0
