@@ -28,6 +28,29 @@ def _missing(reason: str) -> None:
     pytest.skip(reason)
 
 
+def assert_same(got, expected) -> None:
+    """Fail, saying where, unless two (disk-sized) byte strings are equal.
+
+    Used instead of ``assert got == expected``: pytest's own diff of
+    megabytes takes minutes, and with CI=true it does not even truncate it,
+    so a failing comparison would look like a hang.
+    """
+    if got == expected:
+        return
+    common = min(len(got), len(expected))
+    lines = [f"{len(got)} bytes differ from the expected {len(expected)} bytes"]
+    bad = [s for s in range(0, common, SECTOR) if got[s : s + SECTOR] != expected[s : s + SECTOR]]
+    if bad:
+        first = next(i for i in range(bad[0], bad[0] + SECTOR) if got[i] != expected[i])
+        lines.append(
+            f"{len(bad)} of {-(-common // SECTOR)} sectors differ; the first at byte {first} "
+            f"(sector {first // SECTOR}, 2 MiB block {first // DEFAULT_BLOCK_SIZE}): "
+            f"{bytes(got[first : first + 16]).hex()} != {bytes(expected[first : first + 16]).hex()}"
+        )
+        lines.append(f"differing sectors (first 20): {[s // SECTOR for s in bad[:20]]}")
+    pytest.fail("\n".join(lines), pytrace=False)
+
+
 @pytest.fixture
 def require_tool():
     """``require_tool("qemu-img")`` -> the tool's path, or skip/fail."""
@@ -125,8 +148,9 @@ def tmp_files(tmp_path):
 
 @pytest.fixture(scope="session")
 def kit():
-    """Helpers: make_disk, change_pages, changed_runs, dynamic_vhd, differencing_vhd."""
+    """Helpers: make_disk, change_pages, changed_runs, dynamic_vhd, differencing_vhd, same."""
     return SimpleNamespace(
+        same=assert_same,
         make_disk=make_disk,
         change_pages=change_pages,
         changed_runs=changed_runs,

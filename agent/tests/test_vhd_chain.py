@@ -39,12 +39,12 @@ def test_chain_reads_the_top_disk(kit, depth):
     chain = build_chain(kit, depth)
     reader = open_chain([io.BytesIO(vhd) for vhd, _ in chain])
     top = chain[-1][1]
-    assert reader.read(0, SIZE) == top
-    assert reader.read(MIB - 700, 5000) == top[MIB - 700 : MIB + 4300]
+    kit.same(reader.read(0, SIZE), top)
+    kit.same(reader.read(MIB - 700, 5000), top[MIB - 700 : MIB + 4300])
     blocks = dict(reader.iter_blocks())
     for index in range(reader.block_count):
         expected = top[index * 2 * MIB : (index + 1) * 2 * MIB]
-        assert blocks.get(index, bytes(len(expected))) == expected
+        kit.same(blocks.get(index, bytes(len(expected))), expected)
 
 
 def test_differencing_header_names_its_parent(kit):
@@ -69,7 +69,7 @@ def test_differencing_zero_fills_absent_sectors_and_clears_their_bits(kit):
     reader = VHDReader(io.BytesIO(out.getvalue()))
     assert reader.read_bitmap(0)[:13] == b"\x00\xff" + bytes(10) + b"\x08"
     data = reader.read_block_data(0)
-    assert data[8 * 512 : 16 * 512] == b"\xee" * 4096
+    kit.same(data[8 * 512 : 16 * 512], b"\xee" * 4096)
     assert data[100 * 512 : 101 * 512] == b"\xee" * 512
     assert data.count(0xEE) == 9 * 512  # everything else zero-filled
 
@@ -91,7 +91,7 @@ def test_sub_byte_bitmaps_resolve_per_sector(kit):
         for index in sorted(runs):
             data = bytes(new[index * 2 * MIB : (index + 1) * 2 * MIB])
             writer.write_block(index, data, make_bitmap(runs[index], 512))
-    assert open_chain([io.BytesIO(vhd), io.BytesIO(out.getvalue())]).read(0, len(new)) == new
+    kit.same(open_chain([io.BytesIO(vhd), io.BytesIO(out.getvalue())]).read(0, len(new)), new)
 
 
 def test_allocated_block_with_no_sectors_reads_from_the_parent(kit):
@@ -100,7 +100,7 @@ def test_allocated_block_with_no_sectors_reads_from_the_parent(kit):
     out = io.BytesIO()
     with VHDWriter(out, 2 * MIB, [0], parent=VHDReader(io.BytesIO(vhd)).info.as_parent("b.vhd")) as w:
         w.write_block(0, bytes(2 * MIB), bytes(512))
-    assert open_chain([io.BytesIO(vhd), io.BytesIO(out.getvalue())]).read(0, 2 * MIB) == base
+    kit.same(open_chain([io.BytesIO(vhd), io.BytesIO(out.getvalue())]).read(0, 2 * MIB), base)
 
 
 def _pyvhdi_chain(pyvhdi, paths):
@@ -124,7 +124,7 @@ def test_libvhdi_reads_our_chains(kit, depth, tmp_files, pyvhdi):
     assert top.get_media_size() == SIZE
     assert top.get_parent_identifier() == str(VHDReader(io.BytesIO(chain[-2][0])).info.unique_id)
     assert top.get_parent_filename() == f"restore-{depth - 2}.vhd"
-    assert top.read_buffer_at_offset(SIZE, 0) == chain[-1][1]
+    kit.same(top.read_buffer_at_offset(SIZE, 0), chain[-1][1])
     for f in files:
         f.close()
 
@@ -143,9 +143,9 @@ def test_libvhdi_sub_byte_bitmaps(kit, tmp_files, pyvhdi):
     out = io.BytesIO()
     with VHDWriter(out, 2 * MIB, [0], parent=VHDReader(io.BytesIO(vhd)).info.as_parent("b.vhd")) as w:
         w.write_block(0, bytes(new), make_bitmap([(3, 2)], 512))
-    assert open_chain([io.BytesIO(vhd), io.BytesIO(out.getvalue())]).read(0, 2 * MIB) == new  # ours: right
+    kit.same(open_chain([io.BytesIO(vhd), io.BytesIO(out.getvalue())]).read(0, 2 * MIB), new)  # ours: right
     files = _pyvhdi_chain(pyvhdi, [tmp_files("b.vhd", vhd), tmp_files("i.vhd", out.getvalue())])
-    assert files[-1].read_buffer_at_offset(2 * MIB, 0) == new
+    kit.same(files[-1].read_buffer_at_offset(2 * MIB, 0), new)
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
@@ -158,7 +158,7 @@ def test_merge_equals_the_top_of_the_chain(kit, depth):
     assert merged == info
     # Keeps the top's id, so the next incremental still chains onto it.
     assert merged.unique_id == reader.top.info.unique_id
-    assert VHDReader(io.BytesIO(out.getvalue())).read(0, SIZE) == chain[-1][1]
+    kit.same(VHDReader(io.BytesIO(out.getvalue())).read(0, SIZE), chain[-1][1])
 
 
 def test_merged_base_takes_the_next_incremental(kit):
@@ -167,7 +167,7 @@ def test_merged_base_takes_the_next_incremental(kit):
     out = io.BytesIO()
     merge_chain(open_chain([io.BytesIO(chain[0][0]), io.BytesIO(chain[1][0])]), out)
     reader = open_chain([io.BytesIO(out.getvalue()), io.BytesIO(chain[2][0])])
-    assert reader.read(0, SIZE) == chain[2][1]
+    kit.same(reader.read(0, SIZE), chain[2][1])
 
 
 def test_merge_into_a_qemu_readable_vhd(kit, tmp_files, require_tool):

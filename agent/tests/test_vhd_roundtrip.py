@@ -53,7 +53,7 @@ def test_dynamic_round_trip(name, kit):
     assert info.file_size == len(out.buf)
     reader = VHDReader(io.BytesIO(bytes(out.buf)))
     assert reader.info == info
-    assert reader.read(0, len(disk)) == disk
+    kit.same(reader.read(0, len(disk)), disk)
     # Reads across block boundaries, and past the end (cut short).
     assert reader.read(2 * MIB - 100, 300) == disk[2 * MIB - 100 : 2 * MIB + 200]
     assert reader.read(len(disk) - 10, 100) == disk[-10:]
@@ -67,7 +67,7 @@ def test_fixed_round_trip(name, kit):
     assert len(out.buf) == len(disk) + FOOTER_SIZE == info.file_size
     reader = VHDReader(io.BytesIO(bytes(out.buf)))
     assert reader.info == info
-    assert reader.read(0, len(disk)) == disk
+    kit.same(reader.read(0, len(disk)), disk)
 
 
 def test_all_zero_blocks_are_left_unallocated(kit):
@@ -78,7 +78,7 @@ def test_all_zero_blocks_are_left_unallocated(kit):
     assert [reader.is_allocated(i) for i in range(3)] == [False, True, False]
     assert reader.info.allocated_blocks == 1
     assert len(vhd) == 512 + 1024 + 512 + (512 + 2 * MIB) + 512
-    assert reader.read(0, len(disk)) == disk
+    kit.same(reader.read(0, len(disk)), disk)
 
 
 def test_empty_disk_has_no_blocks(kit):
@@ -86,7 +86,7 @@ def test_empty_disk_has_no_blocks(kit):
     reader = VHDReader(io.BytesIO(vhd))
     assert reader.info.allocated_blocks == 0
     assert reader._bat.tolist() == [UNALLOCATED] * 3
-    assert reader.read(0, 5 * MIB) == bytes(5 * MIB)
+    kit.same(reader.read(0, 5 * MIB), bytes(5 * MIB))
     assert list(open_chain([io.BytesIO(vhd)]).iter_blocks()) == []
 
 
@@ -97,11 +97,11 @@ def test_last_partial_block_is_padded_and_its_tail_not_marked(kit):
     reader = VHDReader(io.BytesIO(kit.dynamic_vhd(disk)))
     bm = reader.read_bitmap(1)
     assert bm[0] == 0b11100000 and not any(bm[1:])
-    assert reader.read_block_data(1)[: 3 * 512] == disk[2 * MIB :]
-    assert reader.read_block_data(1)[3 * 512 :] == bytes(2 * MIB - 3 * 512)
+    kit.same(reader.read_block_data(1)[: 3 * 512], disk[2 * MIB :])
+    kit.same(reader.read_block_data(1)[3 * 512 :], bytes(2 * MIB - 3 * 512))
 
 
-def test_writer_streams_blocks_given_by_the_caller():
+def test_writer_streams_blocks_given_by_the_caller(kit):
     """The agent's path: allocated blocks known up front, then pushed in order."""
     size = 5 * MIB
     blocks = {0: b"a" * (2 * MIB), 2: b"c" * MIB}
@@ -110,7 +110,7 @@ def test_writer_streams_blocks_given_by_the_caller():
         for index, data in sorted(blocks.items()):
             writer.write_block(index, data)
     reader = VHDReader(io.BytesIO(bytes(out.buf)))
-    assert reader.read(0, size) == b"a" * (2 * MIB) + bytes(2 * MIB) + b"c" * MIB
+    kit.same(reader.read(0, size), b"a" * (2 * MIB) + bytes(2 * MIB) + b"c" * MIB)
 
 
 def test_writer_rejects_misuse():
@@ -176,4 +176,4 @@ def test_we_read_what_qemu_img_writes(kit, tmp_files, tmp_path, require_tool):
         with open(vhd_path, "rb") as f:
             reader = VHDReader(f)
             assert reader.info.disk_type == subformat
-            assert reader.read(0, len(disk)) == disk
+            kit.same(reader.read(0, len(disk)), disk)

@@ -17,6 +17,29 @@ make differencing VHDs from a sector mask). Modules:
 - :mod:`.validate` -- checking an untrusted upload;
 - :mod:`.merge` -- collapsing a chain into one dynamic VHD;
 - :mod:`.seekzstd` -- the seekable zstd storage format.
+
+Typical uses::
+
+    # Agent, full backup of a raw image, compressed while it uploads:
+    with SeekableZstdWriter(upload) as stored:
+        info = write_dynamic_from_raw(disk, stored)
+    file_size, sha256 = stored.compressed_size, stored.sha256()
+
+    # Agent, incremental: blocks with changed pages, a sector bitmap each.
+    with SeekableZstdWriter(upload) as stored:
+        writer = VHDWriter(stored, size, changed, parent=parent_info.as_parent(name))
+        for index in sorted(changed):
+            writer.write_block(index, block_bytes(index), make_bitmap(runs[index], 512))
+        info = writer.close()
+
+    # Portal verifier (file object over the stored object):
+    info = validate_stored(obj, expected_kind="incremental",
+                           parent_unique_id=parent_id, virtual_size=size)
+
+    # Restore / consolidation: read or merge a chain of stored objects.
+    chain = open_chain([open_seekable(obj) for obj in objects])
+    for index, data in chain.iter_blocks(): ...
+    merge_chain(chain, out)
 """
 
 from .bitmap import make_bitmap, set_runs

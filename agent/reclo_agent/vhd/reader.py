@@ -59,9 +59,10 @@ def read_at(f: BinaryIO, offset: int, n: int, what: str) -> bytes:
 class VHDReader:
     """One VHD file, structure checked on opening.
 
-    ``read()`` and ``read_block()`` give this layer alone (for a differencing
-    VHD, sectors it does not hold read as zeros); use :class:`ChainReader`
-    for the disk a chain describes.
+    ``read()`` gives this layer alone (for a differencing VHD, sectors it
+    does not hold read as zeros); use :class:`ChainReader` for the disk a
+    chain describes. ``read_bitmap()`` and ``read_block_data()`` give a
+    block's raw parts.
     """
 
     def __init__(self, f: BinaryIO) -> None:
