@@ -72,10 +72,12 @@ class Backup(models.Model):
 
     class Meta:
         ordering = ["-date_created"]
+        # The lists order by (-date_created, -id); with the id in the index
+        # a page is an index walk with no sort, whatever the planner knows.
         indexes = [
-            models.Index(fields=["user", "-date_created"]),
+            models.Index(fields=["user", "-date_created", "-id"], name="backups_user_newest_idx"),
             models.Index(fields=["server", "disk", "status"]),
-            models.Index(fields=["server", "-date_created"]),
+            models.Index(fields=["server", "-date_created", "-id"], name="backups_server_newest_idx"),
         ]
 
     def __str__(self):
