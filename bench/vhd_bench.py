@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from reclo_agent.vhd import (
@@ -132,18 +133,15 @@ def main() -> int:
             print(f"{'':<52} {inc.name}: {inc.stat().st_size / MIB:.0f} MiB, stored {packed / MIB:.1f} MiB")
 
         def merge():
-            files = [open(p, "rb") for p in (base, inc1, inc2)]
-            try:
+            with ExitStack() as stack:
+                files = [stack.enter_context(open(p, "rb")) for p in (base, inc1, inc2)]
                 with open(work / "merged.vhd", "wb") as out:
                     merge_chain(open_chain(files), out)
-            finally:
-                for f in files:
-                    f.close()
 
         timed("reclo_agent: merge base + 2 incrementals", size, merge)
         if qemu_img:
             same = subprocess.run([qemu_img, "compare", "-f", "vpc", str(work / "merged.vhd"), "-F", "raw",
-                                   str(raw)], capture_output=True, text=True)
+                                   str(raw)], check=False, capture_output=True, text=True)
             print(f"\nqemu-img compare merged.vhd disk.raw: {same.stdout.strip() or same.stderr.strip()}")
             if same.returncode:
                 return 1

@@ -47,6 +47,8 @@ PLATFORM_W2KU = b"W2ku"
 PLATFORM_W2RU = b"W2ru"
 PLATFORM_NONE = b"\0\0\0\0"
 
+NIL_UUID = uuid.UUID(int=0)  # the parent id of a disk without a parent
+
 # Timestamps count seconds since 2000-01-01 00:00:00 UTC.
 VHD_EPOCH = 946684800
 
@@ -207,7 +209,7 @@ class DynamicHeader:
     table_offset: int
     max_table_entries: int
     block_size: int
-    parent_unique_id: uuid.UUID = uuid.UUID(int=0)
+    parent_unique_id: uuid.UUID = NIL_UUID
     parent_timestamp: int = 0
     parent_name: str = ""
     locators: tuple[ParentLocator, ...] = field(default_factory=tuple)

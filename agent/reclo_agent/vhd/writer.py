@@ -26,7 +26,7 @@ import sys
 import uuid
 from array import array
 from collections.abc import Iterable
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
 from . import bitmap
 from .format import (
@@ -36,6 +36,7 @@ from .format import (
     MAX_BLOCK_SIZE,
     MAX_VIRTUAL_SIZE,
     MIN_BLOCK_SIZE,
+    NIL_UUID,
     NO_OFFSET,
     PLATFORM_W2KU,
     PLATFORM_W2RU,
@@ -136,7 +137,7 @@ class VHDWriter:
             table_offset=table_offset,
             max_table_entries=self.block_count,
             block_size=block_size,
-            parent_unique_id=parent.unique_id if parent else uuid.UUID(int=0),
+            parent_unique_id=parent.unique_id if parent else NIL_UUID,
             parent_timestamp=parent.timestamp if parent else 0,
             parent_name=parent.file_name if parent else "",
             locators=locators,
@@ -248,7 +249,7 @@ class VHDWriter:
             parent_name=parent.file_name if parent else None,
         )
 
-    def __enter__(self) -> VHDWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
