@@ -5,6 +5,7 @@ from datetime import timedelta
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 
 from backups.models import Backup
@@ -103,11 +104,17 @@ class TestServerPage:
         assert "footer checksum mismatch" in html
         assert f'href="/backups/{first[0].pk}/delete/"' in html
 
-    def test_it_offers_failover_even_before_recovery_is_wired(self, owner, user):
+    def test_it_offers_failover_through_the_recovery_app(self, owner, user):
         server = ServerFactory(user=user)
         hourly(server, last_ago=timedelta(minutes=5))
         html = owner.get(f"/servers/{server.pk}/").content.decode()
         assert 'data-testid="failover"' in html and "Fail over" in html
+        try:
+            url = reverse("recovery:failover-start", args=[server.pk])
+        except NoReverseMatch:  # the recovery app has not wired it (yet): the page still renders
+            assert "disabled" in html
+        else:
+            assert f'href="{url}"' in html
 
     def test_an_outsider_gets_404(self, outsider, user):
         server = ServerFactory(user=user)
