@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.core.mail import send_mail
 from django.db import transaction
+from django.db.models import F
 from django.urls import reverse
 from django.utils import timezone
 from reclo_agent import vhd
@@ -144,7 +145,8 @@ def backups_scrub_pick(*, sample: int | None = None) -> list:
     sample = settings.RECLO_SCRUB_SAMPLE if sample is None else sample
     return list(
         Backup.objects.filter(status=Backup.Status.VERIFIED)
-        .order_by("scrubbed_at", "verified_at")
+        # Never checked first (PostgreSQL would put NULLs last by default).
+        .order_by(F("scrubbed_at").asc(nulls_first=True), "verified_at")
         .values_list("pk", flat=True)[:sample]
     )
 
