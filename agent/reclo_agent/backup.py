@@ -270,6 +270,7 @@ class BackupRun:
         pending = self.maps.pending_path(opt.server, opt.disk, "next")
         old_map = self.maps.digests_path(decision.parent) if decision.parent else None
         t0 = time.monotonic()
+        log.debug("scanning %s (%d bytes)", src.path, src.size)
         with self.reporter.task("scanning", src.size) as task:
             plan = scan(src, pending, page_size=opt.page_size, old_map=old_map, progress=task.advance)
         timings["scan"] = time.monotonic() - t0
@@ -317,8 +318,10 @@ class BackupRun:
                 plan.close()
             task.set_note(f"sent {human_bytes(uploader.sent_bytes)}")
         timings["upload"] = time.monotonic() - t0
+        t0 = time.monotonic()
         s3.call("complete_multipart_upload", Key=state["key"], UploadId=state["multipart_id"],
                 MultipartUpload={"Parts": parts})  # fmt: skip
+        timings["complete"] = time.monotonic() - t0
         state.save(phase="uploaded", file_size=stored[0], sha256=stored[1], pending_map=str(plan.pending_map),
                    changed_bytes=plan.changed_bytes)  # fmt: skip
         log.info(
@@ -329,7 +332,9 @@ class BackupRun:
             "changes" if plan.kind == "incremental" else "data",
             human_bytes(plan.changed_bytes),
         )
+        t0 = time.monotonic()
         result = self._finish(state, resumed=resumed)
+        timings["verify"] = time.monotonic() - t0
         result.sent_bytes, result.sent_parts, result.skipped_parts = (
             uploader.sent_bytes,
             uploader.sent_parts,

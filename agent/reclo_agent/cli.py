@@ -16,6 +16,7 @@ never printed or logged: it lives only in the config file (mode 0600).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import json
 import logging
@@ -55,7 +56,9 @@ RENEW_WITHIN = timedelta(days=14)
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("reclo-agent: %(message)s"))
+    # Timestamps with -v: they show where a slow run spends its time.
+    fmt = "%(asctime)s reclo-agent: %(message)s" if verbose else "reclo-agent: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
@@ -160,14 +163,17 @@ def _backup_options(args, cfg: config.Config, source: str, server: str | None, d
     )
 
 
-def _report_backup(result) -> None:
+def _report_backup(result, as_json: bool = False) -> None:
     detail = f"{human_bytes(result.file_size or 0)} stored"
     if result.kind == "incremental":
         detail += f" for {human_bytes(result.changed_bytes)} of changed pages"
     if result.skipped_parts:
         detail += f"; resumed, {result.skipped_parts} parts were already uploaded"
     log.info("backup %s (%s) verified: %s", result.backup_id, result.kind, detail)
-    print(f"{result.backup_id} {result.kind}", flush=True)
+    if as_json:
+        print(json.dumps(dataclasses.asdict(result)), flush=True)
+    else:
+        print(f"{result.backup_id} {result.kind}", flush=True)
 
 
 def cmd_backup(args) -> int:
@@ -179,7 +185,7 @@ def cmd_backup(args) -> int:
     if not args.source:
         raise UsageError("Give the SOURCE to back up: a block device (/dev/sda) or a raw disk image file.")
     options = _backup_options(args, cfg, args.source, args.server, args.disk)
-    _report_backup(BackupRun(client, cfg.state, options, reporter).run())
+    _report_backup(BackupRun(client, cfg.state, options, reporter).run(), args.json)
     return EXIT_OK
 
 
@@ -191,7 +197,7 @@ def _scheduled(args, cfg, client, reporter) -> int:
     for job in jobs:
         try:
             options = _backup_options(args, cfg, job.source, job.server, job.disk)
-            _report_backup(BackupRun(client, cfg.state, options, reporter).run())
+            _report_backup(BackupRun(client, cfg.state, options, reporter).run(), args.json)
         except AgentError as exc:
             log.error("backup of %s (%s/%s) failed: %s", job.source, job.server, job.disk, exc)
             worst = worst or exc.exit_code
@@ -237,6 +243,9 @@ def cmd_restore(args) -> int:
     client = _client(_load_config(args))
     reporter = Reporter(plain=args.plain or None, quiet=args.quiet)
     result = restore(client, args.backup_id, args.target, reporter, force=args.force)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result)))
+        return EXIT_OK
     size = human_bytes(result.virtual_size)
     print(f"Restored {result.backup_id} ({size}, {result.layers} objects) to {args.target}.")
     return EXIT_OK
@@ -366,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=_page_size, default=4096, metavar="SIZE",
                    help="change-tracking page: 4K (default) to 64K; changing it forces a full backup")  # fmt: skip
     p.add_argument("--scheduled", action="store_true", help="back up the disks `schedule install` set up")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (sizes, parts, timings)")
     p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("list", parents=[common], help="list the backups in the portal")
@@ -377,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("backup_id", metavar="BACKUP_ID")
     p.add_argument("target", metavar="TARGET", help="block device or image file to write")
     p.add_argument("--force", action="store_true", help="overwrite an existing file or a block device")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (sizes, timings)")
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("schedule", parents=[common], help="install or remove recurring backups")

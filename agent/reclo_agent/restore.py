@@ -43,8 +43,23 @@ MiB = 1024 * 1024
 WRITE_QUEUE = 8  # blocks waiting for the writer thread
 DOWNLOAD_THREADS = 8
 # Read-ahead memory shared by the chain's objects.
-READ_AHEAD_BUDGET = 64 * MiB
-CHUNK_SIZE = 4 * MiB
+READ_AHEAD_BUDGET = 256 * MiB
+
+
+def stream_plan(size: int, layers: int) -> tuple[int, int]:
+    """``(chunk size, chunks ahead)`` of one object's ranged GETs.
+
+    Large ranges (a sixteenth of the object, 8-32 MiB, as S3's guidance for
+    byte-range fetches suggests) mean few requests: each has a fixed cost,
+    and some S3-compatible stores (moto among them) read the whole object
+    to answer any range. The read-ahead memory of all layers together stays
+    within READ_AHEAD_BUDGET however long the chain.
+    """
+    per_layer = READ_AHEAD_BUDGET // max(1, layers)
+    chunk = min(32 * MiB, max(8 * MiB, size // 16))
+    chunk = max(MiB, min(chunk, per_layer // 3)) // MiB * MiB
+    ahead = max(1, min(6, per_layer // chunk - 1))
+    return chunk, ahead
 
 
 @dataclass
@@ -177,7 +192,6 @@ def restore(
     # Fresh read credentials for a long restore come from asking again.
     s3 = S3Access(grant, refresh=lambda: api.download(backup_id)["credentials"],
                   max_connections=DOWNLOAD_THREADS + 2)  # fmt: skip
-    ahead = max(2, min(8, READ_AHEAD_BUDGET // (CHUNK_SIZE * len(chain))))
     total_stored = sum(int(item.get("file_size") or 0) for item in chain)
     log.info(
         "restoring backup %s: a chain of %d (%s stored) to %s", backup_id, len(chain), human_bytes(total_stored),
@@ -200,7 +214,8 @@ def restore(
                 size = item.get("file_size")
                 if size is None:
                     size = s3.call("head_object", Key=item["key"])["ContentLength"]
-                streams.append(ObjectStream(s3, item["key"], int(size), pool, chunk_size=CHUNK_SIZE, ahead=ahead,
+                chunk, ahead = stream_plan(int(size), len(chain))
+                streams.append(ObjectStream(s3, item["key"], int(size), pool, chunk_size=chunk, ahead=ahead,
                                             on_bytes=count))  # fmt: skip
             try:
                 reader = ChainReader([VHDReader(open_seekable(stream)) for stream in streams])

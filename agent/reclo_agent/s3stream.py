@@ -27,7 +27,7 @@ import io
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 from .errors import Unreachable
 from .s3 import S3Access
@@ -58,6 +58,10 @@ class ObjectStream(io.RawIOBase):
         self._on_bytes = on_bytes
         self._pos = 0
         self._hash = hashlib.sha256()
+        # Hashing runs on its own thread (hashlib releases the GIL), in
+        # order, beside the decompression in the main thread.
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="reclo-sha256")
+        self._hashed: Future | None = None
         self._lock = threading.Lock()
         self.requests = 0
         self.direct_reads = 0
@@ -98,7 +102,7 @@ class ObjectStream(io.RawIOBase):
     def _advance_to(self, index: int) -> None:
         while self._cur_index < index:
             data = self._futures.popleft().result()
-            self._hash.update(data)
+            self._hashed = self._hasher.submit(self._hash.update, data)
             self._cur_index += 1
             self._cur = data
             self._fill()
@@ -149,6 +153,8 @@ class ObjectStream(io.RawIOBase):
     def sha256_hexdigest(self) -> str:
         """The object's SHA-256 (fetching whatever the restore did not need)."""
         self._advance_to(self._chunks - 1)
+        if self._hashed is not None:
+            self._hashed.result()
         digest = self._hash.copy()
         digest.update(self._tail)
         return digest.hexdigest()
@@ -157,3 +163,4 @@ class ObjectStream(io.RawIOBase):
         for future in self._futures:
             future.cancel()
         self._futures.clear()
+        self._hasher.shutdown(wait=True)
