@@ -58,41 +58,26 @@ def aws():
         yield
 
 
-PASSWORD = "correct horse battery staple"
-
-
 @pytest.fixture
 def password():
-    return PASSWORD
-
-
-def make_user(username: str, email: str):
-    from accounts.models import User
-
-    return User.objects.create_user(username=username, email=email, password=PASSWORD)
+    return testing.PASSWORD
 
 
 @pytest.fixture
 def user(db):
     """The owner: the tenant whose data a test works on."""
-    return make_user("alice.owner", "alice@example.com")
+    return testing.make_user("alice.owner", "alice@example.com")
 
 
 @pytest.fixture
 def other_user(db):
     """An outsider: another tenant, who must see none of the owner's data."""
-    return make_user("bob.outsider", "bob@example.com")
-
-
-def token_for(user) -> str:
-    from accounts.services import token_create
-
-    return token_create(user=user, name="test agent")[1]
+    return testing.make_user("bob.outsider", "bob@example.com")
 
 
 @pytest.fixture
 def token(user):
-    return token_for(user)
+    return testing.token_for(user)
 
 
 @pytest.fixture
@@ -107,7 +92,7 @@ def api(token):
 def other_api(other_user):
     """An API client authenticated as the outsider."""
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {token_for(other_user)}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {testing.token_for(other_user)}")
     return client
 
 

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+PASSWORD = "correct horse battery staple"  # noqa: S105 - the test users' password
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
@@ -115,3 +116,17 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.2, what: st
             return result
         time.sleep(interval)
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def make_user(username: str, email: str):
+    """A user with the test password."""
+    from accounts.models import User
+
+    return User.objects.create_user(username=username, email=email, password=PASSWORD)
+
+
+def token_for(user) -> str:
+    """A fresh API token for `user`."""
+    from accounts.services import token_create
+
+    return token_create(user=user, name="test agent")[1]

@@ -174,7 +174,7 @@ class TestLogoutAndRenew:
         assert ApiToken.objects.get(key_hash=hash_token(token)).revoked_at is not None
 
     def test_logout_keeps_the_users_other_tokens(self, api, user):
-        from conftest import token_for
+        from reclo_site.testing import token_for
 
         other_key = token_for(user)
         api.post("/api/v1/logout")

@@ -177,7 +177,7 @@ class TestAddServer:
         assert "reclo-agent restore BACKUP_ID" in html and "reclo-agent list" in html
 
     def test_an_odd_email_is_quoted_for_the_shell(self, client, settings):
-        from conftest import make_user
+        from reclo_site.testing import make_user
 
         odd = make_user("odd.person", "o'brien+x@example.com")
         client.force_login(odd)
