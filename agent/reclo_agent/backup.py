@@ -376,6 +376,12 @@ class BackupRun:
                 backup = self.api.complete_upload(state["upload_id"], file_size=state["file_size"],
                                                   sha256=state["sha256"])  # fmt: skip
             except PortalError as exc:
+                if exc.code == 313:
+                    self._drop(state)
+                    raise VerificationFailed(
+                        f"The portal refused backup upload {state['upload_id']}: {exc}. The compressed disk is "
+                        f"larger than this account may store; ask the provider to raise the limit."
+                    ) from exc
                 if exc.code in (305, 306, 307):
                     self._drop(state)
                     raise VerificationFailed(

@@ -54,8 +54,21 @@ RENEW_WITHIN = timedelta(days=14)
 # --- plumbing -------------------------------------------------------------------------
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time: while a rich progress
+    bar is live it is rich's proxy, which prints log lines above the bar."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging(verbose: bool, quiet: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     # Timestamps with -v: they show where a slow run spends its time.
     fmt = "%(asctime)s reclo-agent: %(message)s" if verbose else "reclo-agent: %(message)s"
     handler.setFormatter(logging.Formatter(fmt))
