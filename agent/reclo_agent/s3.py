@@ -83,7 +83,10 @@ class S3Access:
         self._refresh = refresh
         self._clock = clock
         self._lock = threading.Lock()
-        s3_options = {}
+        # Each part carries its SHA-256 in x-amz-checksum-sha256, which S3
+        # checks; signing the payload too would make botocore read (and
+        # throttle) every part twice on plain-HTTP endpoints.
+        s3_options = {"payload_signing_enabled": False}
         if self.endpoint_url:
             # Emulators and S3-compatible stores behind a custom endpoint
             # rarely resolve bucket sub-domains; path style always works.
