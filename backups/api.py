@@ -249,13 +249,19 @@ class BackupApi(APIView):
                 "cascade", bool, description="Also delete the incremental backups built on this one, newest first."
             )
         ],
-        responses={200: DeleteOutput, **error_responses(102, 104, 309, 310, 311)},
+        responses={200: DeleteOutput, **error_responses(102, 104, 308, 309, 310, 311)},
     )
     def delete(self, request, backup_id: uuid.UUID):
         raw = request.query_params.get("cascade", "false").lower()
         if raw not in ("true", "false", "1", "0"):
             raise ApiError(104, "cascade must be true or false.", fields={"cascade": ["true or false."]})
-        deleted = _call(services.backup_delete, user=request.user, backup_id=backup_id, cascade=raw in ("true", "1"))
+        try:
+            deleted = _call(
+                services.backup_delete, user=request.user, backup_id=backup_id, cascade=raw in ("true", "1")
+            )
+        except DatabaseError as exc:
+            # The contract's code for a delete that cannot read what to delete.
+            raise ApiError(308, "Could not read the backup to delete; try again shortly.") from exc
         return Response({"message": f"Deleted {len(deleted)} backup(s).", "deleted": deleted})
 
 

@@ -5,12 +5,11 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from django.db import DatabaseError
+from django.db import OperationalError, connection
 from django.utils import timezone
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.sts.models import sts_backends
 
-from backups import selectors
 from backups.models import Backup
 from reclo_site import cloud
 from reclo_site.cloud import credentials, storage
@@ -21,6 +20,17 @@ from .test_api_uploads import failing_client
 pytestmark = pytest.mark.django_db
 
 LIST = "/api/v1/backups"
+
+
+def failing_on(table: str):
+    """A database that fails every query touching `table` (connection.execute_wrapper)."""
+
+    def wrapper(execute, sql, params, many, context):
+        if table in sql:
+            raise OperationalError("server closed the connection unexpectedly")
+        return execute(sql, params, many, context)
+
+    return wrapper
 
 
 @pytest.fixture
@@ -109,12 +119,10 @@ class TestList:
         make_backups(server, 60, disk="sdb")
         assert queries_for_a_page() == few
 
-    def test_a_database_failure_is_301(self, api, monkeypatch):
-        def broken(**kwargs):
-            raise DatabaseError("connection lost")
-
-        monkeypatch.setattr(selectors, "backup_list", broken)
-        response = api.get(LIST)
+    def test_a_database_failure_is_301(self, api, server):
+        make_backups(server, 1)
+        with connection.execute_wrapper(failing_on("backups_backup")):
+            response = api.get(LIST)
         assert (response.status_code, response.json()["error"]) == (503, 301)
 
 
@@ -176,6 +184,12 @@ class TestDelete:
         BackupFactory(server=server, kind="incremental", parent=full, status="failed")
         assert api.delete(f"{LIST}/{full.pk}").status_code == 200
         assert not Backup.objects.exists()
+
+    def test_a_database_failure_finding_what_to_delete_is_308(self, api, chain):
+        with connection.execute_wrapper(failing_on("backups_backup")):
+            response = api.delete(f"{LIST}/{chain[2].pk}")
+        assert (response.status_code, response.json()["error"]) == (500, 308)
+        assert Backup.objects.count() == 3 and storage.head_object(chain[2].key)
 
     def test_an_unknown_id_is_309(self, api, aws):
         response = api.delete(f"{LIST}/{uuid.uuid4()}")
