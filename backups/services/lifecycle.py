@@ -96,6 +96,29 @@ def descendants_of(backup: Backup, rows: list[Backup]) -> list[tuple[int, Backup
     return found
 
 
+def failed_branches_drop(parent: Backup, *, keep=None) -> bool:
+    """Delete the failed restore points built on `parent`, deepest first.
+
+    `keep` (a child of `parent`) and everything built on it are left alone.
+    Their objects are deleted later by the purge job (a scrub-failed one may
+    still be stored). Returns False, deleting nothing, if a restore point
+    that is not failed hangs in one of those branches. Runs in the caller's
+    transaction.
+    """
+    rows = list(Backup.objects.filter(server_id=parent.server_id, disk=parent.disk))
+    spared = {keep.pk} | {b.pk for _, b in descendants_of(keep, rows)} if keep is not None else set()
+    doomed = [(depth, b) for depth, b in descendants_of(parent, rows) if b.pk not in spared]
+    if any(b.status != Backup.Status.FAILED for _, b in doomed):
+        return False
+    later = timezone.now() + settings.RECLO_CREDENTIALS_TTL
+    for _, backup in sorted(doomed, key=lambda item: -item[0]):
+        ObjectDeletion.objects.update_or_create(
+            key=backup.key, defaults={"not_before": later, "reason": "failed, below a retired restore point"}
+        )
+        backup.delete()
+    return True
+
+
 def backup_delete(*, user, backup_id, cascade: bool = False) -> list:
     """Delete a restore point (and with `cascade` its dependents, newest first).
 

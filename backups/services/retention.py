@@ -25,7 +25,7 @@ from reclo_site.cloud import storage
 
 from ..models import Backup, ObjectDeletion
 from ..naming import backup_key
-from .lifecycle import object_forget
+from .lifecycle import failed_branches_drop, object_forget
 from .verification import object_check
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,8 @@ def _drop_full(full: Backup) -> bool:
     """Delete a full that fell out of the window and that nothing builds on."""
     with transaction.atomic():
         row = Backup.objects.select_for_update().filter(pk=full.pk, status=Backup.Status.VERIFIED).first()
-        if row is None or Backup.objects.filter(parent=row).exclude(status=Backup.Status.FAILED).exists():
+        if row is None or not failed_branches_drop(row):
             return False
-        Backup.objects.filter(parent=row).delete()  # failed ones; their objects are gone already
         row.delete()
         _defer_deletion(row.key, "fell out of the retention window")
     return True
@@ -130,14 +129,14 @@ def backup_merge(*, base_id, child_id) -> Backup | None:
             and c.parent_id == b.pk
             and (b.key, c.key) == (base.key, child.key)
             and c.merge_claimed_at == now
-            and not Backup.objects.filter(parent=b).exclude(pk=c.pk).exclude(status=Backup.Status.FAILED).exists()
+            # Other branches on the old full must be failed ones (gone with it).
+            and failed_branches_drop(b, keep=c)
         )
         if unchanged:
             old_keys = [b.key, c.key]
             c.kind, c.parent, c.key = Backup.Kind.FULL, None, merged_key
             c.file_size, c.sha256, c.merge_claimed_at, c.scrubbed_at = size, digest, None, None
             c.save(update_fields=["kind", "parent", "key", "file_size", "sha256", "merge_claimed_at", "scrubbed_at"])
-            Backup.objects.filter(parent=b).exclude(pk=c.pk).delete()  # failed leftovers
             b.delete()
             for key in old_keys:
                 _defer_deletion(key, f"merged into {c.pk}")

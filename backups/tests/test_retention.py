@@ -134,3 +134,28 @@ def test_a_damaged_source_fails_the_merge_and_changes_nothing(disk):
     child.refresh_from_db()
     assert (child.kind, child.parent_id, child.merge_claimed_at) == ("incremental", full.pk, None)
     assert not exists(child.key.replace(".vhd.zst", ".merged.vhd.zst"))
+
+
+def test_failed_branches_on_the_old_full_go_with_it(disk, settings):
+    settings.RECLO_RETENTION_KEEP = 2
+    full = disk.full()
+    broken = disk.incremental(2, status="failed")
+    below_broken = disk.incremental(3, on=broken, status="failed")  # a scrub fails a whole branch
+    disk.tip = full
+    kept = [disk.incremental(4, on=full), disk.incremental(5)]
+    tasks.retention_apply(disk.server.pk, "sda")
+    assert [b.pk for b in verified(disk)] == [b.pk for b in kept]
+    assert not Backup.objects.filter(pk__in=[full.pk, broken.pk, below_broken.pk]).exists()
+    assert {broken.key, below_broken.key} <= set(ObjectDeletion.objects.values_list("key", flat=True))
+    assert_restorable_bit_for_bit(disk, verified(disk))
+
+
+def test_a_full_with_only_failed_branches_is_dropped_with_them(disk, settings):
+    settings.RECLO_RETENTION_KEEP = 1
+    old = disk.full(seed=1)
+    broken = disk.incremental(2, status="failed")
+    disk.incremental(3, on=broken, status="failed")
+    disk.full(seed=4)
+    assert services.retention_apply(server_id=disk.server.pk, disk="sda") == "dropped"
+    assert list(Backup.objects.values_list("status", flat=True)) == ["verified"]
+    assert not Backup.objects.filter(pk=old.pk).exists()
