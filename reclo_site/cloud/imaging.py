@@ -1,0 +1,384 @@
+"""Turning a disk into an EC2 image: EBS direct snapshots and VM Import.
+
+Two ways, one purpose:
+
+- EBS direct: StartSnapshot, PutSnapshotBlock for every non-zero 512 KiB
+  block, CompleteSnapshot, then RegisterImage. Minutes for a disk that
+  already boots on EC2. moto implements it (without checking checksums and
+  without honouring ClientToken).
+- VM Import: ImportImage of a VHD in S3 through the `vmimport` service role.
+  Slow (tens of minutes to hours) but it installs EC2's drivers, so it suits
+  Windows and physical servers. moto does not implement it; the tests
+  script it with botocore's Stubber.
+
+Also the vmimport role itself, which VM Import requires by that name.
+"""
+
+import base64
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from .errors import CloudError, ObjectNotFound, translate
+from .network import tag_filters, tag_specifications
+from .pool import client
+
+# The EBS direct APIs' fixed block size.
+EBS_BLOCK_SIZE = 512 * 1024
+GiB = 1024**3
+ROOT_DEVICE = "/dev/sda1"
+
+
+def _call(service: str, operation: str, what: str, **kwargs) -> dict:
+    try:
+        return getattr(client(service), operation)(**kwargs)
+    except (ClientError, BotoCoreError) as exc:
+        raise translate(exc, what) from exc
+
+
+def volume_gib(virtual_size: int) -> int:
+    """The EBS volume size (whole GiB) that holds a disk of `virtual_size` bytes."""
+    return max(1, -(-virtual_size // GiB))
+
+
+# --- EBS direct ---------------------------------------------------------------------
+
+
+def start_snapshot(*, volume_size_gib: int, client_token: str, tags: dict, description: str) -> str:
+    """Start an empty snapshot to write blocks into; returns its id.
+
+    Idempotent on AWS through `client_token`; callers also look for the tag
+    first (`find_snapshots`), which covers moto. A started snapshot must be
+    completed within the timeout (24 h here) or AWS marks it as failed.
+    """
+    resp = _call(
+        "ebs",
+        "start_snapshot",
+        "start EBS snapshot",
+        VolumeSize=volume_size_gib,
+        ClientToken=client_token,
+        Description=description,
+        Tags=[{"Key": k, "Value": str(v)} for k, v in tags.items()],
+        Timeout=24 * 60,
+    )
+    return resp["SnapshotId"]
+
+
+def find_snapshots(tags: dict) -> list[dict]:
+    """Snapshots of ours carrying `tags`: [{snapshot_id, state}]."""
+    resp = _call("ec2", "describe_snapshots", "find snapshots", OwnerIds=["self"], Filters=tag_filters(tags))
+    return [{"snapshot_id": s["SnapshotId"], "state": s.get("State", "")} for s in resp.get("Snapshots", [])]
+
+
+def snapshot_state(snapshot_id: str) -> tuple[str, str]:
+    """(state, message) of a snapshot: pending, completed, error."""
+    resp = _call("ec2", "describe_snapshots", f"describe {snapshot_id}", SnapshotIds=[snapshot_id])
+    snapshots = resp.get("Snapshots", [])
+    if not snapshots:
+        raise ObjectNotFound(f"snapshot {snapshot_id} not found", "InvalidSnapshot.NotFound")
+    return snapshots[0].get("State", ""), snapshots[0].get("StateMessage", "")
+
+
+def _checksum(data: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
+def put_snapshot_blocks(
+    snapshot_id: str,
+    blocks: Iterable[tuple[int, bytes]],
+    *,
+    in_flight: int = 8,
+    on_done: Callable[[int], None] | None = None,
+) -> int:
+    """Write `(block index, 512 KiB of data)` pairs into a pending snapshot.
+
+    Several PutSnapshotBlock calls run at once (each block is its own HTTP
+    request; one at a time leaves most of the bandwidth unused), but no more
+    than `in_flight`, so memory stays at a few blocks. Rewriting a block is
+    harmless, which makes a resumed write idempotent. `on_done(index)` is
+    called, in the caller's thread, for every block written, in completion
+    order. Returns the number of blocks written.
+    """
+    ebs = client("ebs")  # botocore clients are thread-safe
+
+    def put(index: int, data: bytes) -> int:
+        if len(data) != EBS_BLOCK_SIZE:
+            raise ValueError(f"EBS block {index} is {len(data)} bytes, not {EBS_BLOCK_SIZE}")
+        try:
+            ebs.put_snapshot_block(
+                SnapshotId=snapshot_id,
+                BlockIndex=index,
+                BlockData=data,
+                DataLength=len(data),
+                Checksum=_checksum(data),
+                ChecksumAlgorithm="SHA256",
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise translate(exc, f"write block {index} of {snapshot_id}") from exc
+        return index
+
+    written = 0
+    with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="ebs-put") as pool:
+        pending = set()
+        try:
+            for index, data in blocks:
+                if len(pending) >= in_flight:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        finished = future.result()
+                        written += 1
+                        if on_done:
+                            on_done(finished)
+                pending.add(pool.submit(put, index, data))
+            for future in pending:
+                finished = future.result()
+                written += 1
+                if on_done:
+                    on_done(finished)
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+    return written
+
+
+def complete_snapshot(snapshot_id: str, *, changed_blocks: int) -> str:
+    """Seal a snapshot after its blocks are written; returns its status.
+
+    Completing an already completed snapshot (a worker died after the call
+    but before recording it) is not an error.
+    """
+    try:
+        resp = _call(
+            "ebs",
+            "complete_snapshot",
+            f"complete {snapshot_id}",
+            SnapshotId=snapshot_id,
+            ChangedBlocksCount=changed_blocks,
+        )
+    except CloudError as exc:
+        state, _ = snapshot_state(snapshot_id)
+        if state == "completed" or "completed" in str(exc).lower():
+            return "completed"
+        raise
+    return resp.get("Status", "pending")
+
+
+def register_image(*, name: str, snapshot_id: str, volume_size_gib: int, description: str, tags: dict) -> str:
+    """Register a bootable image whose root volume comes from `snapshot_id`.
+
+    RegisterImage takes no ClientToken, but an image name is unique in an
+    account and region: callers look the name up first (`find_image`), and a
+    duplicate name is answered with the existing image. (moto ignores the
+    tags and the block-device mapping of this call.)
+    """
+    try:
+        resp = _call(
+            "ec2",
+            "register_image",
+            f"register image {name}",
+            Name=name,
+            Description=description,
+            Architecture="x86_64",
+            VirtualizationType="hvm",
+            RootDeviceName=ROOT_DEVICE,
+            EnaSupport=True,
+            BlockDeviceMappings=[
+                {
+                    "DeviceName": ROOT_DEVICE,
+                    "Ebs": {
+                        "SnapshotId": snapshot_id,
+                        "VolumeSize": volume_size_gib,
+                        "VolumeType": "gp3",
+                        "DeleteOnTermination": True,
+                    },
+                }
+            ],
+            TagSpecifications=tag_specifications("image", tags),
+        )
+    except CloudError as exc:
+        if exc.code == "InvalidAMIName.Duplicate":
+            existing = find_image(name)
+            if existing:
+                return existing["image_id"]
+        raise
+    return resp["ImageId"]
+
+
+def find_image(name: str) -> dict | None:
+    """Our image of that name: {image_id, state, reason}, or None."""
+    resp = _call(
+        "ec2", "describe_images", f"find image {name}", Owners=["self"], Filters=[{"Name": "name", "Values": [name]}]
+    )
+    images = resp.get("Images", [])
+    if not images:
+        return None
+    image = images[0]
+    return {
+        "image_id": image["ImageId"],
+        "state": image.get("State", ""),
+        "reason": image.get("StateReason", {}).get("Message", ""),
+    }
+
+
+def image_state(image_id: str) -> tuple[str, str]:
+    """(state, reason) of an image: pending, available, failed, ..."""
+    resp = _call("ec2", "describe_images", f"describe {image_id}", ImageIds=[image_id])
+    images = resp.get("Images", [])
+    if not images:
+        raise ObjectNotFound(f"image {image_id} not found", "InvalidAMIID.NotFound")
+    return images[0].get("State", ""), images[0].get("StateReason", {}).get("Message", "")
+
+
+def delete_image(image_id: str) -> None:
+    """Deregister an image and delete its snapshots. Idempotent."""
+    try:
+        resp = _call("ec2", "describe_images", f"describe {image_id}", ImageIds=[image_id])
+    except ObjectNotFound:
+        return
+    except CloudError as exc:
+        if exc.code.startswith("InvalidAMIID"):
+            return
+        raise
+    snapshots = [
+        m["Ebs"]["SnapshotId"]
+        for image in resp.get("Images", [])
+        for m in image.get("BlockDeviceMappings", [])
+        if m.get("Ebs", {}).get("SnapshotId")
+    ]
+    if resp.get("Images"):
+        _call("ec2", "deregister_image", f"deregister {image_id}", ImageId=image_id)
+    for snapshot_id in snapshots:
+        delete_snapshot(snapshot_id)
+
+
+def delete_snapshot(snapshot_id: str) -> None:
+    try:
+        _call("ec2", "delete_snapshot", f"delete {snapshot_id}", SnapshotId=snapshot_id)
+    except CloudError as exc:
+        if not (isinstance(exc, ObjectNotFound) or exc.code.startswith("InvalidSnapshot")):
+            raise
+
+
+# --- VM Import ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImportStatus:
+    """Where an import task is. `status`: active, completed, deleting or deleted."""
+
+    status: str
+    message: str = ""
+    progress: int | None = None
+    image_id: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.status in ("deleting", "deleted")
+
+
+def import_image(*, bucket: str, key: str, role_name: str, client_token: str, description: str, tags: dict) -> str:
+    """Start importing a VHD in S3 as an image; returns the import task id.
+
+    Idempotent through `client_token`: a repeated call returns the same task.
+    """
+    resp = _call(
+        "ec2",
+        "import_image",
+        f"import s3://{bucket}/{key}",
+        Description=description,
+        DiskContainers=[
+            {"Description": description, "Format": "VHD", "UserBucket": {"S3Bucket": bucket, "S3Key": key}}
+        ],
+        RoleName=role_name,
+        ClientToken=client_token,
+        TagSpecifications=tag_specifications("import-image-task", tags),
+    )
+    return resp["ImportTaskId"]
+
+
+def import_status(task_id: str) -> ImportStatus:
+    """The state of an import task (VM Import reports progress as a string percentage)."""
+    resp = _call("ec2", "describe_import_image_tasks", f"describe import {task_id}", ImportTaskIds=[task_id])
+    tasks = resp.get("ImportImageTasks", [])
+    if not tasks:
+        raise ObjectNotFound(f"import task {task_id} not found", "InvalidConversionTaskId")
+    task = tasks[0]
+    progress = task.get("Progress")
+    return ImportStatus(
+        status=task.get("Status", ""),
+        message=task.get("StatusMessage", ""),
+        progress=int(progress) if progress and str(progress).isdigit() else None,
+        image_id=task.get("ImageId", "") or "",
+    )
+
+
+def vmimport_trust_policy() -> dict:
+    """Who may assume the vmimport role: the VM Import service, with AWS's documented external id."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": {"Service": "vmie.amazonaws.com"},
+                "Action": "sts:AssumeRole",
+                "Condition": {"StringEquals": {"sts:Externalid": "vmimport"}},
+            }
+        ],
+    }
+
+
+def vmimport_role_policy(bucket: str, prefix: str) -> dict:
+    """What VM Import may do with the role: read the disks under `prefix`, make snapshots and images."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": ["s3:GetBucketLocation", "s3:ListBucket"],
+                "Resource": [f"arn:aws:s3:::{bucket}"],
+            },
+            {"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": [f"arn:aws:s3:::{bucket}/{prefix}*"]},
+            {
+                "Effect": "Allow",
+                "Action": [
+                    "ec2:ModifySnapshotAttribute",
+                    "ec2:CopySnapshot",
+                    "ec2:RegisterImage",
+                    "ec2:Describe*",
+                ],
+                "Resource": "*",
+            },
+        ],
+    }
+
+
+def ensure_vmimport_role(*, role_name: str, bucket: str, prefix: str) -> str:
+    """Create the vmimport role (or update its policies). Idempotent; returns the role's ARN."""
+    iam = client("iam")
+    trust = json.dumps(vmimport_trust_policy())
+    try:
+        try:
+            arn = iam.create_role(
+                RoleName=role_name,
+                AssumeRolePolicyDocument=trust,
+                Description="Lets EC2 VM Import read ReClo's consolidated disks and register images.",
+                Tags=[{"Key": "reclo:managed", "Value": "true"}],
+            )["Role"]["Arn"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "EntityAlreadyExists":
+                raise
+            arn = iam.get_role(RoleName=role_name)["Role"]["Arn"]
+            iam.update_assume_role_policy(RoleName=role_name, PolicyDocument=trust)
+        iam.put_role_policy(
+            RoleName=role_name,
+            PolicyName="reclo-vmimport",
+            PolicyDocument=json.dumps(vmimport_role_policy(bucket, prefix)),
+        )
+    except (ClientError, BotoCoreError) as exc:
+        raise translate(exc, f"prepare role {role_name}") from exc
+    return arn

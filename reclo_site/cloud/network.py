@@ -1,0 +1,185 @@
+"""EC2 networking: a tenant's recovery VPC, subnet, internet gateway and security groups.
+
+None of the create calls here takes a ClientToken, so callers make them
+idempotent the other way: every resource is created with tags, and the
+caller looks for a tagged one (`find_tagged`) before creating, and saves the
+id as soon as it has it. The follow-up calls (attach, route, ingress rule)
+are idempotent themselves: "already done" answers count as success.
+"""
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from .errors import CloudError, translate
+from .pool import client
+
+# How each kind of resource is described: (operation, list key, id key).
+_DESCRIBE = {
+    "vpc": ("describe_vpcs", "Vpcs", "VpcId"),
+    "subnet": ("describe_subnets", "Subnets", "SubnetId"),
+    "internet-gateway": ("describe_internet_gateways", "InternetGateways", "InternetGatewayId"),
+    "security-group": ("describe_security_groups", "SecurityGroups", "GroupId"),
+}
+
+# AWS codes meaning "that is already so": success for an idempotent call.
+_ALREADY = frozenset(
+    {"Resource.AlreadyAssociated", "InvalidPermission.Duplicate", "RouteAlreadyExists", "InvalidGroup.Duplicate"}
+)
+
+
+def tag_specifications(resource_type: str, tags: dict) -> list[dict]:
+    """`TagSpecifications` for a create call: the tags are set atomically with the resource."""
+    return [{"ResourceType": resource_type, "Tags": [{"Key": k, "Value": str(v)} for k, v in tags.items()]}]
+
+
+def tag_filters(tags: dict) -> list[dict]:
+    return [{"Name": f"tag:{k}", "Values": [str(v)]} for k, v in tags.items()]
+
+
+def _call(operation: str, what: str, **kwargs) -> dict:
+    try:
+        return getattr(client("ec2"), operation)(**kwargs)
+    except (ClientError, BotoCoreError) as exc:
+        raise translate(exc, what) from exc
+
+
+def _call_idempotent(operation: str, what: str, **kwargs) -> dict | None:
+    """Like `_call`, but an "already done" answer is success (None)."""
+    try:
+        return _call(operation, what, **kwargs)
+    except CloudError as exc:
+        if exc.code in _ALREADY:
+            return None
+        raise
+
+
+def find_tagged(kind: str, tags: dict) -> list[str]:
+    """Ids of the `kind` resources carrying all `tags`, oldest first where AWS says."""
+    operation, list_key, id_key = _DESCRIBE[kind]
+    found = _call(operation, f"find {kind}", Filters=tag_filters(tags))
+    return [item[id_key] for item in found.get(list_key, [])]
+
+
+def create_vpc(*, cidr: str, tags: dict) -> str:
+    vpc_id = _call("create_vpc", "create VPC", CidrBlock=cidr, TagSpecifications=tag_specifications("vpc", tags))[
+        "Vpc"
+    ]["VpcId"]
+    return vpc_id
+
+
+def create_internet_gateway(*, tags: dict) -> str:
+    return _call(
+        "create_internet_gateway",
+        "create internet gateway",
+        TagSpecifications=tag_specifications("internet-gateway", tags),
+    )["InternetGateway"]["InternetGatewayId"]
+
+
+def attach_internet_gateway(*, igw_id: str, vpc_id: str) -> None:
+    """Attach; attaching twice is fine."""
+    _call_idempotent("attach_internet_gateway", "attach internet gateway", InternetGatewayId=igw_id, VpcId=vpc_id)
+
+
+def create_subnet(*, vpc_id: str, cidr: str, tags: dict) -> str:
+    return _call(
+        "create_subnet",
+        "create subnet",
+        VpcId=vpc_id,
+        CidrBlock=cidr,
+        TagSpecifications=tag_specifications("subnet", tags),
+    )["Subnet"]["SubnetId"]
+
+
+def route_to_internet(*, vpc_id: str, igw_id: str) -> str:
+    """Send 0.0.0.0/0 of the VPC's main route table to the internet gateway. Idempotent.
+
+    The main table applies to every subnet without its own, so there is no
+    table to create (and none to leak when a worker dies mid-way).
+    """
+    tables = _call(
+        "describe_route_tables",
+        "find main route table",
+        Filters=[{"Name": "vpc-id", "Values": [vpc_id]}, {"Name": "association.main", "Values": ["true"]}],
+    )["RouteTables"]
+    if not tables:
+        raise CloudError(f"VPC {vpc_id} has no main route table")
+    table = tables[0]
+    for route in table.get("Routes", []):
+        if route.get("DestinationCidrBlock") == "0.0.0.0/0":
+            if route.get("GatewayId") == igw_id:
+                return table["RouteTableId"]
+            _call(
+                "replace_route",
+                "route to internet",
+                RouteTableId=table["RouteTableId"],
+                DestinationCidrBlock="0.0.0.0/0",
+                GatewayId=igw_id,
+            )
+            return table["RouteTableId"]
+    _call_idempotent(
+        "create_route",
+        "route to internet",
+        RouteTableId=table["RouteTableId"],
+        DestinationCidrBlock="0.0.0.0/0",
+        GatewayId=igw_id,
+    )
+    return table["RouteTableId"]
+
+
+def create_security_group(*, vpc_id: str, name: str, description: str, tags: dict) -> str:
+    """Create a group; if one of that name exists in the VPC (a lost earlier try), return it."""
+    result = _call_idempotent(
+        "create_security_group",
+        f"create security group {name}",
+        VpcId=vpc_id,
+        GroupName=name,
+        Description=description,
+        TagSpecifications=tag_specifications("security-group", tags),
+    )
+    if result is not None:
+        return result["GroupId"]
+    groups = _call(
+        "describe_security_groups",
+        f"find security group {name}",
+        Filters=[{"Name": "vpc-id", "Values": [vpc_id]}, {"Name": "group-name", "Values": [name]}],
+    )["SecurityGroups"]
+    if not groups:
+        raise CloudError(f"security group {name} is said to exist but cannot be found")
+    return groups[0]["GroupId"]
+
+
+def allow_udp(*, group_id: str, port: int, cidr: str, description: str) -> None:
+    """Allow inbound UDP `port` from `cidr`. Idempotent."""
+    _call_idempotent(
+        "authorize_security_group_ingress",
+        f"open UDP {port}",
+        GroupId=group_id,
+        IpPermissions=[
+            {
+                "IpProtocol": "udp",
+                "FromPort": port,
+                "ToPort": port,
+                "IpRanges": [{"CidrIp": cidr, "Description": description}],
+            }
+        ],
+    )
+
+
+def allow_all_from_group(*, group_id: str, source_group_id: str, description: str) -> None:
+    """Allow all inbound traffic from members of `source_group_id`. Idempotent."""
+    _call_idempotent(
+        "authorize_security_group_ingress",
+        "allow traffic from group",
+        GroupId=group_id,
+        IpPermissions=[
+            {
+                "IpProtocol": "-1",
+                "UserIdGroupPairs": [{"GroupId": source_group_id, "Description": description}],
+            }
+        ],
+    )
+
+
+def ingress_rules(group_id: str) -> list[dict]:
+    """The inbound rules of a group, as AWS describes them (for checks and tests)."""
+    groups = _call("describe_security_groups", "describe security group", GroupIds=[group_id])["SecurityGroups"]
+    return groups[0].get("IpPermissions", []) if groups else []
