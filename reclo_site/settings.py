@@ -6,6 +6,7 @@ under ``var/``, a generated secret key, DEBUG off. Production sets
 ``RECLO_HTTPS=true`` (see the README).
 """
 
+import base64
 import secrets
 from datetime import timedelta
 from pathlib import Path
@@ -316,3 +317,52 @@ RECLO_DEFAULT_BACKUP_INTERVAL = timedelta(hours=env.float("RECLO_DEFAULT_BACKUP_
 # How many reverse proxies in front of the portal append to X-Forwarded-For.
 NUM_PROXIES = env.int("NUM_PROXIES", default=0)
 
+# --- Recovery (failover) ---------------------------------------------------------
+
+
+def _local_vpn_key() -> str:
+    """A Fernet key generated once into var/, so local runs need no configuration.
+
+    It encrypts the WireGuard private keys stored in the database. Production
+    sets RECLO_VPN_KEYS instead: a database dump alone must not yield them.
+    """
+    path = VAR_DIR / "vpn_key"
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(base64.urlsafe_b64encode(secrets.token_bytes(32)).decode())
+    return path.read_text().strip()
+
+
+# Fernet keys for the VPN private keys at rest: the first encrypts, all
+# decrypt (list a new key first to rotate; `rotate_vpn_keys` re-encrypts).
+RECLO_VPN_KEYS = env.list("RECLO_VPN_KEYS", default=[]) or [_local_vpn_key()]
+# How a restore point becomes an EC2 image: "ebs_direct" (EBS direct APIs,
+# minutes; the disk must already boot on EC2) or "vm_import" (VM Import with
+# the vmimport role, hours; injects drivers, for Windows and physical servers).
+RECLO_IMPORT_METHOD = env("RECLO_IMPORT_METHOD", default="ebs_direct")
+RECLO_VMIMPORT_ROLE = env("RECLO_VMIMPORT_ROLE", default="vmimport")
+# Each tenant's recovery network, and the WireGuard tunnel into it. Chosen
+# away from the 10.0/16, 192.168/16 ranges an office LAN usually has.
+RECLO_RECOVERY_VPC_CIDR = env("RECLO_RECOVERY_VPC_CIDR", default="10.213.0.0/16")
+RECLO_RECOVERY_SUBNET_CIDR = env("RECLO_RECOVERY_SUBNET_CIDR", default="10.213.1.0/24")
+RECLO_VPN_TUNNEL_CIDR = env("RECLO_VPN_TUNNEL_CIDR", default="10.214.0.0/24")
+# The VPN gateway: an explicit AMI, or else the newest from this public SSM parameter.
+RECLO_VPN_GATEWAY_AMI = env("RECLO_VPN_GATEWAY_AMI", default="")
+RECLO_VPN_GATEWAY_AMI_PARAMETER = env(
+    "RECLO_VPN_GATEWAY_AMI_PARAMETER", default="/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
+)
+RECLO_VPN_GATEWAY_INSTANCE_TYPE = env("RECLO_VPN_GATEWAY_INSTANCE_TYPE", default="t3.nano")
+# A step whose worker has not reported for this long is taken over by the
+# reconciler (the worker died); long steps report every few seconds.
+RECLO_RECOVERY_STALE_AFTER = timedelta(seconds=env.int("RECLO_RECOVERY_STALE_SECONDS", default=300))
+# Stopped recovery instances are terminated after this long (the original's FreeInstances).
+RECLO_STOPPED_INSTANCE_LIFETIME = timedelta(days=env.int("RECLO_STOPPED_INSTANCE_DAYS", default=14))
+
+CELERY_BEAT_SCHEDULE |= {
+    # Re-enqueue failover steps whose worker died or whose message was lost.
+    "recovery-reconcile": {"task": "recovery.tasks.reconcile_recoveries", "schedule": 60.0},
+    # Record instance states changed outside the portal (stopped in the console, ...).
+    "recovery-sync-instances": {"task": "recovery.tasks.sync_instances", "schedule": crontab(minute="*/5")},
+    # Terminate ReClo's recovery instances stopped for more than 14 days.
+    "recovery-free-instances": {"task": "recovery.tasks.free_instances", "schedule": crontab(minute=47)},
+}

@@ -1,0 +1,50 @@
+"""Admin views of failovers and instances (read-mostly: the pipeline owns these rows)."""
+
+from django.contrib import admin
+
+from .models import Instance, Recovery, RecoveryNetwork, RecoveryStep, VpnGateway
+
+
+class RecoveryStepInline(admin.TabularInline):
+    model = RecoveryStep
+    extra = 0
+    can_delete = False
+    fields = ("name", "status", "started", "finished", "attempts", "retries", "detail", "error", "outputs")
+    readonly_fields = fields
+
+
+@admin.register(Recovery)
+class RecoveryAdmin(admin.ModelAdmin):
+    list_display = ("id", "user", "server_name", "status", "error_code", "instance_type", "created", "finished")
+    list_filter = ("status", "import_method")
+    search_fields = ("id", "server_name", "user__email")
+    readonly_fields = ("lease_token", "lease_until", "due_at", "created", "updated", "finished")
+    inlines = [RecoveryStepInline]
+
+
+@admin.register(Instance)
+class InstanceAdmin(admin.ModelAdmin):
+    list_display = (
+        "instance_id",
+        "user",
+        "state",
+        "instance_type",
+        "private_ip",
+        "public_ip",
+        "launched",
+        "stopped_at",
+    )
+    list_filter = ("state",)
+    search_fields = ("instance_id", "user__email")
+
+
+@admin.register(RecoveryNetwork)
+class RecoveryNetworkAdmin(admin.ModelAdmin):
+    list_display = ("user", "vpc_id", "subnet_id", "ready", "created")
+
+
+@admin.register(VpnGateway)
+class VpnGatewayAdmin(admin.ModelAdmin):
+    list_display = ("network", "instance_id", "public_ip", "state", "generation", "created")
+    # The encrypted private keys are never shown, not even encrypted.
+    exclude = ("gateway_private_key_enc", "client_private_key_enc")

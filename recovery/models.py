@@ -1,0 +1,231 @@
+"""Failovers (recoveries), their steps, the instances they start, the tenant's network and VPN."""
+
+import uuid
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class Recovery(models.Model):
+    """One failover: a restore point on its way to a running server behind a VPN.
+
+    A state machine persisted here and advanced by small Celery tasks (see
+    `recovery.engine`). A worker works on the current step only while it
+    holds the lease (`lease_token` until `lease_until`), taken with a
+    conditional UPDATE; `due_at` is when the step's next task should run, so
+    the reconciler can re-enqueue work a dead worker or a lost message left.
+    """
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        CONSOLIDATING = "consolidating"
+        IMPORTING = "importing"
+        LAUNCHING = "launching"
+        PROVISIONING_VPN = "provisioning_vpn", "provisioning VPN"
+        READY = "ready"
+        FAILED = "failed"
+
+    class ImportMethod(models.TextChoices):
+        EBS_DIRECT = "ebs_direct", "EBS direct"
+        VM_IMPORT = "vm_import", "VM Import"
+
+    # The steps in order; `queued` moves to the first at once.
+    STEPS = ("consolidating", "importing", "launching", "provisioning_vpn")
+    ACTIVE = ("queued", *STEPS)
+    FINISHED = ("ready", "failed")
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="recoveries")
+    # Kept (as names and ids) when the server or backup is deleted later: a
+    # running instance must still be traceable to what it came from.
+    server = models.ForeignKey(
+        "backups.Server", on_delete=models.SET_NULL, null=True, blank=True, related_name="recoveries"
+    )
+    server_name = models.CharField(max_length=63)
+    backup = models.ForeignKey(
+        "backups.Backup", on_delete=models.SET_NULL, null=True, blank=True, related_name="recoveries"
+    )
+    backup_ref = models.UUIDField(help_text="The restore point failed over from (its backup id).")
+    disk = models.CharField(max_length=63)
+    virtual_size = models.BigIntegerField()
+    instance_type = models.CharField(max_length=32)
+    import_method = models.CharField(max_length=16, choices=ImportMethod.choices)
+
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    error_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    lease_token = models.UUIDField(null=True, blank=True)
+    lease_until = models.DateTimeField(null=True, blank=True)
+    due_at = models.DateTimeField(null=True, blank=True)
+
+    created = models.DateTimeField(default=timezone.now, db_index=True)
+    updated = models.DateTimeField(default=timezone.now)
+    finished = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created"]
+        verbose_name_plural = "recoveries"
+        constraints = [
+            # One failover in progress per server: the database decides a race
+            # between two clicks (code 402), not a check-then-insert.
+            models.UniqueConstraint(
+                fields=["server"],
+                condition=Q(status__in=["queued", "consolidating", "importing", "launching", "provisioning_vpn"]),
+                name="recovery_one_active_per_server",
+            ),
+        ]
+        indexes = [models.Index(fields=["status", "due_at"])]
+
+    def __str__(self):
+        return f"failover of {self.server_name} ({self.status})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in self.ACTIVE
+
+    @property
+    def elapsed(self) -> timedelta:
+        return (self.finished or timezone.now()) - self.created
+
+
+class RecoveryStep(models.Model):
+    """One step of a recovery: when it ran, how often, and what it made (`outputs`: cloud ids)."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        RUNNING = "running"
+        WAITING = "waiting"  # on AWS (an import, an instance booting); a task re-checks later
+        DONE = "done"
+        SKIPPED = "skipped"  # nothing to do (the merged disk already existed)
+        FAILED = "failed"
+
+    recovery = models.ForeignKey(Recovery, on_delete=models.CASCADE, related_name="steps")
+    name = models.CharField(max_length=20)
+    position = models.PositiveSmallIntegerField()
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    started = models.DateTimeField(null=True, blank=True)
+    finished = models.DateTimeField(null=True, blank=True)
+    deadline = models.DateTimeField(null=True, blank=True)
+    # Tasks that worked on this step; transient cloud errors in a row.
+    attempts = models.PositiveIntegerField(default=0)
+    retries = models.PositiveIntegerField(default=0)
+    # Seconds spent waiting on AWS (import tasks, instance states), for the benchmark.
+    waited = models.FloatField(default=0)
+    outputs = models.JSONField(default=dict, blank=True)
+    detail = models.CharField(max_length=200, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["position"]
+        constraints = [models.UniqueConstraint(fields=["recovery", "name"], name="recovery_step_unique")]
+
+    def __str__(self):
+        return f"{self.name} ({self.status})"
+
+
+class RecoveryNetwork(models.Model):
+    """A tenant's recovery network (VPC, subnet, internet route, security groups), made once and reused."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="recovery_network")
+    vpc_id = models.CharField(max_length=32, blank=True)
+    igw_id = models.CharField(max_length=32, blank=True)
+    subnet_id = models.CharField(max_length=32, blank=True)
+    route_table_id = models.CharField(max_length=32, blank=True)
+    server_group_id = models.CharField(max_length=32, blank=True)
+    gateway_group_id = models.CharField(max_length=32, blank=True)
+    ready = models.BooleanField(default=False)
+    lease_token = models.UUIDField(null=True, blank=True)
+    lease_until = models.DateTimeField(null=True, blank=True)
+    created = models.DateTimeField(default=timezone.now)
+
+    def __str__(self):
+        return f"recovery network of user {self.user_id}"
+
+
+class VpnGateway(models.Model):
+    """The WireGuard gateway into a tenant's recovery network.
+
+    The portal makes both key pairs (X25519). Private keys are stored
+    encrypted with RECLO_VPN_KEYS (Fernet) and only decrypted to render the
+    gateway's user-data and the client's config; never logged. A released
+    gateway (no instance left using it) gets fresh keys when it is needed
+    again (`generation` keeps the ClientTokens of the old and new apart).
+    """
+
+    class State(models.TextChoices):
+        NEW = "new"
+        PROVISIONING = "provisioning"
+        READY = "ready"
+        RELEASING = "releasing"
+        RELEASED = "released"
+
+    network = models.OneToOneField(RecoveryNetwork, on_delete=models.CASCADE, related_name="gateway")
+    generation = models.PositiveIntegerField(default=1)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.NEW)
+    instance_id = models.CharField(max_length=32, blank=True)
+    allocation_id = models.CharField(max_length=32, blank=True)
+    public_ip = models.CharField(max_length=45, blank=True)
+    private_ip = models.CharField(max_length=45, blank=True)
+    gateway_public_key = models.CharField(max_length=44)
+    gateway_private_key_enc = models.TextField()
+    client_public_key = models.CharField(max_length=44)
+    client_private_key_enc = models.TextField()
+    lease_token = models.UUIDField(null=True, blank=True)
+    lease_until = models.DateTimeField(null=True, blank=True)
+    created = models.DateTimeField(default=timezone.now)
+    released = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self):
+        return f"VPN gateway {self.instance_id or '(none)'} ({self.state})"
+
+
+class Instance(models.Model):
+    """A recovered server running (or stopped) in the cloud, as the portal last saw it."""
+
+    class State(models.TextChoices):
+        PENDING = "pending"
+        RUNNING = "running"
+        STOPPING = "stopping"
+        STOPPED = "stopped"
+        SHUTTING_DOWN = "shutting-down"
+        TERMINATED = "terminated"
+
+    instance_id = models.CharField(max_length=32, unique=True)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="instances")
+    recovery = models.OneToOneField(Recovery, on_delete=models.CASCADE, related_name="instance")
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING, db_index=True)
+    instance_type = models.CharField(max_length=32)
+    image_id = models.CharField(max_length=32, blank=True)
+    private_ip = models.CharField(max_length=45, blank=True)
+    public_ip = models.CharField(max_length=45, blank=True)
+    allocation_id = models.CharField(max_length=32, blank=True)
+    launched = models.DateTimeField(default=timezone.now)
+    running_since = models.DateTimeField(null=True, blank=True)
+    stopped_at = models.DateTimeField(null=True, blank=True)
+    terminated_at = models.DateTimeField(null=True, blank=True)
+    # Set once the Elastic IP, image and (if unused) the VPN gateway are let go.
+    released = models.DateTimeField(null=True, blank=True)
+    synced = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-launched"]
+
+    def __str__(self):
+        return f"{self.instance_id} ({self.state})"
+
+    @property
+    def cleanup_at(self):
+        """When `free_instances` will terminate this instance if it stays stopped."""
+        if self.state not in (self.State.STOPPING, self.State.STOPPED) or self.stopped_at is None:
+            return None
+        return self.stopped_at + settings.RECLO_STOPPED_INSTANCE_LIFETIME
+
+    @property
+    def uptime(self) -> timedelta | None:
+        if self.state != self.State.RUNNING or self.running_since is None:
+            return None
+        return timezone.now() - self.running_since

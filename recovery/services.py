@@ -1,0 +1,321 @@
+"""Failover and instance writes: start a failover, start/stop/terminate, the beat jobs.
+
+Views and tasks call these. Cloud calls happen outside database
+transactions: a pending state is committed first (with a conditional
+UPDATE, which is also what stops two clicks or two job runs from acting
+twice), then AWS is called, then the outcome is recorded.
+"""
+
+import logging
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from reclo_site import cloud
+from reclo_site.cloud import compute, imaging, storage
+
+from . import engine, networks, selectors, sizes
+from .models import Instance, Recovery, RecoveryNetwork, RecoveryStep
+from .steps import merged_key
+
+log = logging.getLogger(__name__)
+
+# Which instance states allow which action (anything else answers 406).
+ALLOWED = {
+    "start": (Instance.State.STOPPED,),
+    "stop": (Instance.State.PENDING, Instance.State.RUNNING),
+    "terminate": (Instance.State.PENDING, Instance.State.RUNNING, Instance.State.STOPPING, Instance.State.STOPPED),
+}
+SYNC_BATCH = 200
+FREE_BATCH = 50
+FREE_MAX_PAGES = 20
+
+
+class RecoveryError(Exception):
+    """A refused failover or instance operation; `code` is the contract's error code."""
+
+    def __init__(self, code: int, message: str, field: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+# --- Failover ------------------------------------------------------------------------------
+
+
+def recovery_start(*, user, backup_id, instance_type: str | None = None, import_method: str | None = None) -> Recovery:
+    """Queue a failover of a verified restore point. Not idempotent: each call is a new failover.
+
+    Raises RecoveryError 401 (no restorable backup of this user's with that
+    id), 402 (this server already has a failover running or a live
+    instance), 104 (unknown instance type). The first step is enqueued once
+    the recovery is committed.
+    """
+    backup = selectors.restorable_backup(user=user, backup_id=backup_id)
+    if backup is None:
+        raise RecoveryError(401, "No restorable (verified) backup of yours has that id.", "backup_id")
+    try:
+        selectors.backup_chain(backup)
+    except selectors.ChainError as exc:
+        raise RecoveryError(401, f"That restore point cannot be restored: {exc}", "backup_id") from exc
+    if instance_type:
+        if instance_type not in sizes.BY_TYPE:
+            choices = ", ".join(sizes.BY_TYPE)
+            raise RecoveryError(104, f"Unknown instance type; choose one of {choices}.", "instance_type")
+    else:
+        instance_type = sizes.size_for_disk(backup.virtual_size).instance_type
+    method = import_method or settings.RECLO_IMPORT_METHOD
+    if method not in Recovery.ImportMethod.values:
+        raise RecoveryError(104, "Unknown import method.", "import_method")
+    server = backup.server
+    if Instance.objects.filter(recovery__server=server).exclude(state=Instance.State.TERMINATED).exists():
+        raise RecoveryError(402, f"{server.name} already runs in the cloud; terminate that instance first.")
+    now = timezone.now()
+    try:
+        with transaction.atomic():
+            recovery = Recovery.objects.create(
+                user=user,
+                server=server,
+                server_name=server.name,
+                backup=backup,
+                backup_ref=backup.pk,
+                disk=backup.disk,
+                virtual_size=backup.virtual_size,
+                instance_type=instance_type,
+                import_method=method,
+                due_at=now,
+            )
+            RecoveryStep.objects.bulk_create(
+                RecoveryStep(recovery=recovery, name=name, position=n) for n, name in enumerate(Recovery.STEPS)
+            )
+            transaction.on_commit(lambda: engine.enqueue(recovery.pk, Recovery.STEPS[0]))
+    except IntegrityError:  # the partial unique index: one active failover per server
+        raise RecoveryError(402, f"A failover of {server.name} is already running.") from None
+    log.info("recovery %s queued for server %s (restore point %s)", recovery.pk, server.pk, backup.pk)
+    return recovery
+
+
+def recovery_step_run(*, recovery_id, step: str) -> str:
+    """Run one go of a step (the task's body). Idempotent: see `recovery.engine`."""
+    return engine.run_step(recovery_id, step)
+
+
+def recoveries_reconcile() -> int:
+    """Re-enqueue failovers whose step stalled (dead worker, lost message). Idempotent."""
+    return engine.reconcile()
+
+
+# --- Instances -----------------------------------------------------------------------------
+
+
+def _claim_action(instance: Instance, action: str, pending_state: str) -> str:
+    """Move the instance to `pending_state` if its state allows `action`; returns the state it had."""
+    previous = Instance.objects.filter(pk=instance.pk).values_list("state", flat=True).first()
+    claimed = Instance.objects.filter(pk=instance.pk, state__in=ALLOWED[action]).update(state=pending_state)
+    if not claimed:
+        raise RecoveryError(406, f"The instance is {previous}; it cannot {action} now.")
+    return previous
+
+
+def _undo(instance: Instance, pending_state: str, previous: str) -> None:
+    Instance.objects.filter(pk=instance.pk, state=pending_state).update(state=previous)
+
+
+def instance_stop(*, instance: Instance) -> Instance:
+    """Stop a running instance. 406 in another state, 408 if the cloud refuses."""
+    previous = _claim_action(instance, "stop", Instance.State.STOPPING)
+    try:
+        state = compute.stop_instance(instance.instance_id)
+    except cloud.CloudError as exc:
+        _undo(instance, Instance.State.STOPPING, previous)
+        raise RecoveryError(408, f"The cloud did not stop the instance: {exc}") from exc
+    now = timezone.now()
+    # The clean-up clock starts at the stop request (sync corrects it if AWS says otherwise).
+    Instance.objects.filter(pk=instance.pk).update(state=state, stopped_at=now, running_since=None, synced=now)
+    instance.refresh_from_db()
+    return instance
+
+
+def instance_start(*, instance: Instance) -> Instance:
+    """Start a stopped instance. 406 in another state, 404 if the cloud refuses."""
+    previous = _claim_action(instance, "start", Instance.State.PENDING)
+    try:
+        state = compute.start_instance(instance.instance_id)
+    except cloud.CloudError as exc:
+        _undo(instance, Instance.State.PENDING, previous)
+        raise RecoveryError(404, f"The cloud did not start the instance: {exc}") from exc
+    now = timezone.now()
+    Instance.objects.filter(pk=instance.pk).update(state=state, stopped_at=None, running_since=now, synced=now)
+    instance.refresh_from_db()
+    return instance
+
+
+def instance_terminate(*, instance: Instance) -> Instance:
+    """Terminate an instance and, afterwards, release its address, image and (if unused) the VPN gateway.
+
+    406 if already terminated, 408 if the cloud refuses. The release runs as
+    a task after commit (and sync_instances re-enqueues it if it is lost).
+    """
+    previous = _claim_action(instance, "terminate", Instance.State.SHUTTING_DOWN)
+    try:
+        compute.terminate_instance(instance.instance_id)
+    except cloud.CloudError as exc:
+        _undo(instance, Instance.State.SHUTTING_DOWN, previous)
+        raise RecoveryError(408, f"The cloud did not terminate the instance: {exc}") from exc
+    _terminated(instance.pk)
+    instance.refresh_from_db()
+    return instance
+
+
+def _terminated(pk: int) -> None:
+    from .tasks import release_instance
+
+    now = timezone.now()
+    with transaction.atomic():
+        Instance.objects.filter(pk=pk, terminated_at__isnull=True).update(terminated_at=now)
+        Instance.objects.filter(pk=pk).update(
+            state=Instance.State.TERMINATED, running_since=None, public_ip="", synced=now
+        )
+        transaction.on_commit(lambda: release_instance.delay(pk))
+
+
+def instance_release(*, instance_pk: int) -> bool:
+    """Let go of what a terminated instance held. Idempotent; returns whether all is released.
+
+    Its Elastic IP (disassociated first: moto keeps it associated after
+    terminate), its image and snapshot, the merged disk in S3, and the
+    tenant's VPN gateway if no other instance or failover needs it. The
+    tenant's network stays for the next failover.
+    """
+    instance = Instance.objects.select_related("recovery").filter(pk=instance_pk).first()
+    if instance is None or instance.released:
+        return True
+    if instance.state != Instance.State.TERMINATED:
+        return False
+    if instance.allocation_id:
+        compute.release_address(instance.allocation_id)
+    imported = (
+        RecoveryStep.objects.filter(recovery=instance.recovery, name="importing")
+        .values_list("outputs", flat=True)
+        .first()
+        or {}
+    )
+    image_id = instance.image_id or imported.get("image_id")
+    if image_id:
+        imaging.delete_image(image_id)  # with the snapshots AWS lists for it
+    if imported.get("snapshot_id"):  # EBS direct's, by our own record (moto lists none)
+        imaging.delete_snapshot(imported["snapshot_id"])
+    recovery = instance.recovery
+    reused = Recovery.objects.filter(
+        user_id=recovery.user_id, backup_ref=recovery.backup_ref, status__in=Recovery.ACTIVE
+    ).exists()
+    if not reused:  # a failover on its way from the same restore point would skip its merge
+        storage.delete_object(merged_key(recovery))
+    Instance.objects.filter(pk=instance.pk).update(released=timezone.now())
+    network = RecoveryNetwork.objects.filter(user_id=instance.user_id).first()
+    if network is not None:
+        networks.gateway_release_if_unused(network)
+    return True
+
+
+# --- Beat jobs -------------------------------------------------------------------------------
+
+
+def _apply_observed(row: Instance, info: compute.InstanceInfo | None, now) -> bool:
+    """Record what AWS says of one instance, unless someone changed the row meanwhile."""
+    if info is None or info.state == Instance.State.TERMINATED:
+        changed = Instance.objects.filter(pk=row.pk, state=row.state).update(
+            state=Instance.State.TERMINATED, running_since=None, public_ip="", synced=now
+        )
+        if changed:
+            Instance.objects.filter(pk=row.pk, terminated_at__isnull=True).update(terminated_at=now)
+        return bool(changed)
+    fields = {"state": info.state, "private_ip": info.private_ip or row.private_ip, "synced": now}
+    if info.state == Instance.State.STOPPED:
+        fields["stopped_at"] = row.stopped_at or info.transitioned_at or now
+        fields["running_since"] = None
+    elif info.state == Instance.State.RUNNING:
+        fields["stopped_at"] = None
+        fields["running_since"] = row.running_since or now
+        if info.public_ip:
+            fields["public_ip"] = info.public_ip
+    return bool(Instance.objects.filter(pk=row.pk, state=row.state).update(**fields))
+
+
+def instances_sync(*, batch_size: int = SYNC_BATCH) -> int:
+    """Bring recorded instance states in step with the cloud; returns rows changed. Idempotent.
+
+    An instance stopped or terminated outside the portal shows as such. The
+    least recently synced rows go first, at most `batch_size` per run, and
+    each write is conditional on the state read, so a user's click in
+    between (or an overlapping run) is never overwritten with stale news.
+    """
+    from .tasks import release_instance
+
+    now = timezone.now()
+    rows = list(
+        Instance.objects.exclude(state=Instance.State.TERMINATED)
+        .exclude(recovery__status__in=Recovery.ACTIVE)  # the failover itself is watching those
+        .order_by("synced")[:batch_size]
+    )
+    if rows:
+        found = compute.describe_instances([row.instance_id for row in rows])
+        changed = sum(_apply_observed(row, found.get(row.instance_id), now) for row in rows)
+    else:
+        changed = 0
+    # Terminated (here or outside) but not released yet: (re)try the release.
+    for pk in Instance.objects.filter(state=Instance.State.TERMINATED, released__isnull=True).values_list(
+        "pk", flat=True
+    )[:batch_size]:
+        release_instance.delay(pk)
+    return changed
+
+
+def instances_free(*, batch_size: int = FREE_BATCH, max_pages: int = FREE_MAX_PAGES) -> list[str]:
+    """Terminate ReClo's recovery instances stopped for longer than the lifetime (14 days).
+
+    Only instances carrying ReClo's tags (managed, role server) are looked
+    at, by the cloud's own filter; untagged ones are never touched. The stop
+    time is the portal's record, else the time AWS gives in the transition
+    reason; unknown means not yet. At most `batch_size` terminations and
+    `max_pages` pages per run. Overlapping runs are safe: each instance is
+    claimed with a conditional UPDATE before it is terminated, and
+    terminating twice is harmless anyway. Returns the terminated ids.
+    """
+    cutoff = timezone.now() - settings.RECLO_STOPPED_INSTANCE_LIFETIME
+    freed: list[str] = []
+    pages = compute.iter_instance_pages(
+        tags={"reclo:managed": "true", "reclo:role": "server"}, states=("stopped",), page_size=batch_size
+    )
+    for number, page in enumerate(pages):
+        if number >= max_pages:
+            break
+        for info in page:
+            row = Instance.objects.filter(instance_id=info.instance_id).first()
+            since = (row.stopped_at if row else None) or info.transitioned_at
+            if since is None or since > cutoff:
+                continue
+            if row is not None:
+                claimed = (
+                    Instance.objects.filter(pk=row.pk)
+                    .exclude(state__in=[Instance.State.SHUTTING_DOWN, Instance.State.TERMINATED])
+                    .update(state=Instance.State.SHUTTING_DOWN)
+                )
+                if not claimed:
+                    continue
+            try:
+                compute.terminate_instance(info.instance_id)
+            except cloud.CloudError as exc:
+                log.warning("free_instances: could not terminate %s: %s", info.instance_id, exc)
+                if row is not None:
+                    _undo(row, Instance.State.SHUTTING_DOWN, Instance.State.STOPPED)
+                continue
+            if row is not None:
+                _terminated(row.pk)
+            log.info("free_instances: terminated %s, stopped since %s", info.instance_id, since.isoformat())
+            freed.append(info.instance_id)
+            if len(freed) >= batch_size:
+                return freed
+    return freed

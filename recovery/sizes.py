@@ -1,0 +1,60 @@
+"""Instance sizes offered for a failover, with what they cost per hour.
+
+Prices are AWS's on-demand list prices in us-east-1 (Linux; Windows adds its
+licence, shown separately), checked 2025. They are for the customer's
+orientation on the fail-over page, not for billing.
+"""
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class Size:
+    instance_type: str
+    vcpus: int
+    memory_gib: int
+    hourly_usd: Decimal
+    windows_hourly_usd: Decimal
+    label: str
+
+    @property
+    def description(self) -> str:
+        return f"{self.label}: {self.vcpus} vCPU, {self.memory_gib} GiB memory"
+
+
+SIZES = (
+    Size("t3.small", 2, 2, Decimal("0.0208"), Decimal("0.0392"), "Small"),
+    Size("t3.medium", 2, 4, Decimal("0.0416"), Decimal("0.0600"), "Medium"),
+    Size("t3.large", 2, 8, Decimal("0.0832"), Decimal("0.1108"), "Large"),
+    Size("t3.xlarge", 4, 16, Decimal("0.1664"), Decimal("0.1984"), "Extra large"),
+    Size("m5.2xlarge", 8, 32, Decimal("0.3840"), Decimal("0.7520"), "Double extra large"),
+)
+BY_TYPE = {size.instance_type: size for size in SIZES}
+
+# What runs beside every recovered server, per hour: the VPN gateway
+# (t3.nano) and the public IPv4 addresses (server and gateway).
+VPN_GATEWAY_HOURLY_USD = Decimal("0.0052")
+PUBLIC_IPV4_HOURLY_USD = Decimal("0.005")
+
+
+def size_for_disk(virtual_size: int) -> Size:
+    """A sensible default for a server by its disk: bigger disks mean bigger workloads.
+
+    Small-office servers with up to 64 GiB disks run fine on 4 GiB of memory;
+    a file or database server with a large disk wants more.
+    """
+    if virtual_size <= 64 * GiB:
+        return BY_TYPE["t3.medium"]
+    if virtual_size <= 256 * GiB:
+        return BY_TYPE["t3.large"]
+    if virtual_size <= 1024 * GiB:
+        return BY_TYPE["t3.xlarge"]
+    return BY_TYPE["m5.2xlarge"]
+
+
+def total_hourly(size: Size) -> Decimal:
+    """The server, its VPN gateway and two public addresses, per hour (Linux prices)."""
+    return size.hourly_usd + VPN_GATEWAY_HOURLY_USD + 2 * PUBLIC_IPV4_HOURLY_USD

@@ -1,0 +1,360 @@
+"""The four failover steps. Each is a handler `(StepContext) -> Done | Wait`, run by the engine.
+
+A handler may run many times for one recovery (retries, waits, a worker
+killed half-way, a task delivered twice), so each begins by looking at what
+is already there: ids it saved, then resources tagged with the recovery's
+id, and only then creates, with a ClientToken where AWS takes one.
+"""
+
+import logging
+
+from django.conf import settings
+from django.utils import timezone
+from reclo_agent.vhd import ChainReader, VHDError, VHDReader, merge_chain, open_seekable
+from reclo_agent.vhd.format import FOOTER_SIZE, HEADER_SIZE, SECTOR, bitmap_size
+
+from reclo_site import cloud
+from reclo_site.cloud import compute, imaging, storage
+
+from . import networks, selectors
+from .engine import Done, StepContext, StepFailed, Wait
+from .models import Instance, Recovery
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+# How often waits look at AWS again.
+IMAGE_POLL = 10.0
+IMPORT_POLL = 30.0
+INSTANCE_POLL = 5.0
+# EBS direct writes are checkpointed every this many VHD blocks (128 MiB).
+CHECKPOINT_BLOCKS = 64
+
+
+# Consolidated disks live under their own prefix: the vmimport role may read
+# these and nothing of the customers' backups.
+IMAGES_PREFIX = "images/"
+
+
+def merged_key(recovery: Recovery) -> str:
+    """Where the consolidated disk of a restore point lives: one per restore point, reused."""
+    return f"{IMAGES_PREFIX}{recovery.user_id}/{recovery.backup_ref}.vhd"
+
+
+def recovery_tags(recovery: Recovery, role: str) -> dict:
+    return {
+        "reclo:managed": "true",
+        "reclo:tenant": str(recovery.user_id),
+        "reclo:recovery": str(recovery.pk),
+        "reclo:role": role,
+        "Name": f"reclo {recovery.server_name} ({role})",
+    }
+
+
+# --- consolidating ----------------------------------------------------------------------------
+
+
+class _ProgressWriter:
+    """Passes writes to the upload and renews the step's lease as the merge goes on."""
+
+    def __init__(self, out, ctx: StepContext, total: int):
+        self._out = out
+        self._ctx = ctx
+        self._total = max(1, total)
+        self.written = 0
+
+    def write(self, data) -> int:
+        n = self._out.write(data)
+        self.written += len(data)
+        percent = min(99, self.written * 100 // self._total)
+        self._ctx.heartbeat(f"Merged {self.written // MiB} MiB of about {self._total // MiB} MiB ({percent}%).")
+        return n
+
+
+def _merged_size_bound(chain: ChainReader) -> int:
+    """An upper bound of the merged VHD's size, to size the upload's parts."""
+    blocks = sum(1 for _ in chain.allocated_blocks())
+    metadata = FOOTER_SIZE + HEADER_SIZE + 4 * chain.block_count + 2 * SECTOR
+    return metadata + blocks * (bitmap_size(chain.block_size) + chain.block_size) + FOOTER_SIZE
+
+
+def consolidate(ctx: StepContext) -> Done:
+    """Merge the chain up to the restore point into one uncompressed dynamic VHD in S3.
+
+    Streams: each layer is read by ranged GETs through the seekable zstd
+    reader, and the merged VHD goes up as a multipart upload, so memory stays
+    at a few blocks and one part whatever the disk's size. Skipped when the
+    merged disk of this restore point is already stored (an upload completes
+    atomically, so an existing object is a whole one).
+    """
+    recovery = ctx.recovery
+    key = merged_key(recovery)
+    try:
+        existing = storage.head_object(key)
+    except cloud.ObjectNotFound:
+        existing = None
+    if existing:
+        return Done({"image_key": key, "image_size": existing["size"]}, "The merged disk was already there.", True)
+
+    if recovery.backup is None:
+        raise StepFailed(401, "The restore point was deleted before its disk could be prepared.")
+    try:
+        chain = selectors.backup_chain(recovery.backup)
+    except selectors.ChainError as exc:
+        raise StepFailed(401, str(exc)) from exc
+    # Parts of an earlier try that died half-way would only cost storage.
+    for stale_key, upload_id in storage.multipart_uploads(prefix=key, key=key):
+        storage.abort_multipart_upload(stale_key, upload_id)
+    try:
+        layers = [
+            VHDReader(open_seekable(storage.ObjectReader(b.key, chunk_size=4 * MiB, cache_chunks=2))) for b in chain
+        ]
+        reader = ChainReader(layers)
+    except cloud.ObjectNotFound as exc:
+        raise StepFailed(401, "A restore point of the chain is missing from storage.") from exc
+    except VHDError as exc:
+        raise StepFailed(403, f"A restore point of the chain is damaged: {exc}") from exc
+    if reader.virtual_size != recovery.virtual_size:
+        raise StepFailed(403, "The chain's disk size does not match the restore point.")
+
+    ctx.heartbeat(f"Merging {len(chain)} restore point(s).", force=True)
+    bound = _merged_size_bound(reader)
+    with storage.ObjectWriter(key, expected_size=bound) as out:
+        progress = _ProgressWriter(out, ctx, bound)
+        try:
+            merge_chain(reader, progress)
+        except VHDError as exc:
+            raise StepFailed(403, f"A restore point of the chain is damaged: {exc}") from exc
+    return Done(
+        {"image_key": key, "image_size": progress.written, "layers": len(chain)},
+        f"Merged {len(chain)} restore point(s) into one {progress.written // MiB} MiB disk.",
+    )
+
+
+# --- importing --------------------------------------------------------------------------------
+
+
+def import_image(ctx: StepContext) -> Done | Wait:
+    """Turn the merged disk into an EC2 image, by the recovery's method."""
+    if ctx.recovery.import_method == Recovery.ImportMethod.VM_IMPORT:
+        return _vm_import(ctx)
+    return _ebs_direct(ctx)
+
+
+def _image_ready(ctx: StepContext, image_id: str) -> Done | Wait:
+    state, reason = imaging.image_state(image_id)
+    if state == "available":
+        return Done({"image_id": image_id}, f"Image {image_id} is ready.")
+    if state == "pending":
+        return Wait(IMAGE_POLL, "The cloud is registering the image.")
+    raise StepFailed(403, f"The image could not be created ({state}): {reason or 'no reason given'}.")
+
+
+def _ebs_blocks(reader: ChainReader, start_block: int, end_block: int):
+    """(EBS block index, 512 KiB) of the non-zero parts of VHD blocks [start, end)."""
+    per = reader.block_size // imaging.EBS_BLOCK_SIZE
+    zero = bytes(imaging.EBS_BLOCK_SIZE)
+    for index in range(start_block, end_block):
+        if not reader.top.is_allocated(index):
+            continue
+        data = reader.read_block(index)
+        for part in range(per):
+            piece = data[part * imaging.EBS_BLOCK_SIZE : (part + 1) * imaging.EBS_BLOCK_SIZE]
+            if not piece or piece == zero[: len(piece)]:
+                continue  # unwritten EBS blocks read as zeros
+            yield index * per + part, piece.ljust(imaging.EBS_BLOCK_SIZE, b"\0")
+
+
+def _ebs_direct(ctx: StepContext) -> Done | Wait:
+    """EBS direct: snapshot blocks written from the merged disk, then RegisterImage.
+
+    Resumable: the snapshot is found by its tag or ClientToken; block writes
+    are checkpointed (rewriting a block is harmless); the image is found by
+    its unique name.
+    """
+    recovery = ctx.recovery
+    name = f"reclo-{recovery.pk}"
+    if ctx.outputs.get("image_id"):
+        return _image_ready(ctx, ctx.outputs["image_id"])
+    existing = imaging.find_image(name)
+    if existing:
+        ctx.save(image_id=existing["image_id"])
+        return _image_ready(ctx, existing["image_id"])
+
+    gib = imaging.volume_gib(recovery.virtual_size)
+    snapshot_id = ctx.outputs.get("snapshot_id")
+    if not snapshot_id:
+        found = imaging.find_snapshots({"reclo:recovery": str(recovery.pk)})
+        snapshot_id = (
+            found[0]["snapshot_id"]
+            if found
+            else imaging.start_snapshot(
+                volume_size_gib=gib,
+                client_token=f"reclo-{recovery.pk}",
+                tags=recovery_tags(recovery, "server-disk"),
+                description=f"ReClo failover of {recovery.server_name}",
+            )
+        )
+        ctx.save(snapshot_id=snapshot_id)
+
+    if not ctx.outputs.get("blocks_written"):
+        _write_snapshot_blocks(ctx, snapshot_id)
+    if not ctx.outputs.get("snapshot_completed"):
+        imaging.complete_snapshot(snapshot_id, changed_blocks=ctx.outputs.get("changed_blocks", 0))
+        ctx.save(snapshot_completed=True)
+    state, message = imaging.snapshot_state(snapshot_id)
+    if state == "pending":
+        return Wait(IMAGE_POLL, "The cloud is sealing the disk snapshot.")
+    if state != "completed":
+        raise StepFailed(403, f"The disk snapshot failed ({state}): {message or 'no reason given'}.")
+    image_id = imaging.register_image(
+        name=name,
+        snapshot_id=snapshot_id,
+        volume_size_gib=gib,
+        description=f"ReClo failover of {recovery.server_name}, restore point {recovery.backup_ref}",
+        tags=recovery_tags(recovery, "server-image"),
+    )
+    ctx.save(image_id=image_id)
+    return _image_ready(ctx, image_id)
+
+
+def _write_snapshot_blocks(ctx: StepContext, snapshot_id: str) -> None:
+    key = ctx.previous("consolidating")["image_key"]
+    try:
+        reader = ChainReader([VHDReader(storage.ObjectReader(key))])
+    except VHDError as exc:
+        raise StepFailed(403, f"The merged disk is damaged: {exc}") from exc
+    start = ctx.outputs.get("next_block", 0)
+    written = ctx.outputs.get("changed_blocks", 0)
+    total = reader.block_count
+    for batch_start in range(start, total, CHECKPOINT_BLOCKS):
+        batch_end = min(total, batch_start + CHECKPOINT_BLOCKS)
+
+        def beat(_index, batch_start=batch_start):
+            ctx.heartbeat(f"Writing the disk: {batch_start * 100 // total}% done.")
+
+        written += imaging.put_snapshot_blocks(snapshot_id, _ebs_blocks(reader, batch_start, batch_end), on_done=beat)
+        ctx.save(next_block=batch_end, changed_blocks=written)
+    ctx.save(blocks_written=True, changed_blocks=written)
+
+
+def _vm_import(ctx: StepContext) -> Done | Wait:
+    """VM Import: ImportImage of the merged VHD, then polled through its states until it has an image."""
+    recovery = ctx.recovery
+    task_id = ctx.outputs.get("import_task_id")
+    if not task_id:
+        key = ctx.previous("consolidating")["image_key"]
+        task_id = imaging.import_image(
+            bucket=storage.bucket_name(),
+            key=key,
+            role_name=settings.RECLO_VMIMPORT_ROLE,
+            client_token=f"reclo-{recovery.pk}",
+            description=f"ReClo failover of {recovery.server_name}",
+            tags=recovery_tags(recovery, "server-import"),
+        )
+        ctx.save(import_task_id=task_id)
+    status = imaging.import_status(task_id)
+    if status.status == "completed" and status.image_id:
+        ctx.save(image_id=status.image_id)
+        return Done({"image_id": status.image_id}, f"Image {status.image_id} is ready.")
+    if status.failed:
+        raise StepFailed(403, f"VM Import failed: {status.message or status.status}.")
+    progress = f" ({status.progress}%)" if status.progress is not None else ""
+    return Wait(IMPORT_POLL, f"VM Import: {status.message or status.status}{progress}.")
+
+
+# --- launching --------------------------------------------------------------------------------
+
+
+def launch(ctx: StepContext) -> Done | Wait:
+    """Start the server from the image in the tenant's recovery network, with an Elastic IP."""
+    recovery = ctx.recovery
+    network = networks.network_ensure(recovery.user)
+    if network is None:
+        return Wait(3, "Another failover is preparing the recovery network.")
+
+    instance = Instance.objects.filter(recovery=recovery).first()
+    if instance is None:
+        tags = recovery_tags(recovery, "server")
+        found = compute.find_instances({"reclo:recovery": str(recovery.pk), "reclo:role": "server"})
+        info = (
+            found[0]
+            if found
+            else compute.run_instance(
+                image_id=ctx.previous("importing")["image_id"],
+                instance_type=recovery.instance_type,
+                subnet_id=network.subnet_id,
+                security_group_ids=[network.server_group_id],
+                client_token=f"reclo-{recovery.pk}-server",
+                tags=tags,
+            )
+        )
+        instance, _ = Instance.objects.get_or_create(
+            recovery=recovery,
+            defaults={
+                "instance_id": info.instance_id,
+                "user_id": recovery.user_id,
+                "instance_type": info.instance_type or recovery.instance_type,
+                "image_id": info.image_id,
+                "state": info.state or Instance.State.PENDING,
+                "private_ip": info.private_ip,
+                "launched": info.launched or timezone.now(),
+            },
+        )
+        ctx.save(instance_id=instance.instance_id)
+
+    info = compute.describe_instance(instance.instance_id)
+    Instance.objects.filter(pk=instance.pk).update(state=info.state, private_ip=info.private_ip, synced=timezone.now())
+    if info.state == "pending":
+        return Wait(INSTANCE_POLL, "The server is booting.")
+    if info.state != "running":
+        raise StepFailed(
+            404, f"The server did not start: it is {info.state} ({info.state_reason or 'no reason given'})."
+        )
+
+    allocation_id = instance.allocation_id
+    if not allocation_id:
+        found = compute.find_addresses({"reclo:recovery": str(recovery.pk), "reclo:role": "server"})
+        address = found[0] if found else compute.allocate_address(tags=recovery_tags(recovery, "server"))
+        allocation_id = address.allocation_id
+        Instance.objects.filter(pk=instance.pk).update(allocation_id=allocation_id)
+        ctx.save(allocation_id=allocation_id)
+    compute.associate_address(allocation_id=allocation_id, instance_id=instance.instance_id)
+    address = compute.describe_address(allocation_id)
+    public_ip = address.public_ip if address else ""
+    now = timezone.now()
+    Instance.objects.filter(pk=instance.pk).update(
+        state=Instance.State.RUNNING, public_ip=public_ip, running_since=now, synced=now
+    )
+    return Done(
+        {"instance_id": instance.instance_id, "private_ip": info.private_ip, "public_ip": public_ip},
+        f"Server {instance.instance_id} is running at {info.private_ip}.",
+    )
+
+
+# --- provisioning_vpn -------------------------------------------------------------------------
+
+
+def provision_vpn(ctx: StepContext) -> Done | Wait:
+    """Bring up (or reuse) the tenant's WireGuard gateway."""
+    recovery = ctx.recovery
+    network = networks.network_ensure(recovery.user)
+    if network is None:
+        return Wait(3, "Another failover is preparing the recovery network.")
+    result = networks.gateway_ensure(network)
+    if isinstance(result, Wait):
+        return result
+    gateway = result
+    ctx.save(gateway_instance_id=gateway.instance_id, gateway_public_ip=gateway.public_ip)
+    return Done(
+        {"gateway_instance_id": gateway.instance_id, "gateway_public_ip": gateway.public_ip},
+        f"The VPN gateway answers at {gateway.public_ip}:51820.",
+    )
+
+
+HANDLERS = {
+    "consolidating": consolidate,
+    "importing": import_image,
+    "launching": launch,
+    "provisioning_vpn": provision_vpn,
+}

@@ -1,0 +1,46 @@
+"""Celery tasks of the failover pipeline and the instance beat jobs.
+
+Each takes ids, calls one service and is safe to run twice (Celery does
+deliver twice: acks are late). The step task does its own retry handling
+(see `recovery.engine`); the release task retries transient cloud errors.
+"""
+
+from celery import shared_task
+
+from reclo_site.cloud import CloudUnavailable
+
+from . import services
+
+# A step may stream a large disk; it renews its lease while it works, so a
+# long run is not mistaken for a dead one. The limits only stop a hung call.
+STEP_SOFT_LIMIT = 4 * 60 * 60 - 5 * 60
+STEP_HARD_LIMIT = 4 * 60 * 60
+
+
+@shared_task(soft_time_limit=STEP_SOFT_LIMIT, time_limit=STEP_HARD_LIMIT)
+def recovery_run_step(recovery_id: str, step: str) -> str:
+    """One go of one failover step: claim, work, record, enqueue the next."""
+    return services.recovery_step_run(recovery_id=recovery_id, step=step)
+
+
+@shared_task(
+    autoretry_for=(CloudUnavailable,), retry_backoff=10, retry_backoff_max=600, retry_jitter=True, max_retries=10
+)
+def release_instance(instance_pk: int) -> bool:
+    """Release a terminated instance's address, image and (if unused) VPN gateway."""
+    return services.instance_release(instance_pk=instance_pk)
+
+
+@shared_task
+def reconcile_recoveries() -> int:
+    return services.recoveries_reconcile()
+
+
+@shared_task
+def sync_instances() -> int:
+    return services.instances_sync()
+
+
+@shared_task
+def free_instances() -> list[str]:
+    return services.instances_free()

@@ -1,0 +1,360 @@
+"""Each failover step against moto: what it makes, when it skips, how it fails, how it resumes."""
+
+import io
+from unittest import mock
+
+import pytest
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.ebs.models import ebs_backends
+from reclo_agent.vhd import ChainReader, VHDReader
+
+from backups.models import Backup
+from reclo_site.cloud import CloudPermanentError, compute, imaging, network, storage
+from reclo_site.cloud.compute import InstanceInfo
+from recovery import engine, services, steps
+from recovery.models import Instance, Recovery, RecoveryNetwork, RecoveryStep, VpnGateway
+
+from .cloud_inventory import inventory
+from .factories import MiB, backup_chain
+
+pytestmark = pytest.mark.django_db
+
+ONE_OF_EACH = {"servers": 1, "gateways": 1, "images": 1, "snapshots": 1, "addresses": 2, "vpcs": 1}
+
+
+@pytest.fixture
+def recovery(chain, user):
+    return services.recovery_start(user=user, backup_id=chain[0][-1].pk)
+
+
+def outputs(recovery, step):
+    return RecoveryStep.objects.get(recovery=recovery, name=step).outputs
+
+
+# --- consolidating ------------------------------------------------------------------------------
+
+
+def test_consolidating_merges_the_chain_into_one_dynamic_vhd_in_storage(recovery, chain, drive):
+    _backups, top = chain
+    drive(recovery.pk, until="importing")
+    out = outputs(recovery, "consolidating")
+    assert out["image_key"] == f"images/{recovery.user_id}/{recovery.backup_ref}.vhd"
+    assert out["layers"] == 3
+    merged = VHDReader(storage.ObjectReader(out["image_key"]))
+    assert merged.info.disk_type == "dynamic"
+    assert merged.virtual_size == len(top)
+    assert ChainReader([merged]).read(0, len(top)) == top
+    assert storage.head_object(out["image_key"])["size"] == out["image_size"]
+
+
+def test_consolidating_is_skipped_when_the_merged_disk_exists(recovery, chain, user, drive):
+    drive(recovery.pk, until="importing")
+    Recovery.objects.filter(pk=recovery.pk).update(status="failed")
+    again = services.recovery_start(user=user, backup_id=chain[0][-1].pk)
+    with mock.patch.object(steps, "merge_chain", side_effect=AssertionError("merged again")):
+        drive(again.pk, until="importing")
+    step = again.steps.get(name="consolidating")
+    assert step.status == "skipped"
+    assert step.outputs["image_key"] == outputs(recovery, "consolidating")["image_key"]
+
+
+def test_consolidating_an_earlier_restore_point_stops_at_it(chain, user, drive):
+    backups, _ = chain
+    recovery = services.recovery_start(user=user, backup_id=backups[0].pk)
+    drive(recovery.pk, until="importing")
+    assert outputs(recovery, "consolidating")["layers"] == 1
+
+
+def test_consolidating_fails_with_401_when_a_layer_is_missing_from_storage(recovery, chain, drive):
+    storage.delete_object(chain[0][1].key)
+    recovery = drive(recovery.pk)
+    assert (recovery.status, recovery.error_code) == ("failed", 401)
+    assert "missing from storage" in recovery.error
+
+
+def test_consolidating_fails_with_403_when_a_layer_is_damaged(recovery, chain, drive):
+    storage.put_object(chain[0][1].key, b"this is not seekable zstd at all" * 10)
+    recovery = drive(recovery.pk)
+    assert (recovery.status, recovery.error_code) == ("failed", 403)
+    assert "damaged" in recovery.error
+
+
+def test_consolidating_fails_with_401_when_a_parent_is_no_longer_verified(recovery, chain, drive):
+    Backup.objects.filter(pk=chain[0][0].pk).update(status=Backup.Status.FAILED)
+    recovery = drive(recovery.pk)
+    assert (recovery.status, recovery.error_code) == ("failed", 401)
+    assert "not verified" in recovery.error
+
+
+def test_consolidating_aborts_the_upload_a_dead_worker_left(recovery, drive):
+    key = steps.merged_key(recovery)
+    writer = storage.ObjectWriter(key)
+    writer.write(b"x" * 100)  # a worker died after starting the upload
+    assert storage.multipart_uploads(prefix=key, key=key)
+    drive(recovery.pk, until="importing")
+    assert storage.multipart_uploads(prefix=key, key=key) == []
+
+
+# --- importing: EBS direct ----------------------------------------------------------------------
+
+
+def test_ebs_direct_writes_the_disks_non_zero_blocks_and_registers_an_image(recovery, chain, drive):
+    _backups, top = chain
+    registered = []
+
+    def spy(params, **_):  # moto ignores RegisterImage's block-device mapping: check what we sent
+        registered.append(dict(params))
+
+    events = imaging.client("ec2").meta.events
+    events.register("provide-client-params.ec2.RegisterImage", spy)
+    try:
+        drive(recovery.pk, until="launching")
+    finally:
+        events.unregister("provide-client-params.ec2.RegisterImage", spy)
+    out = outputs(recovery, "importing")
+    blocks = ebs_backends[DEFAULT_ACCOUNT_ID]["us-east-1"].snapshots[out["snapshot_id"]].blocks
+    size = imaging.EBS_BLOCK_SIZE
+    expected = {
+        n: top[n * size : (n + 1) * size] for n in range(len(top) // size) if any(top[n * size : (n + 1) * size])
+    }
+    assert {n: b.block_data for n, b in blocks.items()} == expected
+    assert out["changed_blocks"] == len(expected)
+    assert imaging.snapshot_state(out["snapshot_id"])[0] == "completed"
+    assert imaging.image_state(out["image_id"])[0] == "available"
+    (params,) = registered
+    assert params["Name"] == f"reclo-{recovery.pk}"
+    assert params["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"] == out["snapshot_id"]
+    assert params["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"] == 1
+    assert params["RootDeviceName"] == params["BlockDeviceMappings"][0]["DeviceName"]
+
+
+def test_ebs_direct_resumes_from_its_checkpoint(recovery, drive, monkeypatch):
+    monkeypatch.setattr(steps, "CHECKPOINT_BLOCKS", 1)
+    real = imaging.put_snapshot_blocks
+    calls = []
+
+    def die_on_third_batch(snapshot_id, blocks, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Killed("worker killed mid-write")
+        return real(snapshot_id, blocks, **kwargs)
+
+    monkeypatch.setattr(imaging, "put_snapshot_blocks", die_on_third_batch)
+    with pytest.raises(Killed):
+        drive(recovery.pk)
+    assert outputs(recovery, "importing")["next_block"] == 2
+    drive(recovery.pk, until="launching")
+    assert len(calls) == 2 + 1 + 2  # after the kill, batches 3 and 4 only; 1 and 2 were not written again
+    assert inventory()["snapshots"] == 1
+
+
+def test_ebs_direct_fails_with_403_when_the_snapshot_fails(recovery, drive, monkeypatch):
+    monkeypatch.setattr(imaging, "snapshot_state", lambda sid: ("error", "disk unreadable"))
+    recovery = drive(recovery.pk)
+    assert (recovery.status, recovery.error_code) == ("failed", 403)
+    assert "disk unreadable" in recovery.error
+
+
+def test_ebs_direct_waits_for_a_pending_image_then_fails_a_failed_one(recovery, drive, monkeypatch):
+    states = iter([("pending", ""), ("failed", "InvalidSnapshot")])
+    monkeypatch.setattr(imaging, "image_state", lambda image_id: next(states))
+    drive(recovery.pk, until="importing")
+    engine.run_step(recovery.pk, "importing")
+    step = recovery.steps.get(name="importing")
+    assert step.status == "waiting" and "registering" in step.detail
+    recovery = drive(recovery.pk)
+    assert (recovery.status, recovery.error_code) == ("failed", 403)
+    assert "InvalidSnapshot" in recovery.error
+
+
+# --- launching ----------------------------------------------------------------------------------
+
+
+def test_launching_starts_the_server_in_the_tenants_network_with_an_address(recovery, user, drive):
+    drive(recovery.pk, until="provisioning_vpn")
+    instance = Instance.objects.get(recovery=recovery)
+    net = RecoveryNetwork.objects.get(user=user)
+    info = compute.describe_instance(instance.instance_id)
+    assert info.state == "running"
+    assert info.image_id == outputs(recovery, "importing")["image_id"]
+    assert info.instance_type == recovery.instance_type == "t3.medium"  # derived from the 8 MiB disk
+    assert info.tags["reclo:recovery"] == str(recovery.pk) and info.tags["reclo:managed"] == "true"
+    assert info.private_ip.startswith("10.213.1.")
+    assert instance.private_ip == info.private_ip and instance.public_ip == info.public_ip
+    address = compute.describe_address(instance.allocation_id)
+    assert address.instance_id == instance.instance_id
+    assert net.ready and net.vpc_id and net.subnet_id
+    assert compute.describe_instances([instance.instance_id])[instance.instance_id].private_ip.startswith("10.213.")
+
+
+def test_the_network_is_made_once_per_tenant_and_reused(recovery, user, other_user, drive):
+    drive(recovery.pk)
+    second_chain, _ = backup_chain(user=user, size=4 * MiB, incrementals=0, seed=7)
+    second = drive(services.recovery_start(user=user, backup_id=second_chain[-1].pk).pk)
+    assert second.status == "ready"
+    assert inventory(tenant=user.pk)["vpcs"] == 1
+    assert inventory(tenant=user.pk)["gateways"] == 1  # one VPN gateway for the tenant
+    assert (
+        outputs(second, "provisioning_vpn")["gateway_instance_id"]
+        == outputs(recovery, "provisioning_vpn")["gateway_instance_id"]
+    )
+    theirs, _ = backup_chain(user=other_user, size=4 * MiB, incrementals=0, seed=8)
+    drive(services.recovery_start(user=other_user, backup_id=theirs[-1].pk).pk)
+    assert inventory(tenant=other_user.pk)["vpcs"] == 1
+    assert RecoveryNetwork.objects.get(user=user).vpc_id != RecoveryNetwork.objects.get(user=other_user).vpc_id
+
+
+def test_launching_waits_while_the_server_boots(recovery, drive, monkeypatch):
+    real = compute.describe_instance
+    booting = iter([True, True])
+
+    def scripted(instance_id):  # moto jumps straight to "running"
+        info = real(instance_id)
+        if next(booting, False):
+            return InstanceInfo(instance_id=instance_id, state="pending", instance_type=info.instance_type)
+        return info
+
+    monkeypatch.setattr(compute, "describe_instance", scripted)
+    drive(recovery.pk, until="launching")
+    assert engine.run_step(recovery.pk, "launching") == "waiting"
+    assert recovery.steps.get(name="launching").detail == "The server is booting."
+    assert engine.run_step(recovery.pk, "launching") == "waiting"
+    assert drive(recovery.pk).status == "ready"
+    assert inventory()["servers"] == 1
+
+
+def test_launching_fails_with_404_when_the_server_does_not_start(recovery, drive, monkeypatch):
+    monkeypatch.setattr(
+        compute,
+        "describe_instance",
+        lambda iid: InstanceInfo(iid, "terminated", "t3.medium", state_reason="Server.InsufficientInstanceCapacity"),
+    )
+    recovery = drive(recovery.pk)
+    assert (recovery.status, recovery.error_code) == ("failed", 404)
+    assert "InsufficientInstanceCapacity" in recovery.error
+
+
+def test_launching_fails_with_404_when_the_cloud_refuses_the_instance(recovery, drive, monkeypatch):
+    refusal = CloudPermanentError("launch: Unsupported The requested configuration is not supported", "Unsupported")
+    monkeypatch.setattr(compute, "run_instance", mock.Mock(side_effect=refusal))
+    recovery = drive(recovery.pk)
+    assert (recovery.status, recovery.error_code) == ("failed", 404)
+    assert Instance.objects.count() == 0
+
+
+# --- provisioning_vpn ---------------------------------------------------------------------------
+
+
+def test_the_vpn_gateway_is_configured_by_user_data_and_only_it_takes_wireguard(recovery, user, drive):
+    from recovery import vpn
+
+    drive(recovery.pk)
+    gateway = VpnGateway.objects.get(network__user=user)
+    net = gateway.network
+    info = compute.describe_instance(gateway.instance_id)
+    assert info.state == "running" and info.tags["reclo:role"] == "vpn-gateway"
+    data = compute.user_data(gateway.instance_id)
+    assert f"PrivateKey = {vpn.decrypt(gateway.gateway_private_key_enc)}" in data
+    assert f"PublicKey = {gateway.client_public_key}" in data
+    assert vpn.public_key_of(vpn.decrypt(gateway.gateway_private_key_enc)) == gateway.gateway_public_key
+    assert gateway.public_ip and gateway.state == "ready"
+
+    gateway_rules = network.ingress_rules(net.gateway_group_id)
+    assert [(r["IpProtocol"], r.get("FromPort"), r.get("ToPort"), [x["CidrIp"] for x in r["IpRanges"]]) for r in
+            gateway_rules] == [("udp", 51820, 51820, ["0.0.0.0/0"])]  # fmt: skip
+    server_rules = network.ingress_rules(net.server_group_id)
+    assert len(server_rules) == 1
+    assert server_rules[0]["IpProtocol"] == "-1" and server_rules[0]["IpRanges"] == []
+    assert [p["GroupId"] for p in server_rules[0]["UserIdGroupPairs"]] == [net.gateway_group_id]
+    server = compute.describe_instance(Instance.objects.get().instance_id)
+    assert server.tags["reclo:role"] == "server"
+
+
+def test_provisioning_vpn_fails_with_407_when_the_gateway_cannot_be_made(recovery, drive, settings):
+    settings.RECLO_VPN_GATEWAY_AMI_PARAMETER = "/aws/service/no-such-parameter"
+    recovery = drive(recovery.pk)
+    assert (recovery.status, recovery.error_code) == ("failed", 407)
+    assert inventory()["gateways"] == 0
+
+
+def test_a_gateway_that_vanished_is_replaced_with_new_keys(recovery, user, drive):
+    drive(recovery.pk)
+    gateway = VpnGateway.objects.get()
+    old_instance, old_key = gateway.instance_id, gateway.client_public_key
+    compute.terminate_instance(old_instance)
+    second_chain, _ = backup_chain(user=user, size=4 * MiB, incrementals=0, seed=9)
+    drive(services.recovery_start(user=user, backup_id=second_chain[-1].pk).pk)
+    gateway.refresh_from_db()
+    assert gateway.instance_id != old_instance and gateway.client_public_key != old_key
+    assert gateway.generation == 2
+    assert inventory()["gateways"] == 1
+
+
+# --- the whole pipeline: duplicates and crashes -------------------------------------------------
+
+
+class Killed(BaseException):
+    """A worker killed mid-step: nothing after this point ran, not even except clauses."""
+
+
+def test_every_step_delivered_twice_makes_one_of_everything(recovery, user):
+    for step in Recovery.STEPS:
+        first = engine.run_step(recovery.pk, step)
+        second = engine.run_step(recovery.pk, step)
+        assert (first, second) == ("done", "not claimed"), step
+    recovery.refresh_from_db()
+    assert recovery.status == "ready"
+    assert inventory() == ONE_OF_EACH
+    assert [s.attempts for s in recovery.steps.all()] == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("module", "name", "nth"),
+    [
+        (steps, "merge_chain", 1),
+        (imaging, "start_snapshot", 1),
+        (imaging, "complete_snapshot", 1),
+        (imaging, "register_image", 1),
+        (network, "create_vpc", 1),
+        (network, "create_security_group", 2),
+        (compute, "run_instance", 1),  # the server
+        (compute, "allocate_address", 1),  # the server's address
+        (compute, "run_instance", 2),  # the VPN gateway
+        (compute, "allocate_address", 2),  # the gateway's address
+    ],
+    ids=lambda v: v if isinstance(v, str | int) else v.__name__.rsplit(".", 1)[-1],
+)
+def test_a_worker_killed_right_after_a_create_leaves_no_duplicate(recovery, drive, monkeypatch, module, name, nth):
+    real = getattr(module, name)
+    calls = []
+
+    def then_die(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(name)
+        if len(calls) == nth:
+            raise Killed(f"killed after {name}")  # before the id was saved
+        return result
+
+    monkeypatch.setattr(module, name, then_die)
+    with pytest.raises(Killed):
+        drive(recovery.pk)
+    recovery = drive(recovery.pk)  # another worker takes over once the lease runs out
+    assert recovery.status == "ready", recovery.error
+    assert inventory() == ONE_OF_EACH
+    assert Instance.objects.count() == 1 and VpnGateway.objects.count() == 1
+
+
+def test_the_merged_disk_is_read_back_through_ranged_reads_only(recovery, drive, monkeypatch):
+    opened = []
+    real = storage.ObjectReader
+
+    def tracking(key, **kwargs):
+        reader = real(key, **kwargs)
+        opened.append(reader)
+        return reader
+
+    monkeypatch.setattr(storage, "ObjectReader", tracking)
+    drive(recovery.pk, until="launching")
+    for reader in opened:
+        assert reader.requests >= 1
+    assert isinstance(io.BytesIO(), io.BytesIO)
