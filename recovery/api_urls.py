@@ -1,1 +1,13 @@
-urlpatterns = []
+from django.urls import path
+
+from . import api
+
+urlpatterns = [
+    path("recoveries", api.RecoveriesApi.as_view(), name="recoveries"),
+    path("recoveries/<str:recovery_id>", api.RecoveryDetailApi.as_view(), name="recovery-detail"),
+    path("instances", api.InstancesApi.as_view(), name="instances"),
+    path("instances/<str:instance_id>", api.InstanceDetailApi.as_view(), name="instance-detail"),
+    path("instances/<str:instance_id>/start", api.InstanceStartApi.as_view(), name="instance-start"),
+    path("instances/<str:instance_id>/stop", api.InstanceStopApi.as_view(), name="instance-stop"),
+    path("instances/<str:instance_id>/vpn", api.InstanceVpnApi.as_view(), name="instance-vpn"),
+]
