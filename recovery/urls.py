@@ -6,4 +6,10 @@ app_name = "recovery"
 
 urlpatterns = [
     path("instances/", views.instances, name="instances"),
+    path("servers/<int:server_id>/failover/", views.failover_start, name="failover-start"),
+    path("<uuid:recovery_id>/", views.recovery_detail, name="detail"),
+    path("<uuid:recovery_id>/status.json", views.recovery_status, name="status"),
+    path("instances/<str:instance_id>/vpn.conf", views.vpn_config, name="vpn-config"),
+    path("instances/<str:instance_id>/vpn-qr.svg", views.vpn_qr, name="vpn-qr"),
+    path("instances/<str:instance_id>/<str:action>/", views.instance_action, name="instance-action"),
 ]

@@ -1,9 +1,229 @@
-"""Recovery pages."""
+"""Recovery pages: fail over, follow a failover, the instances, their VPN config."""
 
+import io
+
+import qrcode
+import qrcode.image.svg
+from django.conf import settings
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.shortcuts import render
+from django.http import Http404, HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
+from django.utils import timezone
+from django.views.decorators.http import require_GET, require_http_methods
+
+from . import selectors, services, sizes
+from .api import vpn_file_name
+from .engine import STEP_TITLES
+from .forms import FailoverForm
+from .models import Instance, Recovery
+
+ACTIONS = {
+    "start": {
+        "title": "Start",
+        "service": services.instance_start,
+        "done": "The server is starting; it is reachable again in a minute or two.",
+        "warning": "The server runs, and is billed, until you stop it again.",
+        "button": "Start the server",
+        "style": "",
+    },
+    "stop": {
+        "title": "Stop",
+        "service": services.instance_stop,
+        "done": "The server is stopping.",
+        "warning": "Anyone using the server is cut off. A stopped server costs only its disk, and is "
+        "terminated automatically after {days} days stopped.",
+        "button": "Stop the server",
+        "style": "secondary",
+    },
+    "terminate": {
+        "title": "Terminate",
+        "service": services.instance_terminate,
+        "done": "The server is terminated.",
+        "warning": "The cloud server and everything written to it since the failover are deleted for good. "
+        "Your backups are not touched.",
+        "button": "Terminate the server",
+        "style": "danger",
+    },
+}
+
+
+def _recovery_or_404(request, recovery_id) -> Recovery:
+    recovery = selectors.recovery_get(user=request.user, recovery_id=recovery_id)
+    if recovery is None:
+        raise Http404("No such failover.")
+    return recovery
+
+
+def _instance_or_404(request, instance_id) -> Instance:
+    instance = selectors.instance_get(user=request.user, instance_id=instance_id)
+    if instance is None:
+        raise Http404("No such instance.")
+    return instance
 
 
 @login_required
 def instances(request):
-    return render(request, "recovery/instances.html", {"instances": []})
+    rows = selectors.instance_list(user=request.user)
+    in_progress = selectors.recovery_list_unfinished_or_failed(user=request.user)
+    return render(
+        request,
+        "recovery/instances.html",
+        {
+            "instances": rows,
+            "live": [i for i in rows if i.state != Instance.State.TERMINATED],
+            "terminated": [i for i in rows if i.state == Instance.State.TERMINATED][:10],
+            "recoveries": in_progress,
+            "lifetime_days": settings.RECLO_STOPPED_INSTANCE_LIFETIME.days,
+        },
+    )
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def failover_start(request, server_id: int):
+    server = selectors.server_get(user=request.user, server_id=server_id)
+    if server is None:
+        raise Http404("No such server.")
+    form = FailoverForm(request.POST or None, server=server)
+    if request.method == "POST" and form.is_valid():
+        try:
+            recovery = services.recovery_start(
+                user=request.user,
+                backup_id=form.cleaned_data["backup"].pk,
+                instance_type=form.cleaned_data["instance_type"],
+            )
+        except services.RecoveryError as exc:
+            form.add_error(None, exc.message)
+        else:
+            messages.success(request, f"Failover of {server.name} started.")
+            return redirect("recovery:detail", recovery_id=recovery.pk)
+    return render(
+        request,
+        "recovery/failover.html",
+        {
+            "server": server,
+            "form": form,
+            "has_points": form.fields["backup"].queryset.exists(),
+            "extras": {
+                "gateway": sizes.VPN_GATEWAY_HOURLY_USD,
+                "addresses": 2 * sizes.PUBLIC_IPV4_HOURLY_USD,
+            },
+        },
+    )
+
+
+def _progress(recovery: Recovery) -> dict:
+    """What the recovery page shows and its script polls, ready to render."""
+    steps = [
+        {
+            "name": step.name,
+            "title": STEP_TITLES.get(step.name, step.name),
+            "status": step.status,
+            "detail": step.error or step.detail,
+            "started": step.started.isoformat() if step.started else None,
+            "finished": step.finished.isoformat() if step.finished else None,
+            "seconds": int(((step.finished or timezone.now()) - step.started).total_seconds())
+            if step.started
+            else None,
+        }
+        for step in recovery.steps.all()
+    ]
+    return {
+        "status": recovery.status,
+        "status_label": recovery.get_status_display(),
+        "active": recovery.is_active,
+        "elapsed_seconds": int(recovery.elapsed.total_seconds()),
+        "error": recovery.error if recovery.status == Recovery.Status.FAILED else "",
+        "steps": steps,
+    }
+
+
+@login_required
+def recovery_detail(request, recovery_id):
+    recovery = _recovery_or_404(request, recovery_id)
+    instance = Instance.objects.filter(recovery=recovery).first()
+    vpn_ready = bool(instance and instance.state != Instance.State.TERMINATED and selectors.vpn_client_config(
+        instance=instance))  # fmt: skip
+    return render(
+        request,
+        "recovery/recovery.html",
+        {
+            "recovery": recovery,
+            "progress": _progress(recovery),
+            "instance": instance,
+            "vpn_ready": vpn_ready,
+            "vpn_file": vpn_file_name(instance) if instance else "",
+        },
+    )
+
+
+@login_required
+@require_GET
+def recovery_status(request, recovery_id):
+    """The recovery's progress as JSON, for the page's polling script."""
+    recovery = _recovery_or_404(request, recovery_id)
+    response = JsonResponse(_progress(recovery))
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def instance_action(request, instance_id, action):
+    """Confirm (GET) and do (POST) start, stop or terminate: works without JavaScript."""
+    if action not in ACTIONS:
+        raise Http404("No such action.")
+    instance = _instance_or_404(request, instance_id)
+    spec = ACTIONS[action]
+    allowed = instance.state in services.ALLOWED[action]
+    if request.method == "POST":
+        try:
+            spec["service"](instance=instance)
+        except services.RecoveryError as exc:
+            messages.error(request, exc.message)
+        else:
+            messages.success(request, spec["done"])
+        return redirect("recovery:instances")
+    return render(
+        request,
+        "recovery/instance_action.html",
+        {
+            "instance": instance,
+            "action": action,
+            "spec": spec,
+            "warning": spec["warning"].format(days=settings.RECLO_STOPPED_INSTANCE_LIFETIME.days),
+            "allowed": allowed,
+        },
+    )
+
+
+def _config_or_404(request, instance_id) -> tuple[Instance, str]:
+    instance = _instance_or_404(request, instance_id)
+    config = selectors.vpn_client_config(instance=instance) if instance.state != Instance.State.TERMINATED else None
+    if config is None:
+        raise Http404("The VPN is not ready.")
+    return instance, config
+
+
+@login_required
+@require_GET
+def vpn_config(request, instance_id):
+    instance, config = _config_or_404(request, instance_id)
+    response = HttpResponse(config, content_type="text/plain; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{vpn_file_name(instance)}"'
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+@login_required
+@require_GET
+def vpn_qr(request, instance_id):
+    """The client config as a QR code (SVG) for the WireGuard app on a phone or tablet."""
+    _instance, config = _config_or_404(request, instance_id)
+    image = qrcode.make(config, image_factory=qrcode.image.svg.SvgPathFillImage, box_size=8, border=2)
+    out = io.BytesIO()
+    image.save(out)
+    response = HttpResponse(out.getvalue(), content_type="image/svg+xml")
+    response["Cache-Control"] = "no-store"
+    return response
