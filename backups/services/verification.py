@@ -51,9 +51,19 @@ def object_check(key: str, *, kind: str, virtual_size: int, parent_unique_id: uu
     with storage.ObjectReader(key, sha256=True) as raw:
         disk = vhd.open_seekable(raw)
         info = vhd.validate(disk, expected_kind=kind, parent_unique_id=parent_unique_id, virtual_size=virtual_size)
+        # A VHD is never much bigger than its disk (bitmaps and tables add
+        # well under 1%). Refuse a larger one before decompressing it all:
+        # a few kilobytes of zstd can claim terabytes of zeros.
+        if info.file_size > max_vhd_size(virtual_size):
+            raise vhd.VHDError(f"the VHD is {info.file_size} bytes, far more than a {virtual_size}-byte disk needs")
         vhd.check_seekable(raw)
         digest = raw.sha256_hexdigest()
         return ObjectCheck(size=raw.size, sha256=digest, info=info)
+
+
+def max_vhd_size(virtual_size: int) -> int:
+    """The largest VHD file (decompressed) a restore point of this disk may be."""
+    return virtual_size + virtual_size // 256 + 64 * 1024 * 1024
 
 
 def _problem(backup: Backup, *, parent_unique_id) -> tuple[ObjectCheck | None, str]:

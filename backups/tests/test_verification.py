@@ -103,6 +103,14 @@ def _broken_footer() -> bytes:
     return bytes(data)
 
 
+def test_a_decompression_bomb_is_refused_before_it_is_read(upload):
+    vhd_bytes = _uncompressed_vhd()
+    padding = services.verification.max_vhd_size(vhds.DISK_SIZE)  # zeros, before the final footer
+    upload(_seekable(vhd_bytes[:-512] + bytes(padding) + vhd_bytes[-512:]))
+    backup = Backup.objects.get()
+    assert backup.status == "failed" and "far more than" in backup.failure
+
+
 def test_a_full_that_is_a_differencing_vhd_fails(upload, base):
     _, raw, info = base
     data, _ = vhds.incremental(raw, vhds.changed(raw, 2), info)
