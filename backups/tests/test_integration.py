@@ -41,6 +41,8 @@ def test_a_real_worker_verifies_uploads_end_to_end(transactional_db, user, api, 
         "REDIS_URL": os.environ["REDIS_URL"],
         "AWS_ENDPOINT_URL": moto_server,
         "RECLO_BUCKET": storage.bucket_name(),
+        # What the worker enqueues itself (retention) stays on our queue too.
+        "CELERY_TASK_DEFAULT_QUEUE": own_queue,
     }
 
     def upload(data: bytes) -> str:
