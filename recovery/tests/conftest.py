@@ -2,10 +2,7 @@
 
 import pytest
 
-from recovery import engine
-from recovery.models import Recovery
-
-from .factories import MiB, ServerFactory, backup_chain
+from .factories import MiB, ServerFactory, backup_chain, drive_recovery
 
 
 @pytest.fixture
@@ -26,14 +23,4 @@ def drive():
     Tests that use the plain `db` fixture run inside one transaction, where
     on_commit never fires; this plays the part of the worker instead.
     """
-
-    def run(recovery_id, *, max_goes: int = 50, until: str | None = None) -> Recovery:
-        for _ in range(max_goes):
-            recovery = Recovery.objects.get(pk=recovery_id)
-            if recovery.status in Recovery.FINISHED or (until and recovery.status == until):
-                return recovery
-            Recovery.objects.filter(pk=recovery_id).update(lease_until=None, lease_token=None)
-            engine.run_step(recovery_id, engine.step_for_status(recovery.status))
-        raise AssertionError(f"recovery did not finish in {max_goes} goes: {Recovery.objects.get(pk=recovery_id)}")
-
-    return run
+    return drive_recovery

@@ -183,3 +183,17 @@ def recovered_instance(*, user, state: str = "running", tagged: bool = True, ser
         Instance.objects.filter(pk=instance.pk).update(stopped_at=timezone.now())
         instance.refresh_from_db()
     return instance
+
+
+def drive_recovery(recovery_id, *, max_goes: int = 50, until: str | None = None):
+    """Run a recovery's steps in this process, one go at a time, until it is ready or failed."""
+    from recovery import engine
+    from recovery.models import Recovery
+
+    for _ in range(max_goes):
+        recovery = Recovery.objects.get(pk=recovery_id)
+        if recovery.status in Recovery.FINISHED or (until and recovery.status == until):
+            return recovery
+        Recovery.objects.filter(pk=recovery_id).update(lease_until=None, lease_token=None)
+        engine.run_step(recovery_id, engine.step_for_status(recovery.status))
+    raise AssertionError(f"recovery did not finish in {max_goes} goes: {Recovery.objects.get(pk=recovery_id)}")
