@@ -9,7 +9,6 @@ import uuid
 
 from django.conf import settings
 from django.db import DatabaseError
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field, inline_serializer
 from rest_framework import serializers, status
 from rest_framework.response import Response
@@ -48,11 +47,11 @@ class BackupOutput(serializers.Serializer):
     completed_at = serializers.DateTimeField(allow_null=True)
     verified_at = serializers.DateTimeField(allow_null=True)
 
-    @extend_schema_field(OpenApiTypes.STR)
+    @extend_schema_field(serializers.CharField(allow_null=True))
     def get_sha256(self, backup) -> str | None:
         return backup.sha256 or None
 
-    @extend_schema_field(OpenApiTypes.STR)
+    @extend_schema_field(serializers.CharField(allow_null=True))
     def get_failure(self, backup) -> str | None:
         """Why the backup failed; null unless `status` is `failed`."""
         return backup.failure or None
