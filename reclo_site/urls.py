@@ -30,6 +30,7 @@ urlpatterns = [
     path("recovery/", include("recovery.urls")),
     path("admin/", admin.site.urls),
     path("healthz", views.healthz, name="healthz"),
+    path("favicon.ico", views.favicon),
     # Anything else under /api/ answers the JSON envelope, even with DEBUG on.
     re_path(r"^api/", views.api_not_found),
 ]

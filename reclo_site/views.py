@@ -2,7 +2,8 @@
 
 from django.db import connection
 from django.http import JsonResponse
-from django.shortcuts import render
+from django.shortcuts import redirect, render
+from django.templatetags.static import static
 from django.views.decorators.csrf import csrf_exempt
 
 from .api.errors import error_body
@@ -37,3 +38,8 @@ def healthz(request):
     except Exception:  # noqa: BLE001 - any failure means unhealthy
         return JsonResponse(error_body(101, "Database unavailable."), status=503)
     return JsonResponse({"message": "ok"})
+
+
+def favicon(request):
+    """Browsers ask for /favicon.ico whatever the page says; send them to ours."""
+    return redirect(static("favicon.svg"), permanent=True)
