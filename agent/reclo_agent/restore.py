@@ -84,6 +84,7 @@ class Target:
             st = None
         except OSError as exc:
             raise DiskError(f"Cannot use {path} as the restore target: {exc.strerror}.") from exc
+        self.fsync_seconds = 0.0
         self.is_device = st is not None and stat.S_ISBLK(st.st_mode)
         if st is not None and not (self.is_device or stat.S_ISREG(st.st_mode)):
             raise UsageError(f"{path} is neither a block device nor a regular file.")
@@ -128,12 +129,15 @@ class Target:
             )
 
     def close(self) -> None:
+        """Flush to the disk (a restore must survive a power cut right after) and close."""
         if self.fd >= 0:
+            t0 = time.monotonic()
             try:
                 os.fsync(self.fd)
             finally:
                 os.close(self.fd)
                 self.fd = -1
+                self.fsync_seconds = time.monotonic() - t0
 
 
 def _write_error(path: str, exc: OSError) -> Exception:
@@ -243,7 +247,8 @@ def restore(
                 stream.cancel()
     elapsed = time.monotonic() - t_start
     log.info("restored %s to %s in %.1fs", human_bytes(size), target_path, elapsed)
-    return RestoreResult(backup_id, size, len(chain), downloaded[0], written, {"restore": elapsed})
+    timings = {"restore": elapsed, "fsync": target.fsync_seconds}
+    return RestoreResult(backup_id, size, len(chain), downloaded[0], written, timings)
 
 
 def _write_disk(reader: ChainReader, allocated: list[int], target: Target, task) -> int:
