@@ -159,7 +159,9 @@ class StepContext:
 
     def heartbeat(self, detail: str | None = None, *, force: bool = False) -> None:
         """Renew the lease (and show `detail`), at most every few seconds unless forced."""
-        if not force and time.monotonic() - self._last_beat < HEARTBEAT_EVERY:
+        # Well within the lease, whatever RECLO_RECOVERY_STALE_AFTER is set to.
+        every = min(HEARTBEAT_EVERY, settings.RECLO_RECOVERY_STALE_AFTER.total_seconds() / 3)
+        if not force and time.monotonic() - self._last_beat < every:
             return
         fields = {}
         if detail is not None:
