@@ -240,3 +240,36 @@ def test_restore_of_a_corrupt_object_fails_verification(portal, disk, tmp_path):
     portal.s3.put_object(Bucket="reclo-agent-test", Key=b["_key"], Body=bytes(data))
     with pytest.raises(VerificationFailed):
         restore(portal, result.backup_id, str(tmp_path / "out.img"), QUIET)
+
+
+def test_an_io_error_on_the_source_says_the_disk_may_be_failing(portal, disk, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    disk.write(make_image(4 * MiB))
+    real_pread = os.pread
+
+    def failing_pread(fd, n, offset):
+        if offset >= BLOCK:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", failing_pread)
+    with pytest.raises(DiskError, match="I/O error at byte 2097152") as excinfo:
+        backup(portal, tmp_path / "state", disk.path)
+    assert excinfo.value.exit_code == 5
+    assert "failing" in str(excinfo.value)
+
+
+def test_restore_checks_free_space_first(portal, disk, tmp_path, monkeypatch):
+    import os
+    from types import SimpleNamespace
+
+    from reclo_agent.errors import NoSpace
+
+    disk.write(make_image(4 * MiB))
+    result = backup(portal, tmp_path / "state", disk.path)
+    monkeypatch.setattr(os, "fstatvfs", lambda fd: SimpleNamespace(f_bavail=10, f_frsize=4096))
+    with pytest.raises(NoSpace, match="Not enough space") as excinfo:
+        restore(portal, result.backup_id, str(tmp_path / "out.img"), QUIET)
+    assert excinfo.value.exit_code == 6
