@@ -194,10 +194,13 @@ def uploads_clean_up(*, now: datetime | None = None) -> dict:
         counts["dropped"] += Backup.objects.filter(pk=backup.pk, status=Backup.Status.PENDING).delete()[0]
 
     # Multipart uploads no pending upload explains: started before any
-    # credentials still alive could have started them.
+    # credentials still alive could have started them. The whole bucket, not
+    # only backups/: a worker's own upload (a failover's merged disk under
+    # images/) is left behind when an outage also refused its abort, and
+    # no worker's upload outlives its task's 4-hour limit.
     started_before = now - settings.RECLO_CREDENTIALS_TTL - UPLOAD_GRACE
     try:
-        uploads = storage.multipart_uploads(prefix="backups/", initiated_before=started_before)
+        uploads = storage.multipart_uploads(prefix="", initiated_before=started_before)
     except cloud.CloudError as exc:
         log.warning("listing multipart uploads: %s", exc)
         uploads = []

@@ -281,8 +281,8 @@ class ObjectWriter(io.RawIOBase):
     `expected_size` picks the first part size; since the final size is
     only a guess, the part size also doubles every 1,000 parts, which keeps
     any object up to S3's 5 TiB within its 10,000 parts. Used as a context
-    manager, an exception aborts the upload, so a failed write never leaves
-    a complete object behind.
+    manager, an exception (in the block or in the final part and completion)
+    aborts the upload, so a failed write leaves neither an object nor parts.
     """
 
     def __init__(self, key: str, *, expected_size: int = 0, part_size: int = 16 * MiB):
@@ -353,9 +353,12 @@ class ObjectWriter(io.RawIOBase):
                 pass  # the bucket's lifecycle rule and the beat job clean it up
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.finish()
-        else:
+        try:
+            if exc_type is None:
+                self.finish()
+        finally:
+            # Also when the last part or the completion itself fails: its
+            # parts would otherwise stay behind. Does nothing once finished.
             self.abort()
         return super().__exit__(exc_type, exc, tb)
 
