@@ -14,7 +14,7 @@ from reclo_agent.vhd import ChainReader, VHDError, VHDReader, merge_chain, open_
 from reclo_agent.vhd.format import FOOTER_SIZE, HEADER_SIZE, SECTOR, bitmap_size
 
 from reclo_site import cloud
-from reclo_site.cloud import compute, imaging, storage
+from reclo_site.cloud import compute, imaging, storage, streams
 
 from . import networks, selectors
 from .engine import Done, StepContext, StepFailed, Wait
@@ -106,9 +106,8 @@ def consolidate(ctx: StepContext) -> Done:
     for stale_key, upload_id in storage.multipart_uploads(prefix=key, key=key):
         storage.abort_multipart_upload(stale_key, upload_id)
     try:
-        layers = [
-            VHDReader(open_seekable(storage.ObjectReader(b.key, chunk_size=4 * MiB, cache_chunks=2))) for b in chain
-        ]
+        # Each layer is read nearly front to back: one streaming GET each.
+        layers = [VHDReader(open_seekable(streams.SequentialObjectReader(b.key))) for b in chain]
         reader = ChainReader(layers)
     except cloud.ObjectNotFound as exc:
         raise StepFailed(401, "A restore point of the chain is missing from storage.") from exc
@@ -119,7 +118,7 @@ def consolidate(ctx: StepContext) -> Done:
 
     ctx.heartbeat(f"Merging {len(chain)} restore point(s).", force=True)
     bound = _merged_size_bound(reader)
-    with storage.ObjectWriter(key, expected_size=bound) as out:
+    with streams.ParallelObjectWriter(key, expected_size=bound) as out:
         progress = _ProgressWriter(out, ctx, bound)
         try:
             merge_chain(reader, progress)
@@ -221,7 +220,7 @@ def _ebs_direct(ctx: StepContext) -> Done | Wait:
 def _write_snapshot_blocks(ctx: StepContext, snapshot_id: str) -> None:
     key = ctx.previous("consolidating")["image_key"]
     try:
-        reader = ChainReader([VHDReader(storage.ObjectReader(key))])
+        reader = ChainReader([VHDReader(streams.SequentialObjectReader(key))])
     except VHDError as exc:
         raise StepFailed(403, f"The merged disk is damaged: {exc}") from exc
     start = ctx.outputs.get("next_block", 0)
