@@ -110,8 +110,23 @@ def recoveries_reconcile() -> int:
 # --- Instances -----------------------------------------------------------------------------
 
 
+TRANSITIONAL = (Instance.State.PENDING, Instance.State.STOPPING, Instance.State.SHUTTING_DOWN)
+WATCH_EVERY = 5
+WATCH_MAX = 180  # polls, 15 minutes: then sync_instances takes over
+
+
 def _claim_action(instance: Instance, action: str, pending_state: str) -> str:
-    """Move the instance to `pending_state` if its state allows `action`; returns the state it had."""
+    """Move the instance to `pending_state` if its state allows `action`; returns the state it had.
+
+    A state on its way somewhere (stopping, pending) is looked up in the
+    cloud first: a stop finished a second ago must not answer 406 to a start.
+    """
+    row = Instance.objects.filter(pk=instance.pk).first()
+    if row is not None and row.state in TRANSITIONAL:
+        try:
+            _apply_observed(row, compute.describe_instances([row.instance_id]).get(row.instance_id), timezone.now())
+        except cloud.CloudError as exc:
+            log.warning("could not refresh %s before %s: %s", row.instance_id, action, exc)
     previous = Instance.objects.filter(pk=instance.pk).values_list("state", flat=True).first()
     claimed = Instance.objects.filter(pk=instance.pk, state__in=ALLOWED[action]).update(state=pending_state)
     if not claimed:
@@ -134,6 +149,7 @@ def instance_stop(*, instance: Instance) -> Instance:
     now = timezone.now()
     # The clean-up clock starts at the stop request (sync corrects it if AWS says otherwise).
     Instance.objects.filter(pk=instance.pk).update(state=state, stopped_at=now, running_since=None, synced=now)
+    _watch_on_commit(instance.pk)
     instance.refresh_from_db()
     return instance
 
@@ -148,8 +164,34 @@ def instance_start(*, instance: Instance) -> Instance:
         raise RecoveryError(404, f"The cloud did not start the instance: {exc}") from exc
     now = timezone.now()
     Instance.objects.filter(pk=instance.pk).update(state=state, stopped_at=None, running_since=now, synced=now)
+    _watch_on_commit(instance.pk)
     instance.refresh_from_db()
     return instance
+
+
+def _watch_on_commit(pk: int) -> None:
+    from .tasks import watch_instance
+
+    transaction.on_commit(lambda: watch_instance.apply_async((pk, WATCH_MAX), countdown=WATCH_EVERY))
+
+
+def instance_watch(*, instance_pk: int, polls_left: int) -> str | None:
+    """Follow an instance through a transition (stopping, pending) until it settles. Idempotent.
+
+    A short task that re-schedules itself every few seconds, at most
+    `polls_left` more times; sync_instances covers whatever it misses.
+    Returns the state seen.
+    """
+    from .tasks import watch_instance
+
+    row = Instance.objects.filter(pk=instance_pk).first()
+    if row is None or row.state not in TRANSITIONAL:
+        return row.state if row else None
+    _apply_observed(row, compute.describe_instances([row.instance_id]).get(row.instance_id), timezone.now())
+    state = Instance.objects.filter(pk=instance_pk).values_list("state", flat=True).first()
+    if state in TRANSITIONAL and polls_left > 1:
+        watch_instance.apply_async((instance_pk, polls_left - 1), countdown=WATCH_EVERY)
+    return state
 
 
 def instance_terminate(*, instance: Instance) -> Instance:

@@ -31,6 +31,12 @@ def release_instance(instance_pk: int) -> bool:
     return services.instance_release(instance_pk=instance_pk)
 
 
+@shared_task(autoretry_for=(CloudUnavailable,), retry_backoff=5, retry_backoff_max=60, retry_jitter=True, max_retries=5)
+def watch_instance(instance_pk: int, polls_left: int) -> str | None:
+    """Follow a stopping or starting instance until it settles (re-schedules itself)."""
+    return services.instance_watch(instance_pk=instance_pk, polls_left=polls_left)
+
+
 @shared_task
 def reconcile_recoveries() -> int:
     return services.recoveries_reconcile()

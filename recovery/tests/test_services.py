@@ -174,3 +174,26 @@ def test_releasing_twice_is_harmless(aws, user):
     assert services.instance_release(instance_pk=instance.pk)
     assert services.instance_release(instance_pk=instance.pk)
     assert compute.describe_address(instance.allocation_id) is None
+
+
+def test_a_stop_is_followed_until_the_instance_has_stopped(aws, user, django_capture_on_commit_callbacks):
+    instance = recovered_instance(user=user)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert services.instance_stop(instance=instance).state == "stopping"  # what StopInstances answers
+    assert Instance.objects.get(pk=instance.pk).state == "stopped"  # the watch task saw it settle
+
+
+def test_a_start_right_after_a_stop_asks_the_cloud_instead_of_answering_406(aws, user):
+    instance = recovered_instance(user=user)
+    services.instance_stop(instance=instance)  # the row says "stopping"; AWS has stopped it since
+    assert services.instance_start(instance=instance).state in ("pending", "running")
+
+
+def test_the_watch_gives_up_after_its_polls(aws, user, monkeypatch):
+    instance = recovered_instance(user=user)
+    Instance.objects.filter(pk=instance.pk).update(state="stopping")
+    stuck = compute.InstanceInfo(instance.instance_id, "stopping", "t3.medium")
+    looked = []
+    monkeypatch.setattr(compute, "describe_instances", lambda ids: looked.append(ids) or {ids[0]: stuck})
+    assert services.instance_watch(instance_pk=instance.pk, polls_left=3) == "stopping"
+    assert len(looked) == 3  # it re-scheduled itself twice (eager here), then left it to sync_instances
