@@ -7,6 +7,8 @@ The number of examples is bounded so CI stays quick.
 
 import pytest
 import schemathesis
+from django.core.signals import request_finished, request_started
+from django.db import close_old_connections
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from schemathesis.core.failures import FailureGroup
@@ -19,9 +21,22 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def api_schema(db):
+    """The schema, fetched through the real WSGI application.
+
+    Django closes "old" connections when a request starts and finishes; inside
+    the test's transaction that would close the test's own connection (Django's
+    test client switches this off for the same reason, schemathesis's WSGI
+    client does not), so it is off for this test.
+    """
     from reclo_site.wsgi import application
 
-    return schemathesis.openapi.from_wsgi("/api/v1/schema", application)
+    request_started.disconnect(close_old_connections)
+    request_finished.disconnect(close_old_connections)
+    try:
+        yield schemathesis.openapi.from_wsgi("/api/v1/schema", application)
+    finally:
+        request_started.connect(close_old_connections)
+        request_finished.connect(close_old_connections)
 
 
 @pytest.fixture
