@@ -32,6 +32,7 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
+from kombu.exceptions import OperationalError as BrokerError
 
 from reclo_site.cloud import CloudPermanentError, CloudUnavailable
 
@@ -192,11 +193,19 @@ def claim(recovery_id, step: str) -> uuid.UUID | None:
 
 
 def enqueue(recovery_id, step: str, countdown: float | None = None) -> None:
-    """Send the task of `step` (call it from on_commit, so what it claims is committed)."""
+    """Send the task of `step` (call it from on_commit, so what it claims is committed).
+
+    A broker outage is logged, not raised: by then the state is committed (a
+    failover accepted, a step done), and the reconciler sends a step whose
+    message never left just as it does one the broker lost.
+    """
     from .tasks import recovery_run_step
 
     options = {"countdown": countdown} if countdown else {}
-    recovery_run_step.apply_async((str(recovery_id), step), **options)
+    try:
+        recovery_run_step.apply_async((str(recovery_id), step), **options)
+    except (BrokerError, OSError) as exc:
+        log.warning("recovery %s: could not send the %s step (%s); the reconciler will", recovery_id, step, exc)
 
 
 def run_step(recovery_id, step: str) -> str:
