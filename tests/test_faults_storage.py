@@ -25,6 +25,7 @@ import pytest
 from botocore.retries.standard import ExponentialBackoff
 from django.db import connection
 from django.utils import timezone
+from moto.moto_api._internal.models import moto_api_backend
 from moto.s3.responses import S3Response
 
 from backups import services as backup_services
@@ -385,9 +386,12 @@ def moto_server(settings):
     server.start()
     settings.AWS_ENDPOINT_URL = f"http://127.0.0.1:{port}"
     try:
+        # moto's backends live in this process, shared by every server it starts.
+        moto_api_backend.reset()
         storage.ensure_bucket()
         yield settings.AWS_ENDPOINT_URL
     finally:
+        moto_api_backend.reset()
         server.stop()
 
 
