@@ -118,19 +118,15 @@ WATCH_MAX = 180  # polls, 15 minutes: then sync_instances takes over
 def _claim_action(instance: Instance, action: str, pending_state: str) -> str:
     """Move the instance to `pending_state` if its state allows `action`; returns the state it had.
 
-    A state on its way somewhere (stopping, pending) is looked up in the
-    cloud first: a stop finished a second ago must not answer 406 to a start.
+    The state is the portal's record; a transition (stopping, pending) is
+    followed by `instance_watch` within seconds, so the record is not
+    refreshed here: that would race with an action still in flight.
     """
-    row = Instance.objects.filter(pk=instance.pk).first()
-    if row is not None and row.state in TRANSITIONAL:
-        try:
-            _apply_observed(row, compute.describe_instances([row.instance_id]).get(row.instance_id), timezone.now())
-        except cloud.CloudError as exc:
-            log.warning("could not refresh %s before %s: %s", row.instance_id, action, exc)
     previous = Instance.objects.filter(pk=instance.pk).values_list("state", flat=True).first()
     claimed = Instance.objects.filter(pk=instance.pk, state__in=ALLOWED[action]).update(state=pending_state)
     if not claimed:
-        raise RecoveryError(406, f"The instance is {previous}; it cannot {action} now.")
+        later = " Try again in a few seconds." if previous in TRANSITIONAL else ""
+        raise RecoveryError(406, f"The instance is {previous}; it cannot {action} now.{later}")
     return previous
 
 

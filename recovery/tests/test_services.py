@@ -183,9 +183,13 @@ def test_a_stop_is_followed_until_the_instance_has_stopped(aws, user, django_cap
     assert Instance.objects.get(pk=instance.pk).state == "stopped"  # the watch task saw it settle
 
 
-def test_a_start_right_after_a_stop_asks_the_cloud_instead_of_answering_406(aws, user):
+def test_a_start_while_stopping_asks_to_try_again_shortly(aws, user, django_capture_on_commit_callbacks):
     instance = recovered_instance(user=user)
-    services.instance_stop(instance=instance)  # the row says "stopping"; AWS has stopped it since
+    services.instance_stop(instance=instance)  # the row says "stopping" until the watch task looks
+    with pytest.raises(services.RecoveryError) as info:
+        services.instance_start(instance=instance)
+    assert info.value.code == 406 and "Try again in a few seconds" in info.value.message
+    services.instance_watch(instance_pk=instance.pk, polls_left=1)
     assert services.instance_start(instance=instance).state in ("pending", "running")
 
 
