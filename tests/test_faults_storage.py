@@ -34,7 +34,7 @@ from backups.models import Backup
 from backups.tests import vhds
 from reclo_site import cloud, testing
 from reclo_site.celery import app as celery_app
-from reclo_site.cloud import storage
+from reclo_site.cloud import pool, storage, streams
 from recovery import engine, services
 from recovery.models import Recovery, RecoveryStep
 from recovery.tests.cloud_inventory import inventory
@@ -132,7 +132,12 @@ def s3_faults(monkeypatch):
         return fault
 
     monkeypatch.setattr(S3Response, "key_response", key_response)
-    return faults
+    # botocore's standard mode keeps a retry quota per client, which these
+    # faults drain: the failover's long-lived pooled clients start afresh,
+    # and are not left drained for the tests that follow.
+    pool._client.cache_clear()
+    yield faults
+    pool._client.cache_clear()
 
 
 @pytest.fixture
@@ -273,10 +278,11 @@ def test_verification_past_its_retry_budget_stays_verifying_and_the_clean_up_job
 
 
 @pytest.mark.usefixtures("aws", "quick_sdk_retries")
+@pytest.mark.parametrize("writer", [storage.ObjectWriter, streams.ParallelObjectWriter])
 @pytest.mark.parametrize("operation", ["UploadPart", "CompleteMultipartUpload"])
-def test_a_writer_whose_last_part_or_completion_fails_leaves_no_parts(s3_faults, operation):
+def test_a_writer_whose_last_part_or_completion_fails_leaves_no_parts(s3_faults, writer, operation):
     s3_faults.fail(operation, status=500, code="InternalError")
-    with pytest.raises(cloud.CloudUnavailable), storage.ObjectWriter("images/1/x.vhd") as out:
+    with pytest.raises(cloud.CloudUnavailable), writer("images/1/x.vhd") as out:
         out.write(b"the last and only part goes up on leaving the block")
     assert s3_faults.injected[operation] == SDK_TRIES
     assert multipart_uploads() == []

@@ -119,8 +119,9 @@ class ParallelObjectWriter(io.RawIOBase):
     up to `in_flight` parts upload on threads while the caller fills the
     next, so producing the data (a merge) and sending it overlap. Memory:
     `in_flight + 1` parts. `expected_size` (an upper bound) picks a part size
-    within S3's 10,000 parts. As a context manager, an exception aborts the
-    upload, so a failed write never leaves a complete object.
+    within S3's 10,000 parts. As a context manager, an exception (in the
+    block or in finish) aborts the upload: a failed write leaves neither an
+    object nor parts.
     """
 
     def __init__(self, key: str, *, expected_size: int = 0, part_size: int = 16 * MiB, in_flight: int = 3):
@@ -207,8 +208,11 @@ class ParallelObjectWriter(io.RawIOBase):
             pass  # the step aborts leftovers before it tries again
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.finish()
-        else:
+        try:
+            if exc_type is None:
+                self.finish()
+        finally:
+            # Also when a part or the completion fails in finish(): its parts
+            # would otherwise stay behind. Does nothing once finished.
             self.abort()
         return super().__exit__(exc_type, exc, tb)
