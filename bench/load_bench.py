@@ -338,8 +338,10 @@ def main() -> int:  # noqa: PLR0915 - one linear script
     def sigterm(*_):
         raise KeyboardInterrupt
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
     signal.signal(signal.SIGTERM, sigterm)
-    signal.signal(signal.SIGHUP, sigterm)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup stays nohup
+        signal.signal(signal.SIGHUP, sigterm)
     try:
         # --- services on this machine
         if red.dbsize():
