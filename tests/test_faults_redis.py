@@ -20,6 +20,7 @@ import time
 from contextlib import contextmanager
 from datetime import timedelta
 
+import kombu.pools
 import pytest
 import redis
 from django.db import connection
@@ -119,9 +120,10 @@ def reset_moto() -> None:
 
 def _forget_broker_connections() -> None:
     # Celery makes its connection and producer pools from broker_url on first
-    # use and keeps them; drop them so the next publish uses the URL now set.
-    if celery_app._pool is not None:
-        celery_app._pool.force_close_all()
+    # use and keeps them, and kombu keeps them per URL as well: close and drop
+    # them all (as Celery does after a fork), so the next publish uses the URL
+    # now set and none is left pointing at a Redis that is gone.
+    kombu.pools.reset()
     celery_app._pool = None
     celery_app.amqp._producer_pool = None
 
