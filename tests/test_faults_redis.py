@@ -211,7 +211,7 @@ def test_a_failover_survives_a_redis_restart_mid_pipeline(failover_env, own_redi
         testing.wait_until(
             lambda: status_of(recovery) != "importing", timeout=60, what="the import to finish with Redis down"
         )
-        time.sleep(1)  # past the publisher's own retries
+        time.sleep(2)  # past the worker's publish retries (well under a second)
         own_redis.start()
 
         # Nothing survived, and nothing moves the failover on by itself.

@@ -401,11 +401,15 @@ def moto_server(settings):
         server.stop()
 
 
+@pytest.fixture
+def services_up():
+    testing.require_services()
+
+
 @pytest.mark.integration
 def test_a_real_worker_retries_a_throttled_verification_and_ends_verified(
-    transactional_db, api, moto_server, s3_faults, settings
+    services_up, transactional_db, api, moto_server, s3_faults, settings
 ):
-    testing.require_services()
     assert connection.vendor == "postgresql"
     queue = f"test-faults-storage-{os.getpid()}"
     env = {
