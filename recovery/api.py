@@ -110,6 +110,7 @@ class RecoveryStartInput(serializers.Serializer):
     instance_type = StrictCharField(
         required=False,
         allow_blank=True,
+        allow_null=True,
         default="",
         help_text="One of " + ", ".join(sizes.BY_TYPE) + "; by default a size fitting the disk.",
     )

@@ -44,6 +44,11 @@ def test_it_starts_a_failover(api, chain):
     }
 
 
+def test_a_null_instance_type_means_the_default(api, chain):
+    response = api.post("/api/v1/recoveries", {"backup_id": str(chain[0][-1].pk), "instance_type": None}, format="json")
+    assert response.status_code == 202 and response.json()["recovery"]["instance_type"] == "t3.medium"
+
+
 def test_it_takes_an_instance_type(api, chain):
     response = api.post(
         "/api/v1/recoveries", {"backup_id": str(chain[0][-1].pk), "instance_type": "t3.large"}, format="json"
