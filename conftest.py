@@ -20,6 +20,7 @@ from rest_framework.test import APIClient  # noqa: E402
 
 from reclo_site import testing  # noqa: E402
 from reclo_site.celery import app as celery_app  # noqa: E402
+from reclo_site.cloud import clients  # noqa: E402
 
 
 def pytest_sessionstart(session):
@@ -44,8 +45,10 @@ def _isolated(settings):
     celery_app.conf.task_always_eager = True
     celery_app.conf.task_eager_propagates = True
     cache.clear()
+    clients.reset()
     yield
     cache.clear()
+    clients.reset()
 
 
 @pytest.fixture
@@ -54,8 +57,10 @@ def aws():
     from reclo_site.cloud import storage
 
     with mock_aws():
+        clients.reset()
         storage.ensure_bucket()
         yield
+    clients.reset()
 
 
 @pytest.fixture

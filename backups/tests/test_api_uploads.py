@@ -30,7 +30,7 @@ def failing_client(monkeypatch, module, service: str, operation: str, code="Inte
     """Make the adapter's next `operation` call fail the way AWS would (botocore's Stubber)."""
 
     def client(name, **kwargs):
-        made = clients.client(name, **kwargs)
+        made = clients.new_client(name, **kwargs) if name == service else clients.client(name, **kwargs)
         if name == service:
             stubber = Stubber(made)
             stubber.add_client_error(operation, service_error_code=code, http_status_code=status)

@@ -23,7 +23,7 @@ def recovery(chain, user, drive):
 @pytest.fixture
 def ec2(monkeypatch):
     """A stubbed EC2 client behind the imaging adapter; every call must be scripted."""
-    stubbed = clients.client("ec2")
+    stubbed = clients.new_client("ec2")
     stubber = Stubber(stubbed)
     real = imaging.client
     monkeypatch.setattr(imaging, "client", lambda service: stubbed if service == "ec2" else real(service))
