@@ -22,7 +22,7 @@ from datetime import timedelta
 from urllib.parse import parse_qs, unquote, urlparse
 
 import pytest
-from botocore.retries.standard import ExponentialBackoff
+from botocore.retries.standard import ExponentialBackoff, RetryQuotaChecker
 from django.db import connection
 from django.utils import timezone
 from moto.moto_api._internal.models import moto_api_backend
@@ -34,7 +34,7 @@ from backups.models import Backup
 from backups.tests import vhds
 from reclo_site import cloud, testing
 from reclo_site.celery import app as celery_app
-from reclo_site.cloud import pool, storage, streams
+from reclo_site.cloud import storage, streams
 from recovery import engine, services
 from recovery.models import Recovery, RecoveryStep
 from recovery.tests.cloud_inventory import inventory
@@ -132,18 +132,19 @@ def s3_faults(monkeypatch):
         return fault
 
     monkeypatch.setattr(S3Response, "key_response", key_response)
-    # botocore's standard mode keeps a retry quota per client, which these
-    # faults drain: the failover's long-lived pooled clients start afresh,
-    # and are not left drained for the tests that follow.
-    pool._client.cache_clear()
-    yield faults
-    pool._client.cache_clear()
+    return faults
 
 
 @pytest.fixture
 def quick_sdk_retries(monkeypatch):
-    """botocore still makes all its attempts, without sleeping between them (this process only)."""
+    """botocore still makes all its tries, without sleeping between them (this process only).
+
+    Nor does it spend its retry quota: that is kept per client, clients are
+    long-lived, and the faults of one test would drain it for the next (a
+    client whose quota ran out stops retrying).
+    """
     monkeypatch.setattr(ExponentialBackoff, "delay_amount", lambda self, context: 0)
+    monkeypatch.setattr(RetryQuotaChecker, "acquire_retry_quota", lambda self, context: True)
 
 
 def multipart_uploads() -> list:
