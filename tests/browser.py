@@ -4,6 +4,7 @@ import os
 from contextlib import contextmanager
 
 import pytest
+from django.db import connection
 
 from reclo_site import testing
 
@@ -31,4 +32,7 @@ def chromium_page(viewport=(1280, 900)):
             context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]}, accept_downloads=True)
             yield context.new_page()
         finally:
+            # ORM calls made in Playwright's event-loop context opened a
+            # connection of their own; left open, the test database stays busy.
+            connection.close()
             browser.close()
