@@ -17,9 +17,9 @@ from datetime import UTC, datetime
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from .clients import client
 from .errors import CloudError, CloudPermanentError, ObjectNotFound, translate
 from .network import tag_filters, tag_specifications
-from .pool import client
 
 # Instance states in which an instance still exists (and costs or can cost money).
 LIVE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from .clients import client
 from .errors import CloudError, ObjectNotFound, translate
 from .network import tag_filters, tag_specifications
-from .pool import client
 
 # The EBS direct APIs' fixed block size.
 EBS_BLOCK_SIZE = 512 * 1024

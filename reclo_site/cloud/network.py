@@ -9,8 +9,8 @@ are idempotent themselves: "already done" answers count as success.
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from .clients import client
 from .errors import CloudError, translate
-from .pool import client
 
 # How each kind of resource is described: (operation, list key, id key).
 _DESCRIBE = {

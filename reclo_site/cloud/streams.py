@@ -18,8 +18,8 @@ import io
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from .clients import client
 from .errors import CloudError, CloudUnavailable, translate
-from .pool import client
 from .storage import MAX_PARTS, MIN_PART_SIZE, ObjectChanged, abort_multipart_upload, bucket_name, head_object
 
 MiB = 1024 * 1024
