@@ -3,7 +3,7 @@
 import logging
 
 from reclo_site.http import client_address
-from reclo_site.middleware import current_request_id
+from reclo_site.middleware import current_address, current_request_id
 
 from .models import AuditEvent
 
@@ -19,9 +19,13 @@ def _clean(details: dict) -> dict:
 
 
 def audit_record(kind: str, *, user=None, request=None, address: str = "", **details) -> AuditEvent:
-    """Record one event. `details` are plain JSON values; secrets are dropped."""
+    """Record one event. `details` are plain JSON values; secrets are dropped.
+
+    The address and request id default to those of the request being served.
+    """
     if request is not None and not address:
         address = client_address(request)
+    address = address or current_address()
     clean = _clean(details)
     event = AuditEvent.objects.create(
         user=user if getattr(user, "pk", None) else None,

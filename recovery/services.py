@@ -12,6 +12,8 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from accounts.audit import audit_record
+from accounts.models import AuditEvent
 from reclo_site import cloud
 from reclo_site.cloud import compute, imaging, storage
 
@@ -94,6 +96,8 @@ def recovery_start(*, user, backup_id, instance_type: str | None = None, import_
     except IntegrityError:  # the partial unique index: one active failover per server
         raise RecoveryError(402, f"A failover of {server.name} is already running.") from None
     log.info("recovery %s queued for server %s (restore point %s)", recovery.pk, server.pk, backup.pk)
+    audit_record(AuditEvent.Kind.FAILOVER_STARTED, user=user, server=server.name, recovery_id=str(recovery.pk),
+                 backup_id=str(backup.pk), instance_type=instance_type)  # fmt: skip
     return recovery
 
 
@@ -147,6 +151,7 @@ def instance_stop(*, instance: Instance) -> Instance:
     Instance.objects.filter(pk=instance.pk).update(state=state, stopped_at=now, running_since=None, synced=now)
     _watch_on_commit(instance.pk)
     instance.refresh_from_db()
+    audit_record(AuditEvent.Kind.INSTANCE_STOPPED, user=instance.user, instance_id=instance.instance_id)
     return instance
 
 
@@ -162,6 +167,7 @@ def instance_start(*, instance: Instance) -> Instance:
     Instance.objects.filter(pk=instance.pk).update(state=state, stopped_at=None, running_since=now, synced=now)
     _watch_on_commit(instance.pk)
     instance.refresh_from_db()
+    audit_record(AuditEvent.Kind.INSTANCE_STARTED, user=instance.user, instance_id=instance.instance_id)
     return instance
 
 
@@ -204,6 +210,7 @@ def instance_terminate(*, instance: Instance) -> Instance:
         raise RecoveryError(408, f"The cloud did not terminate the instance: {exc}") from exc
     _terminated(instance.pk)
     instance.refresh_from_db()
+    audit_record(AuditEvent.Kind.INSTANCE_TERMINATED, user=instance.user, instance_id=instance.instance_id)
     return instance
 
 

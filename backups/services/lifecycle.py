@@ -13,6 +13,8 @@ from django.conf import settings
 from django.db import models, transaction
 from django.utils import timezone
 
+from accounts.audit import audit_record
+from accounts.models import AuditEvent
 from reclo_site import cloud
 from reclo_site.cloud import storage
 
@@ -168,6 +170,8 @@ def backup_delete(*, user, backup_id, cascade: bool = False) -> list:
         Backup.objects.filter(pk=backup.pk).delete()
         _after_writable(backup)
         deleted.append(backup.pk)
+        audit_record(AuditEvent.Kind.BACKUP_DELETED, user=user, server=target.server.name, disk=backup.disk,
+                     backup_id=str(backup.pk), backup_kind=backup.kind)  # fmt: skip
     return deleted
 
 

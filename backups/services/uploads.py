@@ -10,6 +10,8 @@ from django.db import transaction
 from django.utils import timezone
 from reclo_agent.vhd.format import MAX_VIRTUAL_SIZE, SECTOR
 
+from accounts.audit import audit_record
+from accounts.models import AuditEvent
 from reclo_site import cloud
 from reclo_site.cloud import credentials, storage
 
@@ -154,6 +156,8 @@ def backup_start(
             sha256=clean["sha256"],
             credentials_expire=grant.expiration,
         )
+    audit_record(AuditEvent.Kind.UPLOAD_CREDENTIALS, user=user, server=server, disk=disk, backup_id=str(backup_id),
+                 object_key=key)  # fmt: skip
     return UploadGrant(backup=backup, credentials=grant)
 
 
@@ -190,6 +194,8 @@ def backup_credentials_refresh(*, user, upload_id) -> UploadGrant:
     if not changed:
         raise BackupError(305, "That upload is already completed.")
     backup.credentials_expire = max(grant.expiration, backup.credentials_expire)
+    audit_record(AuditEvent.Kind.UPLOAD_CREDENTIALS, user=user, server=backup.server.name, disk=backup.disk,
+                 backup_id=str(backup.pk), object_key=backup.key, refresh=True)  # fmt: skip
     return UploadGrant(backup=backup, credentials=grant)
 
 
