@@ -198,6 +198,16 @@ def _instance(request, instance_id) -> Instance:
     return instance
 
 
+def _instance_action(request, instance_id, action, message: str) -> Response:
+    """Run one instance action service for the caller's instance; 202 with the instance after it."""
+    instance = _instance(request, instance_id)
+    try:
+        instance = action(instance=instance)
+    except services.RecoveryError as exc:
+        _raise(exc)
+    return Response({"message": message, "instance": InstanceOutput(instance).data}, status=status.HTTP_202_ACCEPTED)
+
+
 InstanceBody = inline_serializer(
     "InstanceActionOutput", {"message": serializers.CharField(), "instance": InstanceOutput()}
 )
@@ -240,15 +250,7 @@ class InstanceDetailApi(APIView):
         responses={202: InstanceBody, **error_responses(102, 405, 406, 408)},
     )
     def delete(self, request, instance_id):
-        instance = _instance(request, instance_id)
-        try:
-            instance = services.instance_terminate(instance=instance)
-        except services.RecoveryError as exc:
-            _raise(exc)
-        return Response(
-            {"message": "Instance terminated.", "instance": InstanceOutput(instance).data},
-            status=status.HTTP_202_ACCEPTED,
-        )
+        return _instance_action(request, instance_id, services.instance_terminate, "Instance terminated.")
 
 
 class InstanceStartApi(APIView):
@@ -259,15 +261,7 @@ class InstanceStartApi(APIView):
         responses={202: InstanceBody, **error_responses(102, 404, 405, 406)},
     )
     def post(self, request, instance_id):
-        instance = _instance(request, instance_id)
-        try:
-            instance = services.instance_start(instance=instance)
-        except services.RecoveryError as exc:
-            _raise(exc)
-        return Response(
-            {"message": "Instance starting.", "instance": InstanceOutput(instance).data},
-            status=status.HTTP_202_ACCEPTED,
-        )
+        return _instance_action(request, instance_id, services.instance_start, "Instance starting.")
 
 
 class InstanceStopApi(APIView):
@@ -278,15 +272,7 @@ class InstanceStopApi(APIView):
         responses={202: InstanceBody, **error_responses(102, 405, 406, 408)},
     )
     def post(self, request, instance_id):
-        instance = _instance(request, instance_id)
-        try:
-            instance = services.instance_stop(instance=instance)
-        except services.RecoveryError as exc:
-            _raise(exc)
-        return Response(
-            {"message": "Instance stopping.", "instance": InstanceOutput(instance).data},
-            status=status.HTTP_202_ACCEPTED,
-        )
+        return _instance_action(request, instance_id, services.instance_stop, "Instance stopping.")
 
 
 class InstanceVpnApi(APIView):

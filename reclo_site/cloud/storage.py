@@ -163,7 +163,30 @@ def abort_multipart_upload(key: str, upload_id: str) -> None:
             raise error from exc
 
 
-class ObjectReader(io.RawIOBase):
+class SeekableObject(io.RawIOBase):
+    """Position keeping shared by the object readers: `size` and `_pos` are theirs."""
+
+    size: int
+    _pos: int
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+
+class ObjectReader(SeekableObject):
     """A read-only, seekable file object over one object, read by ranged GETs.
 
     The VHD validator and the seekable zstd reader jump between the seek
@@ -195,22 +218,6 @@ class ObjectReader(io.RawIOBase):
         self._hash = hashlib.sha256() if sha256 else None
         self._hashed = 0  # bytes [0, _hashed) are in the hash
         self.requests = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        if base + offset < 0:
-            raise ValueError(f"negative seek position {base + offset}")
-        self._pos = base + offset
-        return self._pos
 
     def readinto(self, buffer) -> int:
         view = memoryview(buffer).cast("B")

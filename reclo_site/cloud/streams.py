@@ -20,12 +20,20 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from .clients import client
 from .errors import CloudError, CloudUnavailable, translate
-from .storage import MAX_PARTS, MIN_PART_SIZE, ObjectChanged, abort_multipart_upload, bucket_name, head_object
+from .storage import (
+    MAX_PARTS,
+    MIN_PART_SIZE,
+    ObjectChanged,
+    SeekableObject,
+    abort_multipart_upload,
+    bucket_name,
+    head_object,
+)
 
 MiB = 1024 * 1024
 
 
-class SequentialObjectReader(io.RawIOBase):
+class SequentialObjectReader(SeekableObject):
     """Read-only, seekable; one streaming GET at a time. Every GET names the ETag seen on opening."""
 
     def __init__(self, key: str, *, skip_limit: int = 8 * MiB):
@@ -39,22 +47,6 @@ class SequentialObjectReader(io.RawIOBase):
         self._body = None
         self._body_pos = 0  # where the open stream is
         self.requests = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        if base + offset < 0:
-            raise ValueError(f"negative seek position {base + offset}")
-        self._pos = base + offset
-        return self._pos
 
     def _open(self) -> None:
         self._close_body()
