@@ -53,11 +53,14 @@ def main() -> int:
     moto_port = int(os.environ.get("MOTO_PORT", "5000"))
     web_port = int(os.environ.get("PORT", "8000"))
     env = _environment(moto_port, web_port)
+    # A fresh clone has no var/ yet: settings make it, but moto starts first.
+    var_dir = Path(env.get("RECLO_VAR_DIR") or ROOT / "var")
+    var_dir.mkdir(parents=True, exist_ok=True)
     python = str(BIN / "python")
     procs: list[tuple[str, subprocess.Popen]] = []
 
     def start(name: str, args: list[str], log: Path | None = None) -> None:
-        print(f"reclo: starting {name}" + (f" (log: {log.relative_to(ROOT)})" if log else ""), flush=True)
+        print(f"reclo: starting {name}" + (f" (log: {log})" if log else ""), flush=True)
         out = open(log, "ab") if log else None  # noqa: SIM115 - lives as long as the process
         procs.append((name, subprocess.Popen(args, cwd=ROOT, env=env, start_new_session=True, stdout=out,
                                              stderr=subprocess.STDOUT if out else None)))  # fmt: skip
@@ -83,7 +86,7 @@ def main() -> int:
             start(
                 "local AWS emulator (moto)",
                 [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(moto_port)],
-                log=ROOT / "var" / "moto.log",
+                log=var_dir / "moto.log",
             )
             _wait_for_port("127.0.0.1", moto_port)
         if _port_busy("127.0.0.1", web_port):
