@@ -42,27 +42,13 @@ import threading
 import time
 from pathlib import Path
 
+from disk_images import make_raw
+
 MiB = 1024 * 1024
 BLOCK = 2 * MiB
 PAGE = 4096
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "bench-password-4821-lantern"
-
-
-def make_image(path: Path, size: int) -> None:
-    """40% random, 30% zero, 30% text 2 MiB blocks (as bench/vhd_bench.py)."""
-    rnd = random.Random(1)
-    phrase = b"ReClo keeps the office running when its server does not. "
-    text = (phrase * (BLOCK // len(phrase) + 1))[:BLOCK]
-    with open(path, "wb") as f:
-        for _ in range(size // BLOCK):
-            kind = rnd.random()
-            if kind < 0.4:
-                f.write(rnd.randbytes(BLOCK))
-            elif kind < 0.7:
-                f.write(bytes(BLOCK))
-            else:
-                f.write(text)
 
 
 def change_pages(path: Path, fraction: float, seed: int = 2) -> int:
@@ -305,7 +291,7 @@ def main() -> int:
     try:
         image = work / "disk.img"
         print(f"image: {mb(size)} (40% random, 30% zero, 30% text) in {work}", flush=True)
-        make_image(image, size)
+        make_raw(image, size)
         h = bench_hashing(image, work)
         stack = Stack(work)
         agent, restic = Agent(stack, work), Restic(stack, work)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -31,6 +30,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from disk_images import change_pages, make_raw
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -44,34 +45,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def make_raw(path: Path, size: int) -> None:
-    rnd = random.Random(1)
-    phrase = b"ReClo keeps the office running when its server does not. "
-    text = (phrase * (BLOCK // len(phrase) + 1))[:BLOCK]
-    with open(path, "wb") as f:
-        for _ in range(size // BLOCK):
-            kind = rnd.random()
-            if kind < 0.4:
-                f.write(rnd.randbytes(BLOCK))
-            elif kind < 0.7:
-                f.write(bytes(BLOCK))
-            else:
-                f.write(text)
-
-
-def change_pages(path: Path, fraction: float, seed: int) -> dict[int, list[tuple[int, int]]]:
-    rnd = random.Random(seed)
-    size = path.stat().st_size
-    runs: dict[int, list[tuple[int, int]]] = {}
-    with open(path, "r+b") as f:
-        for page in sorted(rnd.sample(range(size // PAGE), int(size // PAGE * fraction))):
-            f.seek(page * PAGE)
-            f.write(rnd.randbytes(PAGE))
-            index, within = divmod(page * PAGE, BLOCK)
-            runs.setdefault(index, []).append((within // 512, PAGE // 512))
-    return runs
 
 
 def store_chain(work: Path, size: int, incrementals: int) -> tuple[Path, list[tuple[Path, object]]]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import random
 import shutil
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+from disk_images import change_pages, make_raw
 from reclo_agent.vhd import (
     SeekableZstdWriter,
     VHDReader,
@@ -36,35 +36,6 @@ from reclo_agent.vhd import (
 MIB = 1024 * 1024
 BLOCK = 2 * MIB
 PAGE = 4096
-
-
-def make_raw(path: Path, size: int) -> None:
-    rnd = random.Random(1)
-    phrase = b"ReClo keeps the office running when its server does not. "
-    text = (phrase * (BLOCK // len(phrase) + 1))[:BLOCK]
-    with open(path, "wb") as f:
-        for _ in range(size // BLOCK):
-            kind = rnd.random()
-            if kind < 0.4:
-                f.write(rnd.randbytes(BLOCK))
-            elif kind < 0.7:
-                f.write(bytes(BLOCK))
-            else:
-                f.write(text)
-
-
-def change_pages(path: Path, fraction: float, seed: int) -> dict[int, list[tuple[int, int]]]:
-    """Rewrite ``fraction`` of the pages in place; return the changed sector runs per block."""
-    rnd = random.Random(seed)
-    size = path.stat().st_size
-    runs: dict[int, list[tuple[int, int]]] = {}
-    with open(path, "r+b") as f:
-        for page in sorted(rnd.sample(range(size // PAGE), int(size // PAGE * fraction))):
-            f.seek(page * PAGE)
-            f.write(rnd.randbytes(PAGE))
-            index, within = divmod(page * PAGE, BLOCK)
-            runs.setdefault(index, []).append((within // 512, PAGE // 512))
-    return runs
 
 
 def write_incremental(raw: Path, out: Path, runs, parent_vhd: Path, name: str) -> None:
