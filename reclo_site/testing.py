@@ -130,3 +130,36 @@ def token_for(user) -> str:
     from accounts.services import token_create
 
     return token_create(user=user, name="test agent")[1]
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def moto_server(settings):
+    """moto's server mode on a free loopback port: the AWS this process and worker processes share.
+
+    Points `settings.AWS_ENDPOINT_URL` at it and creates the bucket. moto's
+    backends live in this process, shared by every server it starts, so they
+    are emptied before and after.
+    """
+    from moto.moto_api._internal.models import moto_api_backend
+    from moto.server import ThreadedMotoServer
+
+    from reclo_site.cloud import storage
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    settings.AWS_ENDPOINT_URL = f"http://127.0.0.1:{port}"
+    try:
+        moto_api_backend.reset()
+        storage.ensure_bucket()
+        yield settings.AWS_ENDPOINT_URL
+    finally:
+        moto_api_backend.reset()
+        server.stop()

@@ -14,7 +14,6 @@ process's Celery publisher use it.
 """
 
 import os
-import socket
 import subprocess
 import time
 from contextlib import contextmanager
@@ -24,17 +23,14 @@ import kombu.pools
 import pytest
 import redis
 from django.db import connection
-from moto.ebs.models import EBSBackend
 from moto.moto_api._internal.models import moto_api_backend
-from moto.server import ThreadedMotoServer
 
 from reclo_site import testing
 from reclo_site.celery import app as celery_app
-from reclo_site.cloud import storage
 from recovery import services, tasks
 from recovery.models import Instance, Recovery, RecoveryStep, VpnGateway
 from recovery.tests.cloud_inventory import inventory
-from recovery.tests.factories import MiB, ServerFactory, backup_chain
+from recovery.tests.factories import MiB, ServerFactory, backup_chain, slow_snapshot_writes
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -42,18 +38,12 @@ STALE_SECONDS = 3
 ONE_OF_EACH = {"servers": 1, "gateways": 1, "images": 1, "snapshots": 1, "addresses": 2, "vpcs": 1}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class OwnRedis:
     """A redis-server of this test's own, on a loopback port, that keeps nothing on disk."""
 
     def __init__(self, binary: str):
         self.binary = binary
-        self.port = free_port()
+        self.port = testing.free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
 
@@ -93,24 +83,9 @@ def own_redis():
 @pytest.fixture
 def moto_server(settings, monkeypatch):
     """moto's server mode on a free loopback port, with slow EBS block writes, so a step can be caught mid-way."""
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    real_put = EBSBackend.put_snapshot_block
-
-    def slow_put(self, *args, **kwargs):
-        time.sleep(0.03)
-        return real_put(self, *args, **kwargs)
-
-    monkeypatch.setattr(EBSBackend, "put_snapshot_block", slow_put)
-    settings.AWS_ENDPOINT_URL = f"http://127.0.0.1:{port}"
-    try:
-        reset_moto()
-        storage.ensure_bucket()
-        yield settings.AWS_ENDPOINT_URL
-    finally:
-        reset_moto()
-        server.stop()
+    slow_snapshot_writes(monkeypatch)
+    with testing.moto_server(settings) as endpoint:
+        yield endpoint
 
 
 def reset_moto() -> None:
@@ -253,7 +228,7 @@ def test_the_api_accepts_a_failover_while_the_broker_is_unreachable(user, api):
     """The same without services (SQLite, no Redis): the answer does not depend on the broker."""
     backups, _ = backup_chain(user=user, server=ServerFactory(user=user), size=4 * MiB, incrementals=0, upload=False)
 
-    with publishing_to(f"redis://127.0.0.1:{free_port()}/0", "test-faults-nowhere"):
+    with publishing_to(f"redis://127.0.0.1:{testing.free_port()}/0", "test-faults-nowhere"):
         response = api.post("/api/v1/recoveries", {"backup_id": str(backups[0].pk)}, format="json")
 
     assert response.status_code == 202, response.json()

@@ -14,7 +14,6 @@ PostgreSQL and Redis and is marked `integration`.
 
 import hashlib
 import os
-import socket
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ import pytest
 from botocore.retries.standard import ExponentialBackoff, RetryQuotaChecker
 from django.db import connection
 from django.utils import timezone
-from moto.moto_api._internal.models import moto_api_backend
 from moto.s3.responses import S3Response
 
 from backups import services as backup_services
@@ -377,29 +375,11 @@ def test_parts_that_an_outage_kept_from_being_aborted_are_aborted_by_the_clean_u
 # --- The same through a real worker ----------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def moto_server(settings):
     """moto's server mode on a free loopback port: the S3 both this process and the worker reach."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    settings.AWS_ENDPOINT_URL = f"http://127.0.0.1:{port}"
-    try:
-        # moto's backends live in this process, shared by every server it starts.
-        moto_api_backend.reset()
-        storage.ensure_bucket()
-        yield settings.AWS_ENDPOINT_URL
-    finally:
-        moto_api_backend.reset()
-        server.stop()
+    with testing.moto_server(settings) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """Fixtures of the backups tests: disks with real restore points in moto's S3, uploads through the API."""
 
 import hashlib
-import socket
 from datetime import timedelta
 
 import pytest
@@ -9,6 +8,7 @@ from django.utils import timezone
 
 from backups.models import Backup, Server
 from backups.naming import backup_key
+from reclo_site import testing
 from reclo_site.cloud import storage
 
 from . import vhds
@@ -82,19 +82,8 @@ def stored_chain(backup: Backup) -> list[bytes]:
 @pytest.fixture
 def moto_server(settings):
     """moto's server mode on a free loopback port, as `make run` uses it; the portal points at it."""
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    settings.AWS_ENDPOINT_URL = f"http://127.0.0.1:{port}"
-    try:
-        storage.ensure_bucket()
-        yield settings.AWS_ENDPOINT_URL
-    finally:
-        server.stop()
+    with testing.moto_server(settings) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 import hashlib
 import io
 import random
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -197,3 +198,16 @@ def drive_recovery(recovery_id, *, max_goes: int = 50, until: str | None = None)
         Recovery.objects.filter(pk=recovery_id).update(lease_until=None, lease_token=None)
         engine.run_step(recovery_id, engine.step_for_status(recovery.status))
     raise AssertionError(f"recovery did not finish in {max_goes} goes: {Recovery.objects.get(pk=recovery_id)}")
+
+
+def slow_snapshot_writes(monkeypatch, delay: float = 0.03) -> None:
+    """Make each EBS block write take a little while, so a worker can be caught (or killed) mid-step."""
+    from moto.ebs.models import EBSBackend
+
+    real_put = EBSBackend.put_snapshot_block
+
+    def slow_put(self, *args, **kwargs):
+        time.sleep(delay)
+        return real_put(self, *args, **kwargs)
+
+    monkeypatch.setattr(EBSBackend, "put_snapshot_block", slow_put)

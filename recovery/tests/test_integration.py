@@ -6,53 +6,32 @@ without them, required in CI.
 
 import os
 import signal
-import socket
-import time
 from datetime import timedelta
 
 import pytest
 from django.db import connection
-from moto.ebs.models import EBSBackend
-from moto.server import ThreadedMotoServer
 
 from reclo_site import testing
 from reclo_site.celery import app as celery_app
-from reclo_site.cloud import imaging, storage
+from reclo_site.cloud import imaging
 from recovery import services, tasks
 from recovery.models import Instance, Recovery, RecoveryStep, VpnGateway
 
 from .cloud_inventory import inventory
-from .factories import MiB, ServerFactory, backup_chain
+from .factories import MiB, ServerFactory, backup_chain, slow_snapshot_writes
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 STALE_SECONDS = 3
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def moto_server(settings, monkeypatch):
     """moto's server mode on a free loopback port: the AWS both this process and the workers see."""
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
     # A slow cloud: each block write takes a little while, so a worker can be killed mid-write.
-    real_put = EBSBackend.put_snapshot_block
-
-    def slow_put(self, *args, **kwargs):
-        time.sleep(0.03)
-        return real_put(self, *args, **kwargs)
-
-    monkeypatch.setattr(EBSBackend, "put_snapshot_block", slow_put)
-    settings.AWS_ENDPOINT_URL = f"http://127.0.0.1:{port}"
-    storage.ensure_bucket()
-    yield settings.AWS_ENDPOINT_URL
-    server.stop()
+    slow_snapshot_writes(monkeypatch)
+    with testing.moto_server(settings) as endpoint:
+        yield endpoint
 
 
 def test_a_worker_killed_mid_step_is_taken_over_and_nothing_is_made_twice(moto_server, user, settings):
