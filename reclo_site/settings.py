@@ -104,7 +104,7 @@ REDIS_URL = env("REDIS_URL", default="")
 # The cache holds login-throttle counters, so it must be shared by every
 # process: Redis when configured, else files under var/.
 if REDIS_URL:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+    CACHES = {"default": {"BACKEND": "reclo_site.cache.RedisCache", "LOCATION": REDIS_URL}}
 else:
     CACHES = {
         "default": {
