@@ -34,7 +34,10 @@ class TokenAuthentication(BaseAuthentication):
             raise ApiError(102, "Invalid token.") from None
         if not TOKEN_RE.match(key):
             raise ApiError(102, "Invalid token.")
-        token = ApiToken.objects.select_related("user").filter(key_hash=hash_token(key)).first()
+        try:
+            token = ApiToken.objects.select_related("user").get(key_hash=hash_token(key))
+        except ApiToken.DoesNotExist:
+            token = None
         if token is None or token.revoked_at is not None:
             raise ApiError(102, "Invalid or revoked token.")
         now = timezone.now()

@@ -56,6 +56,32 @@ class BackupOutput(serializers.Serializer):
         """Why the backup failed; null unless `status` is `failed`."""
         return backup.failure or None
 
+    def to_representation(self, backup) -> dict:
+        # The fields above document the shape (OpenAPI); this builds it
+        # directly. DRF's generic walk over the fields costs ~0.1 ms per
+        # backup, most of a list response's time; a test keeps both equal.
+        when = _DATETIME.to_representation
+        return {
+            "backup_id": str(backup.pk),
+            "server": backup.server.name,
+            "disk": backup.disk,
+            "kind": str(backup.kind),
+            "parent_id": None if backup.parent_id is None else str(backup.parent_id),
+            "file_name": backup.file_name,
+            "file_size": backup.file_size,
+            "file_size_mb": backup.file_size_mb,
+            "virtual_size": backup.virtual_size,
+            "sha256": backup.sha256 or None,
+            "status": str(backup.status),
+            "failure": backup.failure or None,
+            "date_created": when(backup.date_created),
+            "completed_at": when(backup.completed_at),
+            "verified_at": when(backup.verified_at),
+        }
+
+
+_DATETIME = serializers.DateTimeField()
+
 
 class CredentialsOutput(serializers.Serializer):
     AccessKeyId = serializers.CharField()  # noqa: N815 - boto3's own names, as the contract says
@@ -204,9 +230,12 @@ class BackupListApi(APIView):
             raise ApiError(104, "The request has invalid fields: " + ", ".join(sorted(fields)) + ".", fields=fields)
         try:
             qs = selectors.backup_list(user=request.user, server=server)
-            count = qs.count()
             start = (page - 1) * size
             backups = list(qs[start : start + size])
+            # A short page is the last one, so it tells the count (an agent's
+            # list of one server nearly always fits one page): no COUNT query.
+            short = len(backups) < size and (backups or start == 0)
+            count = start + len(backups) if short else qs.count()
         except DatabaseError as exc:
             raise ApiError(301, "Could not read the list of backups; try again shortly.") from exc
         return Response(

@@ -45,7 +45,10 @@ def backup_list(*, user, server: str | None = None):
 
 def backup_get(*, user, backup_id) -> Backup | None:
     """One of the user's backups, or None (also for another tenant's id)."""
-    return Backup.objects.filter(user=user, pk=backup_id).select_related("server").first()
+    try:
+        return Backup.objects.select_related("server").get(user=user, pk=backup_id)
+    except Backup.DoesNotExist:
+        return None
 
 
 def expected_interval(times: list[datetime]) -> timedelta | None:

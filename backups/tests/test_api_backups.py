@@ -113,11 +113,42 @@ class TestList:
                 assert api.get(LIST).status_code == 200
             return len(ctx)
 
-        make_backups(server, 1)
+        make_backups(server, 60)
         api.get(LIST)  # the token's once-a-minute "last used" write happens here
         few = queries_for_a_page()
-        make_backups(server, 60, disk="sdb")
+        make_backups(server, 600, disk="sdb")
         assert queries_for_a_page() == few
+
+    def test_a_short_page_counts_without_a_count_query(self, api, server):
+        from django.test.utils import CaptureQueriesContext
+
+        make_backups(server, 3)
+        api.get(LIST)  # the token's "last used" write
+        with CaptureQueriesContext(connection) as ctx:
+            body = api.get(LIST).json()
+        assert body["count"] == 3 and body["next"] is None
+        assert not [q for q in ctx.captured_queries if "COUNT(" in q["sql"].upper()]
+        last = api.get(LIST, {"page_size": 2, "page": 2}).json()
+        assert (last["count"], len(last["backups"]), last["next"]) == (3, 1, None)
+        beyond = api.get(LIST, {"page_size": 2, "page": 5}).json()
+        assert (beyond["count"], beyond["backups"]) == (3, [])
+        assert api.get(LIST, {"page_size": 3}).json()["count"] == 3  # a full page: counted
+
+    def test_the_hand_built_output_equals_drfs_generic_one(self, server):
+        from rest_framework import serializers
+
+        from backups.api import BackupOutput
+
+        full = BackupFactory(server=server, file_size=3 * 1024 * 1024 + 7)
+        rows = [
+            full,
+            BackupFactory(server=server, kind=Backup.Kind.INCREMENTAL, parent=full, completed_at=timezone.now()),
+            BackupFactory(server=server, status=Backup.Status.FAILED, failure="sha256 mismatch", verified_at=None),
+            BackupFactory(server=server, status=Backup.Status.PENDING, file_size=None, sha256="", verified_at=None),
+        ]
+        for backup in Backup.objects.filter(pk__in=[b.pk for b in rows]).select_related("server"):
+            generic = serializers.Serializer.to_representation(BackupOutput(), backup)
+            assert BackupOutput(backup).data == dict(generic)
 
     def test_a_database_failure_is_301(self, api, server):
         make_backups(server, 1)
