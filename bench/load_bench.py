@@ -13,14 +13,19 @@ Celery worker and gunicorn (`reclo_site.wsgi`, sync workers, DEBUG off, a
 bench SECRET_KEY, API_RATE high enough that the per-token throttle does not
 shape the figures).
 
-Two locust runs against the same gunicorn follow (bench/load_locustfile.py):
+Four locust runs against the same gunicorn follow (bench/load_locustfile.py):
 
 1. the ceiling: as many users as the scenario, no think time, on
    /bench/ping, a bare Django view returning a constant (served through
    bench/load_settings.py, the portal's settings with one URL added);
-2. the scenario: the agents back up in a loop (list, start upload, PUT into
-   S3, complete, poll until verified) and the browser users log in and look
-   at the dashboard and their server page.
+2. the scenario: the agents back up on a schedule (one backup a minute
+   each by default, first ones spread over the first minute: list, start
+   upload, PUT into S3, complete, poll until verified) and the browser
+   users log in and look at the dashboard and their server page;
+3. the agent endpoints saturated: as many users as the ceiling's, no think
+   time, each making an agent's portal calls back to back (list, start an
+   upload, two status reads), measured exactly as the ceiling is;
+4. the ceiling again (other work on the machine comes and goes).
 
 It prints requests per second, p50/p95/p99 and errors per endpoint group and
 per endpoint, over the steady window (every user spawned, before the stop),
@@ -301,14 +306,18 @@ def log_problems(path: Path, limit: int = 8) -> list[str]:
 
 def main() -> int:  # noqa: PLR0915 - one linear script
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=60, help="seconds of the scenario (default 60)")
+    parser.add_argument("--duration", type=float, default=120, help="seconds of the scenario (default 120)")
     parser.add_argument("--ceiling-duration", type=float, default=20, help="seconds of the ceiling run (default 20)")
     parser.add_argument("--agents", type=int, default=200)
     parser.add_argument("--browsers", type=int, default=20)
     parser.add_argument("--spawn-rate", type=float, default=50, help="users started per second")
     parser.add_argument("--max-backups", type=int, default=0, help="stop agents after this many backups (0: time only)")
     parser.add_argument(
-        "--agent-pacing", type=float, default=0, help="seconds between an agent's backup starts (0: back to back)"
+        "--agent-pacing",
+        type=float,
+        default=60,
+        help="seconds between an agent's backup starts (default 60, 15x the agent's most frequent schedule; "
+        "0: back to back, a stress test that saturates the machine)",
     )
     parser.add_argument("--poll-interval", type=float, default=0.5, help="agents' seconds between verdict polls")
     parser.add_argument("--verify-timeout", type=float, default=120, help="an agent gives up waiting after this")
@@ -449,13 +458,15 @@ def main() -> int:  # noqa: PLR0915 - one linear script
         else:
             classes = ["AgentUser"] if args.agents else ["BrowserUser"]
         scenario = locust("scenario", classes, args.duration)
+        capacity = locust("agent-capacity", ["AgentApiUser"], args.ceiling_duration) if args.agents else None
         # Measured again after: other work on the machine comes and goes.
         ceiling_after = locust("ceiling-after", ["CeilingUser"], args.ceiling_duration)
         time.sleep(1.5)
         sampler.halt.set()
 
         print("load: checking the database and the bucket against what the agents were told", flush=True)
-        run([PYTHON, "bench/load_data.py", "check", "--seed", str(seed_path), "--ledger", str(work / "scenario.json"),
+        ledgers = [str(p) for p in (work / "scenario.json", work / "agent-capacity.json") if p.exists()]
+        run([PYTHON, "bench/load_data.py", "check", "--seed", str(seed_path), "--ledger", *ledgers,
              "--out", str(work / "check.json")], env, "check")  # fmt: skip
         audit = json.loads((work / "check.json").read_text())
 
@@ -487,19 +498,39 @@ def main() -> int:  # noqa: PLR0915 - one linear script
         ceil_row = {"rps": sum(ceil_rps) / 2}
         agent_row = s_sum["rows"].get("agent", {"rps": 0.0, "p99": math.nan, "errors": 0})
         pages_row = s_sum["rows"].get("pages", {"rps": 0.0, "p99": math.nan, "errors": 0})
-        ratio = agent_row["rps"] / ceil_row["rps"] if ceil_row["rps"] else 0.0
-        print(
-            f"\n  agent endpoints: {agent_row['rps']:.1f} req/s = {ratio * 100:.1f}% of the ceiling's "
-            f"{ceil_row['rps']:.1f} req/s (mean of {ceil_rps[0]:.1f} before and {ceil_rps[1]:.1f} after)"
-        )
         ceiling_ms = sum(ceiling_cost) / len(ceiling_cost)
+        scenario_ratio = agent_row["rps"] / ceil_row["rps"] if ceil_row["rps"] else 0.0
+        print(
+            f"\n  the scenario's agent requests: {agent_row['rps']:.1f} req/s ({scenario_ratio:.1%} of the ceiling; "
+            "set by the scenario's pace, S3 uploads and verification, not by the portal's capacity)"
+        )
         if not math.isnan(ceiling_ms) and not math.isnan(scenario_cost):
             print(
-                f"  cross-check, robust to other load on the machine: gunicorn spends {scenario_cost:.2f} ms of CPU "
-                f"per scenario request (agent + pages) and {ceiling_ms:.2f} ms per ceiling request: at equal CPU the "
-                f"scenario's requests would run at {ceiling_ms / scenario_cost:.1%} of the ceiling's rate"
+                f"  gunicorn CPU: {scenario_cost:.2f} ms per scenario request (agent + pages), "
+                f"{ceiling_ms:.2f} ms per ceiling request"
             )
-        errors = scenario["errors"] + ceiling["errors"] + ceiling_after["errors"]
+        ratio = 0.0
+        if capacity is not None:
+            k_sum = summarise(capacity)
+            print_table(
+                "AGENT ENDPOINTS SATURATED: as many users as the ceiling's, no wait; each task lists its server's "
+                "backups, starts an upload (row + STS credentials) and reads its status twice",
+                k_sum,
+            )
+            k_row = k_sum["rows"].get("agent", {"rps": 0.0, "requests": 0})
+            k_cost = print_cpu("the agent endpoints saturated", *sampler.between(k_sum["t0"], k_sum["t1"]),
+                               k_row["requests"])  # fmt: skip
+            ratio = k_row["rps"] / ceil_row["rps"] if ceil_row["rps"] else 0.0
+            print(
+                f"\n  agent endpoints: {k_row['rps']:.1f} req/s = {ratio:.1%} of the ceiling's "
+                f"{ceil_row['rps']:.1f} req/s (mean of {ceil_rps[0]:.1f} before and {ceil_rps[1]:.1f} after)"
+            )
+            if not math.isnan(ceiling_ms) and not math.isnan(k_cost):
+                print(
+                    f"  cross-check by gunicorn's CPU, robust to other load on the machine: {k_cost:.2f} ms per agent "
+                    f"request against {ceiling_ms:.2f} ms per ceiling request = {ceiling_ms / k_cost:.1%}"
+                )
+        errors = scenario["errors"] + ceiling["errors"] + ceiling_after["errors"] + (capacity or {}).get("errors", [])
         if errors:
             print("\n  errors (endpoint, what, count):")
             for name, what, count in errors[:15]:
@@ -516,8 +547,13 @@ def main() -> int:  # noqa: PLR0915 - one linear script
             f"{audit['told_verified']} verified; the database holds {audit['rows']} rows of agent accounts "
             f"{audit['row_statuses']}"
         )
+        left = audit["started_not_completed"]
+        if left:
+            still = sum(1 for _id, status in left if status == "pending")
+            print(f"    uploads started and never completed (the saturation run's, by design): {len(left)}, "
+                  f"{still} of them still pending as they should be")  # fmt: skip
         for key in ("missing", "not_verified", "object_missing_or_wrong_size", "agent_and_db_disagree", "extra_rows",
-                    "started_not_completed", "abandoned_not_pending", "completed_not_started"):  # fmt: skip
+                    "abandoned_not_pending", "completed_not_started"):  # fmt: skip
             if audit[key]:
                 print(f"    {key}: {len(audit[key])}, e.g. {audit[key][:3]}")
         if audit["duplicates_told"]:
@@ -526,10 +562,11 @@ def main() -> int:  # noqa: PLR0915 - one linear script
         error_count = sum(n for _name, _what, n in errors)
         p99s = [r["p99"] for r in (agent_row, pages_row) if not math.isnan(r["p99"])]
         targets = [
-            (ratio >= TARGET_RATIO, f"agent endpoints >= {TARGET_RATIO:.0%} of the ceiling ({ratio:.1%})"),
+            (ratio >= TARGET_RATIO, f"agent endpoints saturated >= {TARGET_RATIO:.0%} of the ceiling ({ratio:.1%})"),
             (
                 bool(p99s) and max(p99s) < TARGET_P99_MS,
-                f"p99 < {TARGET_P99_MS:.0f} ms (agent {agent_row['p99']:.0f} ms, pages {pages_row['p99']:.0f} ms)",
+                f"p99 < {TARGET_P99_MS:.0f} ms in the scenario (agent {agent_row['p99']:.0f} ms, "
+                f"pages {pages_row['p99']:.0f} ms)",
             ),
             (error_count == 0, f"zero errors ({error_count})"),
             (audit["ok"], "zero lost or duplicated backups (database and bucket agree with the agents)"),

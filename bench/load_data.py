@@ -155,13 +155,19 @@ def main() -> int:
     p_seed.add_argument("--out", required=True)
     p_check = sub.add_parser("check")
     p_check.add_argument("--seed", required=True)
-    p_check.add_argument("--ledger", required=True)
+    p_check.add_argument("--ledger", required=True, nargs="+", help="what each locust run's agents were told")
     p_check.add_argument("--out", required=True)
     args = parser.parse_args()
     if args.command == "seed":
         data = seed(agents=args.agents, browsers=args.browsers)
     else:
-        ledger = json.loads(Path(args.ledger).read_text())["ledger"]
+        ledger = {}
+        for path in args.ledger:
+            for user_id, told in json.loads(Path(path).read_text())["ledger"].items():
+                merged = ledger.setdefault(user_id, {"started": [], "completed": [], "final": {}})
+                merged["started"] += told["started"]
+                merged["completed"] += told["completed"]
+                merged["final"].update(told["final"])
         data = check(seed_data=json.loads(Path(args.seed).read_text()), ledger=ledger)
     Path(args.out).write_text(json.dumps(data, indent=1))
     return 0

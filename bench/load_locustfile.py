@@ -1,6 +1,6 @@
 """Locust users for bench/load_bench.py (run through it; it starts the portal first).
 
-Three user classes, picked on locust's command line:
+Four user classes, picked on locust's command line:
 
 - ``CeilingUser``: GET /bench/ping as fast as it can, the framework's ceiling
   (a bare Django view behind the same gunicorn, middleware and settings);
@@ -10,6 +10,8 @@ Three user classes, picked on locust's command line:
   file_size and sha256, then poll the backup until it is verified or failed.
   The first backup of an agent is a full one, the next ones incrementals on
   the last verified one (a new full after a failure);
+- ``AgentApiUser``: the agent endpoints back to back, as many users as the
+  ceiling's (list, start an upload, two status reads; no S3 upload);
 - ``BrowserUser`` (20): logs in through the page (CSRF token from the form),
   then looks at the dashboard and its server's page.
 
@@ -31,6 +33,7 @@ import io
 import itertools
 import json
 import os
+import random
 import re
 import time
 import uuid
@@ -40,7 +43,7 @@ from pathlib import Path
 import boto3
 import gevent
 from botocore.config import Config
-from locust import FastHttpUser, between, constant, constant_pacing, events, task
+from locust import FastHttpUser, between, constant, events, task
 from locust.exception import StopUser
 from reclo_agent.vhd import SeekableZstdWriter, VHDWriter, make_bitmap, write_dynamic_from_raw
 
@@ -170,7 +173,6 @@ class AgentUser(FastHttpUser):
     """One agent of one account: a backup per task, back to back unless paced."""
 
     fixed_count = AGENTS
-    wait_time = constant_pacing(AGENT_PACING) if AGENT_PACING else constant(0)
 
     def on_start(self):
         n = next(_agent_numbers)
@@ -182,6 +184,19 @@ class AgentUser(FastHttpUser):
         self.parent_id = None
         self.parent_name = ""
         self.ledger = LEDGER.setdefault(self.user_id, {"started": [], "completed": [], "final": {}})
+        if AGENT_PACING:
+            # Scheduled agents do not start on the same second: the agent's
+            # own schedule picks a random minute. Each first backup starts at
+            # a random point of the first period, then one every period after
+            # it (locust's constant_pacing would line them all up again).
+            gevent.sleep(random.uniform(0, AGENT_PACING))
+        self.next_start = time.monotonic()
+
+    def wait_time(self) -> float:
+        if not AGENT_PACING:
+            return 0
+        self.next_start += AGENT_PACING
+        return max(0.0, self.next_start - time.monotonic())
 
     def _api(self, method: str, path: str, name: str, expect: int, **kwargs) -> dict | None:
         with self.client.request(
@@ -279,6 +294,42 @@ class AgentUser(FastHttpUser):
             response_length=len(data), exception=error, start_time=started,
         )  # fmt: skip
         return error is None
+
+
+class AgentApiUser(FastHttpUser):
+    """The agent endpoints saturated, measured the way the ceiling is: no think time.
+
+    Each task is the portal's part of a backup as an agent makes it, without
+    the S3 upload in between: list its server's backups, start an upload
+    (the portal writes the row and mints STS credentials), then two status
+    reads of that upload, as the agent's poll does. Those uploads are left
+    pending, as an agent's that never uploaded; the audit expects exactly that.
+    """
+
+    wait_time = constant(0)
+
+    def on_start(self):
+        n = next(_agent_numbers)
+        account = SEED["agents"][n % len(SEED["agents"])]
+        self.headers = {"Authorization": f"Token {account['token']}"}
+        self.server = f"srv-{n % len(SEED['agents']):03d}"
+        self.ledger = LEDGER.setdefault(account["user_id"], {"started": [], "completed": [], "final": {}})
+
+    _api = AgentUser._api
+
+    @task
+    def calls(self):
+        if self._api("GET", f"backups?server={self.server}", "GET /backups", 200) is None:
+            return
+        body = {"server": self.server, "disk": "sdz", "file_name": f"sdz-{uuid.uuid4().hex[:12]}.vhd.zst",
+                "virtual_size": DISK_SIZE, "kind": "full"}  # fmt: skip
+        grant = self._api("POST", "backups/uploads", "POST /backups/uploads", 201, json=body)
+        if grant is None:
+            return
+        self.ledger["started"].append(grant["upload_id"])
+        for _ in range(2):
+            if self._api("GET", f"backups/{grant['upload_id']}", "GET /backups/{id}", 200) is None:
+                return
 
 
 _CSRF_RE = re.compile(r'name="csrfmiddlewaretoken" value="([^"]+)"')
