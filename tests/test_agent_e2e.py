@@ -7,8 +7,9 @@ ThreadedMotoServer on a free loopback port, which the portal and the agent
 The agent logs in, makes a full backup of a small raw image, an
 incremental after the image changes, and restores the incremental
 byte-identical. Then an upload is killed with SIGKILL mid-way, and the
-rerun completes it without sending the finished parts again -- counted on
-the S3 server itself.
+rerun completes it without sending the journaled parts again -- counted on
+the S3 server itself. Parts that were in flight at the kill were never
+journaled, so the rerun sends them again (it may not list what S3 holds).
 """
 
 import json
@@ -182,6 +183,7 @@ def test_killed_upload_resumes_without_resending_finished_parts(agent, cloud, tm
     backup = Backup.objects.get(pk=backup_id)
     assert kind == "full" and backup.status == "verified"
     all_parts = set(range(1, -(-backup.file_size // (8 * MiB)) + 1))
+    # Everything not journaled went in the rerun, parts in flight at the kill included.
     assert set(resent) | done_before == all_parts and len(all_parts) == 4
     assert "already in storage" in rerun.stderr
 

@@ -22,12 +22,16 @@ Resuming: the stored object must be the same bytes on a rerun, so the run
 records everything random or time-dependent in the stream (the VHD unique
 id and timestamp, the file name, the part size) and regenerates the stream
 from the source; the compressor (single-threaded zstd, fixed level, frame
-per block) is deterministic. Parts whose regenerated SHA-256 matches the
-journal are not sent again. If the disk changed in between, the differing
-parts are sent again, so the object is always exactly the last run's
-stream -- correct either way, only cheaper when the disk is still. (The
-alternative, spooling the compressed object to the state folder, would need
-as much free space as the compressed disk.)
+per block) is deterministic. Parts whose regenerated size and SHA-256
+match the journal are not sent again; every other part is (one in flight
+when the run was killed was never journaled). The journal is all the agent
+knows of what storage holds: its credentials may not list the parts. If
+the disk changed in between, the differing parts are sent again, so the
+object is always exactly the last run's stream -- correct either way, only
+cheaper when the disk is still. (The alternative, spooling the compressed
+object to the state folder, would need as much free space as the
+compressed disk.) A multipart upload that is gone from storage (S3 answers
+NoSuchUpload) is made anew, once, and the whole stream sent again.
 """
 
 from __future__ import annotations
@@ -43,12 +47,12 @@ from .api import PortalClient
 from .blockmap import DEFAULT_PAGE_SIZE, MapMeta, MapStore
 from .errors import AgentError, NoSpace, PortalError, VerificationFailed
 from .progress import Reporter, human_bytes
-from .s3 import S3Access
+from .s3 import S3Access, StorageError
 from .scan import Plan, scan
 from .source import Source
 from .state import StateLock, UploadState
 from .throttle import TokenBucket
-from .uploader import PartUploader, choose_part_size, in_flight_for, list_server_parts
+from .uploader import PartUploader, choose_part_size, in_flight_for
 from .vhd import ParentInfo, SeekableZstdWriter, VHDWriter
 from .vhd.format import bitmap_size, vhd_timestamp
 from .vhd.seekzstd import DEFAULT_LEVEL
@@ -276,52 +280,24 @@ class BackupRun:
         timings["scan"] = time.monotonic() - t0
 
         part_size = state.get("part_size") or opt.part_size or choose_part_size(_max_object_size(plan))
-        server_parts: dict = {}
-        if state.get("multipart_id"):
-            found = list_server_parts(s3, state["key"], state["multipart_id"])
-            if found is None:
-                log.info("the multipart upload is gone from storage; uploading from the start")
+        # A multipart upload left by a killed run may be gone from storage
+        # since (aborted by a lifecycle rule or the portal's clean-up): S3
+        # then answers NoSuchUpload to UploadPart or CompleteMultipartUpload.
+        continuing = bool(state.get("multipart_id"))
+        try:
+            try:
+                stored, uploader = self._send(src, plan, state, s3, part_size, timings)
+            except StorageError as exc:
+                if not (continuing and exc.code == "NoSuchUpload"):
+                    raise
+                log.info("the multipart upload %s is gone from storage; uploading from the start",
+                         state["multipart_id"])  # fmt: skip
                 state.save(multipart_id=None)
                 state.reset_parts()
-            else:
-                server_parts = found
-        if not state.get("multipart_id"):
-            created = s3.call("create_multipart_upload", Key=state["key"], ChecksumAlgorithm="SHA256")
-            state.reset_parts()
-            state.save(multipart_id=created["UploadId"], part_size=part_size)
-        elif not state.get("part_size"):
-            state.save(part_size=part_size)
-        if server_parts:
-            log.info("%d parts are already in storage; only the others are sent", len(server_parts))
-
-        limiter = TokenBucket(opt.bandwidth) if opt.bandwidth else None
-        t0 = time.monotonic()
-        with self.reporter.task("uploading", plan.stored_bytes) as task:
-            uploader = PartUploader(
-                s3,
-                state["key"],
-                state["multipart_id"],
-                state["part_size"],
-                state,
-                server_parts=server_parts,
-                max_in_flight=in_flight_for(state["part_size"], opt.max_in_flight),
-                limiter=limiter,
-                on_bytes=lambda n: task.set_note(f"sent {human_bytes(uploader.sent_bytes)}"),
-            )
-            try:
-                stored = self._pack(src, plan, state, uploader, task.advance)
-                parts = uploader.finish()
-            except BaseException:
-                uploader.abort()
-                raise
-            finally:
-                plan.close()
-            task.set_note(f"sent {human_bytes(uploader.sent_bytes)}")
-        timings["upload"] = time.monotonic() - t0
-        t0 = time.monotonic()
-        s3.call("complete_multipart_upload", Key=state["key"], UploadId=state["multipart_id"],
-                MultipartUpload={"Parts": parts})  # fmt: skip
-        timings["complete"] = time.monotonic() - t0
+                plan.close()  # the second pass reads the block maps from the start again
+                stored, uploader = self._send(src, plan, state, s3, part_size, timings)
+        finally:
+            plan.close()
         state.save(phase="uploaded", file_size=stored[0], sha256=stored[1], pending_map=str(plan.pending_map),
                    changed_bytes=plan.changed_bytes)  # fmt: skip
         log.info(
@@ -343,6 +319,51 @@ class BackupRun:
         result.full_reason = decision.reason if decision.kind == "full" else ""
         result.timings.update(timings)
         return result
+
+    def _send(self, src: Source, plan: Plan, state: UploadState, s3: S3Access, part_size: int,
+              timings: dict) -> tuple[tuple[int, str], PartUploader]:  # fmt: skip
+        """Pack the restore point into the multipart upload (made first if there is none) and complete it.
+
+        Returns the stored object's (size, SHA-256) and the uploader, which
+        counts the parts sent and those the journal says are already there.
+        """
+        opt = self.opt
+        if not state.get("multipart_id"):
+            created = s3.call("create_multipart_upload", Key=state["key"], ChecksumAlgorithm="SHA256")
+            state.reset_parts()
+            state.save(multipart_id=created["UploadId"], part_size=part_size)
+        elif not state.get("part_size"):
+            state.save(part_size=part_size)
+        if state.parts:
+            log.info("the journal lists %d parts already in storage; those still the same are not sent again",
+                     len(state.parts))  # fmt: skip
+
+        limiter = TokenBucket(opt.bandwidth) if opt.bandwidth else None
+        t0 = time.monotonic()
+        with self.reporter.task("uploading", plan.stored_bytes) as task:
+            uploader = PartUploader(
+                s3,
+                state["key"],
+                state["multipart_id"],
+                state["part_size"],
+                state,
+                max_in_flight=in_flight_for(state["part_size"], opt.max_in_flight),
+                limiter=limiter,
+                on_bytes=lambda n: task.set_note(f"sent {human_bytes(uploader.sent_bytes)}"),
+            )
+            try:
+                stored = self._pack(src, plan, state, uploader, task.advance)
+                parts = uploader.finish()
+            except BaseException:
+                uploader.abort()
+                raise
+            task.set_note(f"sent {human_bytes(uploader.sent_bytes)}")
+        timings["upload"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        s3.call("complete_multipart_upload", Key=state["key"], UploadId=state["multipart_id"],
+                MultipartUpload={"Parts": parts})  # fmt: skip
+        timings["complete"] = time.monotonic() - t0
+        return stored, uploader
 
     def _pack(self, src: Source, plan: Plan, state: UploadState, out: PartUploader, advance) -> tuple[int, str]:
         """Write the restore point into ``out``: VHD -> seekable zstd -> parts."""
@@ -457,4 +478,3 @@ def _max_object_size(plan: Plan) -> int:
     metadata = 64 * 1024 + 4 * plan.block_count
     vhd = metadata + len(plan.allocated) * (plan.block_size + bitmap_size(plan.block_size)) + 512
     return int(vhd * 1.01) + (1 << 20)
-

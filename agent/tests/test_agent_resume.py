@@ -9,8 +9,10 @@ repository root does the same with a real SIGKILL.
 import json
 
 import pytest
-from agent_helpers import FakePortal, make_image, scatter_writes
+from agent_helpers import BUCKET, FakePortal, make_image, scatter_writes
 from moto import mock_aws
+from moto.s3.exceptions import NoSuchUpload
+from moto.s3.models import S3Backend
 from reclo_agent import s3 as s3_module
 from reclo_agent.backup import BackupOptions, BackupRun
 from reclo_agent.blockmap import MapStore
@@ -69,6 +71,22 @@ def count_parts(monkeypatch) -> list[int]:
     return sent
 
 
+def no_such_upload_as_s3_answers(monkeypatch) -> None:
+    """S3 answers UploadPart and CompleteMultipartUpload of an unknown upload with 404 NoSuchUpload.
+
+    moto (5.2) raises a KeyError there instead; make it answer as S3 does.
+    """
+    for name in ("upload_part", "complete_multipart_upload"):
+        real = getattr(S3Backend, name)
+
+        def checked(self, bucket_name, multipart_id, *args, _real=real, **kwargs):
+            if multipart_id not in self.get_bucket(bucket_name).multiparts:
+                raise NoSuchUpload(upload_id=multipart_id)
+            return _real(self, bucket_name, multipart_id, *args, **kwargs)
+
+        monkeypatch.setattr(S3Backend, name, checked)
+
+
 def journal(state, server="srv1", disk="sda") -> dict[int, PartRecord]:
     return UploadState.load(state, server, disk).parts
 
@@ -104,9 +122,10 @@ def test_a_killed_upload_resumes_and_sends_only_the_missing_parts(portal, tmp_pa
     assert (tmp_path / "out.img").read_bytes() == bytes(image)
 
 
-def test_a_part_sent_but_never_journaled_is_recognised_by_its_etag(portal, tmp_path, monkeypatch):
+def test_a_part_sent_but_never_journaled_is_sent_again(portal, tmp_path, monkeypatch):
+    image = make_image(4 * MiB, seed=4)
     source = tmp_path / "disk.img"
-    source.write_bytes(bytes(make_image(4 * MiB, seed=4)))
+    source.write_bytes(bytes(image))
     state = tmp_path / "state"
     real_record = UploadState.record_part
 
@@ -121,11 +140,99 @@ def test_a_part_sent_but_never_journaled_is_recognised_by_its_etag(portal, tmp_p
     assert sorted(journal(state)) == [1, 2]
     monkeypatch.setattr(UploadState, "record_part", real_record)
 
+    # The agent cannot list the parts S3 holds, so it goes by its journal:
+    # part 3 goes again under the same number, replacing the copy S3 has.
     sent_after = count_parts(monkeypatch)
     result = run(portal, state, str(source))
-    assert result.status == "verified"
-    assert result.skipped_parts == 3
-    assert set(sent_after).isdisjoint({1, 2, 3})
+    assert result.status == "verified" and result.resumed
+    assert result.skipped_parts == 2
+    assert 3 in sent_after and set(sent_after).isdisjoint({1, 2})
+    restore(portal, result.backup_id, str(tmp_path / "out.img"), QUIET)
+    assert (tmp_path / "out.img").read_bytes() == bytes(image)
+
+
+def test_a_multipart_upload_gone_from_storage_is_made_anew(portal, tmp_path, monkeypatch):
+    image = make_image(4 * MiB, seed=5)
+    source = tmp_path / "disk.img"
+    source.write_bytes(bytes(image))
+    state = tmp_path / "state"
+    kill_after_parts(monkeypatch, 2)
+    with pytest.raises(Killed):
+        run(portal, state, str(source), max_in_flight=1)
+    monkeypatch.undo()
+    monkeypatch.setattr("moto.s3.models.S3_UPLOAD_PART_MIN_SIZE", 1024)
+    assert sorted(journal(state)) == [1, 2]
+    record = json.loads((state / "uploads" / "srv1" / "sda.json").read_text())
+    # A lifecycle rule (AbortIncompleteMultipartUpload) or a clean-up got there first.
+    portal.s3.abort_multipart_upload(Bucket=BUCKET, Key=record["key"], UploadId=record["multipart_id"])
+
+    no_such_upload_as_s3_answers(monkeypatch)
+    sent_after = count_parts(monkeypatch)
+    result = run(portal, state, str(source))
+    assert result.status == "verified" and result.resumed
+    assert result.skipped_parts == 0
+    assert {1, 2} <= set(sent_after)  # journaled, but gone with the upload: sent again
+    assert result.backup_id == portal.uploads[record["upload_id"]]  # the same portal upload
+    restore(portal, result.backup_id, str(tmp_path / "out.img"), QUIET)
+    assert (tmp_path / "out.img").read_bytes() == bytes(image)
+
+
+def test_a_multipart_upload_gone_before_its_complete_is_made_anew(portal, tmp_path, monkeypatch, caplog):
+    image = make_image(4 * MiB, seed=7)
+    source = tmp_path / "disk.img"
+    source.write_bytes(bytes(image))
+    state = tmp_path / "state"
+    real_call = s3_module.S3Access.call
+
+    def killed_at_complete(self, operation, **kwargs):
+        if operation == "complete_multipart_upload":
+            raise Killed()
+        return real_call(self, operation, **kwargs)
+
+    monkeypatch.setattr(s3_module.S3Access, "call", killed_at_complete)
+    with pytest.raises(Killed):
+        run(portal, state, str(source))
+    monkeypatch.setattr(s3_module.S3Access, "call", real_call)
+    record = json.loads((state / "uploads" / "srv1" / "sda.json").read_text())
+    every_part = sorted(journal(state))
+    portal.s3.abort_multipart_upload(Bucket=BUCKET, Key=record["key"], UploadId=record["multipart_id"])
+    no_such_upload_as_s3_answers(monkeypatch)
+
+    # Every part is journaled, so nothing is sent until CompleteMultipartUpload says the upload is gone.
+    sent_after = count_parts(monkeypatch)
+    with caplog.at_level("INFO", logger="reclo_agent.backup"):
+        result = run(portal, state, str(source))
+    assert "is gone from storage" in caplog.text
+    assert result.status == "verified" and result.skipped_parts == 0
+    assert sorted(sent_after) == every_part
+    restore(portal, result.backup_id, str(tmp_path / "out.img"), QUIET)
+    assert (tmp_path / "out.img").read_bytes() == bytes(image)
+
+
+def test_a_multipart_upload_is_made_anew_only_once(portal, tmp_path, monkeypatch):
+    source = tmp_path / "disk.img"
+    source.write_bytes(bytes(make_image(4 * MiB, seed=6)))
+    state = tmp_path / "state"
+    kill_after_parts(monkeypatch, 2)
+    with pytest.raises(Killed):
+        run(portal, state, str(source), max_in_flight=1)
+    monkeypatch.undo()
+    monkeypatch.setattr("moto.s3.models.S3_UPLOAD_PART_MIN_SIZE", 1024)
+    created: list[str] = []
+    real_call = s3_module.S3Access.call
+
+    def call(self, operation, **kwargs):
+        if operation == "upload_part":  # every multipart upload vanishes at once
+            raise s3_module.StorageError("Cloud storage failed upload_part: NoSuchUpload", "NoSuchUpload")
+        if operation == "create_multipart_upload":
+            created.append(operation)
+        return real_call(self, operation, **kwargs)
+
+    monkeypatch.setattr(s3_module.S3Access, "call", call)
+    with pytest.raises(s3_module.StorageError) as caught:
+        run(portal, state, str(source))
+    assert caught.value.code == "NoSuchUpload"
+    assert len(created) == 1
 
 
 def test_a_disk_that_changed_before_the_rerun_still_gives_a_correct_backup(portal, tmp_path, monkeypatch):

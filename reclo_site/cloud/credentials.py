@@ -4,9 +4,8 @@ Two ways to mint them, chosen by settings:
 
 - ``RECLO_UPLOAD_ROLE_ARN`` set: ``AssumeRole`` on that role with a session
   policy. The role's trust policy must let the portal's identity assume it,
-  its permissions must allow s3:PutObject, s3:AbortMultipartUpload,
-  s3:ListMultipartUploadParts and s3:GetObject on ``<bucket>/backups/*``, and
-  its MaxSessionDuration must be raised to 12 hours (the default is 1 hour).
+  its permissions must allow s3:PutObject, s3:AbortMultipartUpload and
+  s3:GetObject on ``<bucket>/backups/*``, and its MaxSessionDuration must be raised to 12 hours (the default is 1 hour).
   If the portal itself runs on role credentials (an instance profile), AWS
   treats this as role chaining and caps every session at 1 hour whatever is
   asked: set ``RECLO_CREDENTIALS_TTL_HOURS=1``; agents refresh through
@@ -39,12 +38,13 @@ MAX_POLICY_LENGTH = 2048
 MIN_DURATION = 15 * 60
 MAX_DURATION = 12 * 60 * 60
 
-# What an agent may do with the one key of its upload. s3:PutObject also
-# authorizes CreateMultipartUpload, UploadPart and CompleteMultipartUpload;
-# aborting and listing the parts of its own upload (to resume after being
-# killed) are separate actions, still limited to that key. Nothing reads,
-# lists the bucket or deletes.
-UPLOAD_ACTIONS = ("s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts")
+# What an agent may do with the one key of its upload (the contract's
+# "Upload rules"). s3:PutObject also authorizes CreateMultipartUpload,
+# UploadPart and CompleteMultipartUpload; aborting its own multipart upload
+# is a separate action, still limited to that key. Nothing reads, lists
+# (not even the parts of its own upload: a resumed agent goes by its own
+# journal) or deletes.
+UPLOAD_ACTIONS = ("s3:PutObject", "s3:AbortMultipartUpload")
 # A restore reads whole objects and ranges of them (GetObject covers HEAD).
 DOWNLOAD_ACTIONS = ("s3:GetObject",)
 
