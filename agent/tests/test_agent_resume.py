@@ -91,6 +91,21 @@ def journal(state, server="srv1", disk="sda") -> dict[int, PartRecord]:
     return UploadState.load(state, server, disk).parts
 
 
+def kill_after(portal, monkeypatch, state, source, parts: int) -> None:
+    """Run the backup, killed after `parts` parts, with one part in flight at a time; then undo the kill."""
+    kill_after_parts(monkeypatch, parts)
+    with pytest.raises(Killed):
+        run(portal, state, str(source), max_in_flight=1)
+    monkeypatch.undo()
+    monkeypatch.setattr("moto.s3.models.S3_UPLOAD_PART_MIN_SIZE", 1024)
+
+
+def assert_restores(portal, backup_id, tmp_path, image) -> None:
+    """The restore point, restored, is exactly `image`."""
+    restore(portal, backup_id, str(tmp_path / "out.img"), QUIET)
+    assert (tmp_path / "out.img").read_bytes() == bytes(image)
+
+
 def test_a_killed_upload_resumes_and_sends_only_the_missing_parts(portal, tmp_path, monkeypatch):
     image = make_image(6 * MiB, seed=3)
     source = tmp_path / "disk.img"
@@ -118,8 +133,7 @@ def test_a_killed_upload_resumes_and_sends_only_the_missing_parts(portal, tmp_pa
     # Same upload, not a new one.
     assert result.backup_id == portal.uploads[record["upload_id"]]
     assert len(portal.backups) == 1
-    restore(portal, result.backup_id, str(tmp_path / "out.img"), QUIET)
-    assert (tmp_path / "out.img").read_bytes() == bytes(image)
+    assert_restores(portal, result.backup_id, tmp_path, image)
 
 
 def test_a_part_sent_but_never_journaled_is_sent_again(portal, tmp_path, monkeypatch):
@@ -147,8 +161,7 @@ def test_a_part_sent_but_never_journaled_is_sent_again(portal, tmp_path, monkeyp
     assert result.status == "verified" and result.resumed
     assert result.skipped_parts == 2
     assert 3 in sent_after and set(sent_after).isdisjoint({1, 2})
-    restore(portal, result.backup_id, str(tmp_path / "out.img"), QUIET)
-    assert (tmp_path / "out.img").read_bytes() == bytes(image)
+    assert_restores(portal, result.backup_id, tmp_path, image)
 
 
 def test_a_multipart_upload_gone_from_storage_is_made_anew(portal, tmp_path, monkeypatch):
@@ -156,11 +169,7 @@ def test_a_multipart_upload_gone_from_storage_is_made_anew(portal, tmp_path, mon
     source = tmp_path / "disk.img"
     source.write_bytes(bytes(image))
     state = tmp_path / "state"
-    kill_after_parts(monkeypatch, 2)
-    with pytest.raises(Killed):
-        run(portal, state, str(source), max_in_flight=1)
-    monkeypatch.undo()
-    monkeypatch.setattr("moto.s3.models.S3_UPLOAD_PART_MIN_SIZE", 1024)
+    kill_after(portal, monkeypatch, state, source, 2)
     assert sorted(journal(state)) == [1, 2]
     record = json.loads((state / "uploads" / "srv1" / "sda.json").read_text())
     # A lifecycle rule (AbortIncompleteMultipartUpload) or a clean-up got there first.
@@ -173,8 +182,7 @@ def test_a_multipart_upload_gone_from_storage_is_made_anew(portal, tmp_path, mon
     assert result.skipped_parts == 0
     assert {1, 2} <= set(sent_after)  # journaled, but gone with the upload: sent again
     assert result.backup_id == portal.uploads[record["upload_id"]]  # the same portal upload
-    restore(portal, result.backup_id, str(tmp_path / "out.img"), QUIET)
-    assert (tmp_path / "out.img").read_bytes() == bytes(image)
+    assert_restores(portal, result.backup_id, tmp_path, image)
 
 
 def test_a_multipart_upload_gone_before_its_complete_is_made_anew(portal, tmp_path, monkeypatch, caplog):
@@ -205,19 +213,14 @@ def test_a_multipart_upload_gone_before_its_complete_is_made_anew(portal, tmp_pa
     assert "is gone from storage" in caplog.text
     assert result.status == "verified" and result.skipped_parts == 0
     assert sorted(sent_after) == every_part
-    restore(portal, result.backup_id, str(tmp_path / "out.img"), QUIET)
-    assert (tmp_path / "out.img").read_bytes() == bytes(image)
+    assert_restores(portal, result.backup_id, tmp_path, image)
 
 
 def test_a_multipart_upload_is_made_anew_only_once(portal, tmp_path, monkeypatch):
     source = tmp_path / "disk.img"
     source.write_bytes(bytes(make_image(4 * MiB, seed=6)))
     state = tmp_path / "state"
-    kill_after_parts(monkeypatch, 2)
-    with pytest.raises(Killed):
-        run(portal, state, str(source), max_in_flight=1)
-    monkeypatch.undo()
-    monkeypatch.setattr("moto.s3.models.S3_UPLOAD_PART_MIN_SIZE", 1024)
+    kill_after(portal, monkeypatch, state, source, 2)
     created: list[str] = []
     real_call = s3_module.S3Access.call
 
@@ -240,11 +243,7 @@ def test_a_disk_that_changed_before_the_rerun_still_gives_a_correct_backup(porta
     source = tmp_path / "disk.img"
     source.write_bytes(bytes(image))
     state = tmp_path / "state"
-    kill_after_parts(monkeypatch, 3)
-    with pytest.raises(Killed):
-        run(portal, state, str(source), max_in_flight=1)
-    monkeypatch.undo()
-    monkeypatch.setattr("moto.s3.models.S3_UPLOAD_PART_MIN_SIZE", 1024)
+    kill_after(portal, monkeypatch, state, source, 3)
 
     changed, _ = scatter_writes(image, 10, seed=9)
     changed[100] ^= 0xFF  # inside part 1 for sure
@@ -253,8 +252,7 @@ def test_a_disk_that_changed_before_the_rerun_still_gives_a_correct_backup(porta
     result = run(portal, state, str(source))
     assert result.status == "verified"
     assert 1 in sent_after  # its bytes changed, so it went again
-    restore(portal, result.backup_id, str(tmp_path / "out.img"), QUIET)
-    assert (tmp_path / "out.img").read_bytes() == bytes(changed)
+    assert_restores(portal, result.backup_id, tmp_path, changed)
 
 
 def test_a_run_killed_while_waiting_for_the_verdict_finishes_without_uploading(portal, tmp_path, monkeypatch):
@@ -293,11 +291,7 @@ def test_an_expired_upload_starts_over(portal, tmp_path, monkeypatch):
     source = tmp_path / "disk.img"
     source.write_bytes(bytes(make_image(4 * MiB)))
     state = tmp_path / "state"
-    kill_after_parts(monkeypatch, 2)
-    with pytest.raises(Killed):
-        run(portal, state, str(source), max_in_flight=1)
-    monkeypatch.undo()
-    monkeypatch.setattr("moto.s3.models.S3_UPLOAD_PART_MIN_SIZE", 1024)
+    kill_after(portal, monkeypatch, state, source, 2)
     old_upload = UploadState.load(state, "srv1", "sda")["upload_id"]
     portal.backups[portal.uploads[old_upload]]["status"] = "failed"  # the clean-up job dropped it
 
@@ -314,11 +308,7 @@ def test_full_requested_abandons_an_unfinished_incremental(portal, tmp_path, mon
     state = tmp_path / "state"
     run(portal, state, str(source))
     source.write_bytes(bytes(scatter_writes(image, 200)[0]))
-    kill_after_parts(monkeypatch, 1)
-    with pytest.raises(Killed):
-        run(portal, state, str(source), max_in_flight=1)
-    monkeypatch.undo()
-    monkeypatch.setattr("moto.s3.models.S3_UPLOAD_PART_MIN_SIZE", 1024)
+    kill_after(portal, monkeypatch, state, source, 1)
     assert UploadState.load(state, "srv1", "sda")["kind"] == "incremental"
     result = run(portal, state, str(source), full=True)
     assert result.kind == "full" and result.skipped_parts == 0
