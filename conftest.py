@@ -104,3 +104,17 @@ def other_api(other_user):
 @pytest.fixture
 def anon_api():
     return APIClient()
+
+
+@pytest.fixture
+def owner(client, user):
+    """A browser (Django's test client) logged in to the portal as `user`."""
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def outsider(client, other_user):
+    """A browser logged in as the other tenant."""
+    client.force_login(other_user)
+    return client

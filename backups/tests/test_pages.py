@@ -16,18 +16,6 @@ from .factories import BackupFactory, ServerFactory
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def owner(client, user):
-    client.force_login(user)
-    return client
-
-
-@pytest.fixture
-def outsider(client, other_user):
-    client.force_login(other_user)
-    return client
-
-
 def hourly(server, *, last_ago: timedelta, disk="sda", count=4):
     """Restore points every hour, the newest `last_ago` old; returns them oldest first."""
     newest = timezone.now() - last_ago

@@ -16,26 +16,14 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def browser(client, user):
-    client.force_login(user)
-    return client
-
-
-@pytest.fixture
-def outsider(client, other_user):
-    client.force_login(other_user)
-    return client
-
-
-@pytest.fixture
 def ready(chain, user, drive):
     recovery = drive(services.recovery_start(user=user, backup_id=chain[0][-1].pk).pk)
     return recovery, Instance.objects.get(recovery=recovery)
 
 
-def test_the_failover_form_offers_the_newest_verified_restore_point_and_sizes_with_prices(browser, server, chain):
+def test_the_failover_form_offers_the_newest_verified_restore_point_and_sizes_with_prices(owner, server, chain):
     backups, _ = chain
-    page = browser.get(reverse("recovery:failover-start", args=[server.pk])).content.decode()
+    page = owner.get(reverse("recovery:failover-start", args=[server.pk])).content.decode()
     assert f'<option value="{backups[-1].pk}" selected>' in page
     assert page.count("<option") == 3
     assert 'value="t3.medium"\n          checked' in page or re.search(r'value="t3.medium"\s+checked', page)
@@ -44,49 +32,49 @@ def test_the_failover_form_offers_the_newest_verified_restore_point_and_sizes_wi
     assert "per hour" in page and "Fail over now" in page
 
 
-def test_the_form_needs_a_confirmation(browser, server, chain):
+def test_the_form_needs_a_confirmation(owner, server, chain):
     url = reverse("recovery:failover-start", args=[server.pk])
-    response = browser.post(url, {"backup": chain[0][-1].pk, "instance_type": "t3.medium"})
+    response = owner.post(url, {"backup": chain[0][-1].pk, "instance_type": "t3.medium"})
     assert response.status_code == 200
     assert "Tick the box to confirm the failover." in response.content.decode()
     assert Recovery.objects.count() == 0
 
 
-def test_confirming_starts_the_failover_and_shows_its_page(browser, server, chain):
+def test_confirming_starts_the_failover_and_shows_its_page(owner, server, chain):
     url = reverse("recovery:failover-start", args=[server.pk])
-    response = browser.post(url, {"backup": chain[0][0].pk, "instance_type": "t3.large", "confirm": "on"})
+    response = owner.post(url, {"backup": chain[0][0].pk, "instance_type": "t3.large", "confirm": "on"})
     recovery = Recovery.objects.get()
     assert response.status_code == 302 and response["Location"] == reverse("recovery:detail", args=[recovery.pk])
     assert (recovery.backup_ref, recovery.instance_type) == (chain[0][0].pk, "t3.large")
-    page = browser.get(response["Location"]).content.decode()
+    page = owner.get(response["Location"]).content.decode()
     assert "Failover of front-desk" in page and "Preparing the disk" in page
     assert 'http-equiv="refresh"' in page  # without JavaScript the page refreshes itself
     assert reverse("recovery:status", args=[recovery.pk]) in page and "js/recovery.js" in page
 
 
-def test_a_refused_failover_shows_why(browser, server, chain, user):
+def test_a_refused_failover_shows_why(owner, server, chain, user):
     services.recovery_start(user=user, backup_id=chain[0][-1].pk)
     url = reverse("recovery:failover-start", args=[server.pk])
-    page = browser.post(url, {"backup": chain[0][-1].pk, "instance_type": "t3.medium", "confirm": "on"})
+    page = owner.post(url, {"backup": chain[0][-1].pk, "instance_type": "t3.medium", "confirm": "on"})
     assert "already running" in page.content.decode()
 
 
-def test_a_server_without_restore_points_cannot_fail_over(browser, server, aws):
-    page = browser.get(reverse("recovery:failover-start", args=[server.pk])).content.decode()
+def test_a_server_without_restore_points_cannot_fail_over(owner, server, aws):
+    page = owner.get(reverse("recovery:failover-start", args=[server.pk])).content.decode()
     assert "No verified restore point yet" in page and "Fail over now" not in page
 
 
-def test_the_status_endpoint_reports_the_steps(browser, chain, user):
+def test_the_status_endpoint_reports_the_steps(owner, chain, user):
     recovery = services.recovery_start(user=user, backup_id=chain[0][-1].pk)
-    data = browser.get(reverse("recovery:status", args=[recovery.pk])).json()
+    data = owner.get(reverse("recovery:status", args=[recovery.pk])).json()
     assert data["status"] == "queued" and data["active"] is True
     assert [s["name"] for s in data["steps"]] == list(Recovery.STEPS)
     assert data["steps"][0]["title"] == "Preparing the disk"
 
 
-def test_the_ready_page_shows_the_address_the_vpn_file_and_its_qr_code(browser, ready):
+def test_the_ready_page_shows_the_address_the_vpn_file_and_its_qr_code(owner, ready):
     recovery, instance = ready
-    page = browser.get(reverse("recovery:detail", args=[recovery.pk])).content.decode()
+    page = owner.get(reverse("recovery:detail", args=[recovery.pk])).content.decode()
     assert instance.private_ip in page and "is running in the cloud" in page
     assert reverse("recovery:vpn-config", args=[instance.instance_id]) in page
     assert reverse("recovery:vpn-qr", args=[instance.instance_id]) in page
@@ -94,32 +82,32 @@ def test_the_ready_page_shows_the_address_the_vpn_file_and_its_qr_code(browser, 
     assert 'http-equiv="refresh"' not in page and "js/recovery.js" not in page
 
 
-def test_the_vpn_file_downloads(browser, ready):
+def test_the_vpn_file_downloads(owner, ready):
     _recovery, instance = ready
-    response = browser.get(reverse("recovery:vpn-config", args=[instance.instance_id]))
+    response = owner.get(reverse("recovery:vpn-config", args=[instance.instance_id]))
     assert response["Content-Disposition"] == 'attachment; filename="reclo-front-des.conf"'
     assert f"AllowedIPs = {instance.private_ip}/32" in response.content.decode()
 
 
-def test_the_qr_code_is_an_svg(browser, ready):
+def test_the_qr_code_is_an_svg(owner, ready):
     _recovery, instance = ready
-    response = browser.get(reverse("recovery:vpn-qr", args=[instance.instance_id]))
+    response = owner.get(reverse("recovery:vpn-qr", args=[instance.instance_id]))
     assert response["Content-Type"] == "image/svg+xml"
     assert response.content.lstrip().startswith(b"<?xml") and b"<svg" in response.content
 
 
-def test_a_failed_failover_says_why_and_offers_to_try_again(browser, chain, user, server):
+def test_a_failed_failover_says_why_and_offers_to_try_again(owner, chain, user, server):
     recovery = services.recovery_start(user=user, backup_id=chain[0][-1].pk)
     Recovery.objects.filter(pk=recovery.pk).update(status="failed", error_code=403, error="The image failed.")
-    page = browser.get(reverse("recovery:detail", args=[recovery.pk])).content.decode()
+    page = owner.get(reverse("recovery:detail", args=[recovery.pk])).content.decode()
     assert "The image failed." in page and "code 403" in page
     assert reverse("recovery:failover-start", args=[server.pk]) in page
 
 
-def test_the_instances_page_lists_state_uptime_actions_and_the_cleanup_date(browser, aws, user):
+def test_the_instances_page_lists_state_uptime_actions_and_the_cleanup_date(owner, aws, user):
     running = recovered_instance(user=user)
     stopped = recovered_instance(user=user, state="stopped")
-    page = browser.get(reverse("recovery:instances")).content.decode()
+    page = owner.get(reverse("recovery:instances")).content.decode()
     assert running.instance_id in page and stopped.instance_id in page
     assert reverse("recovery:instance-action", args=[running.instance_id, "stop"]) in page
     assert reverse("recovery:instance-action", args=[stopped.instance_id, "start"]) in page
@@ -128,13 +116,13 @@ def test_the_instances_page_lists_state_uptime_actions_and_the_cleanup_date(brow
 
 
 @pytest.mark.parametrize("action", ["stop", "terminate"])
-def test_instance_actions_ask_for_confirmation_first(browser, aws, user, action):
+def test_instance_actions_ask_for_confirmation_first(owner, aws, user, action):
     instance = recovered_instance(user=user)
     url = reverse("recovery:instance-action", args=[instance.instance_id, action])
-    page = browser.get(url).content.decode()
+    page = owner.get(url).content.decode()
     assert "?</h1>" in page and 'method="post"' in page
     assert Instance.objects.get(pk=instance.pk).state == "running"
-    response = browser.post(url)
+    response = owner.post(url)
     assert response.status_code == 302 and response["Location"] == reverse("recovery:instances")
     assert (
         Instance.objects.get(pk=instance.pk).state
@@ -142,11 +130,11 @@ def test_instance_actions_ask_for_confirmation_first(browser, aws, user, action)
     )
 
 
-def test_an_action_the_state_forbids_is_explained(browser, aws, user):
+def test_an_action_the_state_forbids_is_explained(owner, aws, user):
     instance = recovered_instance(user=user)
-    page = browser.get(reverse("recovery:instance-action", args=[instance.instance_id, "start"])).content.decode()
+    page = owner.get(reverse("recovery:instance-action", args=[instance.instance_id, "start"])).content.decode()
     assert "cannot be started" in page and 'method="post"' not in page.split("<main")[1].split("</main>")[0]
-    response = browser.post(reverse("recovery:instance-action", args=[instance.instance_id, "start"]), follow=True)
+    response = owner.post(reverse("recovery:instance-action", args=[instance.instance_id, "start"]), follow=True)
     assert "cannot start now" in response.content.decode()
 
 
@@ -174,8 +162,8 @@ def test_pages_need_a_login(client, aws):
         assert response.status_code == 302 and "/accounts/login/" in response["Location"]
 
 
-def test_the_status_json_is_not_cached(browser, chain, user):
+def test_the_status_json_is_not_cached(owner, chain, user):
     recovery = services.recovery_start(user=user, backup_id=chain[0][-1].pk)
-    response = browser.get(reverse("recovery:status", args=[recovery.pk]))
+    response = owner.get(reverse("recovery:status", args=[recovery.pk]))
     assert response["Cache-Control"] == "no-store"
     assert json.loads(response.content)["elapsed_seconds"] >= 0
