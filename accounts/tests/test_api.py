@@ -201,7 +201,7 @@ class TestLogoutAndRenew:
 
     @pytest.mark.parametrize("url", ["/api/v1/logout", "/api/v1/token/renew"])
     def test_they_refuse_get(self, api, url):
-        assert_error(api.get(url), 405, 106)
+        assert_error(api.get(url), 405, 105)
 
 
 class TestEnvelope:

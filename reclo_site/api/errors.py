@@ -13,49 +13,12 @@ from django.http import Http404
 from rest_framework import exceptions
 from rest_framework.response import Response
 
+from reclo_site.errors import Code, ServiceError
+
 log = logging.getLogger(__name__)
 
 # Every code the API answers with, for the schema and the docs.
-ERROR_CODES = {
-    100: (500, "internal error"),
-    101: (503, "cannot connect to database"),
-    102: (401, "invalid, expired or revoked token"),
-    103: (429, "too many requests"),
-    104: (400, "malformed request"),
-    105: (404, "no such endpoint"),
-    106: (405, "method not allowed"),
-    201: (409, "user with that email already exists"),
-    202: (400, "invalid username format"),
-    203: (400, "invalid email format"),
-    204: (400, "invalid password format"),
-    205: (502, "failed to provision cloud storage for the new user"),
-    206: (403, "account is deactivated"),
-    207: (401, "email or password does not match"),
-    208: (400, "invalid email format"),
-    209: (400, "invalid password format"),
-    210: (429, "too many failed logins; try later"),
-    211: (500, "failed to deactivate token"),
-    301: (503, "failed to get list of backups"),
-    303: (502, "unable to get temporary S3 credentials"),
-    304: (502, "failed to complete upload"),
-    305: (404, "no upload found"),
-    306: (409, "failed to get backup information"),
-    307: (422, "could not verify backup"),
-    308: (500, "failed to obtain file name to delete"),
-    309: (404, "no backup to delete"),
-    310: (502, "failed to delete backup"),
-    311: (409, "backup has dependent incremental backups"),
-    312: (409, "invalid backup chain"),
-    313: (413, "declared file size over the account's limit"),
-    401: (404, "no restorable backup with that id"),
-    402: (409, "a failover for this server is already running"),
-    403: (502, "failed to import the backup as a cloud image"),
-    404: (502, "failed to start the instance"),
-    405: (404, "no instance with that id"),
-    406: (409, "the instance's state does not allow that action"),
-    407: (502, "failed to provision the VPN"),
-    408: (502, "failed to stop or terminate the instance"),
-}
+ERROR_CODES = {code.value: (code.http_status, code.text) for code in Code}
 
 
 class ApiError(exceptions.APIException):
@@ -91,7 +54,12 @@ def _flatten(detail) -> dict:
 def exception_handler(exc, context):
     """DRF's EXCEPTION_HANDLER: every error, expected or not, in the envelope."""
     headers = {}
-    if isinstance(exc, ApiError):
+    if isinstance(exc, ServiceError):
+        code, message, fields, status_code = exc.code, exc.message, exc.fields, exc.code.http_status
+        headers.update(exc.headers)
+        if code == Code.BAD_TOKEN:
+            headers["WWW-Authenticate"] = "Token"
+    elif isinstance(exc, ApiError):
         code, message, fields, status_code = exc.error_code, str(exc.detail), exc.fields, exc.status_code
         headers.update(exc.headers)
         if code == 102:
@@ -120,9 +88,9 @@ def exception_handler(exc, context):
     elif isinstance(exc, (Http404, exceptions.NotFound)):
         code, message, fields, status_code = 105, "Not found.", None, 404
     elif isinstance(exc, exceptions.MethodNotAllowed):
-        code, message, fields, status_code = 106, str(exc.detail), None, 405
+        code, message, fields, status_code = 105, str(exc.detail), None, 405
     elif isinstance(exc, (PermissionDenied, exceptions.PermissionDenied)):
-        code, message, fields, status_code = 104, "You may not do that.", None, 403
+        code, message, fields, status_code = 106, "You may not do that.", None, 403
     elif isinstance(exc, (OperationalError, InterfaceError)):
         log.warning("database unavailable: %s", exc.__class__.__name__)
         code, message, fields, status_code = 101, "The database is unavailable; try again shortly.", None, 503
