@@ -31,6 +31,11 @@ class UploadGrant:
     credentials: credentials.TemporaryCredentials
 
 
+def _upload_ttl() -> int:
+    """Seconds upload credentials live (RECLO_UPLOAD_CREDENTIALS_TTL): short, since STS cannot revoke them."""
+    return int(settings.RECLO_UPLOAD_CREDENTIALS_TTL.total_seconds())
+
+
 def max_file_size(user) -> int:
     """The largest stored backup this account may upload, in bytes."""
     limit = AccountLimits.objects.filter(user=user).values_list("max_file_size", flat=True).first()
@@ -77,7 +82,7 @@ def _chain_parent(*, user, server: str, disk: str, kind: str, parent_id, virtual
     if parent_id is None:
         raise BackupError(312, "An incremental backup needs parent_id, the restore point it builds on.")
     parent = Backup.objects.select_related("server").filter(user=user, pk=parent_id).first()
-    if parent is None:
+    if parent is None or parent.deleted_at is not None:
         raise BackupError(312, "The parent backup does not exist.")
     if parent.status != Backup.Status.VERIFIED:
         raise BackupError(312, f"The parent backup is {parent.status}, not verified.")
@@ -90,6 +95,7 @@ def _chain_parent(*, user, server: str, disk: str, kind: str, parent_id, virtual
         )
     newest = (
         Backup.objects.filter(server_id=parent.server_id, disk=disk, status=Backup.Status.VERIFIED)
+        .filter(deleted_at__isnull=True)
         .order_by("-date_created", "-pk")
         .values_list("pk", flat=True)
         .first()
@@ -131,14 +137,20 @@ def backup_start(
     key = backup_key(user_id=user.pk, server=server, disk=disk, backup_id=backup_id)
     try:
         grant = credentials.issue(
-            policy=credentials.upload_policy(key), session_name=f"reclo-up-{user.pk}-{backup_id.hex}"
+            policy=credentials.upload_policy(key),
+            session_name=f"reclo-up-{user.pk}-{backup_id.hex}",
+            duration=_upload_ttl(),
         )
     except cloud.CloudError as exc:
         raise BackupError(303, "Could not get temporary storage credentials; try again shortly.") from exc
     with transaction.atomic():
         if parent is not None:
             # The parent may have been deleted or superseded since it was checked.
-            locked = Backup.objects.select_for_update().filter(pk=parent.pk, status=Backup.Status.VERIFIED).first()
+            locked = (
+                Backup.objects.select_for_update()
+                .filter(pk=parent.pk, status=Backup.Status.VERIFIED, deleted_at__isnull=True)
+                .first()
+            )
             if locked is None:
                 raise BackupError(312, "The parent backup is no longer a verified restore point.")
         server_row, _ = Server.objects.get_or_create(user=user, name=server)
@@ -175,6 +187,11 @@ def _expired(backup: Backup) -> bool:
 def backup_credentials_refresh(*, user, upload_id) -> UploadGrant:
     """Fresh credentials for the same key, while the upload is pending (else 305).
 
+    Refused once the upload is completed: from then on nothing may write
+    the key, and the last credentials handed out expire within
+    RECLO_UPLOAD_CREDENTIALS_TTL (their write-once condition already stops
+    them replacing the stored object).
+
     Idempotent in effect: each call grants another set for the same one key.
     """
     backup = _pending_upload(user, upload_id)
@@ -184,7 +201,9 @@ def backup_credentials_refresh(*, user, upload_id) -> UploadGrant:
         raise BackupError(305, "That upload has expired; start a new one.")
     try:
         grant = credentials.issue(
-            policy=credentials.upload_policy(backup.key), session_name=f"reclo-up-{user.pk}-{backup.pk.hex}"
+            policy=credentials.upload_policy(backup.key),
+            session_name=f"reclo-up-{user.pk}-{backup.pk.hex}",
+            duration=_upload_ttl(),
         )
     except cloud.CloudError as exc:
         raise BackupError(303, "Could not get temporary storage credentials; try again shortly.") from exc

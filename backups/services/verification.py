@@ -22,7 +22,7 @@ from reclo_site import cloud
 from reclo_site.cloud import storage
 
 from ..models import Backup
-from .lifecycle import backup_fail, descendants_of
+from .lifecycle import backup_fail, descendants_of, lock_period
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,24 @@ class ObjectCheck:
     size: int
     sha256: str
     info: vhd.VHDInfo
+    # The version that was read (empty on an unversioned bucket) and its ETag.
+    version_id: str = ""
+    etag: str = ""
 
 
-def object_check(key: str, *, kind: str, virtual_size: int, parent_unique_id: uuid.UUID | None = None) -> ObjectCheck:
+def object_check(
+    key: str,
+    *,
+    kind: str,
+    virtual_size: int,
+    parent_unique_id: uuid.UUID | None = None,
+    version_id: str | None = None,
+    etag: str | None = None,
+) -> ObjectCheck:
     """Read a stored restore point and check everything about it.
+
+    `version_id` / `etag` read exactly that version (a verified one); without
+    them the current version is read, and the check says which it was.
 
     The VHD's structure (footer and header checksums, disk type fits
     `kind`, parent id, virtual size, every BAT entry inside the data) is
@@ -48,7 +62,7 @@ def object_check(key: str, *, kind: str, virtual_size: int, parent_unique_id: uu
     Raises VHDError for a bad file, ObjectNotFound / ObjectChanged /
     CloudUnavailable for storage trouble.
     """
-    with storage.ObjectReader(key, sha256=True) as raw:
+    with storage.ObjectReader(key, version_id=version_id, etag=etag, sha256=True) as raw:
         disk = vhd.open_seekable(raw)
         info = vhd.validate(disk, expected_kind=kind, parent_unique_id=parent_unique_id, virtual_size=virtual_size)
         # A VHD is never much bigger than its disk (bitmaps and tables add
@@ -58,7 +72,7 @@ def object_check(key: str, *, kind: str, virtual_size: int, parent_unique_id: uu
             raise vhd.VHDError(f"the VHD is {info.file_size} bytes, far more than a {virtual_size}-byte disk needs")
         vhd.check_seekable(raw)
         digest = raw.sha256_hexdigest()
-        return ObjectCheck(size=raw.size, sha256=digest, info=info)
+        return ObjectCheck(size=raw.size, sha256=digest, info=info, version_id=raw.version_id, etag=raw.etag)
 
 
 def max_vhd_size(virtual_size: int) -> int:
@@ -68,13 +82,22 @@ def max_vhd_size(virtual_size: int) -> int:
 
 def _problem(backup: Backup, *, parent_unique_id) -> tuple[ObjectCheck | None, str]:
     """Check `backup`'s object against its row: (check, "") or (None, reason)."""
+    pinned = bool(backup.version_id or backup.etag)
     try:
         check = object_check(
-            backup.key, kind=backup.kind, virtual_size=backup.virtual_size, parent_unique_id=parent_unique_id
+            backup.key,
+            kind=backup.kind,
+            virtual_size=backup.virtual_size,
+            parent_unique_id=parent_unique_id,
+            **backup.pinned,
         )
     except cloud.ObjectNotFound:
+        if pinned:
+            return None, "The verified version of the object is not in storage."
         return None, "The object is not in storage."
     except storage.ObjectChanged:
+        if pinned:
+            return None, "The object in storage is not the version that was verified (it was replaced since)."
         return None, "The object was overwritten while it was being checked."
     except vhd.VHDError as exc:
         return None, f"Not a valid restore point: {exc}"
@@ -96,7 +119,7 @@ def backup_verify(*, backup_id) -> Backup | None:
     """
     from .. import tasks  # tasks import the services; this breaks the cycle
 
-    backup = Backup.objects.select_related("parent").filter(pk=backup_id).first()
+    backup = Backup.objects.select_related("parent", "user").filter(pk=backup_id).first()
     if backup is None or backup.status != Backup.Status.VERIFYING:
         return backup
     parent_unique_id = backup.parent.vhd_unique_id if backup.parent else None
@@ -104,6 +127,12 @@ def backup_verify(*, backup_id) -> Backup | None:
         backup_fail(backup=backup, reason="The parent backup's VHD id is unknown.")
         return backup
     check, reason = _problem(backup, parent_unique_id=parent_unique_id)
+    locked_until = None
+    if not reason and check.version_id:
+        # Locked before the verdict is committed (no cloud call inside the
+        # transaction): a verified restore point is never unlocked. If the
+        # verdict then goes the other way, the deletion waits for the lock.
+        locked_until = storage.lock_version(backup.key, check.version_id, timezone.now() + lock_period(backup.user))
     if not reason:
         with transaction.atomic():
             row = Backup.objects.select_for_update().filter(pk=backup.pk, status=Backup.Status.VERIFYING).first()
@@ -111,9 +140,11 @@ def backup_verify(*, backup_id) -> Backup | None:
                 return backup  # deleted, or another worker decided first
             if row.parent_id:
                 parent = Backup.objects.select_for_update().filter(pk=row.parent_id).first()
-                if parent is None or parent.status != Backup.Status.VERIFIED:
+                if parent is None or parent.status != Backup.Status.VERIFIED or parent.deleted_at is not None:
                     reason = "The parent backup stopped being a verified restore point during verification."
-                elif Backup.objects.filter(parent_id=row.parent_id, status=Backup.Status.VERIFIED).exists():
+                elif Backup.objects.filter(
+                    parent_id=row.parent_id, status=Backup.Status.VERIFIED, deleted_at__isnull=True
+                ).exists():
                     reason = "Another restore point built on the same parent was verified first."
             if not reason:
                 row.status = Backup.Status.VERIFIED
@@ -121,11 +152,18 @@ def backup_verify(*, backup_id) -> Backup | None:
                 row.vhd_unique_id = check.info.unique_id
                 row.verified_at = timezone.now()
                 row.failure = ""
-                row.save(update_fields=["status", "sha256", "vhd_unique_id", "verified_at", "failure"])
+                row.version_id, row.etag, row.locked_until = check.version_id, check.etag, locked_until
+                row.save(
+                    update_fields=[
+                        *("status", "sha256", "vhd_unique_id", "verified_at", "failure"),
+                        *("version_id", "etag", "locked_until"),
+                    ]
+                )
                 transaction.on_commit(
                     lambda: tasks.enqueue(tasks.retention_apply, row.server_id, row.disk)  # noqa: B023 - runs once
                 )
                 return row
+    backup.locked_until = locked_until
     backup_fail(backup=backup, reason=reason, from_statuses=(Backup.Status.VERIFYING,))
     backup.refresh_from_db()
     return backup
@@ -154,7 +192,7 @@ def backups_scrub_pick(*, sample: int | None = None) -> list:
     """Ids of the verified restore points to re-read this run: the least recently checked."""
     sample = settings.RECLO_SCRUB_SAMPLE if sample is None else sample
     return list(
-        Backup.objects.filter(status=Backup.Status.VERIFIED)
+        Backup.objects.filter(status=Backup.Status.VERIFIED, deleted_at__isnull=True)
         # Never checked first (PostgreSQL would put NULLs last by default).
         .order_by(F("scrubbed_at").asc(nulls_first=True), "verified_at")
         .values_list("pk", flat=True)[:sample]
