@@ -15,7 +15,7 @@ from recovery import engine, services, steps
 from recovery.models import Instance, Recovery, RecoveryNetwork, RecoveryStep, VpnGateway
 
 from .cloud_inventory import inventory
-from .factories import MiB, backup_chain
+from .factories import MiB, backup_chain, make_disk, store_full
 
 pytestmark = pytest.mark.django_db
 
@@ -47,6 +47,26 @@ def test_consolidating_merges_the_chain_into_one_dynamic_vhd_in_storage(recovery
     assert storage.head_object(out["image_key"])["size"] == out["image_size"]
 
 
+def test_a_chain_written_over_after_verification_still_fails_over_to_the_verified_disk(recovery, chain, drive):
+    # The attack: the server's upload credentials write the full's key again
+    # with another valid disk. The failover must never build from it.
+    backups, top = chain
+    storage.put_object(backups[0].key, store_full(make_disk(8 * MiB, seed=66)).data)
+    drive(recovery.pk, until="importing")
+    merged = VHDReader(storage.ObjectReader(outputs(recovery, "consolidating")["image_key"]))
+    assert ChainReader([merged]).read(0, len(top)) == top
+
+
+def test_a_chain_changed_under_its_etag_pin_fails_the_failover_with_the_reason(recovery, chain, drive):
+    backups, _top = chain
+    Backup.objects.filter(pk=backups[1].pk).update(version_id="")  # verified on an unversioned bucket
+    storage.put_object(backups[1].key, b"tampered")
+    drive(recovery.pk)
+    recovery.refresh_from_db()
+    assert (recovery.status, recovery.error_code) == ("failed", 403)
+    assert "not the one that was verified" in recovery.error
+
+
 def test_consolidating_is_skipped_when_the_merged_disk_exists(recovery, chain, user, drive):
     drive(recovery.pk, until="importing")
     Recovery.objects.filter(pk=recovery.pk).update(status="failed")
@@ -73,7 +93,9 @@ def test_consolidating_fails_with_401_when_a_layer_is_missing_from_storage(recov
 
 
 def test_consolidating_fails_with_403_when_a_layer_is_damaged(recovery, chain, drive):
-    storage.put_object(chain[0][1].key, b"this is not seekable zstd at all" * 10)
+    # The verified version itself is bad (a verifier bug, say): the version the row pins.
+    stored = storage.put_object(chain[0][1].key, b"this is not seekable zstd at all" * 10)
+    Backup.objects.filter(pk=chain[0][1].pk).update(**stored)
     recovery = drive(recovery.pk)
     assert (recovery.status, recovery.error_code) == ("failed", 403)
     assert "damaged" in recovery.error
