@@ -150,6 +150,29 @@ def test_ebs_direct_writes_the_disks_non_zero_blocks_and_registers_an_image(reco
     assert params["RootDeviceName"] == params["BlockDeviceMappings"][0]["DeviceName"]
 
 
+def sent_params(service: str, operation: str) -> list:
+    """The parameters our adapter sends to `operation` (moto ignores some of them, so we look at the request)."""
+    from reclo_site.cloud import clients
+
+    seen = []
+    clients.client(service).meta.events.register(
+        f"provide-client-params.{service}.{operation}", lambda params, **_: seen.append(dict(params))
+    )
+    return seen
+
+
+@pytest.mark.parametrize("kms_key", ["", "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"])
+def test_ebs_direct_snapshots_are_encrypted(recovery, drive, settings, kms_key):
+    # moto's StartSnapshot ignores Encrypted and KmsKeyArn (its own docstring
+    # says so), so the test checks what the adapter asks AWS for.
+    settings.RECLO_KMS_KEY_ID = kms_key
+    started = sent_params("ebs", "StartSnapshot")
+    drive(recovery.pk, until="launching")
+    (params,) = started
+    assert params["Encrypted"] is True
+    assert params.get("KmsKeyArn", "") == kms_key  # none: the account's default EBS key
+
+
 def test_ebs_direct_resumes_from_its_checkpoint(recovery, drive, monkeypatch):
     monkeypatch.setattr(steps, "CHECKPOINT_BLOCKS", 1)
     real = imaging.put_snapshot_blocks
