@@ -172,8 +172,10 @@ def backup_verify(*, backup_id) -> Backup | None:
 def backup_scrub(*, backup_id) -> str:
     """Re-read one verified restore point; mark its chain broken if it changed.
 
-    Returns "" when the object is sound, else the problem found. Storage
-    outages propagate for a retry. Idempotent.
+    Returns "" when the object is sound, else the problem found. A sound
+    restore point verified before versions were recorded gets the version
+    it was read at pinned and locked now. Storage outages propagate for a
+    retry. Idempotent.
     """
     backup = Backup.objects.select_related("parent", "server", "user").filter(pk=backup_id).first()
     if backup is None or backup.status != Backup.Status.VERIFIED:
@@ -182,7 +184,13 @@ def backup_scrub(*, backup_id) -> str:
     check, problem = _problem(backup, parent_unique_id=parent_unique_id)
     if not problem and backup.vhd_unique_id and check.info.unique_id != backup.vhd_unique_id:
         problem = f"The VHD id changed from {backup.vhd_unique_id} to {check.info.unique_id}."
-    Backup.objects.filter(pk=backup.pk).update(scrubbed_at=timezone.now())
+    stamp = {"scrubbed_at": timezone.now()}
+    if not problem and not (backup.version_id or backup.etag):
+        stamp.update(version_id=check.version_id, etag=check.etag)
+        if check.version_id:
+            until = timezone.now() + lock_period(backup.user)
+            stamp["locked_until"] = storage.lock_version(backup.key, check.version_id, until)
+    Backup.objects.filter(pk=backup.pk).update(**stamp)
     if problem:
         chain_mark_broken(backup=backup, reason=problem)
     return problem

@@ -68,6 +68,15 @@ def test_a_flipped_byte_is_found(chain):
     assert Backup.objects.get(pk=chain[1].pk).status == "verified"
 
 
+def test_a_restore_point_verified_before_versions_were_recorded_is_pinned_and_locked(chain):
+    Backup.objects.filter(pk=chain[0].pk).update(version_id="", etag="")
+    assert services.backup_scrub(backup_id=chain[0].pk) == ""
+    point = Backup.objects.get(pk=chain[0].pk)
+    stored = storage.head_object(point.key)
+    assert (point.version_id, point.etag) == (stored["version_id"], stored["etag"])
+    assert point.locked_until and stored["lock_mode"] == "COMPLIANCE"
+
+
 def test_the_weekly_job_reads_the_least_recently_checked_first(chain, settings):
     settings.RECLO_SCRUB_SAMPLE = 2
     Backup.objects.filter(pk=chain[0].pk).update(scrubbed_at=timezone.now() - timedelta(days=1))
