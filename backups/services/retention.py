@@ -25,7 +25,7 @@ from reclo_site.cloud import storage
 
 from ..models import Backup, ObjectDeletion
 from ..naming import backup_key
-from .lifecycle import failed_branches_drop, lock_period, object_forget
+from .lifecycle import backup_in_use, failed_branches_drop, lock_period, object_forget
 from .verification import object_check
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,8 @@ def retention_apply(*, server_id: int, disk: str) -> str:
     children = list(Backup.objects.filter(parent=oldest).exclude(status=Backup.Status.FAILED))
     if any(child.deleted_at for child in children):
         return ""
+    if backup_in_use([oldest.pk]):
+        return ""  # a running failover reads this full by its id; the verdict after it re-runs this
     if not children:
         return "dropped" if _drop_full(oldest) else ""
     if len(children) != 1 or children[0].status != Backup.Status.VERIFIED:

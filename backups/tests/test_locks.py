@@ -262,3 +262,16 @@ def test_a_restore_point_a_running_failover_uses_cannot_be_deleted(api, disk, us
     assert Backup.objects.filter(status="verified").count() == 2
     Recovery.objects.update(status="ready")
     assert api.delete(f"{LIST}/{top.pk}").status_code == 200
+
+
+def test_retention_leaves_a_full_a_running_failover_uses(disk, user, settings):
+    settings.RECLO_RETENTION_KEEP = 1
+    full = disk.full()
+    disk.incremental(2)
+    Recovery.objects.create(user=user, server=disk.server, server_name=disk.server.name, backup=full,
+                            backup_ref=full.pk, disk="sda", virtual_size=full.virtual_size, instance_type="t3.medium",
+                            import_method="ebs_direct", status="importing")  # fmt: skip
+    assert services.retention_apply(server_id=disk.server.pk, disk="sda") == ""
+    assert Backup.objects.filter(pk=full.pk, status="verified").exists()
+    Recovery.objects.update(status="ready")
+    assert services.retention_apply(server_id=disk.server.pk, disk="sda") == "merged"
