@@ -230,6 +230,10 @@ def backup_delete(*, user, backup_id, cascade: bool = False) -> Deletion:
     for backup in doomed:
         try:
             storage.delete_object(backup.key)
+        except storage.ObjectLocked:
+            # Locked after its row was read (a verification that finished
+            # meanwhile): S3 keeps it, the purge job removes it later.
+            object_forget(backup.key, reason="deleted while it was being locked", not_before=now + LOCKED_RETRY)
         except cloud.CloudError as exc:
             log.warning("deleting backup %s: %s", backup.pk, exc)
             raise BackupError(310, "Storage did not delete the backup; try again.") from exc

@@ -275,3 +275,14 @@ def test_retention_leaves_a_full_a_running_failover_uses(disk, user, settings):
     assert Backup.objects.filter(pk=full.pk, status="verified").exists()
     Recovery.objects.update(status="ready")
     assert services.retention_apply(server_id=disk.server.pk, disk="sda") == "merged"
+
+
+def test_a_delete_that_races_the_lock_removes_the_row_and_leaves_the_object_to_the_purge(api, verified):
+    from backups.models import ObjectDeletion
+
+    backup, _ = verified
+    Backup.objects.filter(pk=backup.pk).update(locked_until=None)  # as read before the verdict was saved
+    assert api.delete(f"{LIST}/{backup.pk}").status_code == 200
+    assert not Backup.objects.filter(pk=backup.pk).exists()
+    assert ObjectDeletion.objects.get(key=backup.key).not_before > timezone.now()
+    assert storage.head_object(backup.key, version_id=backup.version_id)  # S3 still keeps it
