@@ -150,6 +150,19 @@ def test_ebs_direct_writes_the_disks_non_zero_blocks_and_registers_an_image(reco
     assert params["RootDeviceName"] == params["BlockDeviceMappings"][0]["DeviceName"]
 
 
+def test_ebs_direct_writes_the_merged_disk_the_consolidation_wrote_not_what_replaced_it(recovery, chain, drive):
+    _backups, top = chain
+    drive(recovery.pk, until="importing")
+    key = outputs(recovery, "consolidating")["image_key"]
+    storage.put_object(key, store_full(make_disk(8 * MiB, seed=66)).data)  # another disk, written over it
+    drive(recovery.pk, until="launching")
+    snapshot_id = outputs(recovery, "importing")["snapshot_id"]
+    blocks = ebs_backends[DEFAULT_ACCOUNT_ID]["us-east-1"].snapshots[snapshot_id].blocks
+    size = imaging.EBS_BLOCK_SIZE
+    written = b"".join(blocks[n].block_data if n in blocks else bytes(size) for n in range(len(top) // size))
+    assert written == top
+
+
 def sent_params(service: str, operation: str) -> list:
     """The parameters our adapter sends to `operation` (moto ignores some of them, so we look at the request)."""
     from reclo_site.cloud import clients
