@@ -15,6 +15,7 @@ from rest_framework.views import APIView
 from reclo_site.api.errors import ApiError
 from reclo_site.api.fields import StrictCharField
 from reclo_site.api.schema import error_responses
+from reclo_site.errors import Code
 
 from . import selectors, services, sizes
 from .engine import STEP_TITLES
@@ -22,7 +23,7 @@ from .models import Instance, Recovery
 
 
 def _raise(exc: services.RecoveryError):
-    fields = {exc.field: [exc.message]} if exc.field and exc.code == 104 else None
+    fields = {exc.field: [exc.message]} if exc.field and exc.code == Code.MALFORMED else None
     raise ApiError(exc.code, exc.message, fields=fields) from exc
 
 
@@ -124,7 +125,7 @@ class RecoveriesApi(APIView):
             200: inline_serializer(
                 "RecoveryListOutput", {"message": serializers.CharField(), "recoveries": RecoveryOutput(many=True)}
             ),
-            **error_responses(102),
+            **error_responses(Code.BAD_TOKEN),
         },
     )
     def get(self, request):
@@ -147,7 +148,7 @@ class RecoveriesApi(APIView):
                     "recovery": RecoveryOutput(),
                 },
             ),
-            **error_responses(102, 104, 401, 402),
+            **error_responses(Code.BAD_TOKEN, Code.MALFORMED, Code.NO_RESTORABLE_BACKUP, Code.FAILOVER_RUNNING),
         },
     )
     def post(self, request):
@@ -178,13 +179,13 @@ class RecoveryDetailApi(APIView):
             200: inline_serializer(
                 "RecoveryDetailOutput", {"message": serializers.CharField(), "recovery": RecoveryOutput()}
             ),
-            **error_responses(102, 105),
+            **error_responses(Code.BAD_TOKEN, Code.NOT_FOUND),
         },
     )
     def get(self, request, recovery_id):
         recovery = selectors.recovery_get(user=request.user, recovery_id=recovery_id)
         if recovery is None:
-            raise ApiError(105, "No failover of yours has that id.")
+            raise ApiError(Code.NOT_FOUND, "No failover of yours has that id.")
         return Response({"message": f"Failover is {recovery.status}.", "recovery": _recovery_body(recovery)})
 
 
@@ -194,7 +195,7 @@ class RecoveryDetailApi(APIView):
 def _instance(request, instance_id) -> Instance:
     instance = selectors.instance_get(user=request.user, instance_id=instance_id)
     if instance is None:
-        raise ApiError(405, "No instance of yours has that id.")
+        raise ApiError(Code.NO_INSTANCE, "No instance of yours has that id.")
     return instance
 
 
@@ -221,7 +222,7 @@ class InstancesApi(APIView):
             200: inline_serializer(
                 "InstanceListOutput", {"message": serializers.CharField(), "instances": InstanceOutput(many=True)}
             ),
-            **error_responses(102),
+            **error_responses(Code.BAD_TOKEN),
         },
     )
     def get(self, request):
@@ -236,7 +237,9 @@ class InstancesApi(APIView):
 
 class InstanceDetailApi(APIView):
     @extend_schema(
-        operation_id="instances_get", tags=["recovery"], responses={200: InstanceBody, **error_responses(102, 405)}
+        operation_id="instances_get",
+        tags=["recovery"],
+        responses={200: InstanceBody, **error_responses(Code.BAD_TOKEN, Code.NO_INSTANCE)},
     )
     def get(self, request, instance_id):
         instance = _instance(request, instance_id)
@@ -247,7 +250,12 @@ class InstanceDetailApi(APIView):
         tags=["recovery"],
         description="Terminate the instance; its Elastic IP and image are released, and the VPN gateway "
         "when no other instance uses it.",
-        responses={202: InstanceBody, **error_responses(102, 405, 406, 408)},
+        responses={
+            202: InstanceBody,
+            **error_responses(
+                Code.BAD_TOKEN, Code.NO_INSTANCE, Code.INSTANCE_STATE_CONFLICT, Code.INSTANCE_ACTION_FAILED
+            ),
+        },
     )
     def delete(self, request, instance_id):
         return _instance_action(request, instance_id, services.instance_terminate, "Instance terminated.")
@@ -258,7 +266,10 @@ class InstanceStartApi(APIView):
         operation_id="instances_start",
         tags=["recovery"],
         request=None,
-        responses={202: InstanceBody, **error_responses(102, 404, 405, 406)},
+        responses={
+            202: InstanceBody,
+            **error_responses(Code.BAD_TOKEN, Code.LAUNCH_FAILED, Code.NO_INSTANCE, Code.INSTANCE_STATE_CONFLICT),
+        },
     )
     def post(self, request, instance_id):
         return _instance_action(request, instance_id, services.instance_start, "Instance starting.")
@@ -269,7 +280,12 @@ class InstanceStopApi(APIView):
         operation_id="instances_stop",
         tags=["recovery"],
         request=None,
-        responses={202: InstanceBody, **error_responses(102, 405, 406, 408)},
+        responses={
+            202: InstanceBody,
+            **error_responses(
+                Code.BAD_TOKEN, Code.NO_INSTANCE, Code.INSTANCE_STATE_CONFLICT, Code.INSTANCE_ACTION_FAILED
+            ),
+        },
     )
     def post(self, request, instance_id):
         return _instance_action(request, instance_id, services.instance_stop, "Instance stopping.")
@@ -283,16 +299,16 @@ class InstanceVpnApi(APIView):
         "address. It holds a private key: keep it like a password.",
         responses={
             (200, "text/plain"): OpenApiResponse(OpenApiTypes.STR, description="A wg-quick config file."),
-            **error_responses(102, 405, 406),
+            **error_responses(Code.BAD_TOKEN, Code.NO_INSTANCE, Code.INSTANCE_STATE_CONFLICT),
         },
     )
     def get(self, request, instance_id):
         instance = _instance(request, instance_id)
         if instance.state == Instance.State.TERMINATED:
-            raise ApiError(406, "The instance is terminated; it has no VPN any more.")
+            raise ApiError(Code.INSTANCE_STATE_CONFLICT, "The instance is terminated; it has no VPN any more.")
         config = selectors.vpn_client_config(instance=instance)
         if config is None:
-            raise ApiError(406, "The VPN is not ready yet; wait until the failover is ready.")
+            raise ApiError(Code.INSTANCE_STATE_CONFLICT, "The VPN is not ready yet; wait until the failover is ready.")
         response = HttpResponse(config, content_type="text/plain; charset=utf-8")
         response["Content-Disposition"] = f'attachment; filename="{vpn_file_name(instance)}"'
         response["Cache-Control"] = "no-store"
@@ -307,7 +323,7 @@ def vpn_file_name(instance: Instance) -> str:
 
 def _valid(serializer_class, request) -> dict:
     if not isinstance(request.data, dict):
-        raise ApiError(104, "The body must be a JSON object.")
+        raise ApiError(Code.MALFORMED, "The body must be a JSON object.")
     serializer = serializer_class(data=request.data)
     serializer.is_valid(raise_exception=True)
     return serializer.validated_data

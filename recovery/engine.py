@@ -35,13 +35,19 @@ from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
 from reclo_site.cloud import CloudPermanentError, CloudUnavailable
+from reclo_site.errors import Code
 
 from .models import Recovery, RecoveryStep
 
 log = logging.getLogger(__name__)
 
 # The contract's error code for a failure in each step.
-STEP_ERROR_CODES = {"consolidating": 403, "importing": 403, "launching": 404, "provisioning_vpn": 407}
+STEP_ERROR_CODES = {
+    "consolidating": Code.IMPORT_FAILED,
+    "importing": Code.IMPORT_FAILED,
+    "launching": Code.LAUNCH_FAILED,
+    "provisioning_vpn": Code.VPN_FAILED,
+}
 STEP_TITLES = {
     "consolidating": "Preparing the disk",
     "importing": "Creating the cloud image",

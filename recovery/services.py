@@ -16,6 +16,7 @@ from accounts.audit import audit_record
 from accounts.models import AuditEvent
 from reclo_site import cloud
 from reclo_site.cloud import compute, imaging, storage
+from reclo_site.errors import Code
 
 from . import engine, networks, selectors, sizes
 from .models import Instance, Recovery, RecoveryNetwork, RecoveryStep
@@ -57,23 +58,29 @@ def recovery_start(*, user, backup_id, instance_type: str | None = None, import_
     """
     backup = selectors.restorable_backup(user=user, backup_id=backup_id)
     if backup is None:
-        raise RecoveryError(401, "No restorable (verified) backup of yours has that id.", "backup_id")
+        raise RecoveryError(
+            Code.NO_RESTORABLE_BACKUP, "No restorable (verified) backup of yours has that id.", "backup_id"
+        )
     try:
         selectors.backup_chain(backup)
     except selectors.ChainError as exc:
-        raise RecoveryError(401, f"That restore point cannot be restored: {exc}", "backup_id") from exc
+        raise RecoveryError(
+            Code.NO_RESTORABLE_BACKUP, f"That restore point cannot be restored: {exc}", "backup_id"
+        ) from exc
     if instance_type:
         if instance_type not in sizes.BY_TYPE:
             choices = ", ".join(sizes.BY_TYPE)
-            raise RecoveryError(104, f"Unknown instance type; choose one of {choices}.", "instance_type")
+            raise RecoveryError(Code.MALFORMED, f"Unknown instance type; choose one of {choices}.", "instance_type")
     else:
         instance_type = sizes.size_for_disk(backup.virtual_size).instance_type
     method = import_method or settings.RECLO_IMPORT_METHOD
     if method not in Recovery.ImportMethod.values:
-        raise RecoveryError(104, "Unknown import method.", "import_method")
+        raise RecoveryError(Code.MALFORMED, "Unknown import method.", "import_method")
     server = backup.server
     if Instance.objects.filter(recovery__server=server).exclude(state=Instance.State.TERMINATED).exists():
-        raise RecoveryError(402, f"{server.name} already runs in the cloud; terminate that instance first.")
+        raise RecoveryError(
+            Code.FAILOVER_RUNNING, f"{server.name} already runs in the cloud; terminate that instance first."
+        )
     now = timezone.now()
     try:
         with transaction.atomic():
@@ -94,7 +101,7 @@ def recovery_start(*, user, backup_id, instance_type: str | None = None, import_
             )
             transaction.on_commit(lambda: engine.enqueue(recovery.pk, Recovery.STEPS[0]))
     except IntegrityError:  # the partial unique index: one active failover per server
-        raise RecoveryError(402, f"A failover of {server.name} is already running.") from None
+        raise RecoveryError(Code.FAILOVER_RUNNING, f"A failover of {server.name} is already running.") from None
     log.info("recovery %s queued for server %s (restore point %s)", recovery.pk, server.pk, backup.pk)
     audit_record(AuditEvent.Kind.FAILOVER_STARTED, user=user, server=server.name, recovery_id=str(recovery.pk),
                  backup_id=str(backup.pk), instance_type=instance_type)  # fmt: skip
@@ -130,7 +137,7 @@ def _claim_action(instance: Instance, action: str, pending_state: str) -> str:
     claimed = Instance.objects.filter(pk=instance.pk, state__in=ALLOWED[action]).update(state=pending_state)
     if not claimed:
         later = " Try again in a few seconds." if previous in TRANSITIONAL else ""
-        raise RecoveryError(406, f"The instance is {previous}; it cannot {action} now.{later}")
+        raise RecoveryError(Code.INSTANCE_STATE_CONFLICT, f"The instance is {previous}; it cannot {action} now.{later}")
     return previous
 
 
@@ -145,7 +152,7 @@ def instance_stop(*, instance: Instance) -> Instance:
         state = compute.stop_instance(instance.instance_id)
     except cloud.CloudError as exc:
         _undo(instance, Instance.State.STOPPING, previous)
-        raise RecoveryError(408, f"The cloud did not stop the instance: {exc}") from exc
+        raise RecoveryError(Code.INSTANCE_ACTION_FAILED, f"The cloud did not stop the instance: {exc}") from exc
     now = timezone.now()
     # The clean-up clock starts at the stop request (sync corrects it if AWS says otherwise).
     Instance.objects.filter(pk=instance.pk).update(state=state, stopped_at=now, running_since=None, synced=now)
@@ -162,7 +169,7 @@ def instance_start(*, instance: Instance) -> Instance:
         state = compute.start_instance(instance.instance_id)
     except cloud.CloudError as exc:
         _undo(instance, Instance.State.PENDING, previous)
-        raise RecoveryError(404, f"The cloud did not start the instance: {exc}") from exc
+        raise RecoveryError(Code.LAUNCH_FAILED, f"The cloud did not start the instance: {exc}") from exc
     now = timezone.now()
     Instance.objects.filter(pk=instance.pk).update(state=state, stopped_at=None, running_since=now, synced=now)
     _watch_on_commit(instance.pk)
@@ -207,7 +214,7 @@ def instance_terminate(*, instance: Instance) -> Instance:
         compute.terminate_instance(instance.instance_id)
     except cloud.CloudError as exc:
         _undo(instance, Instance.State.SHUTTING_DOWN, previous)
-        raise RecoveryError(408, f"The cloud did not terminate the instance: {exc}") from exc
+        raise RecoveryError(Code.INSTANCE_ACTION_FAILED, f"The cloud did not terminate the instance: {exc}") from exc
     _terminated(instance.pk)
     instance.refresh_from_db()
     audit_record(AuditEvent.Kind.INSTANCE_TERMINATED, user=instance.user, instance_id=instance.instance_id)

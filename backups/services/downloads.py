@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 from reclo_site import cloud
 from reclo_site.cloud import credentials
+from reclo_site.errors import Code
 
 from ..models import Backup
 from ..naming import tenant_prefix
@@ -68,16 +69,23 @@ def backup_download_grant(*, user, backup_id) -> DownloadGrant:
     """
     backup = Backup.objects.filter(user=user, pk=backup_id).first()
     if backup is None:
-        raise BackupError(401, "No restorable backup with that id.")
+        raise BackupError(Code.NO_RESTORABLE_BACKUP, "No restorable backup with that id.")
     chain = chain_of(backup)
     for point in chain:
         if point.status == Backup.Status.FAILED:
-            raise BackupError(307, f"Restore point {point.pk} of this chain failed verification: {point.failure}")
+            raise BackupError(
+                Code.VERIFICATION_FAILED, f"Restore point {point.pk} of this chain failed verification: {point.failure}"
+            )
         if point.status != Backup.Status.VERIFIED:
-            raise BackupError(401, f"Restore point {point.pk} of this chain is {point.status}, not verified yet.")
+            raise BackupError(
+                Code.NO_RESTORABLE_BACKUP,
+                f"Restore point {point.pk} of this chain is {point.status}, not verified yet.",
+            )
     try:
         policy = read_policy(user.pk, [point.key for point in chain])
         grant = credentials.issue(policy=policy, session_name=f"reclo-rd-{user.pk}-{backup.pk.hex}")
     except cloud.CloudError as exc:
-        raise BackupError(303, "Could not get temporary storage credentials; try again shortly.") from exc
+        raise BackupError(
+            Code.UPLOAD_CREDENTIALS_FAILED, "Could not get temporary storage credentials; try again shortly."
+        ) from exc
     return DownloadGrant(chain=chain, credentials=grant)

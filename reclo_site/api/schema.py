@@ -3,6 +3,8 @@
 from drf_spectacular.utils import OpenApiResponse, inline_serializer
 from rest_framework import serializers
 
+from reclo_site.errors import Code
+
 from .errors import ERROR_CODES
 
 ErrorSerializer = inline_serializer(
@@ -22,7 +24,7 @@ def error_responses(*codes: int) -> dict:
     authenticated call and are added to every operation by the caller's list.
     """
     by_status: dict[int, list[int]] = {}
-    for code in sorted({*codes, 101, 103}):
+    for code in sorted({*codes, Code.DATABASE_UNAVAILABLE, Code.THROTTLED}):
         by_status.setdefault(ERROR_CODES[code][0], []).append(code)
     return {
         status: OpenApiResponse(
