@@ -6,10 +6,9 @@ from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from reclo_site.api.errors import ApiError
 from reclo_site.api.fields import StrictCharField
 from reclo_site.api.schema import error_responses
-from reclo_site.errors import Code
+from reclo_site.errors import Code, ServiceError
 from reclo_site.http import client_address
 
 from . import services
@@ -57,10 +56,7 @@ class RegisterApi(APIView):
     )
     def post(self, request):
         data = _valid(RegisterInput, request)
-        try:
-            user = services.user_register(username=data["username"], email=data["email"], password=data["password"])
-        except services.AccountError as exc:
-            raise exc.as_api_error() from None
+        user = services.user_register(username=data["username"], email=data["email"], password=data["password"])
         token, key = services.token_create(user=user, name=data["token_name"], address=client_address(request))
         return _token_response(user, token, key, "Account created.", status.HTTP_201_CREATED)
 
@@ -94,13 +90,9 @@ class LoginApi(APIView):
     )
     def post(self, request):
         data = _valid(LoginInput, request)
-        try:
-            user = services.user_check_login(
-                email=data["email"], password=data["password"], address=client_address(request)
-            )
-        except services.AccountError as exc:
-            headers = {"Retry-After": str(exc.retry_after)} if hasattr(exc, "retry_after") else None
-            raise ApiError(exc.code, exc.message, headers=headers) from None
+        user = services.user_check_login(
+            email=data["email"], password=data["password"], address=client_address(request)
+        )
         token, key = services.token_create(user=user, name=data["token_name"], address=client_address(request))
         return _token_response(user, token, key, "Logged in.", status.HTTP_200_OK)
 
@@ -120,7 +112,7 @@ class LogoutApi(APIView):
         try:
             services.token_revoke(token=request.auth, address=client_address(request))
         except Exception as exc:  # noqa: BLE001 - the contract has a code for this
-            raise ApiError(Code.TOKEN_DEACTIVATION_FAILED, "Failed to deactivate the token; try again.") from exc
+            raise ServiceError(Code.TOKEN_DEACTIVATION_FAILED, "Failed to deactivate the token; try again.") from exc
         return Response({"message": "Logged out; this token no longer works."})
 
 
@@ -145,7 +137,7 @@ class TokenRenewApi(APIView):
 
 def _valid(serializer_class, request) -> dict:
     if not isinstance(request.data, dict):
-        raise ApiError(Code.MALFORMED, "The body must be a JSON object.")
+        raise ServiceError(Code.MALFORMED, "The body must be a JSON object.")
     serializer = serializer_class(data=request.data)
     serializer.is_valid(raise_exception=True)
     return serializer.validated_data

@@ -14,11 +14,10 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from reclo_site.api.errors import ApiError
 from reclo_site.api.fields import StrictCharField, StrictIntegerField
 from reclo_site.api.schema import error_responses
 from reclo_site.cloud import storage
-from reclo_site.errors import Code
+from reclo_site.errors import Code, ServiceError
 
 from . import selectors, services
 from .models import Backup
@@ -174,17 +173,10 @@ class UploadCompleteInput(serializers.Serializer):
 def _valid(serializer_class, request) -> dict:
     data = request.data  # an empty body parses as an empty QueryDict, a dict
     if not isinstance(data, dict):
-        raise ApiError(Code.MALFORMED, "The body must be a JSON object.")
+        raise ServiceError(Code.MALFORMED, "The body must be a JSON object.")
     serializer = serializer_class(data=data)
     serializer.is_valid(raise_exception=True)
     return serializer.validated_data
-
-
-def _call(service, **kwargs):
-    try:
-        return service(**kwargs)
-    except services.BackupError as exc:
-        raise exc.as_api_error() from None
 
 
 def _upload_body(grant, message: str) -> dict:
@@ -228,7 +220,7 @@ class BackupListApi(APIView):
         if size and size > MAX_PAGE_SIZE:
             fields["page_size"] = [f"At most {MAX_PAGE_SIZE}."]
         if fields:
-            raise ApiError(
+            raise ServiceError(
                 Code.MALFORMED, "The request has invalid fields: " + ", ".join(sorted(fields)) + ".", fields=fields
             )
         try:
@@ -240,7 +232,9 @@ class BackupListApi(APIView):
             short = len(backups) < size and (backups or start == 0)
             count = start + len(backups) if short else qs.count()
         except DatabaseError as exc:
-            raise ApiError(Code.BACKUP_LIST_FAILED, "Could not read the list of backups; try again shortly.") from exc
+            raise ServiceError(
+                Code.BACKUP_LIST_FAILED, "Could not read the list of backups; try again shortly."
+            ) from exc
         return Response(
             {
                 "message": f"{count} backup(s).",
@@ -273,7 +267,7 @@ class BackupApi(APIView):
     def get(self, request, backup_id: uuid.UUID):
         backup = selectors.backup_get(user=request.user, backup_id=backup_id)
         if backup is None:
-            raise ApiError(Code.NOT_FOUND, "No backup with that id.")
+            raise ServiceError(Code.NOT_FOUND, "No backup with that id.")
         return Response({"message": f"Backup {backup.pk}.", "backup": BackupOutput(backup).data})
 
     @extend_schema(
@@ -298,14 +292,12 @@ class BackupApi(APIView):
     def delete(self, request, backup_id: uuid.UUID):
         raw = request.query_params.get("cascade", "false").lower()
         if raw not in ("true", "false", "1", "0"):
-            raise ApiError(Code.MALFORMED, "cascade must be true or false.", fields={"cascade": ["true or false."]})
+            raise ServiceError(Code.MALFORMED, "cascade must be true or false.", fields={"cascade": ["true or false."]})
         try:
-            deleted = _call(
-                services.backup_delete, user=request.user, backup_id=backup_id, cascade=raw in ("true", "1")
-            )
+            deleted = services.backup_delete(user=request.user, backup_id=backup_id, cascade=raw in ("true", "1"))
         except DatabaseError as exc:
             # The contract's code for a delete that cannot read what to delete.
-            raise ApiError(
+            raise ServiceError(
                 Code.DELETE_LOOKUP_FAILED, "Could not read the backup to delete; try again shortly."
             ) from exc
         return Response({"message": f"Deleted {len(deleted)} backup(s).", "deleted": deleted})
@@ -324,7 +316,7 @@ class UploadStartApi(APIView):
     )
     def post(self, request):
         data = _valid(UploadStartInput, request)
-        grant = _call(services.backup_start, user=request.user, **data)
+        grant = services.backup_start(user=request.user, **data)
         body = _upload_body(grant, "Upload granted: write the object, then complete the upload.")
         return Response(UploadOutput(body).data, status=status.HTTP_201_CREATED)
 
@@ -339,7 +331,7 @@ class UploadCredentialsApi(APIView):
         },
     )
     def post(self, request, upload_id: uuid.UUID):
-        grant = _call(services.backup_credentials_refresh, user=request.user, upload_id=upload_id)
+        grant = services.backup_credentials_refresh(user=request.user, upload_id=upload_id)
         return Response(UploadOutput(_upload_body(grant, "Fresh credentials for the same key.")).data)
 
 
@@ -362,7 +354,7 @@ class UploadCompleteApi(APIView):
     )
     def post(self, request, upload_id: uuid.UUID):
         data = _valid(UploadCompleteInput, request)
-        backup = _call(services.backup_complete, user=request.user, upload_id=upload_id, **data)
+        backup = services.backup_complete(user=request.user, upload_id=upload_id, **data)
         message = {
             Backup.Status.VERIFYING: "Upload complete; the backup is being verified.",
             Backup.Status.VERIFIED: "The backup is verified.",
@@ -383,7 +375,7 @@ class BackupDownloadApi(APIView):
         },
     )
     def post(self, request, backup_id: uuid.UUID):
-        grant = _call(services.backup_download_grant, user=request.user, backup_id=backup_id)
+        grant = services.backup_download_grant(user=request.user, backup_id=backup_id)
         body = {
             "message": f"Read-only credentials for the {len(grant.chain)} object(s) of this restore point's chain.",
             "chain": grant.chain,

@@ -12,20 +12,13 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from reclo_site.api.errors import ApiError
 from reclo_site.api.fields import StrictCharField
 from reclo_site.api.schema import error_responses
-from reclo_site.errors import Code
+from reclo_site.errors import Code, ServiceError
 
 from . import selectors, services, sizes
 from .engine import STEP_TITLES
 from .models import Instance, Recovery
-
-
-def _raise(exc: services.RecoveryError):
-    fields = {exc.field: [exc.message]} if exc.field and exc.code == Code.MALFORMED else None
-    raise ApiError(exc.code, exc.message, fields=fields) from exc
-
 
 # --- Output serializers -------------------------------------------------------------------------
 
@@ -153,12 +146,9 @@ class RecoveriesApi(APIView):
     )
     def post(self, request):
         data = _valid(RecoveryStartInput, request)
-        try:
-            recovery = services.recovery_start(
-                user=request.user, backup_id=data["backup_id"], instance_type=data["instance_type"] or None
-            )
-        except services.RecoveryError as exc:
-            _raise(exc)
+        recovery = services.recovery_start(
+            user=request.user, backup_id=data["backup_id"], instance_type=data["instance_type"] or None
+        )
         recovery = selectors.recovery_get(user=request.user, recovery_id=recovery.pk)
         return Response(
             {
@@ -185,7 +175,7 @@ class RecoveryDetailApi(APIView):
     def get(self, request, recovery_id):
         recovery = selectors.recovery_get(user=request.user, recovery_id=recovery_id)
         if recovery is None:
-            raise ApiError(Code.NOT_FOUND, "No failover of yours has that id.")
+            raise ServiceError(Code.NOT_FOUND, "No failover of yours has that id.")
         return Response({"message": f"Failover is {recovery.status}.", "recovery": _recovery_body(recovery)})
 
 
@@ -195,17 +185,14 @@ class RecoveryDetailApi(APIView):
 def _instance(request, instance_id) -> Instance:
     instance = selectors.instance_get(user=request.user, instance_id=instance_id)
     if instance is None:
-        raise ApiError(Code.NO_INSTANCE, "No instance of yours has that id.")
+        raise ServiceError(Code.NO_INSTANCE, "No instance of yours has that id.")
     return instance
 
 
 def _instance_action(request, instance_id, action, message: str) -> Response:
     """Run one instance action service for the caller's instance; 202 with the instance after it."""
     instance = _instance(request, instance_id)
-    try:
-        instance = action(instance=instance)
-    except services.RecoveryError as exc:
-        _raise(exc)
+    instance = action(instance=instance)
     return Response({"message": message, "instance": InstanceOutput(instance).data}, status=status.HTTP_202_ACCEPTED)
 
 
@@ -305,10 +292,12 @@ class InstanceVpnApi(APIView):
     def get(self, request, instance_id):
         instance = _instance(request, instance_id)
         if instance.state == Instance.State.TERMINATED:
-            raise ApiError(Code.INSTANCE_STATE_CONFLICT, "The instance is terminated; it has no VPN any more.")
+            raise ServiceError(Code.INSTANCE_STATE_CONFLICT, "The instance is terminated; it has no VPN any more.")
         config = selectors.vpn_client_config(instance=instance)
         if config is None:
-            raise ApiError(Code.INSTANCE_STATE_CONFLICT, "The VPN is not ready yet; wait until the failover is ready.")
+            raise ServiceError(
+                Code.INSTANCE_STATE_CONFLICT, "The VPN is not ready yet; wait until the failover is ready."
+            )
         response = HttpResponse(config, content_type="text/plain; charset=utf-8")
         response["Content-Disposition"] = f'attachment; filename="{vpn_file_name(instance)}"'
         response["Cache-Control"] = "no-store"
@@ -323,7 +312,7 @@ def vpn_file_name(instance: Instance) -> str:
 
 def _valid(serializer_class, request) -> dict:
     if not isinstance(request.data, dict):
-        raise ApiError(Code.MALFORMED, "The body must be a JSON object.")
+        raise ServiceError(Code.MALFORMED, "The body must be a JSON object.")
     serializer = serializer_class(data=request.data)
     serializer.is_valid(raise_exception=True)
     return serializer.validated_data

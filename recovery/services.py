@@ -16,7 +16,7 @@ from accounts.audit import audit_record
 from accounts.models import AuditEvent
 from reclo_site import cloud
 from reclo_site.cloud import compute, imaging, storage
-from reclo_site.errors import Code
+from reclo_site.errors import Code, ServiceError
 
 from . import engine, networks, selectors, sizes
 from .models import Instance, Recovery, RecoveryNetwork, RecoveryStep
@@ -35,50 +35,38 @@ FREE_BATCH = 50
 FREE_MAX_PAGES = 20
 
 
-class RecoveryError(Exception):
-    """A refused failover or instance operation; `code` is the contract's error code."""
-
-    def __init__(self, code: int, message: str, field: str | None = None):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.field = field
-
-
 # --- Failover ------------------------------------------------------------------------------
 
 
 def recovery_start(*, user, backup_id, instance_type: str | None = None, import_method: str | None = None) -> Recovery:
     """Queue a failover of a verified restore point. Not idempotent: each call is a new failover.
 
-    Raises RecoveryError 401 (no restorable backup of this user's with that
-    id), 402 (this server already has a failover running or a live
-    instance), 104 (unknown instance type). The first step is enqueued once
+    Raises ServiceError NO_RESTORABLE_BACKUP (no restorable backup of this
+    user's with that id), FAILOVER_RUNNING (this server already has a
+    failover running or a live instance), MALFORMED (unknown instance type). The first step is enqueued once
     the recovery is committed.
     """
     backup = selectors.restorable_backup(user=user, backup_id=backup_id)
     if backup is None:
-        raise RecoveryError(
-            Code.NO_RESTORABLE_BACKUP, "No restorable (verified) backup of yours has that id.", "backup_id"
-        )
+        raise ServiceError(Code.NO_RESTORABLE_BACKUP, "No restorable (verified) backup of yours has that id.")
     try:
         selectors.backup_chain(backup)
     except selectors.ChainError as exc:
-        raise RecoveryError(
-            Code.NO_RESTORABLE_BACKUP, f"That restore point cannot be restored: {exc}", "backup_id"
-        ) from exc
+        raise ServiceError(Code.NO_RESTORABLE_BACKUP, f"That restore point cannot be restored: {exc}") from exc
     if instance_type:
         if instance_type not in sizes.BY_TYPE:
             choices = ", ".join(sizes.BY_TYPE)
-            raise RecoveryError(Code.MALFORMED, f"Unknown instance type; choose one of {choices}.", "instance_type")
+            raise ServiceError(
+                Code.MALFORMED, f"Unknown instance type; choose one of {choices}.", field="instance_type"
+            )
     else:
         instance_type = sizes.size_for_disk(backup.virtual_size).instance_type
     method = import_method or settings.RECLO_IMPORT_METHOD
     if method not in Recovery.ImportMethod.values:
-        raise RecoveryError(Code.MALFORMED, "Unknown import method.", "import_method")
+        raise ServiceError(Code.MALFORMED, "Unknown import method.", field="import_method")
     server = backup.server
     if Instance.objects.filter(recovery__server=server).exclude(state=Instance.State.TERMINATED).exists():
-        raise RecoveryError(
+        raise ServiceError(
             Code.FAILOVER_RUNNING, f"{server.name} already runs in the cloud; terminate that instance first."
         )
     now = timezone.now()
@@ -101,7 +89,7 @@ def recovery_start(*, user, backup_id, instance_type: str | None = None, import_
             )
             transaction.on_commit(lambda: engine.enqueue(recovery.pk, Recovery.STEPS[0]))
     except IntegrityError:  # the partial unique index: one active failover per server
-        raise RecoveryError(Code.FAILOVER_RUNNING, f"A failover of {server.name} is already running.") from None
+        raise ServiceError(Code.FAILOVER_RUNNING, f"A failover of {server.name} is already running.") from None
     log.info("recovery %s queued for server %s (restore point %s)", recovery.pk, server.pk, backup.pk)
     audit_record(AuditEvent.Kind.FAILOVER_STARTED, user=user, server=server.name, recovery_id=str(recovery.pk),
                  backup_id=str(backup.pk), instance_type=instance_type)  # fmt: skip
@@ -137,7 +125,7 @@ def _claim_action(instance: Instance, action: str, pending_state: str) -> str:
     claimed = Instance.objects.filter(pk=instance.pk, state__in=ALLOWED[action]).update(state=pending_state)
     if not claimed:
         later = " Try again in a few seconds." if previous in TRANSITIONAL else ""
-        raise RecoveryError(Code.INSTANCE_STATE_CONFLICT, f"The instance is {previous}; it cannot {action} now.{later}")
+        raise ServiceError(Code.INSTANCE_STATE_CONFLICT, f"The instance is {previous}; it cannot {action} now.{later}")
     return previous
 
 
@@ -152,7 +140,7 @@ def instance_stop(*, instance: Instance) -> Instance:
         state = compute.stop_instance(instance.instance_id)
     except cloud.CloudError as exc:
         _undo(instance, Instance.State.STOPPING, previous)
-        raise RecoveryError(Code.INSTANCE_ACTION_FAILED, f"The cloud did not stop the instance: {exc}") from exc
+        raise ServiceError(Code.INSTANCE_ACTION_FAILED, f"The cloud did not stop the instance: {exc}") from exc
     now = timezone.now()
     # The clean-up clock starts at the stop request (sync corrects it if AWS says otherwise).
     Instance.objects.filter(pk=instance.pk).update(state=state, stopped_at=now, running_since=None, synced=now)
@@ -169,7 +157,7 @@ def instance_start(*, instance: Instance) -> Instance:
         state = compute.start_instance(instance.instance_id)
     except cloud.CloudError as exc:
         _undo(instance, Instance.State.PENDING, previous)
-        raise RecoveryError(Code.LAUNCH_FAILED, f"The cloud did not start the instance: {exc}") from exc
+        raise ServiceError(Code.LAUNCH_FAILED, f"The cloud did not start the instance: {exc}") from exc
     now = timezone.now()
     Instance.objects.filter(pk=instance.pk).update(state=state, stopped_at=None, running_since=now, synced=now)
     _watch_on_commit(instance.pk)
@@ -214,7 +202,7 @@ def instance_terminate(*, instance: Instance) -> Instance:
         compute.terminate_instance(instance.instance_id)
     except cloud.CloudError as exc:
         _undo(instance, Instance.State.SHUTTING_DOWN, previous)
-        raise RecoveryError(Code.INSTANCE_ACTION_FAILED, f"The cloud did not terminate the instance: {exc}") from exc
+        raise ServiceError(Code.INSTANCE_ACTION_FAILED, f"The cloud did not terminate the instance: {exc}") from exc
     _terminated(instance.pk)
     instance.refresh_from_db()
     audit_record(AuditEvent.Kind.INSTANCE_TERMINATED, user=instance.user, instance_id=instance.instance_id)

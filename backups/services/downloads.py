@@ -4,11 +4,10 @@ from dataclasses import dataclass
 
 from reclo_site import cloud
 from reclo_site.cloud import credentials
-from reclo_site.errors import Code
+from reclo_site.errors import Code, ServiceError
 
 from ..models import Backup
 from ..naming import tenant_prefix
-from .errors import BackupError
 
 
 @dataclass(frozen=True)
@@ -69,15 +68,15 @@ def backup_download_grant(*, user, backup_id) -> DownloadGrant:
     """
     backup = Backup.objects.filter(user=user, pk=backup_id).first()
     if backup is None:
-        raise BackupError(Code.NO_RESTORABLE_BACKUP, "No restorable backup with that id.")
+        raise ServiceError(Code.NO_RESTORABLE_BACKUP, "No restorable backup with that id.")
     chain = chain_of(backup)
     for point in chain:
         if point.status == Backup.Status.FAILED:
-            raise BackupError(
+            raise ServiceError(
                 Code.VERIFICATION_FAILED, f"Restore point {point.pk} of this chain failed verification: {point.failure}"
             )
         if point.status != Backup.Status.VERIFIED:
-            raise BackupError(
+            raise ServiceError(
                 Code.NO_RESTORABLE_BACKUP,
                 f"Restore point {point.pk} of this chain is {point.status}, not verified yet.",
             )
@@ -85,7 +84,7 @@ def backup_download_grant(*, user, backup_id) -> DownloadGrant:
         policy = read_policy(user.pk, [point.key for point in chain])
         grant = credentials.issue(policy=policy, session_name=f"reclo-rd-{user.pk}-{backup.pk.hex}")
     except cloud.CloudError as exc:
-        raise BackupError(
+        raise ServiceError(
             Code.UPLOAD_CREDENTIALS_FAILED, "Could not get temporary storage credentials; try again shortly."
         ) from exc
     return DownloadGrant(chain=chain, credentials=grant)

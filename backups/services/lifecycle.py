@@ -17,10 +17,9 @@ from accounts.audit import audit_record
 from accounts.models import AuditEvent
 from reclo_site import cloud
 from reclo_site.cloud import storage
-from reclo_site.errors import Code
+from reclo_site.errors import Code, ServiceError
 
 from ..models import Backup, ObjectDeletion
-from .errors import BackupError
 
 log = logging.getLogger(__name__)
 
@@ -138,16 +137,16 @@ def backup_delete(*, user, backup_id, cascade: bool = False) -> list:
     """
     target = Backup.objects.filter(user=user, pk=backup_id).first()
     if target is None:
-        raise BackupError(Code.NO_BACKUP_TO_DELETE, "No backup with that id.")
+        raise ServiceError(Code.NO_BACKUP_TO_DELETE, "No backup with that id.")
     with transaction.atomic():
         rows = list(Backup.objects.select_for_update().filter(server_id=target.server_id, disk=target.disk))
         target = next((row for row in rows if row.pk == target.pk), None)
         if target is None:
-            raise BackupError(Code.NO_BACKUP_TO_DELETE, "No backup with that id.")
+            raise ServiceError(Code.NO_BACKUP_TO_DELETE, "No backup with that id.")
         below = descendants_of(target, rows)
         live = [b for _, b in below if b.status != Backup.Status.FAILED]
         if live and not cascade:
-            raise BackupError(
+            raise ServiceError(
                 Code.HAS_DEPENDENTS,
                 f"{len(live)} newer restore point(s) depend on this backup; delete them first, "
                 "or pass ?cascade=true to delete them with it.",
@@ -157,7 +156,7 @@ def backup_delete(*, user, backup_id, cascade: bool = False) -> list:
         doomed.append(target)
         ids = [b.pk for b in doomed]
         if _protected_elsewhere(ids):
-            raise BackupError(
+            raise ServiceError(
                 Code.HAS_DEPENDENTS, "A recovery uses this backup or one built on it; finish that recovery first."
             )
         Backup.objects.filter(pk__in=ids).exclude(status=Backup.Status.FAILED).update(
@@ -169,7 +168,7 @@ def backup_delete(*, user, backup_id, cascade: bool = False) -> list:
             storage.delete_object(backup.key)
         except cloud.CloudError as exc:
             log.warning("deleting backup %s: %s", backup.pk, exc)
-            raise BackupError(Code.DELETE_FAILED, "Storage did not delete the backup; try again.") from exc
+            raise ServiceError(Code.DELETE_FAILED, "Storage did not delete the backup; try again.") from exc
         Backup.objects.filter(pk=backup.pk).delete()
         _after_writable(backup)
         deleted.append(backup.pk)

@@ -1,8 +1,9 @@
 """The API's error envelope: `{"error": <code>, "message": "..."}`.
 
-Services raise `ApiError` subclasses (or DRF's own exceptions); the single
-exception handler below turns every one of them, and anything unexpected,
-into the contract's envelope with a fitting HTTP status.
+Services and views raise `reclo_site.errors.ServiceError` (DRF raises its
+own exceptions); the single exception handler below turns every one of them,
+and anything unexpected, into the contract's envelope with a fitting HTTP
+status.
 """
 
 import logging
@@ -21,15 +22,18 @@ log = logging.getLogger(__name__)
 ERROR_CODES = {code.value: (code.http_status, code.text) for code in Code}
 
 
-class ApiError(exceptions.APIException):
-    """An error with one of the contract's codes; the status comes from the table."""
+class ApiError(ServiceError, exceptions.APIException):
+    """A ServiceError that DRF also sees as its own APIException: for authentication classes only.
 
-    def __init__(self, code: int, message: str | None = None, *, fields: dict | None = None, headers=None):
-        self.error_code = code
-        self.status_code = ERROR_CODES[code][0]
-        self.fields = fields
-        self.headers = headers or {}
-        super().__init__(message or ERROR_CODES[code][1].capitalize() + ".")
+    DRF's request marks itself unauthenticated only when an authenticator
+    raises an APIException; everywhere else (services, views) raise
+    ServiceError itself. The handler below maps both alike.
+    """
+
+    def __init__(self, code: Code, message: str | None = None, fields=None, *, field=None, headers=None):
+        super().__init__(code, message, fields, field=field, headers=headers)
+        self.status_code = self.code.http_status
+        self.detail = exceptions.ErrorDetail(self.message, code=self.code.name.lower())
 
 
 def error_body(code: int, message: str, fields: dict | None = None) -> dict:
@@ -56,11 +60,6 @@ def exception_handler(exc, context):
     headers = {}
     if isinstance(exc, ServiceError):
         code, message, fields, status_code = exc.code, exc.message, exc.fields, exc.code.http_status
-        headers.update(exc.headers)
-        if code == Code.BAD_TOKEN:
-            headers["WWW-Authenticate"] = "Token"
-    elif isinstance(exc, ApiError):
-        code, message, fields, status_code = exc.error_code, str(exc.detail), exc.fields, exc.status_code
         headers.update(exc.headers)
         if code == Code.BAD_TOKEN:
             headers["WWW-Authenticate"] = "Token"
