@@ -17,7 +17,7 @@ from reclo_site.api.schema import error_responses
 from reclo_site.errors import Code, ServiceError
 
 from . import selectors, services, sizes
-from .engine import STEP_TITLES
+from .failover import FAILOVER_STEPS
 from .models import Instance, Recovery
 
 # --- Output serializers -------------------------------------------------------------------------
@@ -33,7 +33,7 @@ class StepOutput(serializers.Serializer):
     detail = serializers.CharField()
 
     def get_title(self, step) -> str:
-        return STEP_TITLES.get(step.name, step.name)
+        return FAILOVER_STEPS.title(step.name)
 
 
 class RecoveryErrorOutput(serializers.Serializer):

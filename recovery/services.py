@@ -19,6 +19,7 @@ from reclo_site.cloud import compute, imaging, storage
 from reclo_site.errors import Code, ServiceError
 
 from . import engine, networks, selectors, sizes
+from .failover import FAILOVER
 from .models import Instance, Recovery, RecoveryNetwork, RecoveryStep
 from .steps import merged_key
 
@@ -84,26 +85,13 @@ def recovery_start(*, user, backup_id, instance_type: str | None = None, import_
                 import_method=method,
                 due_at=now,
             )
-            RecoveryStep.objects.bulk_create(
-                RecoveryStep(recovery=recovery, name=name, position=n) for n, name in enumerate(Recovery.STEPS)
-            )
-            transaction.on_commit(lambda: engine.enqueue(recovery.pk, Recovery.STEPS[0]))
+            engine.start(recovery, pipeline=FAILOVER)
     except IntegrityError:  # the partial unique index: one active failover per server
         raise ServiceError(Code.FAILOVER_RUNNING, f"A failover of {server.name} is already running.") from None
     log.info("recovery %s queued for server %s (restore point %s)", recovery.pk, server.pk, backup.pk)
     audit_record(AuditEvent.Kind.FAILOVER_STARTED, user=user, server=server.name, recovery_id=str(recovery.pk),
                  backup_id=str(backup.pk), instance_type=instance_type)  # fmt: skip
     return recovery
-
-
-def recovery_step_run(*, recovery_id, step: str) -> str:
-    """Run one go of a step (the task's body). Idempotent: see `recovery.engine`."""
-    return engine.run_step(recovery_id, step)
-
-
-def recoveries_reconcile() -> int:
-    """Re-enqueue failovers whose step stalled (dead worker, lost message). Idempotent."""
-    return engine.reconcile()
 
 
 # --- Instances -----------------------------------------------------------------------------

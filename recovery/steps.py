@@ -1,4 +1,4 @@
-"""The four failover steps. Each is a handler `(StepContext) -> Done | Wait`, run by the engine.
+"""The failover's step handlers, each `(StepContext) -> Done | Wait`, named in `recovery.failover.FAILOVER_STEPS`.
 
 A handler may run many times for one recovery (retries, waits, a worker
 killed half-way, a task delivered twice), so each begins by looking at what
@@ -18,8 +18,9 @@ from reclo_site.cloud import compute, imaging, storage, streams
 from reclo_site.errors import Code
 
 from . import networks, selectors
-from .engine import Done, StepContext, StepFailed, Wait
+from .engine import StepContext
 from .models import Instance, Recovery
+from .pipeline import Done, StepFailed, Wait
 
 log = logging.getLogger(__name__)
 
@@ -351,11 +352,3 @@ def provision_vpn(ctx: StepContext) -> Done | Wait:
         {"gateway_instance_id": gateway.instance_id, "gateway_public_ip": gateway.public_ip},
         f"The VPN gateway answers at {gateway.public_ip}:51820.",
     )
-
-
-HANDLERS = {
-    "consolidating": consolidate,
-    "importing": import_image,
-    "launching": launch,
-    "provisioning_vpn": provision_vpn,
-}

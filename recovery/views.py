@@ -16,7 +16,7 @@ from reclo_site.errors import ServiceError
 
 from . import selectors, services, sizes
 from .api import vpn_file_name
-from .engine import STEP_TITLES
+from .failover import FAILOVER_STEPS
 from .forms import FailoverForm
 from .models import Instance, Recovery
 
@@ -120,7 +120,7 @@ def _progress(recovery: Recovery) -> dict:
     steps = [
         {
             "name": step.name,
-            "title": STEP_TITLES.get(step.name, step.name),
+            "title": FAILOVER_STEPS.title(step.name),
             "status": step.status,
             "detail": step.error or step.detail,
             "started": step.started.isoformat() if step.started else None,
