@@ -75,8 +75,8 @@ def user_register(*, username: str, email: str, password: str) -> User:
 def user_check_login(*, email: str, password: str, address: str) -> User:
     """Check an email and password, with throttling per account and address.
 
-    Unknown emails and wrong passwords fail alike (207) so accounts cannot be
-    enumerated; too many failures answer 210 until the window passes.
+    Unknown emails and wrong passwords fail alike (LOGIN_FAILED) so accounts cannot be
+    enumerated; too many failures answer LOGIN_THROTTLED until the window passes.
     """
     if not isinstance(email, str) or not email.strip():
         raise ServiceError(Code.LOGIN_BAD_EMAIL, "Enter a valid email address.")

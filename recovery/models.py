@@ -67,7 +67,7 @@ class Recovery(models.Model):
         verbose_name_plural = "recoveries"
         constraints = [
             # One failover in progress per server: the database decides a race
-            # between two clicks (code 402), not a check-then-insert.
+            # between two clicks (code FAILOVER_RUNNING), not a check-then-insert.
             models.UniqueConstraint(
                 fields=["server"],
                 condition=Q(status__in=list(FAILOVER.active)),

@@ -25,7 +25,7 @@ from .steps import merged_key
 
 log = logging.getLogger(__name__)
 
-# Which instance states allow which action (anything else answers 406).
+# Which instance states allow which action (anything else answers INSTANCE_STATE_CONFLICT).
 ALLOWED = {
     "start": (Instance.State.STOPPED,),
     "stop": (Instance.State.PENDING, Instance.State.RUNNING),
@@ -122,7 +122,7 @@ def _undo(instance: Instance, pending_state: str, previous: str) -> None:
 
 
 def instance_stop(*, instance: Instance) -> Instance:
-    """Stop a running instance. 406 in another state, 408 if the cloud refuses."""
+    """Stop a running instance. INSTANCE_STATE_CONFLICT in another state, INSTANCE_ACTION_FAILED if AWS refuses."""
     previous = _claim_action(instance, "stop", Instance.State.STOPPING)
     try:
         state = compute.stop_instance(instance.instance_id)
@@ -139,7 +139,7 @@ def instance_stop(*, instance: Instance) -> Instance:
 
 
 def instance_start(*, instance: Instance) -> Instance:
-    """Start a stopped instance. 406 in another state, 404 if the cloud refuses."""
+    """Start a stopped instance. INSTANCE_STATE_CONFLICT in another state, LAUNCH_FAILED if the cloud refuses."""
     previous = _claim_action(instance, "start", Instance.State.PENDING)
     try:
         state = compute.start_instance(instance.instance_id)
@@ -182,7 +182,7 @@ def instance_watch(*, instance_pk: int, polls_left: int) -> str | None:
 def instance_terminate(*, instance: Instance) -> Instance:
     """Terminate an instance and, afterwards, release its address, image and (if unused) the VPN gateway.
 
-    406 if already terminated, 408 if the cloud refuses. The release runs as
+    INSTANCE_STATE_CONFLICT if already terminated, INSTANCE_ACTION_FAILED if the cloud refuses. The release runs as
     a task after commit (and sync_instances re-enqueues it if it is lost).
     """
     previous = _claim_action(instance, "terminate", Instance.State.SHUTTING_DOWN)

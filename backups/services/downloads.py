@@ -62,9 +62,9 @@ def read_policy(user_id: int, keys: list[str]) -> str:
 def backup_download_grant(*, user, backup_id) -> DownloadGrant:
     """Read-only credentials for every object of a restore point's chain.
 
-    401 for an unknown id, another tenant's, or a chain not verified yet;
-    307 when a restore point of the chain failed verification (with its
-    reason); 303 when STS fails. Idempotent: each call is a fresh grant.
+    NO_RESTORABLE_BACKUP for an unknown id, another tenant's, or a chain not verified yet;
+    VERIFICATION_FAILED when a restore point of the chain failed verification (with its
+    reason); UPLOAD_CREDENTIALS_FAILED when STS fails. Idempotent: each call is a fresh grant.
     """
     backup = Backup.objects.filter(user=user, pk=backup_id).first()
     if backup is None:

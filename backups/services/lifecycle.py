@@ -124,15 +124,15 @@ def failed_branches_drop(parent: Backup, *, keep=None) -> bool:
 def backup_delete(*, user, backup_id, cascade: bool = False) -> list:
     """Delete a restore point (and with `cascade` its dependents, newest first).
 
-    309 for an unknown id or another tenant's; 311 when live restore points
+    NO_BACKUP_TO_DELETE for an unknown id or another tenant's; HAS_DEPENDENTS when live restore points
     depend on it and `cascade` is false (failed dependents go along anyway:
     nothing can be restored from them). The rows are first marked failed in
     one transaction, so no new incremental can start on them and no
     verification in flight can succeed on top of them; then each object is
-    deleted, then its row. A storage failure answers 310 and leaves the
+    deleted, then its row. A storage failure answers DELETE_FAILED and leaves the
     remaining rows failed, so deleting again finishes the job.
 
-    Returns the ids deleted. Idempotent in effect: repeating it after a 310
+    Returns the ids deleted. Idempotent in effect: repeating it after a DELETE_FAILED
     continues where it stopped.
     """
     target = Backup.objects.filter(user=user, pk=backup_id).first()

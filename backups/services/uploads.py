@@ -69,7 +69,7 @@ def _validated(server, disk, file_name, virtual_size, kind, file_size, sha256) -
 
 
 def _chain_parent(*, user, server: str, disk: str, kind: str, parent_id, virtual_size: int) -> Backup | None:
-    """The parent an incremental builds on, checked against the chain rules (312)."""
+    """The parent an incremental builds on, checked against the chain rules (BAD_CHAIN)."""
     if kind == Backup.Kind.FULL:
         if parent_id is not None:
             raise ServiceError(
@@ -118,9 +118,9 @@ def backup_start(
 ) -> UploadGrant:
     """Record a pending upload and grant credentials that can write its one object.
 
-    Checks the names (104), the chain rules (312) and a declared size
-    against the account's limit (313). STS is asked before anything is
-    written, so when it fails (303) no pending upload is left behind. The
+    Checks the names (MALFORMED), the chain rules (BAD_CHAIN) and a declared size
+    against the account's limit (TOO_LARGE). STS is asked before anything is
+    written, so when it fails (UPLOAD_CREDENTIALS_FAILED) no pending upload is left behind. The
     server is created on its first upload. Not idempotent: every call is a
     new upload; one an agent abandons is dropped by `uploads_clean_up`.
     """
@@ -178,7 +178,7 @@ def _expired(backup: Backup) -> bool:
 
 
 def backup_credentials_refresh(*, user, upload_id) -> UploadGrant:
-    """Fresh credentials for the same key, while the upload is pending (else 305).
+    """Fresh credentials for the same key, while the upload is pending (else NO_UPLOAD).
 
     Idempotent in effect: each call grants another set for the same one key.
     """
@@ -223,11 +223,11 @@ def _declared(at_start, at_complete, what: str):
 def backup_complete(*, user, upload_id, file_size: int | None = None, sha256: str | None = None) -> Backup:
     """Check the uploaded object at once and hand it to the verifier.
 
-    305 for an unknown, another tenant's or expired upload; 306 when the
+    NO_UPLOAD for an unknown, another tenant's or expired upload; OBJECT_MISSING when the
     object is not in storage (the upload stays pending: finish it and call
-    again); 307 when its size differs from the declared one (the backup
-    fails and the object is deleted) or the declarations disagree; 313 over
-    the account's limit; 304 when storage cannot be asked. Otherwise the
+    again); VERIFICATION_FAILED when its size differs from the declared one (the backup
+    fails and the object is deleted) or the declarations disagree; TOO_LARGE over
+    the account's limit; UPLOAD_COMPLETE_FAILED when storage cannot be asked. Otherwise the
     backup becomes `verifying` and the verification is enqueued after the
     commit. Idempotent: a completed upload is returned as it stands.
     """

@@ -20,7 +20,7 @@ ErrorSerializer = inline_serializer(
 def error_responses(*codes: int) -> dict:
     """Schema responses for the given error codes, grouped by HTTP status.
 
-    102 (bad token), 103 (throttled), 101 (database down) can happen on any
+    BAD_TOKEN, THROTTLED and DATABASE_UNAVAILABLE can happen on any
     authenticated call and are added to every operation by the caller's list.
     """
     by_status: dict[int, list[int]] = {}
