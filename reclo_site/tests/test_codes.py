@@ -19,4 +19,4 @@ def test_a_service_error_for_one_field_carries_its_message_there():
     exc = ServiceError(Code.NO_RESTORABLE_BACKUP, "No backup of yours has that id.", field="backup_id")
     assert (exc.code, exc.code.http_status) == (401, 404)
     assert exc.fields == {"backup_id": ["No backup of yours has that id."]}
-    assert ServiceError(305).message == "No upload found."
+    assert ServiceError(Code.NO_UPLOAD).message == "No upload found."
