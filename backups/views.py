@@ -10,7 +10,7 @@ from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from reclo_site.errors import ServiceError
+from reclo_site.errors import Code, ServiceError
 
 from . import selectors, services
 from .forms import BackupDeleteForm
@@ -46,7 +46,7 @@ def backup_delete(request, backup_id):
         if form.is_valid():
             try:
                 done = services.backup_delete(user=request.user, backup_id=backup.pk, cascade=True)
-            except (services.BackupError, ServiceError) as exc:
+            except ServiceError as exc:
                 messages.error(request, exc.message)
             else:
                 where = f"{backup.server.name} / {backup.disk}"
@@ -78,7 +78,7 @@ def backup_undelete(request, backup_id):
     try:
         backup = services.backup_undelete(user=request.user, backup_id=backup_id)
     except ServiceError as exc:
-        if exc.code == exc.code.NO_BACKUP_TO_DELETE:
+        if exc.code == Code.NO_BACKUP_TO_DELETE:
             raise Http404("No such backup.") from None
         messages.error(request, exc.message)
         return redirect("backups:dashboard")

@@ -7,7 +7,6 @@ and notifications (overdue emails).
 """
 
 from .downloads import DownloadGrant, backup_download_grant, chain_of
-from .errors import BackupError
 from .lifecycle import (
     Deletion,
     backup_delete,
@@ -25,7 +24,6 @@ from .uploads import UploadGrant, backup_complete, backup_credentials_refresh, b
 from .verification import backup_scrub, backup_verify, backups_scrub_pick, chain_mark_broken, object_check
 
 __all__ = [
-    "BackupError",
     "Deletion",
     "DownloadGrant",
     "MergeFailed",

@@ -21,7 +21,6 @@ from reclo_site.cloud import storage
 from reclo_site.errors import Code, ServiceError
 
 from ..models import AccountLimits, Backup, ObjectDeletion
-from .errors import BackupError
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +168,7 @@ class Deletion:
 def backup_delete(*, user, backup_id, cascade: bool = False) -> Deletion:
     """Delete a restore point (and with `cascade` its dependents, newest first).
 
-    309 for an unknown id or another tenant's; 311 when live restore points
+    NO_BACKUP_TO_DELETE for an unknown id or another tenant's; HAS_DEPENDENTS when live restore points
     depend on it and `cascade` is false (failed dependents go along anyway:
     nothing can be restored from them), or when a running failover uses it.
 
@@ -182,25 +181,25 @@ def backup_delete(*, user, backup_id, cascade: bool = False) -> Deletion:
     Otherwise the rows are first marked failed in one transaction, so no
     new incremental can start on them and no verification in flight can
     succeed on top of them; then each object is deleted, then its row. A
-    storage failure answers 310 and leaves the remaining rows failed, so
+    storage failure answers DELETE_FAILED and leaves the remaining rows failed, so
     deleting again finishes the job. Idempotent in effect: repeating it
-    after a 310 continues where it stopped; repeating it on a hidden one
+    after a DELETE_FAILED continues where it stopped; repeating it on a hidden one
     answers the same schedule.
     """
     target = Backup.objects.filter(user=user, pk=backup_id).first()
     if target is None:
-        raise BackupError(309, "No backup with that id.")
+        raise ServiceError(Code.NO_BACKUP_TO_DELETE, "No backup with that id.")
     now = timezone.now()
     with transaction.atomic():
         rows = list(Backup.objects.select_for_update().filter(server_id=target.server_id, disk=target.disk))
         target = next((row for row in rows if row.pk == target.pk), None)
         if target is None:
-            raise BackupError(309, "No backup with that id.")
+            raise ServiceError(Code.NO_BACKUP_TO_DELETE, "No backup with that id.")
         below = descendants_of(target, rows)
         live = [b for _, b in below if b.status != Backup.Status.FAILED and b.deleted_at is None]
         if live and not cascade:
-            raise BackupError(
-                311,
+            raise ServiceError(
+                Code.HAS_DEPENDENTS,
                 f"{len(live)} newer restore point(s) depend on this backup; delete them first, "
                 "or pass ?cascade=true to delete them with it.",
             )
@@ -236,7 +235,7 @@ def backup_delete(*, user, backup_id, cascade: bool = False) -> Deletion:
             object_forget(backup.key, reason="deleted while it was being locked", not_before=now + LOCKED_RETRY)
         except cloud.CloudError as exc:
             log.warning("deleting backup %s: %s", backup.pk, exc)
-            raise BackupError(310, "Storage did not delete the backup; try again.") from exc
+            raise ServiceError(Code.DELETE_FAILED, "Storage did not delete the backup; try again.") from exc
         Backup.objects.filter(pk=backup.pk).delete()
         _after_writable(backup)
         result.deleted.append(backup.pk)
