@@ -312,6 +312,10 @@ RECLO_UPLOAD_ROLE_ARN = env("RECLO_UPLOAD_ROLE_ARN", default="")
 RECLO_MAX_BACKUP_SIZE = env.int("RECLO_MAX_BACKUP_SIZE", default=2 * 1024**4)
 # Restore points kept per server and disk; older ones are merged into the full.
 RECLO_RETENTION_KEEP = env.int("RECLO_RETENTION_KEEP", default=14)
+# Most VHD blocks a restore point may declare: 2^22 covers the format's
+# largest disk (2040 GiB) at 512 KiB blocks (the agent writes 2 MiB ones).
+# More is refused from the header, before its BAT (4 bytes a block) is read.
+RECLO_VERIFY_MAX_BLOCKS = env.int("RECLO_VERIFY_MAX_BLOCKS", default=4 * 1024 * 1024)
 # Stored backups the weekly scrub re-reads per run.
 RECLO_SCRUB_SAMPLE = env.int("RECLO_SCRUB_SAMPLE", default=50)
 # The backup interval assumed until a disk has restore points enough to show its own.

@@ -50,7 +50,15 @@ def object_check(key: str, *, kind: str, virtual_size: int, parent_unique_id: uu
     """
     with storage.ObjectReader(key, sha256=True) as raw:
         disk = vhd.open_seekable(raw)
-        info = vhd.validate(disk, expected_kind=kind, parent_unique_id=parent_unique_id, virtual_size=virtual_size)
+        # Refused from the header alone: a BAT of more blocks than any real
+        # writer declares (a few KB of zstd can declare 2 GiB of BAT).
+        info = vhd.validate(
+            disk,
+            expected_kind=kind,
+            parent_unique_id=parent_unique_id,
+            virtual_size=virtual_size,
+            max_blocks=settings.RECLO_VERIFY_MAX_BLOCKS,
+        )
         # A VHD is never much bigger than its disk (bitmaps and tables add
         # well under 1%). Refuse a larger one before decompressing it all:
         # a few kilobytes of zstd can claim terabytes of zeros.
