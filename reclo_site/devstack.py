@@ -1,7 +1,8 @@
 """`make run`: the whole system on one machine, until Ctrl-C.
 
 Starts moto's server mode as the local AWS, prepares the database and the
-bucket, then runs the portal, a Celery worker and Celery beat side by side.
+bucket, then runs the portal, two Celery workers (backups, and failovers on
+a queue of their own) and Celery beat side by side.
 If any of them dies, everything is stopped, so a half-running stack never
 looks healthy.
 """
@@ -13,6 +14,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from reclo_site.queues import recovery_queue_for
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -96,21 +99,18 @@ def main() -> int:
         subprocess.run([*manage, "collectstatic", "--no-input", "-v", "0"], cwd=ROOT, env=env, check=True)
         subprocess.run([*manage, "setup_cloud"], cwd=ROOT, env=env, check=True)
         celery = [str(BIN / "celery"), "-A", "reclo_site"]
-        # The file-system broker has no broadcast, so no mingle/gossip/heartbeat.
-        start(
-            "Celery worker",
-            [
-                *celery,
-                "worker",
-                "-l",
-                "info",
-                "--concurrency",
-                "2",
-                "--without-mingle",
-                "--without-gossip",
-                "--without-heartbeat",
-            ],
-        )
+        # Two workers: backups (verification, retention, scrub) and failovers,
+        # so a flood of uploads never delays a failover. The file-system
+        # broker has no broadcast, so no mingle/gossip/heartbeat.
+        quiet = ["--without-mingle", "--without-gossip", "--without-heartbeat"]
+        default_queue = env.get("CELERY_TASK_DEFAULT_QUEUE") or "celery"
+        recovery_queue = env.get("CELERY_RECOVERY_QUEUE") or recovery_queue_for(default_queue)
+        for title, name, queue, concurrency in (
+            ("Celery worker (backups)", "backups", default_queue, "2"),
+            ("Celery worker (failovers)", "recovery", recovery_queue, "1"),
+        ):
+            worker = [*celery, "worker", "-l", "info", "-n", f"{name}@%h", "-Q", queue, "--concurrency", concurrency]
+            start(title, [*worker, *quiet])
         start("Celery beat", [*celery, "beat", "-l", "info"])
         start("portal", [*manage, "runserver", f"127.0.0.1:{web_port}", "--noreload", "--skip-checks"])
         _wait_for_port("127.0.0.1", web_port)
