@@ -23,8 +23,6 @@ log = logging.getLogger(__name__)
 # (verification and scrub: a heartbeat; merge: its claim), so the second
 # copy does nothing.
 LONG_TASK = {"soft_time_limit": 3 * 60 * 60, "time_limit": 3 * 60 * 60 + 300}
-# How long a verification waits while its tenant has its share running.
-VERIFY_WAIT_SECONDS = 30
 RETRY_CLOUD = {
     "autoretry_for": (CloudUnavailable,),
     "retry_backoff": 30,
@@ -54,8 +52,9 @@ def enqueue(task, *args) -> None:
 def backup_verify(self, backup_id: str) -> str | None:
     """Verify a completed upload (idempotent: only a `verifying` backup no worker is on is read).
 
-    While the tenant has its share of verifications running, the task comes
-    back after a short wait; other tenants' tasks run meanwhile.
+    While the tenant has its share of verifications running, or a worker
+    holds this one, the task comes back after a wait (other tenants' tasks
+    run meanwhile); a dead worker's claim is stale by then.
     """
     try:
         backup = services.backup_verify(backup_id=backup_id)
@@ -63,7 +62,7 @@ def backup_verify(self, backup_id: str) -> str | None:
         services.verification_deferred(backup_id=backup_id)
         if self.request.is_eager:
             return "deferred"  # tests: no broker to come back through; the beat job re-queues it
-        raise self.retry(exc=exc, countdown=VERIFY_WAIT_SECONDS + random.randint(0, 10), max_retries=None) from exc
+        raise self.retry(exc=exc, countdown=exc.retry_in + random.randint(0, 10), max_retries=None) from exc
     return backup.status if backup else None
 
 

@@ -101,8 +101,14 @@ def main() -> int:
         celery = [str(BIN / "celery"), "-A", "reclo_site"]
         # Two workers: backups (verification, retention, scrub) and failovers,
         # so a flood of uploads never delays a failover. The file-system
-        # broker has no broadcast, so no mingle/gossip/heartbeat.
-        quiet = ["--without-mingle", "--without-gossip", "--without-heartbeat"]
+        # broker has no broadcast, so no mingle/gossip/heartbeat. It has no
+        # asynchronous I/O either, so a prefork worker would use billiard's
+        # blocking pool, whose idle processes wait on one shared queue while
+        # holding its read lock: one SIGKILLed while idle (the OOM killer)
+        # dies holding it, and its replacement and every other process wait
+        # forever. Threads have no such lock (with Redis, production's
+        # prefork pool has a pipe per process and replaces dead ones).
+        quiet = ["--without-mingle", "--without-gossip", "--without-heartbeat", "--pool", "threads"]
         default_queue = env.get("CELERY_TASK_DEFAULT_QUEUE") or "celery"
         recovery_queue = env.get("CELERY_RECOVERY_QUEUE") or recovery_queue_for(default_queue)
         for title, name, queue, concurrency in (

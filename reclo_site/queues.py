@@ -1,4 +1,7 @@
-"""Celery queue names, shared by the settings and the test helper that starts workers."""
+"""Celery queue names and routing, shared by the settings, `make run` and the test helper that starts workers."""
+
+# Tasks that run on the failover queue: a flood of uploads must never delay them.
+RECOVERY_TASK_PREFIXES = ("recovery.tasks.", "drills.tasks.")
 
 
 def recovery_queue_for(default_queue: str) -> str:
@@ -9,3 +12,25 @@ def recovery_queue_for(default_queue: str) -> str:
     failover queue of their own too.
     """
     return "recovery" if default_queue == "celery" else f"{default_queue}-recovery"
+
+
+def route_task(name, args, kwargs, options, task=None, **kw):
+    """Celery router: failover (and drill) tasks to the failover queue, the rest to the default.
+
+    Decided when a task is sent, from the app's current default queue, so
+    a process that switches its default queue (the integration tests do)
+    sends failovers to the matching failover queue.
+    """
+    if not name.startswith(RECOVERY_TASK_PREFIXES):
+        return None
+    from django.conf import settings
+
+    if settings.CELERY_RECOVERY_QUEUE:
+        return {"queue": settings.CELERY_RECOVERY_QUEUE}
+    if task is not None:
+        default = task.app.conf.task_default_queue
+    else:
+        from celery import current_app
+
+        default = current_app.conf.task_default_queue
+    return {"queue": recovery_queue_for(default)}

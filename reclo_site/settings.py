@@ -15,8 +15,6 @@ import environ
 from celery.schedules import crontab
 from csp.constants import NONCE, NONE, SELF
 
-from reclo_site.queues import recovery_queue_for
-
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
@@ -294,12 +292,10 @@ CELERY_TIMEZONE = "UTC"
 # other test runs sharing the Redis never take each other's tasks.
 CELERY_TASK_DEFAULT_QUEUE = env("CELERY_TASK_DEFAULT_QUEUE", default="celery")
 # Failovers (and drills) have a queue and workers of their own, so a flood of
-# uploads to verify never delays one. Its name follows the default queue's.
-CELERY_RECOVERY_QUEUE = env("CELERY_RECOVERY_QUEUE", default="") or recovery_queue_for(CELERY_TASK_DEFAULT_QUEUE)
-CELERY_TASK_ROUTES = {
-    "recovery.tasks.*": {"queue": CELERY_RECOVERY_QUEUE},
-    "drills.tasks.*": {"queue": CELERY_RECOVERY_QUEUE},
-}
+# uploads to verify never delays one. Empty: named after the default queue
+# ("recovery" beside "celery"; see reclo_site/queues.py).
+CELERY_RECOVERY_QUEUE = env("CELERY_RECOVERY_QUEUE", default="")
+CELERY_TASK_ROUTES = ("reclo_site.queues.route_task",)
 
 # The one beat schedule. Each job is idempotent and works in bounded batches,
 # so two overlapping runs do no harm.

@@ -162,7 +162,15 @@ def _problem(backup: Backup, *, parent_unique_id, on_fetch=None) -> tuple[Object
 
 
 class VerificationDeferred(Exception):
-    """The tenant already has its share of verifications running; try this one later."""
+    """Not now: the tenant has its share running, or a worker (perhaps dead) holds this one.
+
+    `retry_in` is when to try again, in seconds: a dead worker's claim is
+    stale by then and the retry takes over.
+    """
+
+    def __init__(self, message: str, retry_in: int):
+        super().__init__(message)
+        self.retry_in = retry_in
 
 
 def backup_verify(*, backup_id) -> Backup | None:
@@ -174,17 +182,24 @@ def backup_verify(*, backup_id) -> Backup | None:
     outages propagate (CloudUnavailable) so the task retries. Idempotent:
     does nothing unless the backup is `verifying` and no live worker is on
     it. Raises VerificationDeferred while the tenant has
-    RECLO_MAX_CONCURRENT_VERIFICATIONS running, so one account's flood of
-    uploads cannot take every worker.
+    RECLO_MAX_CONCURRENT_VERIFICATIONS running (so one account's flood of
+    uploads cannot take every worker) or while another worker's heartbeat
+    on this one is fresh.
     """
     backup = Backup.objects.select_related("parent").filter(pk=backup_id).first()
     if backup is None or backup.status != Backup.Status.VERIFYING:
         return backup
     claim = read_claim(backup, status=Backup.Status.VERIFYING, limit=settings.RECLO_MAX_CONCURRENT_VERIFICATIONS)
     if claim == "wait":
-        raise VerificationDeferred(f"{backup.user_id} has verifications running")
+        raise VerificationDeferred(f"account {backup.user_id} has its share of verifications running", 30)
+    if claim == "running":
+        # A duplicate delivery, or the redelivery of a task whose pool process
+        # was killed while its heartbeat is still fresh: look again once a
+        # dead worker's heartbeat would be stale.
+        stale = int(settings.RECLO_VERIFY_STALE_AFTER.total_seconds())
+        raise VerificationDeferred(f"a worker is verifying {backup.pk}", stale + 1)
     if isinstance(claim, str):
-        return backup  # gone, or another worker is on it
+        return backup  # gone
     try:
         return _verify(backup, claim)
     finally:

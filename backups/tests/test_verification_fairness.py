@@ -78,7 +78,7 @@ def test_dead_workers_do_not_count_toward_the_share(completed, user, settings):
 def test_a_duplicate_delivery_leaves_a_live_worker_alone_and_takes_over_a_dead_ones(completed, settings):
     backup = completed()
     Backup.objects.filter(pk=backup.pk).update(read_heartbeat=timezone.now())
-    assert tasks.backup_verify.apply(args=[str(backup.pk)]).get() == "verifying"  # nothing done
+    assert tasks.backup_verify.apply(args=[str(backup.pk)]).get() == "deferred"  # nothing done, back later
     backup.refresh_from_db()
     assert backup.status == "verifying" and backup.read_heartbeat is not None
 
