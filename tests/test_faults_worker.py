@@ -16,18 +16,25 @@ the test can catch a verification in the middle of reading its object.
 import hashlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
+import kombu.pools
 import pytest
 from django.db import connection
+from django.utils import timezone
 from moto.s3.models import S3Backend
 
+from accounts.models import ApiToken
 from backups.models import Backup
 from backups.tests import vhds
 from backups.tests.conftest import START
-from reclo_site import testing
+from reclo_site import devstack, testing
 from reclo_site.celery import app as celery_app
 from reclo_site.cloud import storage
 
@@ -161,3 +168,76 @@ def test_a_killed_workers_verification_is_redelivered_after_the_visibility_timeo
 
     with testing.celery_worker(env):
         verified(backup_id, timeout=60)
+
+
+# --- make run's workers (the file-system broker) ----------------------------------------------
+
+
+@contextmanager
+def filesystem_broker(folder: Path):
+    """This process publishes through kombu's file-system transport in `folder`, as `make run`'s portal does."""
+    conf = celery_app.conf
+    for sub in ("queue", "processed", "control"):
+        (folder / "broker" / sub).mkdir(parents=True, exist_ok=True)
+    saved = (conf.broker_url, conf.broker_transport_options, conf.task_always_eager)
+    conf.broker_url = "filesystem://"
+    conf.broker_transport_options = {
+        "data_folder_in": str(folder / "broker" / "queue"),
+        "data_folder_out": str(folder / "broker" / "queue"),
+        "processed_folder": str(folder / "broker" / "processed"),
+        "store_processed": False,
+        "control_folder": str(folder / "broker" / "control"),
+    }
+    conf.task_always_eager = False
+    _forget_broker_connections()
+    try:
+        yield
+    finally:
+        conf.broker_url, conf.broker_transport_options, conf.task_always_eager = saved
+        _forget_broker_connections()
+
+
+def _forget_broker_connections() -> None:
+    kombu.pools.reset()
+    celery_app._pool = None
+    celery_app.amqp._producer_pool = None
+
+
+def test_make_runs_worker_keeps_running_tasks_after_the_oom_killer_takes_a_process_of_it(tmp_path, user):
+    """With a prefork pool this worker wedged: the blocking pool's shared read lock died with the process."""
+    testing.require_services()
+    queue = f"test-devstack-{os.getpid()}"
+    env = {
+        "DATABASE_URL": testing.test_database_url(connection),
+        "REDIS_URL": "",
+        "CELERY_BROKER_URL": "filesystem://",
+        "RECLO_VAR_DIR": str(tmp_path),
+        "CELERY_TASK_DEFAULT_QUEUE": queue,
+    }
+    ((_, command), _) = devstack.worker_commands([sys.executable, "-m", "celery", "-A", "reclo_site"], env)
+    old = ApiToken.objects.filter(user=user)
+    testing.token_for(user)
+    old.update(expires=timezone.now() - timedelta(days=1))
+    proc_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "worker.log"
+    with filesystem_broker(tmp_path), open(log, "wb") as out:
+        worker = subprocess.Popen(command, cwd=testing.ROOT, env=proc_env, start_new_session=True,
+                                  stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            testing.wait_until(lambda: b" ready." in log.read_bytes(), timeout=60, what="the worker to start")
+            time.sleep(2)  # its pool processes idle, waiting for work
+            for pid in pool_processes(worker):  # the OOM killer's pick; none when there is no pool process
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(1)
+            celery_app.send_task("accounts.tasks.expire_tokens", queue=queue)
+            testing.wait_until(
+                lambda: not old.filter(revoked_at__isnull=True).exists(), timeout=30, what="the task to run"
+            )
+            assert worker.poll() is None
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
