@@ -57,6 +57,7 @@ BAT_WINDOW = 64 * 1024
 # Unallocated runs are found this many entries at a time (4 KiB of BAT).
 _BAT_RUN = 1024
 _UNALLOCATED_RUN = b"\xff" * (4 * _BAT_RUN)
+_UNALLOCATED_WINDOW = b"\xff" * (4 * BAT_WINDOW)  # compared with memcmp, far faster than counting
 
 
 def read_at(f: BinaryIO, offset: int, n: int, what: str) -> bytes:
@@ -259,7 +260,7 @@ class VHDReader:
         for first in range(0, self._bat_entries, BAT_WINDOW):
             n = min(BAT_WINDOW, self._bat_entries - first)
             raw = read_at(self._f, self._table_offset + 4 * first, 4 * n, "BAT")
-            if raw.count(b"\xff") == len(raw):
+            if raw == (_UNALLOCATED_WINDOW if n == BAT_WINDOW else _UNALLOCATED_WINDOW[: 4 * n]):
                 continue  # all unallocated: the common case of a sparse disk
             window = array("I")
             window.frombytes(raw)
