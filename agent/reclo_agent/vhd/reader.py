@@ -51,7 +51,6 @@ from .format import (
     bitmap_size,
 )
 
-
 # BAT entries read at once: 256 KiB of BAT, 32 GiB of disk at 2 MiB blocks.
 BAT_WINDOW = 64 * 1024
 # Unallocated runs are found this many entries at a time (4 KiB of BAT).
