@@ -109,8 +109,9 @@ def read_claim(backup: Backup, *, status: str, limit: int | None = None) -> Hear
     """Claim the reading of `backup`'s object for this worker: a Heartbeat, or why not.
 
     "gone" when the backup is no longer in `status`, "running" when another
-    worker's heartbeat is fresh (a duplicate delivery: nothing to do),
-    "wait" when the tenant already has `limit` verifications running. The
+    worker's heartbeat is fresh (a duplicate delivery, or a worker that died
+    a moment ago), "wait" when the tenant already has `limit` verifications
+    running. The
     tenant's row is locked while counting, so two workers cannot both take
     the last slot.
     """
