@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 
 from backups import naming
 from backups.models import Backup
-from backups.services import BackupError, backup_start
+from backups.services import backup_start
 from backups.services.downloads import read_policy
 from reclo_site.cloud import credentials
+from reclo_site.errors import ServiceError
 
 ARN_PREFIX = "arn:aws:s3:::reclo-test/"
 
@@ -113,7 +114,7 @@ def test_the_upload_service_grants_one_key_whatever_the_names(user, aws, server,
     Backup.objects.filter(user=user).delete()
     try:
         grant = backup_start(user=user, server=server, disk=disk, file_name=file_name, virtual_size=4096, kind="full")
-    except BackupError as exc:
+    except ServiceError as exc:
         assert exc.code == 104
         return
     key = grant.backup.key
