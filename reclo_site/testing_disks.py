@@ -389,3 +389,10 @@ def write_random_disk(path: Path, size: int, seed: int = 12) -> None:
     data = bytearray(random.Random(seed).randbytes(size))
     data[510:512] = b"\x00\x00"  # never the 0x55AA a BIOS boots from
     path.write_bytes(bytes(data))
+
+
+if __name__ == "__main__":  # `python -m reclo_site.testing_disks`: build (or find) the disks, print where
+    built = test_disks()
+    for disk in (built.good, built.panics, built.random):
+        print(disk)
+    print(" ".join(f"{name}={version}" for name, version in built.versions.items()))
