@@ -30,7 +30,9 @@ a hash of the recipe version and the package versions, so a kernel update
 builds a new set and an unchanged machine (CI's included) reuses the old one.
 Building takes about 15 s and needs ``apt-get`` with package lists, the
 ``grub-common``, ``grub-pc-bin``, ``grub-efi-amd64-bin``, ``mtools``,
-``fdisk`` and ``e2fsprogs`` packages, and ``modinfo`` (kmod).
+``fdisk`` and ``e2fsprogs`` packages, and ``modinfo`` (kmod). :func:`replace_file`
+changes a file inside a disk copy (``debugfs``, no mount), e.g. between a
+full and an incremental backup.
 """
 
 from __future__ import annotations
@@ -382,6 +384,32 @@ def _build(tmp: Path, versions: dict, debs: Path) -> None:
         _run(["mcopy", "-i", str(esp), str(work / "BOOTX64.EFI"), "::/EFI/BOOT/BOOTX64.EFI"])
         _assemble(out / name, root_fs=root_fs, esp=esp, core=core)
     write_random_disk(out / "random.raw", 16 * 1024 * 1024)
+
+
+def replace_file(disk: Path, path: str, data: bytes) -> None:
+    """Replace (or create) file ``path`` in a test disk's root file system, in place, without mounting.
+
+    ``debugfs -w`` edits the ext4 partition inside the raw image through its
+    byte offset. The guest prints ``/etc/reclo-release`` at boot (``reclo-test:
+    <its first line>``), so changing that file shows on the console which
+    restore point booted. Work on a copy: the cached disks are shared.
+    """
+    target = f"{disk}?offset={ROOT_START * SECTOR}"
+    with tempfile.NamedTemporaryFile() as src:
+        src.write(data)
+        src.flush()
+        _run(["debugfs", "-w", "-R", f"rm {path}", target])  # "file not found" is fine: nothing to remove
+        _run(["debugfs", "-w", "-R", f"write {src.name} {path}", target])
+    # debugfs reports most failures on stderr with exit status 0: read it back.
+    if read_file(disk, path) != data:
+        raise BootDiskError(f"debugfs did not write {path} into {disk}")
+
+
+def read_file(disk: Path, path: str) -> bytes:
+    """The bytes of ``path`` in a test disk's root file system (``debugfs cat``, no mount)."""
+    done = subprocess.run(["debugfs", "-R", f"cat {path}", f"{disk}?offset={ROOT_START * SECTOR}"],
+                          check=True, capture_output=True)  # fmt: skip
+    return done.stdout
 
 
 def write_random_disk(path: Path, size: int, seed: int = 12) -> None:

@@ -60,8 +60,11 @@ def default_state_dir() -> Path:
     return Path(tempfile.gettempdir()) / "reclo-sandbox"
 
 
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child must not load libraries
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _start_time(pid: int) -> int | None:

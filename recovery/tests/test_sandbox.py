@@ -6,8 +6,10 @@ whole module takes about two minutes on a loaded 2-core machine.
 """
 
 import hashlib
+import io
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -19,8 +21,9 @@ import zlib
 from pathlib import Path
 
 import pytest
-from reclo_agent.vhd import open_chain, write_dynamic_from_raw
+from reclo_agent import vhd
 
+from backups.tests import vhds
 from reclo_site import testing, testing_disks
 from recovery.sandbox import BootRequest, LocalSandbox, SandboxError, accel_works, choose_accel, materialise_chain
 from recovery.sandbox import verdict as judge
@@ -90,22 +93,28 @@ class WritingSandbox(LocalSandbox):
         return super()._screenshot(run_dir, evidence)
 
 
+RELEASE = b"ReClo drill test disk, incremental 1\n"
+
+
 @pytest.fixture(scope="module")
 def materialised(disks, tmp_path_factory):
-    """The good disk backed up as a dynamic VHD, read back through the chain reader into a sparse raw file."""
+    """The good disk backed up (a full, then an incremental after changing a file inside), read back
+    through the chain reader into a sparse raw file; (raw path, bytes written, the changed disk)."""
     work = tmp_path_factory.mktemp("materialised")
-    vhd = work / "full.vhd"
-    with open(disks.good, "rb") as src, open(vhd, "wb") as out:
-        write_dynamic_from_raw(src, out)
+    changed = work / "changed.raw"
+    shutil.copy(disks.good, changed)
+    testing_disks.replace_file(changed, "/etc/reclo-release", RELEASE)
+    old, new = disks.good.read_bytes(), changed.read_bytes()
+    base, base_info = vhds.full(old)
+    top, _ = vhds.incremental(old, new, base_info)
     raw = work / "disk.raw"
-    with open(vhd, "rb") as f:
-        written = materialise_chain(open_chain([f]), raw)
-    return raw, written
+    written = materialise_chain(vhd.open_chain([vhd.open_seekable(io.BytesIO(o)) for o in (base, top)]), raw)
+    return raw, written, changed
 
 
 @pytest.fixture(scope="module")
 def good_bios(materialised, state_dir, tmp_path_factory):
-    raw, _ = materialised
+    raw = materialised[0]
     before = sha256(raw)
     sandbox = WritingSandbox(state_dir)  # accelerator: probed, as in production
     request = BootRequest(
@@ -158,12 +167,22 @@ def png_size(path: Path) -> tuple[int, int]:
 # -- the disk the drill boots --------------------------------------------
 
 
-def test_materialised_disk_is_the_backed_up_disk_with_holes(disks, materialised):
-    raw, written = materialised
-    assert sha256(raw) == sha256(disks.good)
+def test_materialised_disk_is_the_backed_up_disk_with_holes(materialised):
+    raw, written, changed = materialised
+    assert sha256(raw) == sha256(changed)
     # Blocks no VHD layer stores were never written: they are holes.
     assert written < raw.stat().st_size
     assert raw.stat().st_blocks * 512 <= written + 1024 * 1024
+
+
+def test_replace_file_changes_only_that_file(disks, materialised):
+    changed = materialised[2]
+    assert testing_disks.read_file(changed, "/etc/reclo-release") == RELEASE
+    assert testing_disks.read_file(changed, "/srv/www/index.html") == testing_disks.read_file(
+        disks.good, "/srv/www/index.html"
+    )
+    assert subprocess.run(["e2fsck", "-fn", f"{changed}?offset={testing_disks.ROOT_START * 512}"],
+                          capture_output=True).returncode == 0  # fmt: skip
 
 
 # -- a disk that boots ----------------------------------------------------
@@ -182,6 +201,7 @@ def test_good_disk_console_shows_the_login_prompt(good_bios):
     verdict = good_bios[0]
     console = judge.clean(verdict.console_path.read_text(errors="replace"))
     assert "reclo-initramfs: root is /dev/nvme0n1p2" in console  # booted from NVMe, as on EC2
+    assert f"reclo-test: {RELEASE.decode().strip()}" in console  # the incremental's file, not the full's
     assert "reclo-test login:" in console
 
 
