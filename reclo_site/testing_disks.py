@@ -40,6 +40,7 @@ from __future__ import annotations
 import fcntl
 import gzip
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -101,12 +102,18 @@ def _run(args: list[str], **kwargs) -> str:
     return done.stdout
 
 
-def _candidate(package: str) -> str:
-    out = _run(["apt-cache", "show", "--no-all-versions", package])
+def _candidates(packages: list[str]) -> dict[str, str]:
+    out = _run(["apt-cache", "show", "--no-all-versions", *packages])
+    found, name = {}, None
     for line in out.splitlines():
-        if line.startswith("Version: "):
-            return line.split(": ", 1)[1]
-    raise BootDiskError(f"apt knows no version of {package} (run apt-get update)")
+        if line.startswith("Package: "):
+            name = line.split(": ", 1)[1]
+        elif line.startswith("Version: ") and name in packages:
+            found.setdefault(name, line.split(": ", 1)[1])
+    missing = [p for p in packages if p not in found]
+    if missing:
+        raise BootDiskError(f"apt knows no version of {', '.join(missing)} (run apt-get update)")
+    return found
 
 
 def _kernel_package() -> str:
@@ -125,12 +132,44 @@ def _installed(package: str) -> str:
         raise BootDiskError(f"{package} is not installed (apt-get install {package})") from exc
 
 
+def _apt_stamp() -> list:
+    """What apt's answers depend on: the package lists and dpkg's status, by modification time."""
+    stamp = []
+    for folder in ("/var/lib/apt/lists", "/etc/apt/preferences.d"):
+        try:
+            stamp += sorted((e.name, e.stat().st_mtime_ns) for e in os.scandir(folder) if e.is_file())
+        except OSError:
+            pass
+    for name in ("/var/lib/dpkg/status", "/etc/apt/preferences"):
+        try:
+            stamp.append((name, os.stat(name).st_mtime_ns))
+        except OSError:
+            pass
+    return stamp
+
+
 def package_versions() -> dict:
-    """The packages the disks are made of, with the versions apt would download now."""
+    """The packages the disks are made of, with the versions apt would download now.
+
+    apt-cache takes seconds here, so the answer is kept next to the disks and
+    reused while apt's lists and dpkg's status are unchanged.
+    """
+    remembered = cache_root() / "versions.json"
+    stamp = _apt_stamp()
+    try:
+        saved = json.loads(remembered.read_text())
+        if saved["stamp"] == json.loads(json.dumps(stamp)):
+            return saved["versions"]
+    except (OSError, ValueError, KeyError):
+        pass
     kernel = _kernel_package()
-    versions = {kernel: _candidate(kernel), BUSYBOX_PACKAGE: _candidate(BUSYBOX_PACKAGE)}
+    versions = _candidates([kernel, BUSYBOX_PACKAGE])
     for package in GRUB_PACKAGES:
         versions[package] = _installed(package)
+    remembered.parent.mkdir(parents=True, exist_ok=True)
+    tmp = remembered.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"stamp": stamp, "versions": versions}))
+    tmp.replace(remembered)
     return versions
 
 

@@ -50,7 +50,7 @@ QEMU = "qemu-system-x86_64"
 OVMF_CODE = ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_CODE.fd")
 OVMF_VARS = ("/usr/share/OVMF/OVMF_VARS_4M.fd", "/usr/share/OVMF/OVMF_VARS.fd")
 TEARDOWN_GRACE = 60.0  # a lease outlives its deadline by this much before reap() ends it
-KVM_PROBE_TIMEOUT = 10.0
+KVM_PROBE_TIMEOUT = 6.0  # KVM runs the probe guest in well under a second; a hung one never
 CPU = "max"  # every feature the accelerator offers; the KVM probe uses the same model
 _PR_SET_PDEATHSIG = 1
 
