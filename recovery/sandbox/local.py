@@ -87,6 +87,11 @@ def _kill_group(pid: int) -> None:
         pass
 
 
+def _opt(path) -> str:
+    """A path as a QEMU option value: a comma would end it, so commas are doubled."""
+    return str(path).replace(",", ",,")
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
@@ -251,15 +256,16 @@ class LocalSandbox(Sandbox):
 
     def _command(self, disk: Path, request: BootRequest, run_dir: Path, host_port: int | None) -> list[str]:
         accel = self.accel
+        qdisk, qdir = _opt(disk), _opt(run_dir)
         cmd = [
             QEMU, "-name", f"reclo-sandbox:{request.label}",
             "-machine", "q35", "-accel", accel, "-cpu", CPU,
             "-smp", "1", "-m", str(request.memory_mib),
             "-nodefaults", "-no-user-config", "-display", "none", "-vga", "std",
-            "-drive", f"file={disk},format=raw,if=none,id=disk0,snapshot=on",
+            "-drive", f"file={qdisk},format=raw,if=none,id=disk0,snapshot=on",
             "-device", "nvme,drive=disk0,serial=reclo-drill,bootindex=0",
-            "-chardev", f"file,id=console,path={run_dir / 'console.log'}", "-serial", "chardev:console",
-            "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
+            "-chardev", f"file,id=console,path={qdir}/console.log", "-serial", "chardev:console",
+            "-qmp", f"unix:{qdir}/qmp.sock,server=on,wait=off",
             "-no-reboot", "-boot", "strict=on",
         ]  # fmt: skip
         netdev = "user,id=net0,restrict=on"
@@ -273,13 +279,13 @@ class LocalSandbox(Sandbox):
             if code is None or varstore is None:
                 raise SandboxError("UEFI boot needs OVMF (apt-get install ovmf)")
             shutil.copy(varstore, run_dir / "ovmf_vars.fd")
-            cmd += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
-                    "-drive", f"if=pflash,format=raw,unit=1,file={run_dir / 'ovmf_vars.fd'}"]  # fmt: skip
+            cmd += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={_opt(code)}",
+                    "-drive", f"if=pflash,format=raw,unit=1,file={qdir}/ovmf_vars.fd"]  # fmt: skip
         else:
             # SeaBIOS mirrors its screen to this serial port, so "No bootable
             # device" reaches the console log.
             (run_dir / "sercon-port").write_bytes((0x3F8).to_bytes(2, "little"))
-            cmd += ["-fw_cfg", f"name=etc/sercon-port,file={run_dir / 'sercon-port'}"]
+            cmd += ["-fw_cfg", f"name=etc/sercon-port,file={qdir}/sercon-port"]
         return cmd
 
     def run(self, source, request: BootRequest) -> Verdict:
@@ -293,6 +299,8 @@ class LocalSandbox(Sandbox):
         self.reap()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         run_dir = self.state_dir / f"run-{uuid.uuid4().hex[:12]}"
+        if len(str(run_dir / "qmp.sock")) > 100:  # sun_path holds 108 bytes
+            raise SandboxError(f"state_dir {self.state_dir} is too deep for QEMU's control socket")
         run_dir.mkdir()
         evidence = Path(request.evidence_dir)
         evidence.mkdir(parents=True, exist_ok=True)

@@ -133,8 +133,11 @@ def panics(disks, state_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def random_disk(disks, state_dir, tmp_path_factory):
+    # A comma in the path: QEMU's option syntax needs it doubled.
+    disk = tmp_path_factory.mktemp("random") / "random,data.raw"
+    shutil.copy(disks.random, disk)
     request = BootRequest(evidence_dir=tmp_path_factory.mktemp("evidence-random"), time_limit=120, label="test-random")
-    return LocalSandbox(state_dir).run(disks.random, request)
+    return LocalSandbox(state_dir).run(disk, request)
 
 
 def check(verdict, name):
