@@ -7,7 +7,8 @@ into the contract's envelope with a fitting HTTP status.
 
 import logging
 
-from django.core.exceptions import PermissionDenied
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.db import DatabaseError, InterfaceError, OperationalError
 from django.http import Http404
 from rest_framework import exceptions
@@ -70,6 +71,10 @@ def exception_handler(exc, context):
         message = "The request has invalid fields: " + ", ".join(sorted(fields)) + "."
     elif isinstance(exc, exceptions.ParseError):
         code, message, fields, status_code = 104, f"Malformed request: {exc.detail}", None, 400
+    elif isinstance(exc, RequestDataTooBig):
+        # Django refuses to read a body over DATA_UPLOAD_MAX_MEMORY_SIZE.
+        code, fields, status_code = Code.MALFORMED, None, 413
+        message = f"The request body is over {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes."
     elif isinstance(exc, exceptions.UnsupportedMediaType):
         code, message, fields, status_code = 104, "Send the body as application/json.", None, 415
     elif isinstance(exc, (exceptions.NotAuthenticated, exceptions.AuthenticationFailed)):
