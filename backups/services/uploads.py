@@ -14,6 +14,7 @@ from accounts.audit import audit_record
 from accounts.models import AuditEvent
 from reclo_site import cloud
 from reclo_site.cloud import credentials, storage
+from reclo_site.errors import Code, ServiceError
 
 from ..models import AccountLimits, Backup, Server
 from ..naming import InvalidName, backup_key, check_file_name, check_name
@@ -213,7 +214,7 @@ def _declared(at_start, at_complete, what: str):
 def backup_complete(*, user, upload_id, file_size: int | None = None, sha256: str | None = None) -> Backup:
     """Check the uploaded object at once and hand it to the verifier.
 
-    305 for an unknown, another tenant's or expired upload; 306 when the
+    305 for an unknown, another tenant's, expired or meanwhile deleted upload; 306 when the
     object is not in storage (the upload stays pending: finish it and call
     again); 307 when its size differs from the declared one (the backup
     fails and the object is deleted) or the declarations disagree; 313 over
@@ -238,6 +239,8 @@ def backup_complete(*, user, upload_id, file_size: int | None = None, sha256: st
     try:
         stored = storage.head_object(backup.key)
     except cloud.ObjectNotFound:
+        if not Backup.objects.filter(pk=backup.pk).exists():
+            raise ServiceError(Code.NO_UPLOAD, "That upload was deleted while it was being completed.") from None
         raise BackupError(306, "The backup is not in storage yet; finish the upload, then complete it.") from None
     except cloud.CloudError as exc:
         raise BackupError(304, "Could not check the upload in storage; try again shortly.") from exc
@@ -256,5 +259,9 @@ def backup_complete(*, user, upload_id, file_size: int | None = None, sha256: st
             # Enqueued only once the row says `verifying`, or the worker
             # could read the row before the commit and do nothing.
             transaction.on_commit(functools.partial(tasks.enqueue, tasks.backup_verify, str(backup.pk)))
-    backup.refresh_from_db()
-    return backup
+    # The owner may have deleted the backup while storage was being asked
+    # (no lock is held across that call, by the house rule).
+    current = Backup.objects.select_related("server").filter(pk=backup.pk).first()
+    if current is None:
+        raise ServiceError(Code.NO_UPLOAD, "That upload was deleted while it was being completed.")
+    return current
