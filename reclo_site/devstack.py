@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from reclo_site.files import private_dir
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -55,7 +57,7 @@ def main() -> int:
     env = _environment(moto_port, web_port)
     # A fresh clone has no var/ yet: settings make it, but moto starts first.
     var_dir = Path(env.get("RECLO_VAR_DIR") or ROOT / "var")
-    var_dir.mkdir(parents=True, exist_ok=True)
+    var_dir = private_dir(var_dir)
     python = str(BIN / "python")
     procs: list[tuple[str, subprocess.Popen]] = []
 

@@ -15,13 +15,16 @@ import environ
 from celery.schedules import crontab
 from csp.constants import NONCE, NONE, SELF
 
+from reclo_site.files import private_dir, private_file
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
 environ.Env.read_env(BASE_DIR / ".env")  # optional; never committed
 
-VAR_DIR = Path(env("RECLO_VAR_DIR", default=str(BASE_DIR / "var")))
-VAR_DIR.mkdir(parents=True, exist_ok=True)
+# Local state (the SQLite database with its live sessions, keys, the broker):
+# readable by this user only.
+VAR_DIR = private_dir(Path(env("RECLO_VAR_DIR", default=str(BASE_DIR / "var"))))
 
 
 def _local_secret_key() -> str:
@@ -95,6 +98,10 @@ TEMPLATES = [
 DATABASES = {
     "default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}"),
 }
+_sqlite = Path(str(DATABASES["default"]["NAME"])) if "sqlite" in DATABASES["default"]["ENGINE"] else None
+if _sqlite and _sqlite.name not in ("", ":memory:") and _sqlite.parent.is_dir():
+    # It holds sessions and token hashes: 0600, not the umask's 0644.
+    private_file(_sqlite)
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
