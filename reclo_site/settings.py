@@ -331,6 +331,9 @@ RECLO_DEFAULT_BACKUP_INTERVAL = timedelta(hours=env.float("RECLO_DEFAULT_BACKUP_
 
 # How many reverse proxies in front of the portal append to X-Forwarded-For.
 NUM_PROXIES = env.int("NUM_PROXIES", default=0)
+# Whether the proxy in front sets X-Request-ID on every request (overwriting
+# the client's); only then is that header used as the request id.
+RECLO_TRUST_REQUEST_ID = env.bool("RECLO_TRUST_REQUEST_ID", default=False)
 
 # --- Recovery (failover) ---------------------------------------------------------
 
