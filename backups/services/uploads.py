@@ -20,6 +20,7 @@ from ..models import AccountLimits, Backup, Server
 from ..naming import InvalidName, backup_key, check_file_name, check_name
 from .errors import BackupError
 from .lifecycle import UPLOAD_GRACE, backup_fail
+from .verification import storage_class_problem
 
 SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -216,8 +217,9 @@ def backup_complete(*, user, upload_id, file_size: int | None = None, sha256: st
 
     305 for an unknown, another tenant's, expired or meanwhile deleted upload; 306 when the
     object is not in storage (the upload stays pending: finish it and call
-    again); 307 when its size differs from the declared one (the backup
-    fails and the object is deleted) or the declarations disagree; 313 over
+    again); 307 when its size differs from the declared one or it is not in
+    the STANDARD storage class (the backup fails and the object is deleted)
+    or the declarations disagree; 313 over
     the account's limit; 304 when storage cannot be asked. Otherwise the
     backup becomes `verifying` and the verification is enqueued after the
     commit. Idempotent: a completed upload is returned as it stands.
@@ -248,6 +250,10 @@ def backup_complete(*, user, upload_id, file_size: int | None = None, sha256: st
         reason = f"The stored object is {stored['size']} bytes; {size} were declared."
         backup_fail(backup=backup, reason=reason, from_statuses=(Backup.Status.PENDING,))
         raise BackupError(307, reason)
+    if stored["storage_class"] != storage.STANDARD:
+        reason = storage_class_problem(stored["storage_class"])
+        backup_fail(backup=backup, reason=reason, from_statuses=(Backup.Status.PENDING,))
+        raise ServiceError(Code.VERIFICATION_FAILED, reason)
 
     from .. import tasks  # tasks import the services; this breaks the cycle
 

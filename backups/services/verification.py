@@ -45,10 +45,14 @@ def object_check(key: str, *, kind: str, virtual_size: int, parent_unique_id: uu
     then every zstd frame is decompressed against the seek table and its
     checksum, front to back, which is also the pass that hashes the object.
 
-    Raises VHDError for a bad file, ObjectNotFound / ObjectChanged /
+    Raises VHDError for a bad file, ObjectArchived for an object in any
+    storage class but STANDARD (an agent may not choose GLACIER: a restore
+    point must be readable at once), ObjectNotFound / ObjectChanged /
     CloudUnavailable for storage trouble.
     """
     with storage.ObjectReader(key, sha256=True) as raw:
+        if raw.storage_class != storage.STANDARD:
+            raise cloud.ObjectArchived(f"{key} is {raw.storage_class}", "InvalidObjectState", raw.storage_class)
         disk = vhd.open_seekable(raw)
         info = vhd.validate(disk, expected_kind=kind, parent_unique_id=parent_unique_id, virtual_size=virtual_size)
         # A VHD is never much bigger than its disk (bitmaps and tables add
@@ -59,6 +63,15 @@ def object_check(key: str, *, kind: str, virtual_size: int, parent_unique_id: uu
         vhd.check_seekable(raw)
         digest = raw.sha256_hexdigest()
         return ObjectCheck(size=raw.size, sha256=digest, info=info)
+
+
+def storage_class_problem(storage_class: str) -> str:
+    """Why an object in `storage_class` is refused, in words for the owner and the agent."""
+    which = f"the {storage_class}" if storage_class else "an archive"
+    return (
+        f"The object was stored in {which} storage class; a restore point must be STANDARD so a "
+        "failover can read it at once. Upload it again without choosing a storage class."
+    )
 
 
 def max_vhd_size(virtual_size: int) -> int:
@@ -74,6 +87,8 @@ def _problem(backup: Backup, *, parent_unique_id) -> tuple[ObjectCheck | None, s
         )
     except cloud.ObjectNotFound:
         return None, "The object is not in storage."
+    except cloud.ObjectArchived as exc:
+        return None, storage_class_problem(exc.storage_class)
     except storage.ObjectChanged:
         return None, "The object was overwritten while it was being checked."
     except vhd.VHDError as exc:

@@ -23,9 +23,23 @@ def test_the_upload_policy_writes_one_key_and_nothing_else():
                 "Effect": "Allow",
                 "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],
                 "Resource": f"arn:aws:s3:::reclo-test/{KEY}",
+                "Condition": {"StringEqualsIfExists": {"s3:x-amz-storage-class": "STANDARD"}},
             }
         ],
     }
+
+
+def test_the_upload_policy_pins_the_storage_class():
+    """moto does not enforce session policies, so the document is what is checked (see cloud/credentials.py).
+
+    AWS's condition key for the storage-class header of PutObject and
+    CreateMultipartUpload is `s3:x-amz-storage-class`. With IfExists a
+    request naming GLACIER matches no Allow (denied), while UploadPart and
+    AbortMultipartUpload, which carry no such header, still pass.
+    """
+    (statement,) = json.loads(credentials.upload_policy(KEY))["Statement"]
+    assert statement["Effect"] == "Allow"
+    assert statement["Condition"] == {"StringEqualsIfExists": {"s3:x-amz-storage-class": "STANDARD"}}
 
 
 def test_no_read_list_or_delete_action_is_granted_for_uploads():

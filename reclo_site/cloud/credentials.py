@@ -115,7 +115,15 @@ def _dump(policy: dict) -> str:
 
 
 def upload_policy(key: str) -> str:
-    """The session policy of an upload: write that one key, nothing else."""
+    """The session policy of an upload: write that one key, in the STANDARD storage class, nothing else.
+
+    ``s3:x-amz-storage-class`` is the header a PutObject or
+    CreateMultipartUpload names its storage class with. IfExists: a request
+    without it (UploadPart, AbortMultipartUpload, or a PUT that takes the
+    bucket's default, STANDARD) passes; one asking for GLACIER or any other
+    class is not allowed, since an archived restore point cannot be read
+    for a failover.
+    """
     return _dump(
         {
             "Version": "2012-10-17",
@@ -125,6 +133,7 @@ def upload_policy(key: str) -> str:
                     "Effect": "Allow",
                     "Action": list(UPLOAD_ACTIONS),
                     "Resource": object_arn(key),
+                    "Condition": {"StringEqualsIfExists": {"s3:x-amz-storage-class": "STANDARD"}},
                 },
             ],
         }

@@ -19,6 +19,9 @@ MAX_PARTS = 10_000
 # Incomplete multipart uploads left behind by killed agents are aborted by
 # the bucket itself after this many days, as well as by our beat job.
 ABORT_INCOMPLETE_UPLOADS_DAYS = 2
+# The only storage class a restore point may have: readable at once, for a
+# failover. S3 leaves the header out of answers for this class.
+STANDARD = "STANDARD"
 
 
 class ObjectChanged(CloudPermanentError):
@@ -92,7 +95,7 @@ def put_object(key: str, body: bytes, *, metadata: dict | None = None, tags: dic
 
 
 def head_object(key: str) -> dict:
-    """Size and metadata of an object; ObjectNotFound when it is missing."""
+    """Size, ETag, metadata and storage class of an object; ObjectNotFound when it is missing."""
     try:
         resp = client("s3").head_object(Bucket=bucket_name(), Key=key)
     except (ClientError, BotoCoreError) as exc:
@@ -101,6 +104,7 @@ def head_object(key: str) -> dict:
         "size": resp["ContentLength"],
         "etag": resp.get("ETag", "").strip('"'),
         "metadata": resp.get("Metadata", {}),
+        "storage_class": resp.get("StorageClass") or STANDARD,
     }
 
 
@@ -210,6 +214,7 @@ class ObjectReader(SeekableObject):
         info = head_object(key)
         self.size = info["size"]
         self.etag = info["etag"]
+        self.storage_class = info["storage_class"]
         self._s3 = client("s3")
         self._chunk_size = chunk_size
         self._cache: OrderedDict[int, bytes] = OrderedDict()
