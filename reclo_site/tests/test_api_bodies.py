@@ -60,3 +60,29 @@ def test_the_default_limit_is_far_above_any_real_body_and_far_below_megabytes(se
 )
 def test_depth_of_counts_lists_and_objects(value, depth):
     assert depth_of(value) == depth
+
+
+def operations():
+    """(method, path) of every operation the served schema lists that may take a body."""
+    from drf_spectacular.generators import SchemaGenerator
+
+    schema = SchemaGenerator().get_schema(request=None, public=True)
+    return [
+        (method, path)
+        for path, ops in sorted(schema["paths"].items())
+        for method in ("post", "patch", "put", "delete")
+        if method in ops
+    ]
+
+
+@pytest.mark.parametrize(("method", "path"), operations())
+@pytest.mark.parametrize("body", ["deep", "huge"])
+def test_no_route_answers_500_to_a_hostile_body(api, aws, settings, method, path, body):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 64 * 1024
+    url = path.replace("{backup_id}", "0b7e3f7c-1111-4222-8333-944445555666")
+    url = url.replace("{upload_id}", "0b7e3f7c-1111-4222-8333-944445555666").replace("{instance_id}", "i-0123456789")
+    payload = "[" * 50_000 + "]" * 50_000 if body == "deep" else json.dumps({"x": "a" * 100_000})
+    response = getattr(api, method)(url, payload, content_type="application/json")
+    assert response.status_code < 500, (response.status_code, response.content[:200])
+    if response.status_code >= 400:
+        assert set(response.json()) >= {"error", "message"}
