@@ -27,7 +27,7 @@ EXPIRE_BATCH = 500
 
 
 class AccountError(Exception):
-    """A refused account operation; `code` is the API contract's error code."""
+    """A refused account operation; `code` is an error code of docs/api.md."""
 
     def __init__(self, code: int, message: str, field: str | None = None):
         super().__init__(message)

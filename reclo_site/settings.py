@@ -315,7 +315,7 @@ RECLO_BUCKET = env("RECLO_BUCKET", default="reclo-backups")
 # --- Backups -------------------------------------------------------------------
 
 # Lifetime of the STS credentials of an upload or a restore: at most 12 hours
-# (the contract); 1 hour when AWS caps it (role chaining, see cloud/credentials.py).
+# (docs/api.md, Uploading); 1 hour when AWS caps it (role chaining, see cloud/credentials.py).
 RECLO_CREDENTIALS_TTL = timedelta(hours=env.float("RECLO_CREDENTIALS_TTL_HOURS", default=12))
 # Set: credentials come from AssumeRole on this role. Empty: GetFederationToken.
 RECLO_UPLOAD_ROLE_ARN = env("RECLO_UPLOAD_ROLE_ARN", default="")

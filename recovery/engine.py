@@ -40,7 +40,7 @@ from .models import Recovery, RecoveryStep
 
 log = logging.getLogger(__name__)
 
-# The contract's error code for a failure in each step.
+# The error code (docs/api.md, Recovery) for a failure in each step.
 STEP_ERROR_CODES = {"consolidating": 403, "importing": 403, "launching": 404, "provisioning_vpn": 407}
 STEP_TITLES = {
     "consolidating": "Preparing the disk",
@@ -108,7 +108,7 @@ class Wait:
 
 
 class StepFailed(Exception):
-    """A failure no retry will fix; `code` is from the contract's 4xx table."""
+    """A failure no retry will fix; `code` is one of the 4xx codes of docs/api.md."""
 
     def __init__(self, code: int, reason: str):
         super().__init__(reason)

@@ -35,7 +35,7 @@ FREE_MAX_PAGES = 20
 
 
 class RecoveryError(Exception):
-    """A refused failover or instance operation; `code` is the contract's error code."""
+    """A refused failover or instance operation; `code` is an error code of docs/api.md."""
 
     def __init__(self, code: int, message: str, field: str | None = None):
         super().__init__(message)

@@ -4,7 +4,7 @@ from reclo_site.api.errors import ApiError
 
 
 class BackupError(Exception):
-    """A refused backup operation; `code` is the API contract's error code.
+    """A refused backup operation; `code` is an error code of docs/api.md.
 
     Pages show `message`; the API turns it into the envelope with
     `as_api_error()`. `fields` holds per-field messages for code 104.

@@ -2,7 +2,7 @@
 
 Services raise `ApiError` subclasses (or DRF's own exceptions); the single
 exception handler below turns every one of them, and anything unexpected,
-into the contract's envelope with a fitting HTTP status.
+into the envelope of docs/api.md (Conventions) with a fitting HTTP status.
 """
 
 import logging

@@ -2,7 +2,7 @@
 
 Python's JSON decoder recurses once per nesting level, so a body of a few
 thousand ``[`` ends in ``RecursionError`` (an unhandled 500) rather than a
-clean refusal. No request of the contract nests deeper than a handful of
+clean refusal. No request of docs/api.md nests deeper than a handful of
 levels; anything past ``MAX_DEPTH`` answers 400 with code 104.
 """
 
