@@ -11,12 +11,21 @@ from .errors import BackupError
 from .lifecycle import backup_delete, backup_fail, objects_purge, uploads_clean_up
 from .notifications import overdue_notify
 from .retention import MergeFailed, backup_merge, retention_apply
+from .servers import (
+    EnrollmentGrant,
+    enrollment_key_create,
+    server_credentials_revoke,
+    server_enroll,
+    server_get,
+    server_update,
+)
 from .uploads import UploadGrant, backup_complete, backup_credentials_refresh, backup_start, max_file_size
 from .verification import backup_scrub, backup_verify, backups_scrub_pick, chain_mark_broken, object_check
 
 __all__ = [
     "BackupError",
     "DownloadGrant",
+    "EnrollmentGrant",
     "MergeFailed",
     "UploadGrant",
     "backup_complete",
@@ -31,10 +40,15 @@ __all__ = [
     "backups_scrub_pick",
     "chain_mark_broken",
     "chain_of",
+    "enrollment_key_create",
     "max_file_size",
     "object_check",
     "objects_purge",
     "overdue_notify",
     "retention_apply",
+    "server_credentials_revoke",
+    "server_enroll",
+    "server_get",
+    "server_update",
     "uploads_clean_up",
 ]
