@@ -116,7 +116,8 @@ class TestEnroll:
         assert_error(enroll(key), 401, 212)
 
     @pytest.mark.parametrize(
-        "body", [[], "key", {"key": 123}, {}, {"key": "A" * 32, "hostname": 5}, {"key": "A" * 32, "hostname": "x" * 256}]
+        "body",
+        [[], "key", {"key": 123}, {}, {"key": "A" * 32, "hostname": 5}, {"key": "A" * 32, "hostname": "x" * 256}],
     )
     def test_a_malformed_body_is_refused(self, body):
         assert_error(APIClient().post(ENROLL, body, format="json"), 400, 104)
