@@ -118,10 +118,11 @@ class PortalClient:
                 status=resp.status_code,
             )
         code, message = body.get("error"), str(body.get("message") or "").strip()
-        if code == 102 or (resp.status_code == 401 and code != 207):
+        if code == 102 or (resp.status_code == 401 and code not in (207, 212)):
             raise TokenRejected(
                 f"The portal refused the agent's token ({message or 'invalid or expired'}). "
-                "Log in again: reclo-agent login --portal URL --email EMAIL"
+                "Log in again: reclo-agent login --portal URL --email EMAIL, or enrol again with a new key "
+                "from the portal's Add a server: reclo-agent enroll --portal URL --key KEY"
             )
         if code in (101, 303, 304) or resp.status_code in RETRY_STATUSES:
             raise Unreachable(f"The portal could not do it right now: {message} (error {code}); try again later.")
@@ -137,6 +138,10 @@ class PortalClient:
         return self.request(
             "POST", "/login", json={"email": email, "password": password, "token_name": token_name}, idempotent=False
         )
+
+    def enroll(self, key: str, hostname: str) -> dict:
+        """``server, token, token_expires``: a server credential; a bad key raises PortalError (212)."""
+        return self.request("POST", "/enroll", json={"key": key, "hostname": hostname}, idempotent=False)
 
     def renew_token(self) -> dict:
         return self.request("POST", "/token/renew", idempotent=True)
