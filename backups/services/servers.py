@@ -55,7 +55,7 @@ def enrollment_key_create(*, user, server: str) -> EnrollmentGrant:
     to the owner can enrol. Not idempotent: every call mints a new key.
     """
     try:
-        check_name(server, "server")
+        check_name(server, "The server name")
     except InvalidName as exc:
         raise ServiceError(Code.MALFORMED, str(exc), field="server") from None
     key = new_token()
