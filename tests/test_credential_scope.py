@@ -9,6 +9,7 @@ forgets to refuse server credentials fails here.
 """
 
 import uuid
+from datetime import timedelta
 
 import pytest
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
@@ -78,7 +79,7 @@ def world(aws, user, other_user):
         backup = BackupFactory(server=server)
         upload = BackupFactory(
             server=server, disk="sdb", status=Backup.Status.PENDING, verified_at=None, file_size=None,
-            credentials_expire=timezone.now() + timezone.timedelta(hours=1),
+            credentials_expire=timezone.now() + timedelta(hours=1),
         )  # fmt: skip
         return {"server": server.name, "backup_id": backup.pk, "upload_id": upload.pk}
 
