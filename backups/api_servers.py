@@ -195,16 +195,22 @@ def _valid(serializer_class, request) -> dict:
 
 
 class ServerListApi(APIView):
-    @extend_schema(operation_id="servers_list", tags=["servers"],
-                   responses={200: ServerListOutput, **error_responses(102, 106)})  # fmt: skip
+    @extend_schema(
+        operation_id="servers_list",
+        tags=["servers"],
+        responses={200: ServerListOutput, **error_responses(Code.BAD_TOKEN, Code.FORBIDDEN)},
+    )
     def get(self, request):
         servers = _servers(request.user)
         return Response({"message": f"{len(servers)} server(s).", "servers": servers})
 
 
 class ServerApi(APIView):
-    @extend_schema(operation_id="servers_detail", tags=["servers"],
-                   responses={200: ServerDetailOutput, **error_responses(102, 105, 106)})  # fmt: skip
+    @extend_schema(
+        operation_id="servers_detail",
+        tags=["servers"],
+        responses={200: ServerDetailOutput, **error_responses(Code.BAD_TOKEN, Code.NOT_FOUND, Code.FORBIDDEN)},
+    )
     def get(self, request, server: str):
         services.server_get(user=request.user, name=server)
         return Response({"message": f"Server {server}.", "server": _servers(request.user, server)[0]})
@@ -213,7 +219,10 @@ class ServerApi(APIView):
         operation_id="servers_update",
         tags=["servers"],
         request=ServerUpdateInput,
-        responses={200: ServerDetailOutput, **error_responses(102, 104, 105, 106)},
+        responses={
+            200: ServerDetailOutput,
+            **error_responses(Code.BAD_TOKEN, Code.MALFORMED, Code.NOT_FOUND, Code.FORBIDDEN),
+        },
     )
     def patch(self, request, server: str):
         row = services.server_get(user=request.user, name=server)
@@ -227,7 +236,7 @@ class EnrollmentKeyApi(APIView):
         operation_id="servers_enrollment",
         tags=["servers"],
         request=None,
-        responses={201: EnrollmentKeyOutput, **error_responses(102, 104, 106)},
+        responses={201: EnrollmentKeyOutput, **error_responses(Code.BAD_TOKEN, Code.MALFORMED, Code.FORBIDDEN)},
     )
     def post(self, request, server: str):
         grant = services.enrollment_key_create(user=request.user, server=server)
@@ -250,7 +259,7 @@ class EnrollApi(APIView):
         operation_id="enroll",
         tags=["servers"],
         request=EnrollInput,
-        responses={201: EnrollOutput, **error_responses(104, 212)},
+        responses={201: EnrollOutput, **error_responses(Code.MALFORMED, Code.BAD_ENROLLMENT_KEY)},
         auth=[],
     )
     def post(self, request):
@@ -267,8 +276,12 @@ class EnrollApi(APIView):
 
 
 class ServerCredentialsApi(APIView):
-    @extend_schema(operation_id="servers_revoke", tags=["servers"], request=None,
-                   responses={200: RevokeOutput, **error_responses(102, 105, 106)})  # fmt: skip
+    @extend_schema(
+        operation_id="servers_revoke",
+        tags=["servers"],
+        request=None,
+        responses={200: RevokeOutput, **error_responses(Code.BAD_TOKEN, Code.NOT_FOUND, Code.FORBIDDEN)},
+    )
     def delete(self, request, server: str):
         row = services.server_get(user=request.user, name=server)
         revoked = services.server_credentials_revoke(user=request.user, server=row, address=client_address(request))

@@ -48,7 +48,7 @@ def backup_delete(request, backup_id):
         if form.is_valid():
             try:
                 deleted = services.backup_delete(user=request.user, backup_id=backup.pk, cascade=True)
-            except services.BackupError as exc:
+            except ServiceError as exc:
                 messages.error(request, exc.message)
             else:
                 messages.success(

@@ -31,6 +31,7 @@ from . import __version__, config, names, schedule
 from .api import PortalClient, normalize_portal_url
 from .backup import BackupOptions, BackupRun
 from .blockmap import PAGE_SIZES, MapStore
+from .codes import Code
 from .errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -138,7 +139,7 @@ def cmd_login(args) -> int:
     try:
         body = client.login(args.email, password, token_name)
     except PortalError as exc:
-        if exc.code == 207:
+        if exc.code == Code.LOGIN_FAILED:
             raise UsageError("The portal did not accept that email and password.") from exc
         raise
     cfg.portal, cfg.token, cfg.token_expires = portal, body["token"], body.get("token_expires", "")
@@ -160,7 +161,7 @@ def cmd_enroll(args) -> int:
     try:
         body = PortalClient(portal).enroll(key, hostname)
     except PortalError as exc:
-        if exc.code == 212:
+        if exc.code == Code.BAD_ENROLLMENT_KEY:
             raise UsageError(
                 "The portal did not accept that enrollment key: it is unknown, already used or older than "
                 "24 hours. Make a new one in the portal (Add a server) and run this again."
