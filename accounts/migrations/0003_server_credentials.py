@@ -8,7 +8,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('accounts', '0002_audit_event'),
-        ('backups', '0004_server_settings_enrollment'),
+        ('backups', '0005_server_settings_enrollment'),
     ]
 
     operations = [
