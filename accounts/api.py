@@ -12,6 +12,7 @@ from reclo_site.errors import Code, ServiceError
 from reclo_site.http import client_address
 
 from . import services
+from .permissions import own_server, server_credential_may
 
 
 class TokenOutput(serializers.Serializer):
@@ -102,6 +103,9 @@ class MessageOutput(serializers.Serializer):
 
 
 class LogoutApi(APIView):
+    # Acts on the calling credential only, so an agent may revoke its own.
+    server_access = server_credential_may(POST=own_server)
+
     @extend_schema(
         operation_id="logout",
         tags=["accounts"],
@@ -117,6 +121,11 @@ class LogoutApi(APIView):
 
 
 class TokenRenewApi(APIView):
+    # Renews the calling credential only: an enrolled agent keeps working past
+    # 60 days without anyone typing a password on the server. It gains nothing
+    # by it that revoking the server does not take away at once.
+    server_access = server_credential_may(POST=own_server)
+
     @extend_schema(
         operation_id="token_renew",
         tags=["accounts"],

@@ -114,12 +114,17 @@ def user_check_login(*, email: str, password: str, address: str) -> User:
     return user
 
 
-def token_create(*, user: User, name: str, address: str = "") -> tuple[ApiToken, str]:
-    """Issue a token for `user`. Returns the row and the token itself, shown once."""
+def token_create(*, user: User, name: str, address: str = "", server=None) -> tuple[ApiToken, str]:
+    """Issue a token for `user`. Returns the row and the token itself, shown once.
+
+    With `server` (a `backups.Server` of the user) it is a server credential,
+    limited to that server (`accounts.permissions.CredentialScope`).
+    """
     key = new_token()
     now = timezone.now()
     token = ApiToken.objects.create(
         user=user,
+        server=server,
         name=(name or "agent").strip()[:100] or "agent",
         key_hash=hash_token(key),
         prefix=key[:6],
@@ -127,7 +132,7 @@ def token_create(*, user: User, name: str, address: str = "") -> tuple[ApiToken,
         expires=now + settings.API_TOKEN_LIFETIME,
     )
     audit_record(AuditEvent.Kind.TOKEN_CREATED, user=user, address=address, token_name=token.name,
-                 token_prefix=token.prefix)  # fmt: skip
+                 token_prefix=token.prefix, **({"server": server.name} if server else {}))  # fmt: skip
     return token, key
 
 

@@ -50,3 +50,32 @@ def record_failure(email: str, address: str) -> None:
 def clear_account(email: str) -> None:
     key = _key("account", email)
     cache.delete_many([key, key + ":start"])
+
+
+# --- enrollment keys ----------------------------------------------------------------
+# A key has ~190 bits and cannot be guessed; the limit keeps a script from
+# hammering the endpoint anyway, and shows up in the audit log when it tries.
+
+
+def _enroll_key(address: str) -> str:
+    return "enroll-fail:address:" + hashlib.sha256(address.strip().lower().encode()).hexdigest()[:32]
+
+
+def enroll_retry_after(address: str) -> int:
+    """Seconds this address must wait before trying another enrollment key, else 0."""
+    key = _enroll_key(address)
+    if (cache.get(key) or 0) >= settings.ENROLL_FAILURES_PER_ADDRESS:
+        started = cache.get(key + ":start") or time.time()
+        return max(1, int(started + _window() - time.time()))
+    return 0
+
+
+def enroll_record_failure(address: str) -> None:
+    """Count one bad enrollment key against the address."""
+    key = _enroll_key(address)
+    cache.add(key + ":start", time.time(), timeout=_window())
+    cache.add(key, 0, timeout=_window())
+    try:
+        cache.incr(key)
+    except ValueError:  # expired between add() and incr()
+        cache.set(key, 1, timeout=_window())

@@ -79,7 +79,7 @@ def tokens(request):
         )
         messages.success(request, f"Token “{token.name}” created. Copy it now: it will not be shown again.")
         form = TokenCreateForm()
-    rows = ApiToken.objects.filter(user=request.user)
+    rows = ApiToken.objects.filter(user=request.user).select_related("server")
     response = render(request, "accounts/tokens.html", {"form": form, "tokens": rows, "new_key": new_key})
     # The page may show a fresh token: keep it out of every cache.
     response["Cache-Control"] = "no-store"

@@ -14,6 +14,7 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from accounts.permissions import credential_server, server_credential_may, server_in_body, server_in_query
 from reclo_site.api.fields import StrictCharField, StrictIntegerField
 from reclo_site.api.schema import error_responses
 from reclo_site.cloud import storage
@@ -22,6 +23,7 @@ from reclo_site.errors import Code, ServiceError
 from . import selectors, services
 from .models import Backup
 from .naming import InvalidName, check_name
+from .permissions import backup_in_url
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
@@ -214,6 +216,9 @@ def _upload_body(grant, message: str) -> dict:
 
 
 class BackupListApi(APIView):
+    # A server credential lists its own server's backups (no ?server= means its own).
+    server_access = server_credential_may(GET=server_in_query("server"))
+
     @extend_schema(
         operation_id="backups_list",
         parameters=[
@@ -228,7 +233,8 @@ class BackupListApi(APIView):
         responses={200: BackupListOutput, **error_responses(Code.BAD_TOKEN, Code.MALFORMED, Code.BACKUP_LIST_FAILED)},
     )
     def get(self, request):
-        server = request.query_params.get("server")
+        own = credential_server(request)
+        server = request.query_params.get("server", own.name if own is not None else None)
         fields = {}
         if server is not None:
             try:
@@ -280,6 +286,9 @@ def _page_url(request, page: int) -> str:
 
 
 class BackupApi(APIView):
+    # A server credential reads its own server's backups; deleting is the owner's alone.
+    server_access = server_credential_may(GET=backup_in_url("backup_id"))
+
     @extend_schema(
         operation_id="backups_detail",
         responses={200: BackupDetailOutput, **error_responses(Code.BAD_TOKEN, Code.NOT_FOUND)},
@@ -350,6 +359,8 @@ class BackupUndeleteApi(APIView):
 
 
 class UploadStartApi(APIView):
+    server_access = server_credential_may(POST=server_in_body("server"))
+
     @extend_schema(
         operation_id="uploads_start",
         request=UploadStartInput,
@@ -368,6 +379,8 @@ class UploadStartApi(APIView):
 
 
 class UploadCredentialsApi(APIView):
+    server_access = server_credential_may(POST=backup_in_url("upload_id"))
+
     @extend_schema(
         operation_id="uploads_credentials",
         request=None,
@@ -382,6 +395,8 @@ class UploadCredentialsApi(APIView):
 
 
 class UploadCompleteApi(APIView):
+    server_access = server_credential_may(POST=backup_in_url("upload_id"))
+
     @extend_schema(
         operation_id="uploads_complete",
         request=UploadCompleteInput,
@@ -410,6 +425,8 @@ class UploadCompleteApi(APIView):
 
 
 class BackupDownloadApi(APIView):
+    server_access = server_credential_may(POST=backup_in_url("backup_id"))
+
     @extend_schema(
         operation_id="backups_download",
         request=None,

@@ -15,6 +15,16 @@ class Server(models.Model):
     created = models.DateTimeField(default=timezone.now)
     # When the owner was last told that backups stopped arriving (no repeat mails).
     overdue_notified_at = models.DateTimeField(null=True, blank=True)
+    # The host name the agent gave when it last enrolled (shown to the owner).
+    hostname = models.CharField(max_length=255, blank=True)
+    # Owner settings (PATCH /api/v1/servers/{server}).
+    warm_standby = models.BooleanField(default=False, help_text="Keep a failover image ready for this server.")
+    drill_every_days = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text="Run a recovery drill every this many days; empty: no scheduled drills."
+    )
+    drill_probe_port = models.PositiveIntegerField(
+        null=True, blank=True, help_text="TCP port a drill checks on the booted server; empty: no port check."
+    )
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["user", "name"], name="backups_server_user_name_unique")]
@@ -22,6 +32,31 @@ class Server(models.Model):
 
     def __str__(self):
         return self.name
+
+
+class EnrollmentKey(models.Model):
+    """A one-time key that an agent trades for a server credential (`POST /api/v1/enroll`).
+
+    Only its SHA-256 is stored, like a token's. It works once, until
+    `expires`; minting a new key for the server voids the unused older ones,
+    and revoking the server voids them all.
+    """
+
+    server = models.ForeignKey(Server, on_delete=models.CASCADE, related_name="enrollment_keys")
+    key_hash = models.CharField(max_length=64, unique=True)
+    prefix = models.CharField(max_length=6)
+    created = models.DateTimeField(default=timezone.now)
+    expires = models.DateTimeField()
+    # Set when the key was traded for a credential, or voided.
+    used_at = models.DateTimeField(null=True, blank=True)
+    voided = models.BooleanField(default=False)
+    hostname = models.CharField(max_length=255, blank=True)
+
+    class Meta:
+        ordering = ["-created"]
+
+    def __str__(self):
+        return f"enrollment key {self.prefix}… for {self.server}"
 
 
 class Backup(models.Model):

@@ -192,9 +192,12 @@ class ServerOverview:
         return sum(d.stored_bytes for d in self.disks)
 
 
-def server_overview(*, user) -> list[ServerOverview]:
-    """The dashboard: each server of the user with its disks' figures and health."""
-    servers = list(Server.objects.filter(user=user).order_by("name"))
+def server_overview(*, user, name: str | None = None) -> list[ServerOverview]:
+    """The dashboard: each server of the user (or the one of that name) with its disks' figures and health."""
+    servers = Server.objects.filter(user=user).order_by("name")
+    if name is not None:
+        servers = servers.filter(name=name)
+    servers = list(servers)
     states = disk_states(server_ids=[s.pk for s in servers])
     by_server: dict[int, list[DiskState]] = {}
     for state in states.values():
@@ -249,3 +252,17 @@ def backup_delete_preview(*, user, backup_id) -> tuple[Backup, list[Backup]] | N
     rows = list(Backup.objects.filter(server_id=backup.server_id, disk=backup.disk, deleted_at__isnull=True))
     below = sorted((b for _, b in descendants_of(backup, rows)), key=lambda b: b.date_created, reverse=True)
     return backup, below
+
+
+def server_credential_counts(*, server_ids: list[int]) -> dict[int, int]:
+    """How many live server credentials each of these servers has (enrolled agents)."""
+    from accounts.models import ApiToken
+
+    rows = (
+        ApiToken.objects.active()
+        .filter(server_id__in=server_ids)
+        .values("server_id")
+        .annotate(n=Count("pk"))
+        .order_by()
+    )
+    return {row["server_id"]: row["n"] for row in rows}

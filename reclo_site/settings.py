@@ -214,7 +214,7 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("DATA_UPLOAD_MAX_MEMORY_SIZE", default=256
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["accounts.authentication.TokenAuthentication"],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PERMISSION_CLASSES": ["accounts.permissions.CredentialScope"],
     "DEFAULT_PARSER_CLASSES": ["reclo_site.api.parsers.JSONParser"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
@@ -250,6 +250,10 @@ SPECTACULAR_SETTINGS = {
 LOGIN_FAILURES_PER_ACCOUNT = env.int("LOGIN_FAILURES_PER_ACCOUNT", default=5)
 LOGIN_FAILURES_PER_ADDRESS = env.int("LOGIN_FAILURES_PER_ADDRESS", default=20)
 LOGIN_FAILURE_WINDOW = timedelta(minutes=15)
+# Bad enrollment keys allowed per address in the same window (then 429, code 103).
+ENROLL_FAILURES_PER_ADDRESS = env.int("ENROLL_FAILURES_PER_ADDRESS", default=10)
+# How long a server's enrollment key works (once).
+ENROLLMENT_KEY_LIFETIME = timedelta(hours=24)
 
 API_TOKEN_LIFETIME = timedelta(days=60)
 

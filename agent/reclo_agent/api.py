@@ -119,10 +119,13 @@ class PortalClient:
                 status=resp.status_code,
             )
         code, message = body.get("error"), str(body.get("message") or "").strip()
-        if code == Code.BAD_TOKEN or (resp.status_code == 401 and code != Code.LOGIN_FAILED):
+        if code == Code.BAD_TOKEN or (
+            resp.status_code == 401 and code not in (Code.LOGIN_FAILED, Code.BAD_ENROLLMENT_KEY)
+        ):
             raise TokenRejected(
                 f"The portal refused the agent's token ({message or 'invalid or expired'}). "
-                "Log in again: reclo-agent login --portal URL --email EMAIL"
+                "Log in again: reclo-agent login --portal URL --email EMAIL, or enrol again with a new key "
+                "from the portal's Add a server: reclo-agent enroll --portal URL --key KEY"
             )
         if (
             code in (Code.DATABASE_UNAVAILABLE, Code.UPLOAD_CREDENTIALS_FAILED, Code.UPLOAD_COMPLETE_FAILED)
@@ -141,6 +144,10 @@ class PortalClient:
         return self.request(
             "POST", "/login", json={"email": email, "password": password, "token_name": token_name}, idempotent=False
         )
+
+    def enroll(self, key: str, hostname: str) -> dict:
+        """``server, token, token_expires``: a server credential; a bad key raises PortalError (212)."""
+        return self.request("POST", "/enroll", json={"key": key, "hostname": hostname}, idempotent=False)
 
     def renew_token(self) -> dict:
         return self.request("POST", "/token/renew", idempotent=True)

@@ -21,6 +21,14 @@ from .lifecycle import (
 )
 from .notifications import overdue_notify
 from .retention import MergeFailed, backup_merge, retention_apply
+from .servers import (
+    EnrollmentGrant,
+    enrollment_key_create,
+    server_credentials_revoke,
+    server_enroll,
+    server_get,
+    server_update,
+)
 from .uploads import UploadGrant, backup_complete, backup_credentials_refresh, backup_start, max_file_size
 from .verification import (
     VerificationDeferred,
@@ -35,6 +43,7 @@ from .verification import (
 __all__ = [
     "Deletion",
     "DownloadGrant",
+    "EnrollmentGrant",
     "MergeFailed",
     "UploadGrant",
     "VerificationDeferred",
@@ -53,12 +62,17 @@ __all__ = [
     "backups_scrub_pick",
     "chain_mark_broken",
     "chain_of",
+    "enrollment_key_create",
     "lock_period",
     "max_file_size",
     "object_check",
     "objects_purge",
     "overdue_notify",
     "retention_apply",
+    "server_credentials_revoke",
+    "server_enroll",
+    "server_get",
+    "server_update",
     "uploads_clean_up",
     "verification_deferred",
     "verifications_requeue",
