@@ -71,6 +71,13 @@ class AuditEvent(models.Model):
         INSTANCE_STARTED = "instance.started", "Instance started"
         INSTANCE_STOPPED = "instance.stopped", "Instance stopped"
         INSTANCE_TERMINATED = "instance.terminated", "Instance terminated"
+        PASSWORD_CHANGED = "password.changed", "Password changed"
+        PASSWORD_RESET_REQUESTED = "password.reset_requested", "Password reset asked for"
+        PASSWORD_RESET = "password.reset", "Password reset"
+        TWOFACTOR_ENABLED = "twofactor.enabled", "Two-factor authentication turned on"
+        TWOFACTOR_DISABLED = "twofactor.disabled", "Two-factor authentication turned off"
+        RECOVERY_CODE_USED = "twofactor.recovery_used", "Recovery code used"
+        RECOVERY_CODES_NEW = "twofactor.recovery_new", "New recovery codes made"
 
     user = models.ForeignKey(User, on_delete=models.CASCADE, null=True, blank=True, related_name="audit_events")
     kind = models.CharField(max_length=32, choices=Kind.choices)
