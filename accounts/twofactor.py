@@ -234,6 +234,37 @@ def verify_url(next_url: str) -> str:
     return reverse("accounts:verify") + "?" + urlencode({"next": next_url})
 
 
+def ask_for_code(request):
+    """None when this request may destroy something; else the redirect that asks for a code first.
+
+    For views where only some requests are destructive (terminate, not
+    start): ``if (asked := ask_for_code(request)): return asked``. The rules
+    are those of :func:`require_recent_otp`.
+    """
+    if not needs_code(request):
+        return None
+    from reclo_site.http import client_address
+
+    posted = request.POST.get("otp_code", "") if request.method == "POST" else ""
+    if posted:
+        try:
+            device = verify(user=request.user, code=posted, address=client_address(request))
+        except ServiceError as exc:
+            messages.error(request, exc.message)
+        else:
+            mark_verified(request, device)
+            return None
+    if request.method == "GET":
+        back = request.get_full_path()
+    else:
+        referer = request.headers.get("Referer", "")
+        safe = url_has_allowed_host_and_scheme(referer, {request.get_host()}, request.is_secure())
+        back = referer if referer and safe else reverse(settings.LOGIN_REDIRECT_URL)
+    if not posted:
+        messages.info(request, "To confirm this, enter a code from your authenticator app first.")
+    return redirect(verify_url(back))
+
+
 def require_recent_otp(view):
     """Decorate a page view that destroys something (delete, terminate, revoke, unlock).
 
@@ -248,27 +279,7 @@ def require_recent_otp(view):
 
     @functools.wraps(view)
     def wrapper(request, *args, **kwargs):
-        if not needs_code(request):
-            return view(request, *args, **kwargs)
-        from reclo_site.http import client_address
-
-        posted = request.POST.get("otp_code", "") if request.method == "POST" else ""
-        if posted:
-            try:
-                device = verify(user=request.user, code=posted, address=client_address(request))
-            except ServiceError as exc:
-                messages.error(request, exc.message)
-            else:
-                mark_verified(request, device)
-                return view(request, *args, **kwargs)
-        if request.method == "GET":
-            back = request.get_full_path()
-        else:
-            referer = request.headers.get("Referer", "")
-            safe = url_has_allowed_host_and_scheme(referer, {request.get_host()}, request.is_secure())
-            back = referer if referer and safe else reverse(settings.LOGIN_REDIRECT_URL)
-        if not posted:
-            messages.info(request, "To confirm this, enter a code from your authenticator app first.")
-        return redirect(verify_url(back))
+        asked = ask_for_code(request)
+        return asked if asked is not None else view(request, *args, **kwargs)
 
     return wrapper

@@ -8,6 +8,8 @@ from django.contrib.auth.decorators import login_required
 from django.http import Http404
 from django.shortcuts import redirect, render
 
+from accounts import twofactor
+
 from . import selectors, services
 from .forms import BackupDeleteForm
 
@@ -32,6 +34,7 @@ def server_detail(request, server_id: int):
 
 
 @login_required
+@twofactor.require_recent_otp
 def backup_delete(request, backup_id):
     found = selectors.backup_delete_preview(user=request.user, backup_id=backup_id)
     if found is None:
