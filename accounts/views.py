@@ -143,10 +143,15 @@ class PasswordChange(PasswordChangeView):
 
 
 def _revoked_words(first: str, revoked: int) -> str:
-    tokens = f"{revoked} API token{'s' if revoked != 1 else ''} {'were' if revoked != 1 else 'was'} revoked"
+    """What a new password ended, in words for the page."""
+    signed_out = "Every other browser signed in to your account has been signed out"
+    if not revoked:
+        return f"{first} {signed_out}; you had no API tokens to revoke. Enrolled servers keep backing up."
+    tokens = f"{revoked} API token was revoked" if revoked == 1 else f"{revoked} API tokens were revoked"
+    used = "it" if revoked == 1 else "them"
     return (
-        f"{first} Every other browser signed in to your account has been signed out, and {tokens}: "
-        "agents and scripts that used them must log in again. Enrolled servers keep backing up."
+        f"{first} {signed_out}, and {tokens}: agents and scripts that used {used} must log in again. "
+        "Enrolled servers keep backing up."
     )
 
 
