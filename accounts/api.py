@@ -96,7 +96,8 @@ class LoginApi(APIView):
                     "authenticator app (or a recovery code) as 'otp' with the email and password.",
                     field="otp",
                 )
-            twofactor.verify(user=user, code=data["otp"], address=address)
+            device = twofactor.verify(user=user, code=data["otp"], address=address)
+            services.login_completed(user=user, device=device, address=address)
         token, key = services.token_create(user=user, name=data["token_name"], address=client_address(request))
         return _token_response(user, token, key, "Logged in.", status.HTTP_200_OK)
 

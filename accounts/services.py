@@ -14,7 +14,7 @@ from reclo_site import cloud
 from reclo_site.api.errors import ApiError
 from reclo_site.cloud import storage
 
-from . import notify, throttle
+from . import notify, throttle, twofactor
 from .audit import audit_record
 from .models import ApiToken, AuditEvent, User
 from .tokens import hash_token, new_token
@@ -118,8 +118,17 @@ def user_check_login(*, email: str, password: str, address: str) -> User:
         audit_record(AuditEvent.Kind.LOGIN_FAILED, user=candidate, address=address, email=email[:254])
         raise AccountError(207, "Email or password does not match.")
     throttle.succeeded(email, address)
-    audit_record(AuditEvent.Kind.LOGIN_OK, user=user, address=address)
+    if not twofactor.is_enabled(user):  # else "logged in" is recorded after the code (login_completed)
+        audit_record(AuditEvent.Kind.LOGIN_OK, user=user, address=address)
     return user
+
+
+def login_completed(*, user: User, device, address: str) -> None:
+    """Record a sign-in that passed both steps (the password, then `device`'s code)."""
+    from django_otp.plugins.otp_static.models import StaticDevice
+
+    factor = "recovery code" if isinstance(device, StaticDevice) else "authenticator app"
+    audit_record(AuditEvent.Kind.LOGIN_OK, user=user, address=address, second_factor=factor)
 
 
 def user_credentials_revoke(*, user: User) -> int:

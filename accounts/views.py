@@ -111,6 +111,7 @@ def verify(request):
             if signing_in:
                 request.session.pop(LOGIN_PENDING_SESSION_KEY, None)
                 login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+                services.login_completed(user=user, device=device, address=client_address(request))
             twofactor.mark_verified(request, device)
             if isinstance(device, StaticDevice):
                 left = twofactor.recovery_codes_left(user)

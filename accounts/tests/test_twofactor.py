@@ -84,9 +84,12 @@ class TestSignIn:
         first = sign_in(client, user, password)
         assert first["Location"] == "/accounts/verify/"
         assert client.get("/accounts/tokens/").status_code == 302  # not signed in yet
+        assert not AuditEvent.objects.filter(user=user, kind=AuditEvent.Kind.LOGIN_OK).exists()
         done = client.post("/accounts/verify/", {"code": app.now()})
         assert done["Location"] == "/"
         assert client.get("/accounts/tokens/").status_code == 200
+        event = AuditEvent.objects.get(user=user, kind=AuditEvent.Kind.LOGIN_OK)
+        assert event.details == {"second_factor": "authenticator app"}
 
     def test_a_code_is_not_accepted_twice(self, client, user, password):
         app, _ = enable(user)
