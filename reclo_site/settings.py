@@ -267,6 +267,7 @@ PASSWORD_RESET_TIMEOUT = 60 * 60  # a reset link works for an hour
 # back-off is off: it would let a stranger who knows the password lock the
 # owner's device; accounts/throttle.py limits code guesses per address instead.
 OTP_TOTP_ISSUER = "ReClo"
+OTP_ADMIN_HIDE_SENSITIVE_DATA = True  # the admin never shows TOTP secrets
 OTP_TOTP_THROTTLE_FACTOR = 0
 OTP_STATIC_THROTTLE_FACTOR = 0
 RECLO_OTP_RECENT = timedelta(minutes=env.int("RECLO_OTP_RECENT_MINUTES", default=10))

@@ -134,6 +134,16 @@ class TestSignIn:
             owner = Client(REMOTE_ADDR="198.51.100.9")
             assert sign_in(owner, user, password, app.now())["Location"] == "/"
 
+    def test_a_burst_of_wrong_codes_tells_the_owner_her_password_is_known(self, settings, user, password):
+        settings.LOGIN_ALERT_AFTER = 3
+        enable(user)
+        for i in range(5):
+            stranger = Client(REMOTE_ADDR=f"203.0.113.{i}")
+            sign_in(stranger, user, password)
+            stranger.post("/accounts/verify/", {"code": "123456"})
+        [alert] = [m for m in mail.outbox if "failed sign-ins" in m.subject]
+        assert alert.to == [user.email] and "got your password right" in alert.body
+
     def test_a_next_page_survives_the_second_step(self, client, user, password):
         app, _ = enable(user)
         client.post("/accounts/login/?next=/accounts/tokens/", {"email": user.email, "password": password,
