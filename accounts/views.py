@@ -243,6 +243,7 @@ def twofactor_setup(request):
         "form": form,
         "qr": twofactor.setup_qr_data_uri(device),
         "secret": twofactor.setup_secret(device),
+        "otpauth": device.config_url,  # an app's own scheme: opened on the phone, never fetched
     }
     response = render(request, "accounts/twofactor_setup.html", context)
     response["Cache-Control"] = "no-store"  # it shows the secret

@@ -52,6 +52,7 @@ class TestEnrolment:
         assert not device.confirmed and pyotp.TOTP(secret).secret == app_for(device).secret
         # The QR code's URL names the issuer, for the app's list.
         assert device.config_url.startswith("otpauth://totp/ReClo%3Aalice.owner?")
+        assert 'href="otpauth://totp/ReClo%3Aalice.owner?' in html  # one tap on the phone itself
 
         shown = owner.post("/accounts/security/two-factor/", {"code": pyotp.TOTP(secret).now()})
         codes = re.findall(r'<code class="big">([a-z0-9-]+)</code>', shown.content.decode())
