@@ -26,6 +26,7 @@ takes itself back out of the address's count.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 import time
 from dataclasses import dataclass
@@ -68,11 +69,29 @@ class Scope:
         return max(1, int(min(cap, first * 2 ** min(checked_beyond, 30))))
 
 
+def network(address: str) -> str:
+    """What counts as one address: an IPv4 address, or an IPv6 /64.
+
+    One IPv6 subscriber gets a whole /64 and could otherwise take a fresh
+    address for every guess.
+    """
+    try:
+        ip = ipaddress.ip_address(address.strip())
+    except ValueError:
+        return address.strip().lower()
+    if ip.version == 4:
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+
+
 def scopes(account: str, address: str) -> tuple[Scope, Scope]:
     """The address's scope and the (account, address) pair's, in the order they are checked."""
+    where = _digest(network(address))
     return (
-        Scope(f"login:addr:{_digest(address)}", settings.LOGIN_FAILURES_PER_ADDRESS),
-        Scope(f"login:pair:{_digest(account)}:{_digest(address)}", settings.LOGIN_FAILURES_PER_ACCOUNT),
+        Scope(f"login:addr:{where}", settings.LOGIN_FAILURES_PER_ADDRESS),
+        Scope(f"login:pair:{_digest(account)}:{where}", settings.LOGIN_FAILURES_PER_ACCOUNT),
     )
 
 
@@ -150,6 +169,6 @@ def reset_allowed(email: str, address: str) -> tuple[bool, bool]:
     email, so nobody can flood an owner's mailbox with reset links.
     """
     hour = 60 * 60
-    by_address = _incr(f"reset:addr:{_digest(address)}", hour)
+    by_address = _incr(f"reset:addr:{_digest(network(address))}", hour)
     by_email = _incr(f"reset:email:{_digest(email)}", hour)
     return by_address <= settings.PASSWORD_RESETS_PER_ADDRESS, by_email <= settings.PASSWORD_RESETS_PER_EMAIL
