@@ -13,8 +13,9 @@ elsewhere never refuses its owner's right password from an address of hers
 that has no failures. Per account we only count failures, to email the owner
 once when ``LOGIN_ALERT_AFTER`` of them come within a window.
 
-The counters live in Django's cache (Redis in production, shared by every
-web process). An attempt is counted *before* its password is checked, with
+An "address" is an IPv4 address or an IPv6 /64 (see :func:`network`). The
+counters live in Django's cache: Redis in production, shared by every web
+process (local runs without Redis use files, whose incr() is not atomic). An attempt is counted *before* its password is checked, with
 ``add()`` then ``incr()`` (atomic in Redis: INCR), so parallel guesses are
 never lost; beyond the free ones an attempt goes ahead only if it wins
 ``add()`` (SET NX) of the scope's back-off slot, which then holds the scope
