@@ -5,10 +5,14 @@ import re
 
 from django.conf import settings
 from django.contrib.auth import authenticate, password_validation
+from django.contrib.auth.tokens import default_token_generator
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 from django.db import IntegrityError, transaction
 from django.utils import timezone
+from django.utils.encoding import force_bytes
+from django.utils.http import urlsafe_base64_encode
+from django_otp.plugins.otp_static.models import StaticDevice
 
 from reclo_site import cloud
 from reclo_site.api.errors import ApiError
@@ -125,8 +129,6 @@ def user_check_login(*, email: str, password: str, address: str) -> User:
 
 def login_completed(*, user: User, device, address: str) -> None:
     """Record a sign-in that passed both steps (the password, then `device`'s code)."""
-    from django_otp.plugins.otp_static.models import StaticDevice
-
     factor = "recovery code" if isinstance(device, StaticDevice) else "authenticator app"
     audit_record(AuditEvent.Kind.LOGIN_OK, user=user, address=address, second_factor=factor)
 
@@ -170,10 +172,6 @@ def password_reset_email_send(*, user_id: int) -> bool:
     The link carries Django's own reset token, which a password change or a
     sign-in voids, and works for PASSWORD_RESET_TIMEOUT (an hour).
     """
-    from django.contrib.auth.tokens import default_token_generator
-    from django.utils.encoding import force_bytes
-    from django.utils.http import urlsafe_base64_encode
-
     user = User.objects.filter(pk=user_id, is_active=True).first()
     if user is None or not user.has_usable_password():
         return False

@@ -15,13 +15,14 @@ once when ``LOGIN_ALERT_AFTER`` of them come within a window.
 
 An "address" is an IPv4 address or an IPv6 /64 (see :func:`network`). The
 counters live in Django's cache: Redis in production, shared by every web
-process (local runs without Redis use files, whose incr() is not atomic). An attempt is counted *before* its password is checked, with
-``add()`` then ``incr()`` (atomic in Redis: INCR), so parallel guesses are
-never lost; beyond the free ones an attempt goes ahead only if it wins
-``add()`` (SET NX) of the scope's back-off slot, which then holds the scope
-shut for the delay. So 30 parallel guesses count 30, and only the free ones
-and one more are checked. A success forgets the (account, address) count and
-takes itself back out of the address's count.
+process (local runs without Redis use files, whose incr() is not atomic).
+An attempt is counted *before* its password is checked, with ``add()`` then
+``incr()`` (atomic in Redis: INCR), so parallel guesses are never lost;
+beyond the free ones an attempt goes ahead only if it wins ``add()`` (SET
+NX) of the scope's back-off slot, which then holds the scope shut for the
+delay. So 30 parallel guesses count 30, and only the free ones and one more
+are checked. A success forgets the (account, address) count and takes
+itself back out of the address's count.
 """
 
 from __future__ import annotations
