@@ -126,3 +126,23 @@ class TestChange:
         client.force_login(user)
         client.post("/accounts/password/", {"old_password": password, "new_password1": NEW, "new_password2": NEW})
         assert other_api.post("/api/v1/token/renew").status_code == 200
+
+
+class TestResetEmailTask:
+    def test_it_sends_nothing_to_a_deactivated_account_or_one_without_a_password(self, user, other_user):
+        from accounts import tasks
+
+        user.is_active = False
+        user.save()
+        other_user.set_unusable_password()
+        other_user.save()
+        assert tasks.password_reset_email_send(user.pk) is False
+        assert tasks.password_reset_email_send(other_user.pk) is False
+        assert tasks.password_reset_email_send(999999) is False
+        assert mail.outbox == []
+
+    def test_a_sign_in_after_the_email_voids_its_link(self, client, ask, user, password):
+        ask(user.email)
+        link = link_in(mail.outbox[0])
+        Client().post("/accounts/login/", {"email": user.email, "password": password})
+        assert b"This link does not work" in client.get(link, follow=True).content
