@@ -63,7 +63,7 @@ def login_view(request, default_next: str | None = None):
             user = services.user_check_login(
                 email=form.cleaned_data["email"], password=form.cleaned_data["password"], address=address
             )
-        except (services.AccountError, ServiceError) as exc:
+        except ServiceError as exc:
             form.add_error(None, exc.message)
             status = 429 if exc.code == Code.LOGIN_THROTTLED else 200
         else:

@@ -9,6 +9,7 @@ from django.http import Http404
 from django.shortcuts import redirect, render
 
 from accounts import twofactor
+from reclo_site.errors import ServiceError
 
 from . import selectors, services
 from .forms import BackupDeleteForm
@@ -45,7 +46,7 @@ def backup_delete(request, backup_id):
         if form.is_valid():
             try:
                 deleted = services.backup_delete(user=request.user, backup_id=backup.pk, cascade=True)
-            except services.BackupError as exc:
+            except ServiceError as exc:
                 messages.error(request, exc.message)
             else:
                 messages.success(

@@ -30,6 +30,7 @@ from . import __version__, config, names, schedule
 from .api import PortalClient, normalize_portal_url
 from .backup import BackupOptions, BackupRun
 from .blockmap import PAGE_SIZES, MapStore
+from .codes import Code
 from .errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -140,7 +141,7 @@ def cmd_login(args) -> int:
         try:
             body = client.login(args.email, password, token_name, otp=otp)
         except PortalError as exc:
-            if exc.code != 207 or "otp" not in exc.fields or otp:
+            if exc.code != Code.LOGIN_FAILED or "otp" not in exc.fields or otp:
                 raise
             # Two-factor is on and no code was given: ask for one on a terminal.
             if not sys.stdin.isatty():
@@ -150,7 +151,7 @@ def cmd_login(args) -> int:
             otp = input("Code from your authenticator app (or a recovery code): ").strip()
             body = client.login(args.email, password, token_name, otp=otp)
     except PortalError as exc:
-        if exc.code == 207:
+        if exc.code == Code.LOGIN_FAILED:
             what = "two-factor code" if otp else "email and password"
             raise UsageError(f"The portal did not accept that {what}.") from exc
         raise
