@@ -1,4 +1,4 @@
-"""Sign-in limits that slow a guesser down and never lock the owner out (code 210).
+"""Sign-in limits that slow a guesser down and never lock the owner out (LOGIN_THROTTLED).
 
 Every password or two-factor attempt is counted in two scopes:
 
@@ -112,7 +112,7 @@ def _reserve(scope: Scope, now: float) -> int:
 
 
 def attempt(account: str, address: str) -> None:
-    """Count a sign-in attempt before it is checked; ServiceError(210) when it must wait.
+    """Count a sign-in attempt before it is checked; ServiceError LOGIN_THROTTLED when it must wait.
 
     `account` names what is being guessed: the email for passwords,
     ``otp:<user id>`` for two-factor codes. Call :func:`succeeded` after a

@@ -57,7 +57,7 @@ def is_enabled(user) -> bool:
 def setup_begin(*, user: User) -> TOTPDevice:
     """A fresh unconfirmed TOTP device for `user` (replacing any earlier unconfirmed one).
 
-    Refused (ServiceError 106) while two-factor is already on: turn it off first.
+    Refused (ServiceError FORBIDDEN) while two-factor is already on: turn it off first.
     """
     if is_enabled(user):
         raise ServiceError(Code.FORBIDDEN, "Two-factor authentication is already on.")
@@ -94,7 +94,7 @@ def setup_secret(device: TOTPDevice) -> str:
 def setup_confirm(*, user: User, code: str, address: str = "") -> list[str]:
     """Confirm the pending device with a code from the app; returns new recovery codes (shown once).
 
-    ServiceError(207) for a wrong code, (105) when no set-up is pending.
+    ServiceError LOGIN_FAILED for a wrong code, NOT_FOUND when no set-up is pending.
     """
     device = pending_device(user)
     if device is None:
@@ -157,7 +157,7 @@ def verify(*, user: User, code: str, address: str):
     """Check a code from the app, or a recovery code (used up by this); returns the device.
 
     Counted by accounts/throttle.py per (account, address) and per address,
-    like passwords: ServiceError(210) while an address must wait, (207) for a
+    like passwords: ServiceError LOGIN_THROTTLED while an address must wait, LOGIN_FAILED for a
     wrong code. django-otp's own checks refuse a TOTP code used before.
     """
     if not isinstance(code, str) or not code.strip() or len(code) > 64:
@@ -197,7 +197,7 @@ def disable(*, user: User, code: str, address: str) -> None:
     """Turn two-factor off after a right code (app or recovery); emails the owner.
 
     Deletes the TOTP device and every recovery code. Idempotent only in that
-    a second call finds nothing on and refuses (106).
+    a second call finds nothing on and refuses (FORBIDDEN).
     """
     if not is_enabled(user):
         raise ServiceError(Code.FORBIDDEN, "Two-factor authentication is not on.")
