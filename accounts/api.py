@@ -11,7 +11,7 @@ from reclo_site.api.schema import error_responses
 from reclo_site.errors import Code, ServiceError
 from reclo_site.http import client_address
 
-from . import services
+from . import services, twofactor
 from .permissions import own_server, server_credential_may
 
 
@@ -65,6 +65,13 @@ class RegisterApi(APIView):
 class LoginInput(serializers.Serializer):
     email = StrictCharField(allow_blank=True, required=False, default="")
     password = StrictCharField(allow_blank=True, trim_whitespace=False, required=False, default="")
+    otp = StrictCharField(
+        allow_blank=True,
+        required=False,
+        default="",
+        max_length=64,
+        help_text="With two-factor on: the 6-digit code from the authenticator app, or a recovery code.",
+    )
     token_name = StrictCharField(required=False, default="agent", max_length=100)
 
 
@@ -91,9 +98,20 @@ class LoginApi(APIView):
     )
     def post(self, request):
         data = _valid(LoginInput, request)
-        user = services.user_check_login(
-            email=data["email"], password=data["password"], address=client_address(request)
-        )
+        address = client_address(request)
+        user = services.user_check_login(email=data["email"], password=data["password"], address=address)
+        if twofactor.is_enabled(user):
+            # The password was right; without a code the answer stays LOGIN_FAILED (207, the
+            # contract's "does not match"), saying what is missing.
+            if not data["otp"].strip():
+                raise ServiceError(
+                    Code.LOGIN_FAILED,
+                    "This account uses two-factor authentication: send the 6-digit code from the "
+                    "authenticator app (or a recovery code) as 'otp' with the email and password.",
+                    field="otp",
+                )
+            device = twofactor.verify(user=user, code=data["otp"], address=address)
+            services.login_completed(user=user, device=device, address=address)
         token, key = services.token_create(user=user, name=data["token_name"], address=client_address(request))
         return _token_response(user, token, key, "Logged in.", status.HTTP_200_OK)
 

@@ -92,6 +92,13 @@ class AuditEvent(models.Model):
         SERVER_ENROLLED = "server.enrolled", "Server enrolled"
         ENROLLMENT_FAILED = "enrollment.failed", "Failed enrollment"
         SERVER_REVOKED = "server.revoked", "Server credentials revoked"
+        PASSWORD_CHANGED = "password.changed", "Password changed"
+        PASSWORD_RESET_REQUESTED = "password.reset_requested", "Password reset asked for"
+        PASSWORD_RESET = "password.reset", "Password reset"
+        TWOFACTOR_ENABLED = "twofactor.enabled", "Two-factor authentication turned on"
+        TWOFACTOR_DISABLED = "twofactor.disabled", "Two-factor authentication turned off"
+        RECOVERY_CODE_USED = "twofactor.recovery_used", "Recovery code used"
+        RECOVERY_CODES_NEW = "twofactor.recovery_new", "New recovery codes made"
 
     user = models.ForeignKey(User, on_delete=models.CASCADE, null=True, blank=True, related_name="audit_events")
     kind = models.CharField(max_length=32, choices=Kind.choices)

@@ -11,6 +11,7 @@ from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 
+from accounts import twofactor
 from reclo_site.errors import Code, ServiceError
 from reclo_site.http import client_address
 
@@ -40,6 +41,7 @@ def server_detail(request, server_id: int):
 
 
 @login_required
+@twofactor.require_recent_otp
 def backup_delete(request, backup_id):
     found = selectors.backup_delete_preview(user=request.user, backup_id=backup_id)
     if found is None:

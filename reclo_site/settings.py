@@ -45,7 +45,8 @@ CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 SITE_URL = env("SITE_URL", default="http://127.0.0.1:8000")
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    # Django's admin on ReClo's own site: the portal's login, limits and second factor.
+    "accounts.apps.RecloAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -54,6 +55,9 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django.contrib.humanize",
     "csp",
+    "django_otp",
+    "django_otp.plugins.otp_totp",
+    "django_otp.plugins.otp_static",
     "rest_framework",
     "drf_spectacular",
     "drf_spectacular_sidecar",
@@ -72,6 +76,8 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # request.user.is_verified(): whether this session passed the second factor.
+    "django_otp.middleware.OTPMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -188,10 +194,15 @@ STORAGES = {
 if DEBUG:
     STORAGES["staticfiles"] = {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}
 
+# Email (password resets, alerts): printed to the console locally (tests use
+# Django's locmem outbox); production sets EMAIL_URL, e.g.
+# smtp+tls://user:password@smtp.example.com:587, which sets the SMTP backend,
+# host, port, user, password and TLS together.
 EMAIL_BACKEND = env("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
 DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", default="ReClo <noreply@reclo.local>")
 if env("EMAIL_URL", default=""):
     vars().update(env.email_url("EMAIL_URL"))
+EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=20)
 
 LOGGING = {
     "version": 1,
@@ -246,7 +257,11 @@ SPECTACULAR_SETTINGS = {
     ],
 }
 
-# Login throttling: failures allowed per account and per address in a window.
+# Sign-in limits (accounts/throttle.py): failures allowed per (account,
+# address) and per address in a window before each further attempt waits a
+# doubling delay (LOGIN_BACKOFF_FIRST: 1 s, 2 s, 4 s ... up to LOGIN_BACKOFF_MAX). Nothing counts
+# per account alone, so a stranger cannot lock the owner out; a burst of
+# LOGIN_ALERT_AFTER failures on one account emails its owner.
 LOGIN_FAILURES_PER_ACCOUNT = env.int("LOGIN_FAILURES_PER_ACCOUNT", default=5)
 LOGIN_FAILURES_PER_ADDRESS = env.int("LOGIN_FAILURES_PER_ADDRESS", default=20)
 LOGIN_FAILURE_WINDOW = timedelta(minutes=15)
@@ -254,6 +269,25 @@ LOGIN_FAILURE_WINDOW = timedelta(minutes=15)
 ENROLL_FAILURES_PER_ADDRESS = env.int("ENROLL_FAILURES_PER_ADDRESS", default=10)
 # How long a server's enrollment key works (once).
 ENROLLMENT_KEY_LIFETIME = timedelta(hours=24)
+LOGIN_BACKOFF_FIRST = timedelta(seconds=1)
+LOGIN_BACKOFF_MAX = timedelta(seconds=env.int("LOGIN_BACKOFF_MAX_SECONDS", default=15 * 60))
+LOGIN_ALERT_AFTER = env.int("LOGIN_ALERT_AFTER", default=10)
+# Password-reset emails asked for per address and per email address in an hour.
+PASSWORD_RESETS_PER_ADDRESS = env.int("PASSWORD_RESETS_PER_ADDRESS", default=10)
+PASSWORD_RESETS_PER_EMAIL = env.int("PASSWORD_RESETS_PER_EMAIL", default=3)
+PASSWORD_RESET_TIMEOUT = 60 * 60  # a reset link works for an hour
+
+# Two-factor (django-otp): the name authenticator apps show, how long a code
+# keeps a session "recently verified" for destructive actions, and how long
+# the second sign-in step may follow the password. django-otp's own per-device
+# back-off is off: it would let a stranger who knows the password lock the
+# owner's device; accounts/throttle.py limits code guesses per address instead.
+OTP_TOTP_ISSUER = "ReClo"
+OTP_ADMIN_HIDE_SENSITIVE_DATA = True  # the admin never shows TOTP secrets
+OTP_TOTP_THROTTLE_FACTOR = 0
+OTP_STATIC_THROTTLE_FACTOR = 0
+RECLO_OTP_RECENT = timedelta(minutes=env.int("RECLO_OTP_RECENT_MINUTES", default=10))
+RECLO_OTP_LOGIN_STEP = timedelta(minutes=5)
 
 API_TOKEN_LIFETIME = timedelta(days=60)
 

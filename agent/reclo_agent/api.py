@@ -139,11 +139,16 @@ class PortalClient:
 
     # --- accounts -------------------------------------------------------------
 
-    def login(self, email: str, password: str, token_name: str) -> dict:
-        """``user_id, token, token_expires``; wrong credentials raise PortalError (207)."""
-        return self.request(
-            "POST", "/login", json={"email": email, "password": password, "token_name": token_name}, idempotent=False
-        )
+    def login(self, email: str, password: str, token_name: str, otp: str = "") -> dict:
+        """``user_id, token, token_expires``; wrong credentials raise PortalError (207).
+
+        With two-factor on, ``otp`` is the authenticator app's code (or a
+        recovery code); without it the 207 carries ``fields["otp"]``.
+        """
+        body = {"email": email, "password": password, "token_name": token_name}
+        if otp:
+            body["otp"] = otp
+        return self.request("POST", "/login", json=body, idempotent=False)
 
     def enroll(self, key: str, hostname: str) -> dict:
         """``server, token, token_expires``: a server credential; a bad key raises PortalError (212)."""

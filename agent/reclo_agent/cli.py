@@ -50,6 +50,7 @@ from .throttle import parse_rate
 log = logging.getLogger("reclo_agent")
 
 ENV_PASSWORD = "RECLO_PASSWORD"  # noqa: S105 - the variable's name, not a password
+ENV_OTP = "RECLO_OTP"
 RENEW_WITHIN = timedelta(days=14)
 
 
@@ -136,11 +137,24 @@ def cmd_login(args) -> int:
         password = getpass.getpass(f"Password for {args.email} at {portal}: ")
     client = PortalClient(portal)
     token_name = args.token_name or f"reclo-agent@{socket.gethostname()}"[:100]
+    otp = args.otp or os.environ.get(ENV_OTP, "")
     try:
-        body = client.login(args.email, password, token_name)
+        try:
+            body = client.login(args.email, password, token_name, otp=otp)
+        except PortalError as exc:
+            if exc.code != Code.LOGIN_FAILED or "otp" not in exc.fields or otp:
+                raise
+            # Two-factor is on and no code was given: ask for one on a terminal.
+            if not sys.stdin.isatty():
+                raise UsageError(
+                    f"This account uses two-factor authentication: pass --otp CODE (or set {ENV_OTP})."
+                ) from exc
+            otp = input("Code from your authenticator app (or a recovery code): ").strip()
+            body = client.login(args.email, password, token_name, otp=otp)
     except PortalError as exc:
         if exc.code == Code.LOGIN_FAILED:
-            raise UsageError("The portal did not accept that email and password.") from exc
+            what = "two-factor code" if otp else "email and password"
+            raise UsageError(f"The portal did not accept that {what}.") from exc
         raise
     cfg.portal, cfg.token, cfg.token_expires = portal, body["token"], body.get("token_expires", "")
     cfg.email, cfg.user_id, cfg.server = args.email, body.get("user_id"), ""
@@ -422,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--email", required=True)
     p.add_argument("--state-dir", help=f"state folder (default {config.default_state_dir()})")
     p.add_argument("--token-name", help="name of the token in the portal (default reclo-agent@HOST)")
+    p.add_argument("--otp", help="two-factor code, when the account has it on (asked on a terminal otherwise)")
     p.set_defaults(func=cmd_login)
 
     p = sub.add_parser("logout", parents=[common], help="revoke the API token and forget it")
