@@ -117,6 +117,7 @@ def add_server(request):
 
 
 @login_required
+@twofactor.require_recent_otp
 def server_revoke(request, server_id: int):
     """Confirm, then stop every credential of the server at once (its restore points stay)."""
     server = Server.objects.filter(user=request.user, pk=server_id).first()

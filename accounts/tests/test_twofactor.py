@@ -283,3 +283,18 @@ class TestDestructivePages:
         assert owner.get(stop).status_code == 200
         owner.post(terminate, {"otp_code": app.now()})
         assert Instance.objects.get(pk=instance.pk).state == "terminated"
+
+    def test_revoking_a_server_asks_for_a_code_first(self, owner, user):
+        from accounts.models import ApiToken
+        from accounts.services import token_create
+        from backups.tests.factories import ServerFactory
+
+        app, _ = enable(user)
+        server = ServerFactory(user=user, name="frontdesk")
+        credential, _ = token_create(user=user, name="agent", server=server)
+        url = f"/servers/{server.pk}/revoke/"
+        assert owner.get(url)["Location"].startswith("/accounts/verify/?next=")
+        owner.post(url)
+        assert ApiToken.objects.get(pk=credential.pk).revoked_at is None
+        owner.post(url, {"otp_code": app.now()})
+        assert ApiToken.objects.get(pk=credential.pk).revoked_at is not None
