@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import api
+from . import api, api_status
 
 urlpatterns = [
     path("backups", api.BackupListApi.as_view(), name="backup-list"),
@@ -9,4 +9,5 @@ urlpatterns = [
     path("backups/uploads/<uuid:upload_id>/complete", api.UploadCompleteApi.as_view(), name="upload-complete"),
     path("backups/<uuid:backup_id>", api.BackupApi.as_view(), name="backup-detail"),
     path("backups/<uuid:backup_id>/download", api.BackupDownloadApi.as_view(), name="backup-download"),
+    path("servers/<str:server>/status", api_status.ServerStatusApi.as_view(), name="server-status"),
 ]

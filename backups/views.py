@@ -24,11 +24,16 @@ def server_detail(request, server_id: int):
     if found is None:
         raise Http404("No such server.")
     overview, timelines = found
+    # Disks whose newest restore point was read in use, neither frozen nor snapshotted.
+    crash_disks = [
+        t.state.disk for t in timelines if t.chains and t.chains[0] and t.chains[0][-1].consistency == "crash"
+    ]
     return render(
         request,
         "backups/server.html",
-        {"overview": overview, "server": overview.server, "timelines": timelines},
-    )
+        {"overview": overview, "server": overview.server, "timelines": timelines, "crash_disks": crash_disks,
+         "preflight": overview.server.preflight},
+    )  # fmt: skip
 
 
 @login_required
