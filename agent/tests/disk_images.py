@@ -96,7 +96,8 @@ def _unmount(mount: Path) -> None:
 
 
 @contextmanager
-def attached_disk(tmp_path: Path, files: dict[str, bytes], *, size: int = 64 * MiB, boot_code: bytes | None = None):
+def attached_disk(tmp_path: Path, files: dict[str, bytes], *, size: int = 64 * MiB, boot_code: bytes | None = None,
+                  read_only: bool = False):  # fmt: skip
     """Yield ``SimpleNamespace(image, device, partition, mount)`` with ``files`` in the mounted partition."""
     require_loop_devices()
     root = tmp_path / "root"
@@ -113,7 +114,7 @@ def attached_disk(tmp_path: Path, files: dict[str, bytes], *, size: int = 64 * M
         device = run("losetup", "--find", "--show", "--partscan", str(image)).stdout.strip()
         stack.callback(run, "losetup", "--detach", device, check=False)
         partition = _partition_node(device)
-        run("mount", "-t", "ext4", partition, str(mount))
+        run("mount", "-t", "ext4", *(["-o", "ro"] if read_only else []), partition, str(mount))
         stack.callback(_unmount, mount)
         yield SimpleNamespace(image=image, device=device, partition=partition, mount=mount)
 
