@@ -221,3 +221,24 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for command in ("login", "backup", "list", "restore", "schedule", "status"):
         assert command in out
+
+
+def test_each_backup_reports_the_agents_status_with_the_preflight(fake, tmp_path, capsys):
+    source = tmp_path / "disk.img"
+    source.write_bytes(bytes(make_image(2 * MiB)))
+    assert cli.main(["backup", str(source), "--server", "web1", "--plain"]) == 0
+    assert "offline" in capsys.readouterr().err  # the log line says how the disk was read
+    ((server, body),) = fake.statuses
+    assert server == "web1"
+    assert body["agent_version"] == cli.__version__ and body["schedule"] is None and body["next_run"] is None
+    names = [c["name"] for c in body["preflight"]["checks"]]
+    assert names == ["nvme", "ena", "fstab", "boot_mode", "boot_loader"]
+
+
+def test_a_failing_post_hook_makes_the_backup_exit_non_zero(fake, tmp_path, capsys):
+    source = tmp_path / "disk.img"
+    source.write_bytes(bytes(make_image(2 * MiB)))
+    assert cli.main(["backup", str(source), "--server", "web1", "--post-hook", "exit 9"]) == 1
+    out, err = capsys.readouterr()
+    assert len(out.split()) == 2  # the restore point stands: its id and kind
+    assert "post-hook failed (exit 9)" in err
