@@ -50,6 +50,7 @@ def owner_data(aws, user, token):
     pending = BackupFactory(server=server, disk="sdb", status=Backup.Status.PENDING, verified_at=None, file_size=None)
     return {
         "server_id": server.pk,
+        "server": server.name,
         "backup_id": backups[-1].pk,
         "upload_id": pending.pk,
         "recovery_id": instance.recovery_id,
