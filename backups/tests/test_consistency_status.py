@@ -131,3 +131,12 @@ class TestServerPage:
         assert "needs fixing" in page
         assert "Fix: Replace each device name by its UUID" in page
         assert "Fix: " not in page.split("nvme")[1].split("fstab")[0]  # a passing check has no fix line
+
+
+def test_the_failover_page_names_each_restore_points_consistency(owner, user):
+    from recovery.forms import FailoverForm
+
+    server = ServerFactory(user=user, name="frontdesk")
+    BackupFactory(server=server, consistency="snapshot")
+    labels = [label for _, label in FailoverForm(server=server).fields["backup"].choices]
+    assert len(labels) == 1 and " · snapshot · " in labels[0]
