@@ -43,6 +43,7 @@ from .errors import (
     Unreachable,
     UsageError,
 )
+from .freeze import DEFAULT_LIMIT as DEFAULT_FREEZE_LIMIT
 from .progress import Reporter, human_bytes
 from .restore import restore
 from .state import UploadState
@@ -167,7 +168,10 @@ def cmd_logout(args) -> int:
     return EXIT_OK
 
 
-def _backup_options(args, cfg: config.Config, source: str, server: str | None, disk: str | None) -> BackupOptions:
+def _backup_options(args, cfg: config.Config, source: str, server: str | None, disk: str | None,
+                    read: dict | None = None) -> BackupOptions:  # fmt: skip
+    """The options of one backup: the command line's, else those ``schedule install`` saved (``read``)."""
+    read = read or {}
     rate = args.bandwidth_limit or cfg.bandwidth_limit
     return BackupOptions(
         source=source,
@@ -176,10 +180,10 @@ def _backup_options(args, cfg: config.Config, source: str, server: str | None, d
         full=args.full,
         page_size=args.page_size,
         bandwidth=parse_rate(rate) if rate else None,
-        freeze=args.freeze,
-        freeze_limit=args.freeze_limit,
-        pre_hook=args.pre_hook,
-        post_hook=args.post_hook,
+        freeze=args.freeze or bool(read.get("freeze")),
+        freeze_limit=args.freeze_limit or read.get("freeze_limit") or DEFAULT_FREEZE_LIMIT,
+        pre_hook=args.pre_hook or read.get("pre_hook"),
+        post_hook=args.post_hook or read.get("post_hook"),
     )
 
 
@@ -246,13 +250,13 @@ def cmd_backup(args) -> int:
 
 
 def _scheduled(args, cfg, client, reporter) -> int:
-    jobs, _ = schedule.load_jobs(cfg.state)
+    jobs, meta = schedule.load_jobs(cfg.state)
     if not jobs:
         raise UsageError("No scheduled backups; set them up with: reclo-agent schedule install --every 1h SOURCE")
     worst = EXIT_OK
     for job in jobs:
         try:
-            options = _backup_options(args, cfg, job.source, job.server, job.disk)
+            options = _backup_options(args, cfg, job.source, job.server, job.disk, meta.get("read"))
             worst = worst or _run_backup(client, cfg, options, reporter, args.json)
         except AgentError as exc:
             log.error("backup of %s (%s/%s) failed: %s", job.source, job.server, job.disk, exc)
@@ -338,7 +342,9 @@ def cmd_schedule(args) -> int:
         method=args.method,
         unit_dir=unit_dir,
         cron_file=cron_file,
-    )
+        read={"freeze": args.freeze, "freeze_limit": args.freeze_limit, "pre_hook": args.pre_hook,
+              "post_hook": args.post_hook},
+    )  # fmt: skip
     print(f"Scheduled a backup every {args.every} of: " + ", ".join(f"{j.source} ({j.server}/{j.disk})" for j in jobs))
     print(message)
     return EXIT_OK
@@ -402,6 +408,16 @@ def _common_options(*, suppress: bool) -> argparse.ArgumentParser:
     return common
 
 
+def _read_options(p: argparse.ArgumentParser) -> None:
+    """How the disk is read: the freeze and the hooks (backup, and schedule install for every run)."""
+    p.add_argument("--freeze", action="store_true",
+                   help="freeze the disk's mounted file systems while it is read (small or quiet disks)")
+    p.add_argument("--freeze-limit", type=float, default=None, metavar="SECONDS",
+                   help=f"thaw and stop the backup if the read takes longer (default {DEFAULT_FREEZE_LIMIT:.0f})")
+    p.add_argument("--pre-hook", metavar="CMD", help="shell command run before the disk is read (a database dump)")
+    p.add_argument("--post-hook", metavar="CMD", help="shell command run after the read; runs even if it failed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common_options(suppress=True)
     parser = argparse.ArgumentParser(
@@ -430,12 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bandwidth-limit", metavar="RATE", help="upload at most RATE bytes/s, e.g. 10M, 512K")
     p.add_argument("--page-size", type=_page_size, default=4096, metavar="SIZE",
                    help="change-tracking page: 4K (default) to 64K; changing it forces a full backup")  # fmt: skip
-    p.add_argument("--freeze", action="store_true",
-                   help="freeze the disk's mounted file systems while it is read (small or quiet disks)")
-    p.add_argument("--freeze-limit", type=float, default=600.0, metavar="SECONDS",
-                   help="thaw and stop the backup if the read takes longer (default 600)")
-    p.add_argument("--pre-hook", metavar="CMD", help="shell command run before the disk is read (a database dump)")
-    p.add_argument("--post-hook", metavar="CMD", help="shell command run after the read; runs even if it failed")
+    _read_options(p)
     p.add_argument("--scheduled", action="store_true", help="back up the disks `schedule install` set up")
     p.add_argument("--json", action="store_true", help="print the result as JSON (sizes, parts, timings)")
     p.set_defaults(func=cmd_backup)
@@ -464,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--every", default="1h", help="interval: 30m, 1h, 6h, 1d (default 1h)")
     q.add_argument("--server", help="server name (default: this host's name)")
     q.add_argument("--disk", help="disk name, with one SOURCE")
+    _read_options(q)
     q.set_defaults(func=cmd_schedule)
     q = actions.add_parser("remove", parents=[place], help="remove the timer or cron entry")
     q.set_defaults(func=cmd_schedule)

@@ -242,3 +242,19 @@ def test_a_failing_post_hook_makes_the_backup_exit_non_zero(fake, tmp_path, caps
     out, err = capsys.readouterr()
     assert len(out.split()) == 2  # the restore point stands: its id and kind
     assert "post-hook failed (exit 9)" in err
+
+
+def test_scheduled_backups_keep_the_hooks_and_freeze_given_at_install(fake, tmp_path, capsys):
+    source = tmp_path / "disk.img"
+    source.write_bytes(bytes(make_image(2 * MiB)))
+    log = tmp_path / "hooks.log"
+    assert cli.main(["schedule", "install", "--every", "1h", "--unit-dir", str(tmp_path / "units"), "--server",
+                     "web1", "--pre-hook", f"echo pre >> {log}", "--post-hook", f"echo post >> {log}",
+                     str(source)]) == 0  # fmt: skip
+    saved = json.loads((tmp_path / "state" / "schedule.json").read_text())
+    assert saved["read"] == {"freeze": False, "freeze_limit": None, "pre_hook": f"echo pre >> {log}",
+                             "post_hook": f"echo post >> {log}"}  # fmt: skip
+    assert cli.main(["backup", "--scheduled"]) == 0
+    assert log.read_text() == "pre\npost\n"
+    ((server, body),) = fake.statuses
+    assert body["schedule"] == "1h" and body["next_run"].endswith("Z")
