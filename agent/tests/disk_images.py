@@ -25,7 +25,7 @@ import pytest
 IN_CI = os.environ.get("CI", "").lower() == "true"
 MiB = 1024 * 1024
 PART_START = MiB  # the partition's first byte in the image
-TOOLS = ("losetup", "sfdisk", "mkfs.ext4", "mount", "umount", "fsfreeze", "blockdev", "partx")
+TOOLS = ("losetup", "sfdisk", "mkfs.ext4", "debugfs", "e2fsck", "mount", "umount", "fsfreeze", "blockdev", "partx")
 
 
 def require_loop_devices() -> None:
