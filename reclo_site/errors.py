@@ -21,6 +21,10 @@ class Code(IntEnum):
     (401) answers HTTP 404.
     """
 
+    # Set per member by __new__; annotated here so type checkers know them.
+    http_status: int
+    text: str
+
     def __new__(cls, value: int, http_status: int, text: str):
         member = int.__new__(cls, value)
         member._value_ = value
@@ -102,7 +106,7 @@ class ServiceError(Exception):
         field: str | None = None,
         headers: dict[str, str] | None = None,
     ):
-        self.code = Code(code)
+        self.code = code
         self.message = message or self.code.default_message
         if field and not fields:
             fields = {field: [self.message]}
