@@ -293,9 +293,7 @@ class BackupRun:
         timings = {}
         with consistency.reading(self.plan, src, self.hooks, freeze_limit=self.opt.freeze_limit,
                                  lvm_run=self.lvm_run) as reader:  # fmt: skip
-            t0 = time.monotonic()
-            plan, stored, uploader = self._read_and_send(reader, state, grant, decision, timings)
-            timings["read"] = time.monotonic() - t0
+            uploader = self._read_and_send(reader, state, grant, decision, timings)
         t0 = time.monotonic()
         result = self._finish(state, resumed=resumed)
         timings["verify"] = time.monotonic() - t0
@@ -311,7 +309,7 @@ class BackupRun:
         return result
 
     def _read_and_send(self, src: Source, state: UploadState, grant: dict, decision: Decision, timings: dict):
-        """Scan and pack ``src`` into the stored object; (plan, (size, sha256), uploader)."""
+        """Scan and pack ``src`` into the stored object; the part uploader (its counts)."""
         opt = self.opt
         s3 = S3Access(grant, refresh=lambda: self.api.upload_credentials(state["upload_id"]),
                       max_connections=opt.max_in_flight + 2)  # fmt: skip
@@ -353,7 +351,7 @@ class BackupRun:
             "changes" if plan.kind == "incremental" else "data",
             human_bytes(plan.changed_bytes),
         )
-        return plan, stored, uploader
+        return uploader
 
     def _send(self, src: Source, plan: Plan, state: UploadState, s3: S3Access, part_size: int,
               timings: dict) -> tuple[tuple[int, str], PartUploader]:  # fmt: skip
