@@ -318,3 +318,30 @@ def test_an_lvm_volume_in_use_is_read_from_a_snapshot(portal, tmp_path, monkeypa
     assert [c[0] for c in fake.commands] == ["lvs", "lvs", "lvcreate", "lvremove"]
     restore(portal, result.backup_id, str(tmp_path / "out.img"), QUIET)
     assert (tmp_path / "out.img").read_bytes() == snap.read_bytes()
+
+
+def test_partitions_and_the_devices_built_on_them_count_as_the_disks(tmp_path):
+    """sysfs as the kernel lays it out for sda with sda1 under LVM (dm-0): device-mapper is missing here."""
+    from reclo_agent.mounts import related_devices
+
+    sys_dir = tmp_path / "sys"
+    sda = sys_dir / "devices" / "pci0000:00" / "block" / "sda"
+    (sda / "sda1" / "holders").mkdir(parents=True)
+    (sda / "sda2").mkdir()
+    (sda / "queue").mkdir()  # not a partition
+    (sda / "dev").write_text("8:0\n")
+    for name, dev in (("sda1", "8:1"), ("sda2", "8:2")):
+        (sda / name / "dev").write_text(dev + "\n")
+        (sda / name / "partition").write_text(name[-1] + "\n")
+    (sda / "sda1" / "holders" / "dm-0").mkdir()
+    dm0 = sys_dir / "devices" / "virtual" / "block" / "dm-0"
+    (dm0 / "holders").mkdir(parents=True)
+    (dm0 / "dev").write_text("253:0\n")
+    (sys_dir / "dev" / "block").mkdir(parents=True)
+    (sys_dir / "class" / "block").mkdir(parents=True)
+    for name, dev, target in (("sda", "8:0", sda), ("sda1", "8:1", sda / "sda1"), ("sda2", "8:2", sda / "sda2"),
+                              ("dm-0", "253:0", dm0)):  # fmt: skip
+        (sys_dir / "dev" / "block" / dev).symlink_to(target)
+        (sys_dir / "class" / "block" / name).symlink_to(target)
+    assert related_devices(os.makedev(8, 0), sys_dir=str(sys_dir)) == {"8:0", "8:1", "8:2", "253:0"}
+    assert related_devices(os.makedev(8, 2), sys_dir=str(sys_dir)) == {"8:2"}
