@@ -140,3 +140,10 @@ def test_the_failover_page_names_each_restore_points_consistency(owner, user):
     BackupFactory(server=server, consistency="snapshot")
     labels = [label for _, label in FailoverForm(server=server).fields["backup"].choices]
     assert len(labels) == 1 and " · snapshot · " in labels[0]
+
+
+def test_the_delete_page_names_the_restore_points_consistency(owner, user):
+    server = ServerFactory(user=user, name="frontdesk")
+    backup = BackupFactory(server=server, consistency="frozen")
+    page = owner.get(reverse("backups:backup-delete", args=[backup.pk])).content.decode()
+    assert 'data-testid="consistency">frozen<' in page
