@@ -147,3 +147,12 @@ def test_the_delete_page_names_the_restore_points_consistency(owner, user):
     backup = BackupFactory(server=server, consistency="frozen")
     page = owner.get(reverse("backups:backup-delete", args=[backup.pk])).content.decode()
     assert 'data-testid="consistency">frozen<' in page
+
+
+def test_the_server_page_shows_what_the_agent_reported(owner, user, api):
+    server = ServerFactory(user=user, name="frontdesk")
+    BackupFactory(server=server)
+    body = {"schedule": "6h", "next_run": "2026-12-02T04:00:00Z", "agent_version": "0.3.1"}
+    assert api.post(status_url("frontdesk"), body, format="json").status_code == 200
+    page = owner.get(reverse("backups:server-detail", args=[server.pk])).content.decode()
+    assert "Agent 0.3.1" in page and "backs up every 6h" in page and "2026-12-02" in page
