@@ -6,9 +6,9 @@ from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from reclo_site.api.errors import ApiError
 from reclo_site.api.fields import StrictCharField
 from reclo_site.api.schema import error_responses
+from reclo_site.errors import Code, ServiceError
 from reclo_site.http import client_address
 
 from . import services
@@ -41,15 +41,22 @@ class RegisterApi(APIView):
         operation_id="register",
         tags=["accounts"],
         request=RegisterInput,
-        responses={201: TokenOutput, **error_responses(104, 201, 202, 203, 204, 205)},
+        responses={
+            201: TokenOutput,
+            **error_responses(
+                Code.MALFORMED,
+                Code.EMAIL_TAKEN,
+                Code.BAD_USERNAME,
+                Code.BAD_EMAIL,
+                Code.BAD_PASSWORD,
+                Code.STORAGE_PROVISIONING_FAILED,
+            ),
+        },
         auth=[],
     )
     def post(self, request):
         data = _valid(RegisterInput, request)
-        try:
-            user = services.user_register(username=data["username"], email=data["email"], password=data["password"])
-        except services.AccountError as exc:
-            raise exc.as_api_error() from None
+        user = services.user_register(username=data["username"], email=data["email"], password=data["password"])
         token, key = services.token_create(user=user, name=data["token_name"], address=client_address(request))
         return _token_response(user, token, key, "Account created.", status.HTTP_201_CREATED)
 
@@ -68,18 +75,24 @@ class LoginApi(APIView):
         operation_id="login",
         tags=["accounts"],
         request=LoginInput,
-        responses={200: TokenOutput, **error_responses(104, 206, 207, 208, 209, 210)},
+        responses={
+            200: TokenOutput,
+            **error_responses(
+                Code.MALFORMED,
+                Code.ACCOUNT_DEACTIVATED,
+                Code.LOGIN_FAILED,
+                Code.LOGIN_BAD_EMAIL,
+                Code.LOGIN_BAD_PASSWORD,
+                Code.LOGIN_THROTTLED,
+            ),
+        },
         auth=[],
     )
     def post(self, request):
         data = _valid(LoginInput, request)
-        try:
-            user = services.user_check_login(
-                email=data["email"], password=data["password"], address=client_address(request)
-            )
-        except services.AccountError as exc:
-            headers = {"Retry-After": str(exc.retry_after)} if hasattr(exc, "retry_after") else None
-            raise ApiError(exc.code, exc.message, headers=headers) from None
+        user = services.user_check_login(
+            email=data["email"], password=data["password"], address=client_address(request)
+        )
         token, key = services.token_create(user=user, name=data["token_name"], address=client_address(request))
         return _token_response(user, token, key, "Logged in.", status.HTTP_200_OK)
 
@@ -93,13 +106,13 @@ class LogoutApi(APIView):
         operation_id="logout",
         tags=["accounts"],
         request=None,
-        responses={200: MessageOutput, **error_responses(102, 211)},
+        responses={200: MessageOutput, **error_responses(Code.BAD_TOKEN, Code.TOKEN_DEACTIVATION_FAILED)},
     )
     def post(self, request):
         try:
             services.token_revoke(token=request.auth, address=client_address(request))
         except Exception as exc:  # noqa: BLE001 - the contract has a code for this
-            raise ApiError(211, "Failed to deactivate the token; try again.") from exc
+            raise ServiceError(Code.TOKEN_DEACTIVATION_FAILED, "Failed to deactivate the token; try again.") from exc
         return Response({"message": "Logged out; this token no longer works."})
 
 
@@ -112,7 +125,7 @@ class TokenRenewApi(APIView):
             200: inline_serializer(
                 "TokenRenewOutput", {"message": serializers.CharField(), "token_expires": serializers.DateTimeField()}
             ),
-            **error_responses(102),
+            **error_responses(Code.BAD_TOKEN),
         },
     )
     def post(self, request):
@@ -124,7 +137,7 @@ class TokenRenewApi(APIView):
 
 def _valid(serializer_class, request) -> dict:
     if not isinstance(request.data, dict):
-        raise ApiError(104, "The body must be a JSON object.")
+        raise ServiceError(Code.MALFORMED, "The body must be a JSON object.")
     serializer = serializer_class(data=request.data)
     serializer.is_valid(raise_exception=True)
     return serializer.validated_data

@@ -7,6 +7,7 @@ from django.utils import timezone
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 
 from reclo_site.api.errors import ApiError
+from reclo_site.errors import Code
 
 from .models import ApiToken
 from .tokens import TOKEN_RE, hash_token
@@ -22,29 +23,29 @@ class TokenAuthentication(BaseAuthentication):
 
     def authenticate(self, request):
         if URL_TOKEN_PARAMS.intersection(k.lower() for k in request.query_params):
-            raise ApiError(102, "Tokens in URLs are refused; send 'Authorization: Token <token>' instead.")
+            raise ApiError(Code.BAD_TOKEN, "Tokens in URLs are refused; send 'Authorization: Token <token>' instead.")
         header = get_authorization_header(request).split()
         if not header or header[0].lower() != self.keyword.lower().encode():
             return None
         if len(header) != 2:
-            raise ApiError(102, "Invalid Authorization header; expected 'Token <token>'.")
+            raise ApiError(Code.BAD_TOKEN, "Invalid Authorization header; expected 'Token <token>'.")
         try:
             key = header[1].decode("ascii")
         except UnicodeDecodeError:
-            raise ApiError(102, "Invalid token.") from None
+            raise ApiError(Code.BAD_TOKEN, "Invalid token.") from None
         if not TOKEN_RE.match(key):
-            raise ApiError(102, "Invalid token.")
+            raise ApiError(Code.BAD_TOKEN, "Invalid token.")
         try:
             token = ApiToken.objects.select_related("user").get(key_hash=hash_token(key))
         except ApiToken.DoesNotExist:
             token = None
         if token is None or token.revoked_at is not None:
-            raise ApiError(102, "Invalid or revoked token.")
+            raise ApiError(Code.BAD_TOKEN, "Invalid or revoked token.")
         now = timezone.now()
         if token.expires <= now:
-            raise ApiError(102, "This token has expired; log in again to get a new one.")
+            raise ApiError(Code.BAD_TOKEN, "This token has expired; log in again to get a new one.")
         if not token.user.is_active:
-            raise ApiError(206, "This account is deactivated.")
+            raise ApiError(Code.ACCOUNT_DEACTIVATED, "This account is deactivated.")
         self._touch(token, now)
         return token.user, token
 

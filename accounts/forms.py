@@ -2,6 +2,8 @@
 
 from django import forms
 
+from reclo_site.errors import ServiceError
+
 from . import services
 
 
@@ -31,8 +33,10 @@ class SignupForm(forms.Form):
                 email=self.cleaned_data["email"],
                 password=self.cleaned_data["password"],
             )
-        except services.AccountError as exc:
-            self.add_error(exc.field, exc.message)
+        except ServiceError as exc:
+            for field, problems in (exc.fields or {None: [exc.message]}).items():
+                for problem in problems:
+                    self.add_error(field if field in self.fields else None, problem)
             return None
 
 

@@ -11,8 +11,8 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from reclo_site import cloud
-from reclo_site.api.errors import ApiError
 from reclo_site.cloud import storage
+from reclo_site.errors import Code, ServiceError
 
 from . import throttle
 from .audit import audit_record
@@ -26,88 +26,81 @@ MAX_PASSWORD_LENGTH = 4096
 EXPIRE_BATCH = 500
 
 
-class AccountError(Exception):
-    """A refused account operation; `code` is the API contract's error code."""
-
-    def __init__(self, code: int, message: str, field: str | None = None):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.field = field
-
-    def as_api_error(self) -> ApiError:
-        return ApiError(self.code, self.message, fields={self.field: [self.message]} if self.field else None)
-
-
 def _validate_registration(username: str, email: str, password: str) -> str:
     if not USERNAME_RE.match(username or ""):
-        raise AccountError(202, "Username must be 5–150 characters: letters, digits, '.', '_' or '-'.", "username")
+        raise ServiceError(
+            Code.BAD_USERNAME, "Username must be 5–150 characters: letters, digits, '.', '_' or '-'.", field="username"
+        )
     try:
         validate_email(email or "")
     except ValidationError:
-        raise AccountError(203, "Enter a valid email address.", "email") from None
+        raise ServiceError(Code.BAD_EMAIL, "Enter a valid email address.", field="email") from None
     if len(password or "") > MAX_PASSWORD_LENGTH:
-        raise AccountError(204, "Password is too long.", "password")
+        raise ServiceError(Code.BAD_PASSWORD, "Password is too long.", field="password")
     try:
         password_validation.validate_password(password or "", User(username=username, email=email))
     except ValidationError as exc:
-        raise AccountError(204, " ".join(exc.messages), "password") from None
+        raise ServiceError(Code.BAD_PASSWORD, " ".join(exc.messages), field="password") from None
     return email.strip()
 
 
 def user_register(*, username: str, email: str, password: str) -> User:
     """Create a user and provision their cloud storage area.
 
-    If provisioning fails the user is deleted again and AccountError(205) is
+    If provisioning fails the user is deleted again and ServiceError(Code.STORAGE_PROVISIONING_FAILED) is
     raised, so nothing is left half-made. The cloud call happens after the
     user row is committed, never inside the transaction.
     """
     email = _validate_registration(username, email, password)
     if User.objects.filter(email__iexact=email).exists():
-        raise AccountError(201, "A user with that email already exists.", "email")
+        raise ServiceError(Code.EMAIL_TAKEN, "A user with that email already exists.", field="email")
     if User.objects.filter(username__iexact=username).exists():
-        raise AccountError(202, "That username is taken.", "username")
+        raise ServiceError(Code.BAD_USERNAME, "That username is taken.", field="username")
     try:
         with transaction.atomic():
             user = User.objects.create_user(username=username, email=email, password=password)
     except IntegrityError:  # lost a race with an identical sign-up
-        raise AccountError(201, "A user with that email already exists.", "email") from None
+        raise ServiceError(Code.EMAIL_TAKEN, "A user with that email already exists.", field="email") from None
     try:
         storage.provision_tenant(user.pk, user.username)
     except cloud.CloudError as exc:
         log.error("storage provisioning failed for new user %s: %s", user.pk, exc)
         user.delete()
-        raise AccountError(205, "Could not prepare cloud storage for the new account; try again later.") from exc
+        raise ServiceError(
+            Code.STORAGE_PROVISIONING_FAILED, "Could not prepare cloud storage for the new account; try again later."
+        ) from exc
     return user
 
 
 def user_check_login(*, email: str, password: str, address: str) -> User:
     """Check an email and password, with throttling per account and address.
 
-    Unknown emails and wrong passwords fail alike (207) so accounts cannot be
-    enumerated; too many failures answer 210 until the window passes.
+    Unknown emails and wrong passwords fail alike (LOGIN_FAILED) so accounts cannot be
+    enumerated; too many failures answer LOGIN_THROTTLED until the window passes.
     """
     if not isinstance(email, str) or not email.strip():
-        raise AccountError(208, "Enter a valid email address.", "email")
+        raise ServiceError(Code.LOGIN_BAD_EMAIL, "Enter a valid email address.")
     try:
         validate_email(email.strip())
     except ValidationError:
-        raise AccountError(208, "Enter a valid email address.", "email") from None
+        raise ServiceError(Code.LOGIN_BAD_EMAIL, "Enter a valid email address.") from None
     if not isinstance(password, str) or not password or len(password) > MAX_PASSWORD_LENGTH:
-        raise AccountError(209, "Enter your password (at most 4096 characters).", "password")
+        raise ServiceError(Code.LOGIN_BAD_PASSWORD, "Enter your password (at most 4096 characters).")
     email = email.strip()
     wait = throttle.retry_after(email, address)
     if wait:
-        error = AccountError(210, f"Too many failed logins; try again in {wait} seconds.")
-        error.retry_after = wait
-        raise error
+        raise ServiceError(
+            Code.LOGIN_THROTTLED,
+            f"Too many failed logins; try again in {wait} seconds.",
+            headers={"Retry-After": str(wait)},
+        )
     candidate = User.objects.filter(email__iexact=email).first()
     user = None
     if candidate is not None:
         # authenticate() runs the hasher (and upgrades old hashes).
         user = authenticate(username=candidate.username, password=password)
         if user is None and candidate.check_password(password) and not candidate.is_active:
-            raise AccountError(206, "This account is deactivated.")
+            raise ServiceError(Code.ACCOUNT_DEACTIVATED, "This account is deactivated.")
     else:
         # Hash anyway so unknown emails take as long as wrong passwords.
         User().set_password(password)
@@ -115,7 +108,7 @@ def user_check_login(*, email: str, password: str, address: str) -> User:
         throttle.record_failure(email, address)
         # Attributed to the account when it exists, so its owner sees the attempt.
         audit_record(AuditEvent.Kind.LOGIN_FAILED, user=candidate, address=address, email=email[:254])
-        raise AccountError(207, "Email or password does not match.")
+        raise ServiceError(Code.LOGIN_FAILED, "Email or password does not match.")
     throttle.clear_account(email)
     audit_record(AuditEvent.Kind.LOGIN_OK, user=user, address=address)
     return user

@@ -1,4 +1,4 @@
-"""Failed-login throttling per account and per address (code 210).
+"""Failed-login throttling per account and per address (code LOGIN_THROTTLED).
 
 Counters live in Django's cache, which is Redis in production and files
 under var/ locally, so every web process shares them. Only failures count;

@@ -10,6 +10,7 @@ from django.urls import reverse_lazy
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
+from reclo_site.errors import ServiceError
 from reclo_site.http import client_address
 
 from . import services
@@ -41,7 +42,7 @@ def login_view(request):
                 password=form.cleaned_data["password"],
                 address=client_address(request),
             )
-        except services.AccountError as exc:
+        except ServiceError as exc:
             form.add_error(None, exc.message)
         else:
             login(request, user)

@@ -14,10 +14,10 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from reclo_site.api.errors import ApiError
 from reclo_site.api.fields import StrictCharField, StrictIntegerField
 from reclo_site.api.schema import error_responses
 from reclo_site.cloud import storage
+from reclo_site.errors import Code, ServiceError
 
 from . import selectors, services
 from .models import Backup
@@ -184,17 +184,10 @@ class UploadCompleteInput(serializers.Serializer):
 def _valid(serializer_class, request) -> dict:
     data = request.data  # an empty body parses as an empty QueryDict, a dict
     if not isinstance(data, dict):
-        raise ApiError(104, "The body must be a JSON object.")
+        raise ServiceError(Code.MALFORMED, "The body must be a JSON object.")
     serializer = serializer_class(data=data)
     serializer.is_valid(raise_exception=True)
     return serializer.validated_data
-
-
-def _call(service, **kwargs):
-    try:
-        return service(**kwargs)
-    except services.BackupError as exc:
-        raise exc.as_api_error() from None
 
 
 def _upload_body(grant, message: str) -> dict:
@@ -223,7 +216,7 @@ class BackupListApi(APIView):
                 description=f"Backups per page (default {DEFAULT_PAGE_SIZE}, at most {MAX_PAGE_SIZE}).",
             ),
         ],
-        responses={200: BackupListOutput, **error_responses(102, 104, 301)},
+        responses={200: BackupListOutput, **error_responses(Code.BAD_TOKEN, Code.MALFORMED, Code.BACKUP_LIST_FAILED)},
     )
     def get(self, request):
         server = request.query_params.get("server")
@@ -238,7 +231,9 @@ class BackupListApi(APIView):
         if size and size > MAX_PAGE_SIZE:
             fields["page_size"] = [f"At most {MAX_PAGE_SIZE}."]
         if fields:
-            raise ApiError(104, "The request has invalid fields: " + ", ".join(sorted(fields)) + ".", fields=fields)
+            raise ServiceError(
+                Code.MALFORMED, "The request has invalid fields: " + ", ".join(sorted(fields)) + ".", fields=fields
+            )
         try:
             qs = selectors.backup_list(user=request.user, server=server)
             start = (page - 1) * size
@@ -248,7 +243,9 @@ class BackupListApi(APIView):
             short = len(backups) < size and (backups or start == 0)
             count = start + len(backups) if short else qs.count()
         except DatabaseError as exc:
-            raise ApiError(301, "Could not read the list of backups; try again shortly.") from exc
+            raise ServiceError(
+                Code.BACKUP_LIST_FAILED, "Could not read the list of backups; try again shortly."
+            ) from exc
         return Response(
             {
                 "message": f"{count} backup(s).",
@@ -274,11 +271,14 @@ def _page_url(request, page: int) -> str:
 
 
 class BackupApi(APIView):
-    @extend_schema(operation_id="backups_detail", responses={200: BackupDetailOutput, **error_responses(102, 105)})
+    @extend_schema(
+        operation_id="backups_detail",
+        responses={200: BackupDetailOutput, **error_responses(Code.BAD_TOKEN, Code.NOT_FOUND)},
+    )
     def get(self, request, backup_id: uuid.UUID):
         backup = selectors.backup_get(user=request.user, backup_id=backup_id)
         if backup is None:
-            raise ApiError(105, "No backup with that id.")
+            raise ServiceError(Code.NOT_FOUND, "No backup with that id.")
         return Response({"message": f"Backup {backup.pk}.", "backup": BackupOutput(backup).data})
 
     @extend_schema(
@@ -288,19 +288,29 @@ class BackupApi(APIView):
                 "cascade", bool, description="Also delete the incremental backups built on this one, newest first."
             )
         ],
-        responses={200: DeleteOutput, **error_responses(102, 104, 308, 309, 310, 311)},
+        responses={
+            200: DeleteOutput,
+            **error_responses(
+                Code.BAD_TOKEN,
+                Code.MALFORMED,
+                Code.DELETE_LOOKUP_FAILED,
+                Code.NO_BACKUP_TO_DELETE,
+                Code.DELETE_FAILED,
+                Code.HAS_DEPENDENTS,
+            ),
+        },
     )
     def delete(self, request, backup_id: uuid.UUID):
         raw = request.query_params.get("cascade", "false").lower()
         if raw not in ("true", "false", "1", "0"):
-            raise ApiError(104, "cascade must be true or false.", fields={"cascade": ["true or false."]})
+            raise ServiceError(Code.MALFORMED, "cascade must be true or false.", fields={"cascade": ["true or false."]})
         try:
-            deleted = _call(
-                services.backup_delete, user=request.user, backup_id=backup_id, cascade=raw in ("true", "1")
-            )
+            deleted = services.backup_delete(user=request.user, backup_id=backup_id, cascade=raw in ("true", "1"))
         except DatabaseError as exc:
             # The contract's code for a delete that cannot read what to delete.
-            raise ApiError(308, "Could not read the backup to delete; try again shortly.") from exc
+            raise ServiceError(
+                Code.DELETE_LOOKUP_FAILED, "Could not read the backup to delete; try again shortly."
+            ) from exc
         return Response({"message": f"Deleted {len(deleted)} backup(s).", "deleted": deleted})
 
 
@@ -308,11 +318,16 @@ class UploadStartApi(APIView):
     @extend_schema(
         operation_id="uploads_start",
         request=UploadStartInput,
-        responses={201: UploadOutput, **error_responses(102, 104, 303, 312, 313)},
+        responses={
+            201: UploadOutput,
+            **error_responses(
+                Code.BAD_TOKEN, Code.MALFORMED, Code.UPLOAD_CREDENTIALS_FAILED, Code.BAD_CHAIN, Code.TOO_LARGE
+            ),
+        },
     )
     def post(self, request):
         data = _valid(UploadStartInput, request)
-        grant = _call(services.backup_start, user=request.user, **data)
+        grant = services.backup_start(user=request.user, **data)
         body = _upload_body(grant, "Upload granted: write the object, then complete the upload.")
         return Response(UploadOutput(body).data, status=status.HTTP_201_CREATED)
 
@@ -321,10 +336,13 @@ class UploadCredentialsApi(APIView):
     @extend_schema(
         operation_id="uploads_credentials",
         request=None,
-        responses={200: UploadOutput, **error_responses(102, 303, 305)},
+        responses={
+            200: UploadOutput,
+            **error_responses(Code.BAD_TOKEN, Code.UPLOAD_CREDENTIALS_FAILED, Code.NO_UPLOAD),
+        },
     )
     def post(self, request, upload_id: uuid.UUID):
-        grant = _call(services.backup_credentials_refresh, user=request.user, upload_id=upload_id)
+        grant = services.backup_credentials_refresh(user=request.user, upload_id=upload_id)
         return Response(UploadOutput(_upload_body(grant, "Fresh credentials for the same key.")).data)
 
 
@@ -332,11 +350,22 @@ class UploadCompleteApi(APIView):
     @extend_schema(
         operation_id="uploads_complete",
         request=UploadCompleteInput,
-        responses={202: BackupDetailOutput, **error_responses(102, 104, 304, 305, 306, 307, 313)},
+        responses={
+            202: BackupDetailOutput,
+            **error_responses(
+                Code.BAD_TOKEN,
+                Code.MALFORMED,
+                Code.UPLOAD_COMPLETE_FAILED,
+                Code.NO_UPLOAD,
+                Code.OBJECT_MISSING,
+                Code.VERIFICATION_FAILED,
+                Code.TOO_LARGE,
+            ),
+        },
     )
     def post(self, request, upload_id: uuid.UUID):
         data = _valid(UploadCompleteInput, request)
-        backup = _call(services.backup_complete, user=request.user, upload_id=upload_id, **data)
+        backup = services.backup_complete(user=request.user, upload_id=upload_id, **data)
         message = {
             Backup.Status.VERIFYING: "Upload complete; the backup is being verified.",
             Backup.Status.VERIFIED: "The backup is verified.",
@@ -349,10 +378,15 @@ class BackupDownloadApi(APIView):
     @extend_schema(
         operation_id="backups_download",
         request=None,
-        responses={200: DownloadOutput, **error_responses(102, 303, 307, 401)},
+        responses={
+            200: DownloadOutput,
+            **error_responses(
+                Code.BAD_TOKEN, Code.UPLOAD_CREDENTIALS_FAILED, Code.VERIFICATION_FAILED, Code.NO_RESTORABLE_BACKUP
+            ),
+        },
     )
     def post(self, request, backup_id: uuid.UUID):
-        grant = _call(services.backup_download_grant, user=request.user, backup_id=backup_id)
+        grant = services.backup_download_grant(user=request.user, backup_id=backup_id)
         body = {
             "message": f"Read-only credentials for the {len(grant.chain)} object(s) of this restore point's chain.",
             "chain": grant.chain,

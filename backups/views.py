@@ -8,6 +8,8 @@ from django.contrib.auth.decorators import login_required
 from django.http import Http404
 from django.shortcuts import redirect, render
 
+from reclo_site.errors import ServiceError
+
 from . import selectors, services
 from .forms import BackupDeleteForm
 
@@ -47,7 +49,7 @@ def backup_delete(request, backup_id):
         if form.is_valid():
             try:
                 deleted = services.backup_delete(user=request.user, backup_id=backup.pk, cascade=True)
-            except services.BackupError as exc:
+            except ServiceError as exc:
                 messages.error(request, exc.message)
             else:
                 messages.success(

@@ -363,7 +363,7 @@ RECLO_STOPPED_INSTANCE_LIFETIME = timedelta(days=env.int("RECLO_STOPPED_INSTANCE
 
 CELERY_BEAT_SCHEDULE |= {
     # Re-enqueue failover steps whose worker died or whose message was lost.
-    "recovery-reconcile": {"task": "recovery.tasks.reconcile_recoveries", "schedule": 60.0},
+    "recovery-reconcile-failover-steps": {"task": "recovery.tasks.reconcile_recoveries", "schedule": 60.0},
     # Record instance states changed outside the portal (stopped in the console, ...).
     "recovery-sync-instances": {"task": "recovery.tasks.sync_instances", "schedule": crontab(minute="*/5")},
     # Terminate ReClo's recovery instances stopped for more than 14 days.

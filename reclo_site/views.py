@@ -6,6 +6,8 @@ from django.shortcuts import redirect, render
 from django.templatetags.static import static
 from django.views.decorators.csrf import csrf_exempt
 
+from reclo_site.errors import Code
+
 from .api.errors import error_body
 
 
@@ -15,13 +17,15 @@ def _is_api(request) -> bool:
 
 def not_found(request, exception=None):
     if _is_api(request):
-        return JsonResponse(error_body(105, f"No such endpoint: {request.method} {request.path}"), status=404)
+        return JsonResponse(
+            error_body(Code.NOT_FOUND, f"No such endpoint: {request.method} {request.path}"), status=404
+        )
     return render(request, "errors/404.html", status=404)
 
 
 def server_error(request):
     if _is_api(request):
-        return JsonResponse(error_body(100, "Internal error; it has been logged."), status=500)
+        return JsonResponse(error_body(Code.INTERNAL, "Internal error; it has been logged."), status=500)
     return render(request, "errors/500.html", status=500)
 
 
@@ -36,7 +40,7 @@ def healthz(request):
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
     except Exception:  # noqa: BLE001 - any failure means unhealthy
-        return JsonResponse(error_body(101, "Database unavailable."), status=503)
+        return JsonResponse(error_body(Code.DATABASE_UNAVAILABLE, "Database unavailable."), status=503)
     return JsonResponse({"message": "ok"})
 
 

@@ -12,19 +12,13 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from reclo_site.api.errors import ApiError
 from reclo_site.api.fields import StrictCharField
 from reclo_site.api.schema import error_responses
+from reclo_site.errors import Code, ServiceError
 
 from . import selectors, services, sizes
-from .engine import STEP_TITLES
+from .failover import FAILOVER_STEPS
 from .models import Instance, Recovery
-
-
-def _raise(exc: services.RecoveryError):
-    fields = {exc.field: [exc.message]} if exc.field and exc.code == 104 else None
-    raise ApiError(exc.code, exc.message, fields=fields) from exc
-
 
 # --- Output serializers -------------------------------------------------------------------------
 
@@ -39,7 +33,7 @@ class StepOutput(serializers.Serializer):
     detail = serializers.CharField()
 
     def get_title(self, step) -> str:
-        return STEP_TITLES.get(step.name, step.name)
+        return FAILOVER_STEPS.title(step.name)
 
 
 class RecoveryErrorOutput(serializers.Serializer):
@@ -124,7 +118,7 @@ class RecoveriesApi(APIView):
             200: inline_serializer(
                 "RecoveryListOutput", {"message": serializers.CharField(), "recoveries": RecoveryOutput(many=True)}
             ),
-            **error_responses(102),
+            **error_responses(Code.BAD_TOKEN),
         },
     )
     def get(self, request):
@@ -147,17 +141,14 @@ class RecoveriesApi(APIView):
                     "recovery": RecoveryOutput(),
                 },
             ),
-            **error_responses(102, 104, 401, 402),
+            **error_responses(Code.BAD_TOKEN, Code.MALFORMED, Code.NO_RESTORABLE_BACKUP, Code.FAILOVER_RUNNING),
         },
     )
     def post(self, request):
         data = _valid(RecoveryStartInput, request)
-        try:
-            recovery = services.recovery_start(
-                user=request.user, backup_id=data["backup_id"], instance_type=data["instance_type"] or None
-            )
-        except services.RecoveryError as exc:
-            _raise(exc)
+        recovery = services.recovery_start(
+            user=request.user, backup_id=data["backup_id"], instance_type=data["instance_type"] or None
+        )
         recovery = selectors.recovery_get(user=request.user, recovery_id=recovery.pk)
         return Response(
             {
@@ -178,13 +169,13 @@ class RecoveryDetailApi(APIView):
             200: inline_serializer(
                 "RecoveryDetailOutput", {"message": serializers.CharField(), "recovery": RecoveryOutput()}
             ),
-            **error_responses(102, 105),
+            **error_responses(Code.BAD_TOKEN, Code.NOT_FOUND),
         },
     )
     def get(self, request, recovery_id):
         recovery = selectors.recovery_get(user=request.user, recovery_id=recovery_id)
         if recovery is None:
-            raise ApiError(105, "No failover of yours has that id.")
+            raise ServiceError(Code.NOT_FOUND, "No failover of yours has that id.")
         return Response({"message": f"Failover is {recovery.status}.", "recovery": _recovery_body(recovery)})
 
 
@@ -194,17 +185,14 @@ class RecoveryDetailApi(APIView):
 def _instance(request, instance_id) -> Instance:
     instance = selectors.instance_get(user=request.user, instance_id=instance_id)
     if instance is None:
-        raise ApiError(405, "No instance of yours has that id.")
+        raise ServiceError(Code.NO_INSTANCE, "No instance of yours has that id.")
     return instance
 
 
 def _instance_action(request, instance_id, action, message: str) -> Response:
     """Run one instance action service for the caller's instance; 202 with the instance after it."""
     instance = _instance(request, instance_id)
-    try:
-        instance = action(instance=instance)
-    except services.RecoveryError as exc:
-        _raise(exc)
+    instance = action(instance=instance)
     return Response({"message": message, "instance": InstanceOutput(instance).data}, status=status.HTTP_202_ACCEPTED)
 
 
@@ -221,7 +209,7 @@ class InstancesApi(APIView):
             200: inline_serializer(
                 "InstanceListOutput", {"message": serializers.CharField(), "instances": InstanceOutput(many=True)}
             ),
-            **error_responses(102),
+            **error_responses(Code.BAD_TOKEN),
         },
     )
     def get(self, request):
@@ -236,7 +224,9 @@ class InstancesApi(APIView):
 
 class InstanceDetailApi(APIView):
     @extend_schema(
-        operation_id="instances_get", tags=["recovery"], responses={200: InstanceBody, **error_responses(102, 405)}
+        operation_id="instances_get",
+        tags=["recovery"],
+        responses={200: InstanceBody, **error_responses(Code.BAD_TOKEN, Code.NO_INSTANCE)},
     )
     def get(self, request, instance_id):
         instance = _instance(request, instance_id)
@@ -247,7 +237,12 @@ class InstanceDetailApi(APIView):
         tags=["recovery"],
         description="Terminate the instance; its Elastic IP and image are released, and the VPN gateway "
         "when no other instance uses it.",
-        responses={202: InstanceBody, **error_responses(102, 405, 406, 408)},
+        responses={
+            202: InstanceBody,
+            **error_responses(
+                Code.BAD_TOKEN, Code.NO_INSTANCE, Code.INSTANCE_STATE_CONFLICT, Code.INSTANCE_ACTION_FAILED
+            ),
+        },
     )
     def delete(self, request, instance_id):
         return _instance_action(request, instance_id, services.instance_terminate, "Instance terminated.")
@@ -258,7 +253,10 @@ class InstanceStartApi(APIView):
         operation_id="instances_start",
         tags=["recovery"],
         request=None,
-        responses={202: InstanceBody, **error_responses(102, 404, 405, 406)},
+        responses={
+            202: InstanceBody,
+            **error_responses(Code.BAD_TOKEN, Code.LAUNCH_FAILED, Code.NO_INSTANCE, Code.INSTANCE_STATE_CONFLICT),
+        },
     )
     def post(self, request, instance_id):
         return _instance_action(request, instance_id, services.instance_start, "Instance starting.")
@@ -269,7 +267,12 @@ class InstanceStopApi(APIView):
         operation_id="instances_stop",
         tags=["recovery"],
         request=None,
-        responses={202: InstanceBody, **error_responses(102, 405, 406, 408)},
+        responses={
+            202: InstanceBody,
+            **error_responses(
+                Code.BAD_TOKEN, Code.NO_INSTANCE, Code.INSTANCE_STATE_CONFLICT, Code.INSTANCE_ACTION_FAILED
+            ),
+        },
     )
     def post(self, request, instance_id):
         return _instance_action(request, instance_id, services.instance_stop, "Instance stopping.")
@@ -283,16 +286,18 @@ class InstanceVpnApi(APIView):
         "address. It holds a private key: keep it like a password.",
         responses={
             (200, "text/plain"): OpenApiResponse(OpenApiTypes.STR, description="A wg-quick config file."),
-            **error_responses(102, 405, 406),
+            **error_responses(Code.BAD_TOKEN, Code.NO_INSTANCE, Code.INSTANCE_STATE_CONFLICT),
         },
     )
     def get(self, request, instance_id):
         instance = _instance(request, instance_id)
         if instance.state == Instance.State.TERMINATED:
-            raise ApiError(406, "The instance is terminated; it has no VPN any more.")
+            raise ServiceError(Code.INSTANCE_STATE_CONFLICT, "The instance is terminated; it has no VPN any more.")
         config = selectors.vpn_client_config(instance=instance)
         if config is None:
-            raise ApiError(406, "The VPN is not ready yet; wait until the failover is ready.")
+            raise ServiceError(
+                Code.INSTANCE_STATE_CONFLICT, "The VPN is not ready yet; wait until the failover is ready."
+            )
         response = HttpResponse(config, content_type="text/plain; charset=utf-8")
         response["Content-Disposition"] = f'attachment; filename="{vpn_file_name(instance)}"'
         response["Cache-Control"] = "no-store"
@@ -307,7 +312,7 @@ def vpn_file_name(instance: Instance) -> str:
 
 def _valid(serializer_class, request) -> dict:
     if not isinstance(request.data, dict):
-        raise ApiError(104, "The body must be a JSON object.")
+        raise ServiceError(Code.MALFORMED, "The body must be a JSON object.")
     serializer = serializer_class(data=request.data)
     serializer.is_valid(raise_exception=True)
     return serializer.validated_data

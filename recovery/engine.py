@@ -1,9 +1,23 @@
-"""The failover state machine: claim a step, run it, record the outcome, enqueue what follows.
+"""The step engine: claim a step, run it, record the outcome, enqueue what follows.
 
-Every step runs in a small Celery task (`recovery.tasks.recovery_run_step`)
-that may be delivered twice, run late, or die at any instruction. So:
+It runs any `Pipeline` (`recovery/pipeline.py`): a run row and its step
+rows, a table of `Step(name, title, handler, deadline, error_code)`, the
+Celery task that runs one go of a step, and an optional `on_exit` hook.
+The failover (`recovery.failover.FAILOVER`, the default of every function
+here) is one pipeline. A drill (`queued → preparing → booting → checking →
+passed/failed`) is another: its own run and step models with the fields
+`Pipeline` lists, its own `StepTable` of handlers, a task that calls
+`run_step(drill_id, step, pipeline=DRILL)`, a beat entry that calls
+`reconcile(pipeline=DRILL)`, `succeeded="passed"`, and `on_exit` pointing
+at its teardown, which then runs after commit however the drill ends
+(passed, failed by a step, a deadline, a crash, or retries running out).
+Start a run with `start(run, pipeline=...)` inside the transaction that
+creates it.
 
-- A task works only while it holds the recovery's lease, taken with a
+Every step runs in a small Celery task that may be delivered twice, run
+late, or die at any instruction. So:
+
+- A task works only while it holds the run's lease, taken with a
   conditional UPDATE (status is this step, and no live lease). No row
   changed means another worker has it, or the step is over: return.
 - Long steps renew the lease as they go (`StepContext.heartbeat`); a worker
@@ -17,44 +31,49 @@ that may be delivered twice, run late, or die at any instruction. So:
   enqueued again with a countdown; no worker sleeps. Every step has a
   deadline.
 - Transient cloud errors retry with jittered, capped exponential backoff;
-  permanent ones fail the recovery at once with a code and a reason.
+  permanent ones fail the run at once with the step's code and a reason.
 """
 
 import logging
 import random
 import time
 import uuid
-from dataclasses import dataclass, field
 from datetime import timedelta
 
 from celery.exceptions import SoftTimeLimitExceeded
-from django.conf import settings
 from django.db import InterfaceError, OperationalError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
+from django.utils.module_loading import import_string
 from kombu.exceptions import OperationalError as BrokerError
 
 from reclo_site.cloud import CloudPermanentError, CloudUnavailable
+from reclo_site.errors import Code
 
-from .models import Recovery, RecoveryStep
+from .failover import FAILOVER
+from .pipeline import Done, Pipeline, StepFailed, Wait
+
+__all__ = [
+    "BACKOFF_BASE",
+    "BACKOFF_CAP",
+    "MAX_RETRIES",
+    "Done",
+    "LostClaim",
+    "StepContext",
+    "StepFailed",
+    "Wait",
+    "backoff",
+    "claim",
+    "enqueue",
+    "next_step",
+    "reconcile",
+    "run_step",
+    "start",
+    "step_for_status",
+]
 
 log = logging.getLogger(__name__)
 
-# The contract's error code for a failure in each step.
-STEP_ERROR_CODES = {"consolidating": 403, "importing": 403, "launching": 404, "provisioning_vpn": 407}
-STEP_TITLES = {
-    "consolidating": "Preparing the disk",
-    "importing": "Creating the cloud image",
-    "launching": "Starting the server",
-    "provisioning_vpn": "Setting up the VPN",
-}
-# How long a step may take, from its first start, before the recovery fails.
-STEP_DEADLINES = {
-    "consolidating": timedelta(hours=12),
-    "importing": timedelta(hours=12),  # VM Import of a large disk takes hours
-    "launching": timedelta(minutes=30),
-    "provisioning_vpn": timedelta(minutes=30),
-}
 # Transient errors in a row before a step gives up; backoff between them.
 MAX_RETRIES = 8
 BACKOFF_BASE = 5.0
@@ -66,54 +85,22 @@ HEARTBEAT_EVERY = 5.0
 def backoff(retries: int) -> float:
     """Seconds before retry number `retries` (1, 2, ...): exponential, capped, fully jittered.
 
-    Full jitter spreads the retries of many recoveries hit by the same
-    throttling, so they do not come back in lockstep; the floor of one base
-    keeps a retry from being immediate.
+    Full jitter spreads the retries of many runs hit by the same throttling,
+    so they do not come back in lockstep; the floor of one base keeps a
+    retry from being immediate.
     """
     ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, retries - 1))
     return random.uniform(BACKOFF_BASE, max(BACKOFF_BASE, ceiling))
 
 
-def next_step(step: str) -> str | None:
-    steps = Recovery.STEPS
-    index = steps.index(step)
-    return steps[index + 1] if index + 1 < len(steps) else None
+def next_step(step: str, *, pipeline: Pipeline = FAILOVER) -> str | None:
+    following = pipeline.steps.after(step)
+    return following.name if following else None
 
 
-def step_for_status(status: str) -> str | None:
-    """The step a recovery in `status` is at (queued is about to consolidate)."""
-    if status == Recovery.Status.QUEUED:
-        return Recovery.STEPS[0]
-    return status if status in Recovery.STEPS else None
-
-
-# --- What a step handler returns or raises ------------------------------------------------
-
-
-@dataclass
-class Done:
-    """The step finished; `outputs` are merged into what it saved along the way."""
-
-    outputs: dict = field(default_factory=dict)
-    detail: str = ""
-    skipped: bool = False
-
-
-@dataclass
-class Wait:
-    """AWS is not there yet: run this step again in `seconds`."""
-
-    seconds: float
-    detail: str = ""
-
-
-class StepFailed(Exception):
-    """A failure no retry will fix; `code` is from the contract's 4xx table."""
-
-    def __init__(self, code: int, reason: str):
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
+def step_for_status(status: str, *, pipeline: Pipeline = FAILOVER) -> str | None:
+    """The step a run in `status` is at (queued is about to start the first)."""
+    return pipeline.step_for_status(status)
 
 
 class LostClaim(Exception):
@@ -124,13 +111,19 @@ class LostClaim(Exception):
 
 
 class StepContext:
-    """What a step handler gets: the recovery, its step row, and ways to save and report."""
+    """What a step handler gets: the run, its step row, and ways to save and report."""
 
-    def __init__(self, recovery: Recovery, step: RecoveryStep, token: uuid.UUID):
-        self.recovery = recovery
+    def __init__(self, run, step, token: uuid.UUID, pipeline: Pipeline = FAILOVER):
+        self.run = run
         self.step = step
         self.token = token
+        self.pipeline = pipeline
         self._last_beat = time.monotonic()
+
+    @property
+    def recovery(self):
+        """The failover's name for the run."""
+        return self.run
 
     @property
     def outputs(self) -> dict:
@@ -138,19 +131,19 @@ class StepContext:
         return self.step.outputs
 
     def previous(self, name: str) -> dict:
-        """The outputs of an earlier step of this recovery."""
-        return RecoveryStep.objects.get(recovery_id=self.recovery.pk, name=name).outputs
+        """The outputs of an earlier step of this run."""
+        return self.pipeline.step_rows_of(self.run.pk).get(name=name).outputs
 
     def _renew(self, **step_fields) -> None:
         now = timezone.now()
         with transaction.atomic():
-            kept = Recovery.objects.filter(pk=self.recovery.pk, lease_token=self.token).update(
-                lease_until=now + settings.RECLO_RECOVERY_STALE_AFTER, updated=now
+            kept = self.pipeline.runs.filter(pk=self.run.pk, lease_token=self.token).update(
+                lease_until=now + self.pipeline.lease, updated=now
             )
             if not kept:
-                raise LostClaim(f"recovery {self.recovery.pk} was taken over")
+                raise LostClaim(f"{self.pipeline.name} {self.run.pk} was taken over")
             if step_fields:
-                RecoveryStep.objects.filter(pk=self.step.pk).update(**step_fields)
+                self.pipeline.step_rows.filter(pk=self.step.pk).update(**step_fields)
         self._last_beat = time.monotonic()
 
     def save(self, **values) -> None:
@@ -160,8 +153,8 @@ class StepContext:
 
     def heartbeat(self, detail: str | None = None, *, force: bool = False) -> None:
         """Renew the lease (and show `detail`), at most every few seconds unless forced."""
-        # Well within the lease, whatever RECLO_RECOVERY_STALE_AFTER is set to.
-        every = min(HEARTBEAT_EVERY, settings.RECLO_RECOVERY_STALE_AFTER.total_seconds() / 3)
+        # Well within the lease, whatever its setting is.
+        every = min(HEARTBEAT_EVERY, self.pipeline.lease.total_seconds() / 3)
         if not force and time.monotonic() - self._last_beat < every:
             return
         fields = {}
@@ -170,92 +163,101 @@ class StepContext:
         self._renew(**fields)
 
 
-# --- Claiming and running -----------------------------------------------------------------
+# --- Starting, claiming and running -------------------------------------------------------
 
 
-def claim(recovery_id, step: str) -> uuid.UUID | None:
-    """Take the lease of `recovery_id` for `step`; None if someone else has it or it moved on."""
+def start(run, *, pipeline: Pipeline = FAILOVER) -> None:
+    """Give a just-created run its step rows and enqueue its first step on commit.
+
+    Call it inside the transaction that creates `run` (in status queued).
+    """
+    pipeline.step_rows.bulk_create(
+        pipeline.step_rows.model(**{pipeline.run_field: run}, name=step.name, position=n)
+        for n, step in enumerate(pipeline.steps)
+    )
+    first = pipeline.steps.first.name
+    transaction.on_commit(lambda: enqueue(run.pk, first, pipeline=pipeline))
+
+
+def claim(run_id, step: str, *, pipeline: Pipeline = FAILOVER) -> uuid.UUID | None:
+    """Take the lease of `run_id` for `step`; None if someone else has it or it moved on."""
     now = timezone.now()
     token = uuid.uuid4()
-    statuses = [step, Recovery.Status.QUEUED] if step == Recovery.STEPS[0] else [step]
+    statuses = [step, pipeline.queued] if step == pipeline.steps.first.name else [step]
     claimed = (
-        Recovery.objects.filter(pk=recovery_id, status__in=statuses)
+        pipeline.runs.filter(pk=run_id, status__in=statuses)
         .filter(Q(lease_until__isnull=True) | Q(lease_until__lt=now))
-        .update(
-            status=step,
-            lease_token=token,
-            lease_until=now + settings.RECLO_RECOVERY_STALE_AFTER,
-            due_at=None,
-            updated=now,
-        )
+        .update(status=step, lease_token=token, lease_until=now + pipeline.lease, due_at=None, updated=now)
     )
     return token if claimed else None
 
 
-def enqueue(recovery_id, step: str, countdown: float | None = None) -> None:
-    """Send the task of `step` (call it from on_commit, so what it claims is committed).
+def enqueue(run_id, step: str, countdown: float | None = None, *, pipeline: Pipeline = FAILOVER) -> None:
+    """Send the pipeline's task for `step` (call it from on_commit, so what it claims is committed).
 
     A broker outage is logged, not raised: by then the state is committed (a
-    failover accepted, a step done), and the reconciler sends a step whose
+    run accepted, a step done), and the reconciler sends a step whose
     message never left just as it does one the broker lost.
     """
-    from .tasks import recovery_run_step
-
     options = {"countdown": countdown} if countdown else {}
     try:
-        recovery_run_step.apply_async((str(recovery_id), step), **options)
+        import_string(pipeline.task).apply_async((str(run_id), step), **options)
     except (BrokerError, OSError) as exc:
-        log.warning("recovery %s: could not send the %s step (%s); the reconciler will", recovery_id, step, exc)
+        log.warning("%s %s: could not send the %s step (%s); the reconciler will", pipeline.name, run_id, step, exc)
 
 
-def run_step(recovery_id, step: str) -> str:
-    """Run one go of `step` for a recovery. Idempotent; returns what happened, for logs and tests."""
-    from .steps import HANDLERS
-
-    token = claim(recovery_id, step)
+def run_step(run_id, step: str, *, pipeline: Pipeline = FAILOVER) -> str:
+    """Run one go of `step` for a run. Idempotent; returns what happened, for logs and tests."""
+    token = claim(run_id, step, pipeline=pipeline)
     if token is None:
         return "not claimed"
-    recovery = Recovery.objects.select_related("backup", "server", "user").get(pk=recovery_id)
+    spec = pipeline.steps[step]
+    run = pipeline.runs.select_related(*pipeline.select_related).get(pk=run_id)
     now = timezone.now()
-    row = RecoveryStep.objects.get(recovery=recovery, name=step)
-    RecoveryStep.objects.filter(pk=row.pk).update(
-        status=RecoveryStep.Status.RUNNING,
+    row = pipeline.step_rows_of(run.pk).get(name=step)
+    pipeline.step_rows.filter(pk=row.pk).update(
+        status="running",
         started=row.started or now,
-        deadline=row.deadline or now + STEP_DEADLINES[step],
+        deadline=row.deadline or now + spec.deadline,
         attempts=F("attempts") + 1,
     )
     row.refresh_from_db()
     if row.deadline < now:
-        return _fail(recovery, row, token, STEP_ERROR_CODES[step], f"{STEP_TITLES[step]} did not finish in time.")
+        return _fail(pipeline, run, row, token, spec.error_code, f"{spec.title} did not finish in time.")
 
-    ctx = StepContext(recovery, row, token)
+    ctx = StepContext(run, row, token, pipeline)
     try:
-        result = HANDLERS[step](ctx)
+        result = spec.run(ctx)
     except LostClaim:
-        log.warning("recovery %s: lost the %s step to another worker", recovery_id, step)
+        log.warning("%s %s: lost the %s step to another worker", pipeline.name, run_id, step)
         return "lost claim"
     except StepFailed as exc:
-        return _fail(recovery, row, token, exc.code, exc.reason)
+        return _fail(pipeline, run, row, token, exc.code, exc.reason)
     except CloudPermanentError as exc:
-        return _fail(recovery, row, token, STEP_ERROR_CODES[step], f"The cloud refused: {exc}")
+        return _fail(pipeline, run, row, token, spec.error_code, f"The cloud refused: {exc}")
     except (CloudUnavailable, OperationalError, InterfaceError, SoftTimeLimitExceeded) as exc:
-        return _retry_later(recovery, row, token, exc)
-    except Exception as exc:  # noqa: BLE001 - a bug must fail the recovery readably, not loop
-        log.exception("recovery %s: %s step crashed", recovery_id, step)
-        return _fail(
-            recovery, row, token, STEP_ERROR_CODES[step], f"Internal error in {step} ({exc.__class__.__name__})."
-        )
+        return _retry_later(pipeline, run, row, token, exc)
+    except Exception as exc:  # noqa: BLE001 - a bug must fail the run readably, not loop
+        log.exception("%s %s: %s step crashed", pipeline.name, run_id, step)
+        reason = f"Internal error in {step} ({exc.__class__.__name__})."
+        return _fail(pipeline, run, row, token, spec.error_code, reason)
     if isinstance(result, Wait):
-        return _wait(recovery, row, token, result)
-    return _advance(recovery, row, token, result)
+        return _wait(pipeline, run, row, token, result)
+    return _advance(pipeline, run, row, token, result)
 
 
-def _advance(recovery: Recovery, row: RecoveryStep, token, result: Done) -> str:
+def _exit_on_commit(pipeline: Pipeline, run_id, status: str) -> None:
+    if pipeline.on_exit:
+        hook = import_string(pipeline.on_exit)
+        transaction.on_commit(lambda: hook(run_id, status))
+
+
+def _advance(pipeline: Pipeline, run, row, token, result: Done) -> str:
     now = timezone.now()
-    following = next_step(row.name)
-    status = following or Recovery.Status.READY
+    following = next_step(row.name, pipeline=pipeline)
+    status = following or pipeline.succeeded
     with transaction.atomic():
-        moved = Recovery.objects.filter(pk=recovery.pk, lease_token=token).update(
+        moved = pipeline.runs.filter(pk=run.pk, lease_token=token).update(
             status=status,
             lease_token=None,
             lease_until=None,
@@ -264,10 +266,10 @@ def _advance(recovery: Recovery, row: RecoveryStep, token, result: Done) -> str:
             finished=None if following else now,
         )
         if not moved:
-            log.warning("recovery %s: lease lost before %s could finish", recovery.pk, row.name)
+            log.warning("%s %s: lease lost before %s could finish", pipeline.name, run.pk, row.name)
             return "lost claim"
-        RecoveryStep.objects.filter(pk=row.pk).update(
-            status=RecoveryStep.Status.SKIPPED if result.skipped else RecoveryStep.Status.DONE,
+        pipeline.step_rows.filter(pk=row.pk).update(
+            status="skipped" if result.skipped else "done",
             finished=now,
             outputs={**row.outputs, **result.outputs},
             detail=result.detail[:200],
@@ -275,65 +277,59 @@ def _advance(recovery: Recovery, row: RecoveryStep, token, result: Done) -> str:
             error="",
         )
         if following:
-            transaction.on_commit(lambda: enqueue(recovery.pk, following))
-    log.info("recovery %s: %s done, now %s", recovery.pk, row.name, status)
+            transaction.on_commit(lambda: enqueue(run.pk, following, pipeline=pipeline))
+        else:
+            _exit_on_commit(pipeline, run.pk, status)
+    log.info("%s %s: %s done, now %s", pipeline.name, run.pk, row.name, status)
     return "done"
 
 
-def _wait(recovery: Recovery, row: RecoveryStep, token, result: Wait) -> str:
+def _wait(pipeline: Pipeline, run, row, token, result: Wait) -> str:
     now = timezone.now()
     seconds = max(0.0, result.seconds)
     with transaction.atomic():
-        released = Recovery.objects.filter(pk=recovery.pk, lease_token=token).update(
+        released = pipeline.runs.filter(pk=run.pk, lease_token=token).update(
             lease_token=None, lease_until=None, due_at=now + timedelta(seconds=seconds), updated=now
         )
         if not released:
             return "lost claim"
-        RecoveryStep.objects.filter(pk=row.pk).update(
-            status=RecoveryStep.Status.WAITING,
-            detail=result.detail[:200],
-            retries=0,
-            waited=F("waited") + seconds,
+        pipeline.step_rows.filter(pk=row.pk).update(
+            status="waiting", detail=result.detail[:200], retries=0, waited=F("waited") + seconds
         )
-        transaction.on_commit(lambda: enqueue(recovery.pk, row.name, countdown=seconds))
+        transaction.on_commit(lambda: enqueue(run.pk, row.name, countdown=seconds, pipeline=pipeline))
     return "waiting"
 
 
-def _retry_later(recovery: Recovery, row: RecoveryStep, token, exc: Exception) -> str:
+def _retry_later(pipeline: Pipeline, run, row, token, exc: Exception) -> str:
     retries = row.retries + 1
     if retries > MAX_RETRIES:
-        return _fail(
-            recovery,
-            row,
-            token,
-            STEP_ERROR_CODES[row.name],
-            f"The cloud stayed unavailable after {MAX_RETRIES} retries: {exc}",
-        )
+        reason = f"The cloud stayed unavailable after {MAX_RETRIES} retries: {exc}"
+        return _fail(pipeline, run, row, token, pipeline.steps[row.name].error_code, reason)
     delay = backoff(retries)
     log.warning(
-        "recovery %s: %s hit a transient error (%s); retry %d in %.0fs", recovery.pk, row.name, exc, retries, delay
+        "%s %s: %s hit a transient error (%s); retry %d in %.0fs", pipeline.name, run.pk, row.name, exc, retries, delay
     )
     now = timezone.now()
     with transaction.atomic():
-        released = Recovery.objects.filter(pk=recovery.pk, lease_token=token).update(
+        released = pipeline.runs.filter(pk=run.pk, lease_token=token).update(
             lease_token=None, lease_until=None, due_at=now + timedelta(seconds=delay), updated=now
         )
         if not released:
             return "lost claim"
-        RecoveryStep.objects.filter(pk=row.pk).update(
-            status=RecoveryStep.Status.WAITING,
+        pipeline.step_rows.filter(pk=row.pk).update(
+            status="waiting",
             retries=retries,
             detail=f"The cloud is busy; trying again in {delay:.0f} seconds."[:200],
         )
-        transaction.on_commit(lambda: enqueue(recovery.pk, row.name, countdown=delay))
+        transaction.on_commit(lambda: enqueue(run.pk, row.name, countdown=delay, pipeline=pipeline))
     return "retrying"
 
 
-def _fail(recovery: Recovery, row: RecoveryStep, token, code: int, reason: str) -> str:
+def _fail(pipeline: Pipeline, run, row, token, code: Code, reason: str) -> str:
     now = timezone.now()
     with transaction.atomic():
-        failed = Recovery.objects.filter(pk=recovery.pk, lease_token=token).update(
-            status=Recovery.Status.FAILED,
+        failed = pipeline.runs.filter(pk=run.pk, lease_token=token).update(
+            status=pipeline.failed,
             error_code=code,
             error=reason,
             lease_token=None,
@@ -344,16 +340,17 @@ def _fail(recovery: Recovery, row: RecoveryStep, token, code: int, reason: str) 
         )
         if not failed:
             return "lost claim"
-        RecoveryStep.objects.filter(pk=row.pk).update(status=RecoveryStep.Status.FAILED, finished=now, error=reason)
-    log.warning("recovery %s failed in %s (%d): %s", recovery.pk, row.name, code, reason)
+        pipeline.step_rows.filter(pk=row.pk).update(status="failed", finished=now, error=reason)
+        _exit_on_commit(pipeline, run.pk, pipeline.failed)
+    log.warning("%s %s failed in %s (%d): %s", pipeline.name, run.pk, row.name, code, reason)
     return "failed"
 
 
 # --- The reconciler -------------------------------------------------------------------------
 
 
-def reconcile(*, limit: int = 200) -> int:
-    """Re-enqueue recoveries whose step has not moved for too long. Idempotent; safe to overlap.
+def reconcile(*, limit: int = 200, pipeline: Pipeline = FAILOVER) -> int:
+    """Re-enqueue runs whose step has not moved for too long. Idempotent; safe to overlap.
 
     Two cases: a lease that ran out (the worker holding it died), and no
     lease with a task overdue by the stale period (its message was lost,
@@ -363,9 +360,9 @@ def reconcile(*, limit: int = 200) -> int:
     Extra deliveries are harmless anyway: the step task's claim sorts them.
     """
     now = timezone.now()
-    stale = settings.RECLO_RECOVERY_STALE_AFTER
+    stale = pipeline.lease
     candidates = list(
-        Recovery.objects.filter(status__in=Recovery.ACTIVE)
+        pipeline.runs.filter(status__in=pipeline.active)
         .filter(
             Q(lease_until__lt=now)
             | Q(lease_until__isnull=True, due_at__lt=now - stale)
@@ -376,13 +373,13 @@ def reconcile(*, limit: int = 200) -> int:
     count = 0
     for pk, status, lease_until, due_at in candidates:
         with transaction.atomic():
-            moved = Recovery.objects.filter(pk=pk, status=status, lease_until=lease_until, due_at=due_at).update(
+            moved = pipeline.runs.filter(pk=pk, status=status, lease_until=lease_until, due_at=due_at).update(
                 lease_token=None, lease_until=None, due_at=now, updated=now
             )
             if moved:
-                step = step_for_status(status)
-                transaction.on_commit(lambda pk=pk, step=step: enqueue(pk, step))
+                step = pipeline.step_for_status(status)
+                transaction.on_commit(lambda pk=pk, step=step: enqueue(pk, step, pipeline=pipeline))
                 count += 1
     if count:
-        log.info("reconciler re-enqueued %d recoveries", count)
+        log.info("reconciler re-enqueued %d %s runs", count, pipeline.name)
     return count

@@ -8,6 +8,8 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from .failover import FAILOVER, FAILOVER_STEPS
+
 
 class Recovery(models.Model):
     """One failover: a restore point on its way to a running server behind a VPN.
@@ -19,23 +21,17 @@ class Recovery(models.Model):
     the reconciler can re-enqueue work a dead worker or a lost message left.
     """
 
-    class Status(models.TextChoices):
-        QUEUED = "queued"
-        CONSOLIDATING = "consolidating"
-        IMPORTING = "importing"
-        LAUNCHING = "launching"
-        PROVISIONING_VPN = "provisioning_vpn", "provisioning VPN"
-        READY = "ready"
-        FAILED = "failed"
+    # queued, the steps of `FAILOVER_STEPS` in order, ready, failed.
+    Status = models.TextChoices("Status", FAILOVER.status_choices(), module=__name__, qualname="Recovery.Status")
 
     class ImportMethod(models.TextChoices):
         EBS_DIRECT = "ebs_direct", "EBS direct"
         VM_IMPORT = "vm_import", "VM Import"
 
     # The steps in order; `queued` moves to the first at once.
-    STEPS = ("consolidating", "importing", "launching", "provisioning_vpn")
-    ACTIVE = ("queued", *STEPS)
-    FINISHED = ("ready", "failed")
+    STEPS = FAILOVER_STEPS.names
+    ACTIVE = FAILOVER.active
+    FINISHED = FAILOVER.finished
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="recoveries")
@@ -71,10 +67,10 @@ class Recovery(models.Model):
         verbose_name_plural = "recoveries"
         constraints = [
             # One failover in progress per server: the database decides a race
-            # between two clicks (code 402), not a check-then-insert.
+            # between two clicks (code FAILOVER_RUNNING), not a check-then-insert.
             models.UniqueConstraint(
                 fields=["server"],
-                condition=Q(status__in=["queued", "consolidating", "importing", "launching", "provisioning_vpn"]),
+                condition=Q(status__in=list(FAILOVER.active)),
                 name="recovery_one_active_per_server",
             ),
         ]

@@ -19,8 +19,8 @@ from django.utils import timezone
 from reclo_site.cloud import compute, network
 
 from . import vpn
-from .engine import Wait
 from .models import Instance, Recovery, RecoveryNetwork, VpnGateway
+from .pipeline import Wait
 
 log = logging.getLogger(__name__)
 

@@ -16,14 +16,16 @@ from accounts.audit import audit_record
 from accounts.models import AuditEvent
 from reclo_site import cloud
 from reclo_site.cloud import compute, imaging, storage
+from reclo_site.errors import Code, ServiceError
 
 from . import engine, networks, selectors, sizes
+from .failover import FAILOVER
 from .models import Instance, Recovery, RecoveryNetwork, RecoveryStep
 from .steps import merged_key
 
 log = logging.getLogger(__name__)
 
-# Which instance states allow which action (anything else answers 406).
+# Which instance states allow which action (anything else answers INSTANCE_STATE_CONFLICT).
 ALLOWED = {
     "start": (Instance.State.STOPPED,),
     "stop": (Instance.State.PENDING, Instance.State.RUNNING),
@@ -34,46 +36,40 @@ FREE_BATCH = 50
 FREE_MAX_PAGES = 20
 
 
-class RecoveryError(Exception):
-    """A refused failover or instance operation; `code` is the contract's error code."""
-
-    def __init__(self, code: int, message: str, field: str | None = None):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.field = field
-
-
 # --- Failover ------------------------------------------------------------------------------
 
 
 def recovery_start(*, user, backup_id, instance_type: str | None = None, import_method: str | None = None) -> Recovery:
     """Queue a failover of a verified restore point. Not idempotent: each call is a new failover.
 
-    Raises RecoveryError 401 (no restorable backup of this user's with that
-    id), 402 (this server already has a failover running or a live
-    instance), 104 (unknown instance type). The first step is enqueued once
+    Raises ServiceError NO_RESTORABLE_BACKUP (no restorable backup of this
+    user's with that id), FAILOVER_RUNNING (this server already has a
+    failover running or a live instance), MALFORMED (unknown instance type). The first step is enqueued once
     the recovery is committed.
     """
     backup = selectors.restorable_backup(user=user, backup_id=backup_id)
     if backup is None:
-        raise RecoveryError(401, "No restorable (verified) backup of yours has that id.", "backup_id")
+        raise ServiceError(Code.NO_RESTORABLE_BACKUP, "No restorable (verified) backup of yours has that id.")
     try:
         selectors.backup_chain(backup)
     except selectors.ChainError as exc:
-        raise RecoveryError(401, f"That restore point cannot be restored: {exc}", "backup_id") from exc
+        raise ServiceError(Code.NO_RESTORABLE_BACKUP, f"That restore point cannot be restored: {exc}") from exc
     if instance_type:
         if instance_type not in sizes.BY_TYPE:
             choices = ", ".join(sizes.BY_TYPE)
-            raise RecoveryError(104, f"Unknown instance type; choose one of {choices}.", "instance_type")
+            raise ServiceError(
+                Code.MALFORMED, f"Unknown instance type; choose one of {choices}.", field="instance_type"
+            )
     else:
         instance_type = sizes.size_for_disk(backup.virtual_size).instance_type
     method = import_method or settings.RECLO_IMPORT_METHOD
     if method not in Recovery.ImportMethod.values:
-        raise RecoveryError(104, "Unknown import method.", "import_method")
+        raise ServiceError(Code.MALFORMED, "Unknown import method.", field="import_method")
     server = backup.server
     if Instance.objects.filter(recovery__server=server).exclude(state=Instance.State.TERMINATED).exists():
-        raise RecoveryError(402, f"{server.name} already runs in the cloud; terminate that instance first.")
+        raise ServiceError(
+            Code.FAILOVER_RUNNING, f"{server.name} already runs in the cloud; terminate that instance first."
+        )
     now = timezone.now()
     try:
         with transaction.atomic():
@@ -89,26 +85,13 @@ def recovery_start(*, user, backup_id, instance_type: str | None = None, import_
                 import_method=method,
                 due_at=now,
             )
-            RecoveryStep.objects.bulk_create(
-                RecoveryStep(recovery=recovery, name=name, position=n) for n, name in enumerate(Recovery.STEPS)
-            )
-            transaction.on_commit(lambda: engine.enqueue(recovery.pk, Recovery.STEPS[0]))
+            engine.start(recovery, pipeline=FAILOVER)
     except IntegrityError:  # the partial unique index: one active failover per server
-        raise RecoveryError(402, f"A failover of {server.name} is already running.") from None
+        raise ServiceError(Code.FAILOVER_RUNNING, f"A failover of {server.name} is already running.") from None
     log.info("recovery %s queued for server %s (restore point %s)", recovery.pk, server.pk, backup.pk)
     audit_record(AuditEvent.Kind.FAILOVER_STARTED, user=user, server=server.name, recovery_id=str(recovery.pk),
                  backup_id=str(backup.pk), instance_type=instance_type)  # fmt: skip
     return recovery
-
-
-def recovery_step_run(*, recovery_id, step: str) -> str:
-    """Run one go of a step (the task's body). Idempotent: see `recovery.engine`."""
-    return engine.run_step(recovery_id, step)
-
-
-def recoveries_reconcile() -> int:
-    """Re-enqueue failovers whose step stalled (dead worker, lost message). Idempotent."""
-    return engine.reconcile()
 
 
 # --- Instances -----------------------------------------------------------------------------
@@ -130,7 +113,7 @@ def _claim_action(instance: Instance, action: str, pending_state: str) -> str:
     claimed = Instance.objects.filter(pk=instance.pk, state__in=ALLOWED[action]).update(state=pending_state)
     if not claimed:
         later = " Try again in a few seconds." if previous in TRANSITIONAL else ""
-        raise RecoveryError(406, f"The instance is {previous}; it cannot {action} now.{later}")
+        raise ServiceError(Code.INSTANCE_STATE_CONFLICT, f"The instance is {previous}; it cannot {action} now.{later}")
     return previous
 
 
@@ -139,13 +122,13 @@ def _undo(instance: Instance, pending_state: str, previous: str) -> None:
 
 
 def instance_stop(*, instance: Instance) -> Instance:
-    """Stop a running instance. 406 in another state, 408 if the cloud refuses."""
+    """Stop a running instance. INSTANCE_STATE_CONFLICT in another state, INSTANCE_ACTION_FAILED if AWS refuses."""
     previous = _claim_action(instance, "stop", Instance.State.STOPPING)
     try:
         state = compute.stop_instance(instance.instance_id)
     except cloud.CloudError as exc:
         _undo(instance, Instance.State.STOPPING, previous)
-        raise RecoveryError(408, f"The cloud did not stop the instance: {exc}") from exc
+        raise ServiceError(Code.INSTANCE_ACTION_FAILED, f"The cloud did not stop the instance: {exc}") from exc
     now = timezone.now()
     # The clean-up clock starts at the stop request (sync corrects it if AWS says otherwise).
     Instance.objects.filter(pk=instance.pk).update(state=state, stopped_at=now, running_since=None, synced=now)
@@ -156,13 +139,13 @@ def instance_stop(*, instance: Instance) -> Instance:
 
 
 def instance_start(*, instance: Instance) -> Instance:
-    """Start a stopped instance. 406 in another state, 404 if the cloud refuses."""
+    """Start a stopped instance. INSTANCE_STATE_CONFLICT in another state, LAUNCH_FAILED if the cloud refuses."""
     previous = _claim_action(instance, "start", Instance.State.PENDING)
     try:
         state = compute.start_instance(instance.instance_id)
     except cloud.CloudError as exc:
         _undo(instance, Instance.State.PENDING, previous)
-        raise RecoveryError(404, f"The cloud did not start the instance: {exc}") from exc
+        raise ServiceError(Code.LAUNCH_FAILED, f"The cloud did not start the instance: {exc}") from exc
     now = timezone.now()
     Instance.objects.filter(pk=instance.pk).update(state=state, stopped_at=None, running_since=now, synced=now)
     _watch_on_commit(instance.pk)
@@ -199,7 +182,7 @@ def instance_watch(*, instance_pk: int, polls_left: int) -> str | None:
 def instance_terminate(*, instance: Instance) -> Instance:
     """Terminate an instance and, afterwards, release its address, image and (if unused) the VPN gateway.
 
-    406 if already terminated, 408 if the cloud refuses. The release runs as
+    INSTANCE_STATE_CONFLICT if already terminated, INSTANCE_ACTION_FAILED if the cloud refuses. The release runs as
     a task after commit (and sync_instances re-enqueues it if it is lost).
     """
     previous = _claim_action(instance, "terminate", Instance.State.SHUTTING_DOWN)
@@ -207,7 +190,7 @@ def instance_terminate(*, instance: Instance) -> Instance:
         compute.terminate_instance(instance.instance_id)
     except cloud.CloudError as exc:
         _undo(instance, Instance.State.SHUTTING_DOWN, previous)
-        raise RecoveryError(408, f"The cloud did not terminate the instance: {exc}") from exc
+        raise ServiceError(Code.INSTANCE_ACTION_FAILED, f"The cloud did not terminate the instance: {exc}") from exc
     _terminated(instance.pk)
     instance.refresh_from_db()
     audit_record(AuditEvent.Kind.INSTANCE_TERMINATED, user=instance.user, instance_id=instance.instance_id)

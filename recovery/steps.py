@@ -1,4 +1,4 @@
-"""The four failover steps. Each is a handler `(StepContext) -> Done | Wait`, run by the engine.
+"""The failover's step handlers, each `(StepContext) -> Done | Wait`, named in `recovery.failover.FAILOVER_STEPS`.
 
 A handler may run many times for one recovery (retries, waits, a worker
 killed half-way, a task delivered twice), so each begins by looking at what
@@ -15,10 +15,12 @@ from reclo_agent.vhd.format import FOOTER_SIZE, HEADER_SIZE, SECTOR, bitmap_size
 
 from reclo_site import cloud
 from reclo_site.cloud import compute, imaging, storage, streams
+from reclo_site.errors import Code
 
 from . import networks, selectors
-from .engine import Done, StepContext, StepFailed, Wait
+from .engine import StepContext
 from .models import Instance, Recovery
+from .pipeline import Done, StepFailed, Wait
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +99,11 @@ def consolidate(ctx: StepContext) -> Done:
         return Done({"image_key": key, "image_size": existing["size"]}, "The merged disk was already there.", True)
 
     if recovery.backup is None:
-        raise StepFailed(401, "The restore point was deleted before its disk could be prepared.")
+        raise StepFailed(Code.NO_RESTORABLE_BACKUP, "The restore point was deleted before its disk could be prepared.")
     try:
         chain = selectors.backup_chain(recovery.backup)
     except selectors.ChainError as exc:
-        raise StepFailed(401, str(exc)) from exc
+        raise StepFailed(Code.NO_RESTORABLE_BACKUP, str(exc)) from exc
     # Parts of an earlier try that died half-way would only cost storage.
     for stale_key, upload_id in storage.multipart_uploads(prefix=key, key=key):
         storage.abort_multipart_upload(stale_key, upload_id)
@@ -110,11 +112,11 @@ def consolidate(ctx: StepContext) -> Done:
         layers = [VHDReader(open_seekable(streams.SequentialObjectReader(b.key))) for b in chain]
         reader = ChainReader(layers)
     except cloud.ObjectNotFound as exc:
-        raise StepFailed(401, "A restore point of the chain is missing from storage.") from exc
+        raise StepFailed(Code.NO_RESTORABLE_BACKUP, "A restore point of the chain is missing from storage.") from exc
     except VHDError as exc:
-        raise StepFailed(403, f"A restore point of the chain is damaged: {exc}") from exc
+        raise StepFailed(Code.IMPORT_FAILED, f"A restore point of the chain is damaged: {exc}") from exc
     if reader.virtual_size != recovery.virtual_size:
-        raise StepFailed(403, "The chain's disk size does not match the restore point.")
+        raise StepFailed(Code.IMPORT_FAILED, "The chain's disk size does not match the restore point.")
 
     ctx.heartbeat(f"Merging {len(chain)} restore point(s).", force=True)
     bound = _merged_size_bound(reader)
@@ -123,7 +125,7 @@ def consolidate(ctx: StepContext) -> Done:
         try:
             merge_chain(reader, progress)
         except VHDError as exc:
-            raise StepFailed(403, f"A restore point of the chain is damaged: {exc}") from exc
+            raise StepFailed(Code.IMPORT_FAILED, f"A restore point of the chain is damaged: {exc}") from exc
     return Done(
         {"image_key": key, "image_size": progress.written, "layers": len(chain)},
         f"Merged {len(chain)} restore point(s) into one {progress.written // MiB} MiB disk.",
@@ -146,7 +148,7 @@ def _image_ready(ctx: StepContext, image_id: str) -> Done | Wait:
         return Done({"image_id": image_id}, f"Image {image_id} is ready.")
     if state == "pending":
         return Wait(IMAGE_POLL, "The cloud is registering the image.")
-    raise StepFailed(403, f"The image could not be created ({state}): {reason or 'no reason given'}.")
+    raise StepFailed(Code.IMPORT_FAILED, f"The image could not be created ({state}): {reason or 'no reason given'}.")
 
 
 def _ebs_blocks(reader: ChainReader, start_block: int, end_block: int):
@@ -205,7 +207,7 @@ def _ebs_direct(ctx: StepContext) -> Done | Wait:
     if state == "pending":
         return Wait(IMAGE_POLL, "The cloud is sealing the disk snapshot.")
     if state != "completed":
-        raise StepFailed(403, f"The disk snapshot failed ({state}): {message or 'no reason given'}.")
+        raise StepFailed(Code.IMPORT_FAILED, f"The disk snapshot failed ({state}): {message or 'no reason given'}.")
     image_id = imaging.register_image(
         name=name,
         snapshot_id=snapshot_id,
@@ -222,7 +224,7 @@ def _write_snapshot_blocks(ctx: StepContext, snapshot_id: str) -> None:
     try:
         reader = ChainReader([VHDReader(streams.SequentialObjectReader(key))])
     except VHDError as exc:
-        raise StepFailed(403, f"The merged disk is damaged: {exc}") from exc
+        raise StepFailed(Code.IMPORT_FAILED, f"The merged disk is damaged: {exc}") from exc
     start = ctx.outputs.get("next_block", 0)
     written = ctx.outputs.get("changed_blocks", 0)
     total = reader.block_count
@@ -257,7 +259,7 @@ def _vm_import(ctx: StepContext) -> Done | Wait:
         ctx.save(image_id=status.image_id)
         return Done({"image_id": status.image_id}, f"Image {status.image_id} is ready.")
     if status.failed:
-        raise StepFailed(403, f"VM Import failed: {status.message or status.status}.")
+        raise StepFailed(Code.IMPORT_FAILED, f"VM Import failed: {status.message or status.status}.")
     progress = f" ({status.progress}%)" if status.progress is not None else ""
     return Wait(IMPORT_POLL, f"VM Import: {status.message or status.status}{progress}.")
 
@@ -308,7 +310,8 @@ def launch(ctx: StepContext) -> Done | Wait:
         return Wait(INSTANCE_POLL, "The server is booting.")
     if info.state != "running":
         raise StepFailed(
-            404, f"The server did not start: it is {info.state} ({info.state_reason or 'no reason given'})."
+            Code.LAUNCH_FAILED,
+            f"The server did not start: it is {info.state} ({info.state_reason or 'no reason given'}).",
         )
 
     allocation_id = instance.allocation_id
@@ -349,11 +352,3 @@ def provision_vpn(ctx: StepContext) -> Done | Wait:
         {"gateway_instance_id": gateway.instance_id, "gateway_public_ip": gateway.public_ip},
         f"The VPN gateway answers at {gateway.public_ip}:51820.",
     )
-
-
-HANDLERS = {
-    "consolidating": consolidate,
-    "importing": import_image,
-    "launching": launch,
-    "provisioning_vpn": provision_vpn,
-}

@@ -1,15 +1,17 @@
 """Celery tasks of the failover pipeline and the instance beat jobs.
 
-Each takes ids, calls one service and is safe to run twice (Celery does
-deliver twice: acks are late). The step task does its own retry handling
-(see `recovery.engine`); the release task retries transient cloud errors.
+Each takes ids, calls one service (the failover's two call the engine,
+`recovery.engine`, with the failover pipeline) and is safe to run twice
+(Celery does deliver twice: acks are late). The step task does its own
+retry handling; the release task retries transient cloud errors.
 """
 
 from celery import shared_task
 
 from reclo_site.cloud import CloudUnavailable
 
-from . import services
+from . import engine, services
+from .failover import FAILOVER
 
 # A step may stream a large disk; it renews its lease while it works, so a
 # long run is not mistaken for a dead one. The limits only stop a hung call.
@@ -20,7 +22,7 @@ STEP_HARD_LIMIT = 4 * 60 * 60
 @shared_task(soft_time_limit=STEP_SOFT_LIMIT, time_limit=STEP_HARD_LIMIT)
 def recovery_run_step(recovery_id: str, step: str) -> str:
     """One go of one failover step: claim, work, record, enqueue the next."""
-    return services.recovery_step_run(recovery_id=recovery_id, step=step)
+    return engine.run_step(recovery_id, step, pipeline=FAILOVER)
 
 
 @shared_task(
@@ -39,7 +41,8 @@ def watch_instance(instance_pk: int, polls_left: int) -> str | None:
 
 @shared_task
 def reconcile_recoveries() -> int:
-    return services.recoveries_reconcile()
+    """Re-enqueue failover steps whose worker died or whose message was lost."""
+    return engine.reconcile(pipeline=FAILOVER)
 
 
 @shared_task

@@ -12,9 +12,11 @@ from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods
 
+from reclo_site.errors import ServiceError
+
 from . import selectors, services, sizes
 from .api import vpn_file_name
-from .engine import STEP_TITLES
+from .failover import FAILOVER_STEPS
 from .forms import FailoverForm
 from .models import Instance, Recovery
 
@@ -93,7 +95,7 @@ def failover_start(request, server_id: int):
                 backup_id=form.cleaned_data["backup"].pk,
                 instance_type=form.cleaned_data["instance_type"],
             )
-        except services.RecoveryError as exc:
+        except ServiceError as exc:
             form.add_error(None, exc.message)
         else:
             messages.success(request, f"Failover of {server.name} started.")
@@ -118,7 +120,7 @@ def _progress(recovery: Recovery) -> dict:
     steps = [
         {
             "name": step.name,
-            "title": STEP_TITLES.get(step.name, step.name),
+            "title": FAILOVER_STEPS.title(step.name),
             "status": step.status,
             "detail": step.error or step.detail,
             "started": step.started.isoformat() if step.started else None,
@@ -180,7 +182,7 @@ def instance_action(request, instance_id, action):
     if request.method == "POST":
         try:
             spec["service"](instance=instance)
-        except services.RecoveryError as exc:
+        except ServiceError as exc:
             messages.error(request, exc.message)
         else:
             messages.success(request, spec["done"])

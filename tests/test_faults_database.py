@@ -117,7 +117,9 @@ class DropAt:
 def sent(monkeypatch):
     """The failover steps the portal would send to the broker."""
     calls = []
-    monkeypatch.setattr(engine, "enqueue", lambda recovery_id, step, countdown=None: calls.append((recovery_id, step)))
+    monkeypatch.setattr(
+        engine, "enqueue", lambda recovery_id, step, countdown=None, pipeline=None: calls.append((recovery_id, step))
+    )
     return calls
 
 

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import requests
 
 from . import __version__
+from .codes import Code
 from .errors import PortalError, TokenRejected, Unreachable, UsageError
 
 log = logging.getLogger(__name__)
@@ -118,12 +119,15 @@ class PortalClient:
                 status=resp.status_code,
             )
         code, message = body.get("error"), str(body.get("message") or "").strip()
-        if code == 102 or (resp.status_code == 401 and code != 207):
+        if code == Code.BAD_TOKEN or (resp.status_code == 401 and code != Code.LOGIN_FAILED):
             raise TokenRejected(
                 f"The portal refused the agent's token ({message or 'invalid or expired'}). "
                 "Log in again: reclo-agent login --portal URL --email EMAIL"
             )
-        if code in (101, 303, 304) or resp.status_code in RETRY_STATUSES:
+        if (
+            code in (Code.DATABASE_UNAVAILABLE, Code.UPLOAD_CREDENTIALS_FAILED, Code.UPLOAD_COMPLETE_FAILED)
+            or resp.status_code in RETRY_STATUSES
+        ):
             raise Unreachable(f"The portal could not do it right now: {message} (error {code}); try again later.")
         fields = body.get("fields") or {}
         detail = "; ".join(f"{k}: {' '.join(map(str, v))}" for k, v in fields.items()) if fields else ""

@@ -51,6 +51,7 @@ from pathlib import Path
 from . import consistency, lvm
 from .api import PortalClient
 from .blockmap import DEFAULT_PAGE_SIZE, MapMeta, MapStore
+from .codes import Code
 from .errors import AgentError, NoSpace, PortalError, VerificationFailed
 from .freeze import DEFAULT_LIMIT
 from .hooks import Hooks
@@ -220,7 +221,7 @@ class BackupRun:
         try:
             grant = self.api.create_upload(**fields)
         except PortalError as exc:
-            if exc.code != 312 or decision.kind != "incremental":
+            if exc.code != Code.BAD_CHAIN or decision.kind != "incremental":
                 raise
             # The chain no longer fits (parent deleted or merged away since
             # the list call): the map is useless, so make a full one now.
@@ -269,7 +270,7 @@ class BackupRun:
         try:
             credentials = self.api.upload_credentials(state["upload_id"])
         except PortalError as exc:
-            if exc.code == 305:
+            if exc.code == Code.NO_UPLOAD:
                 log.info("the portal no longer has upload %s (expired); starting over", state["upload_id"])
                 state.discard()
                 return None
@@ -430,13 +431,13 @@ class BackupRun:
                 backup = self.api.complete_upload(state["upload_id"], file_size=state["file_size"],
                                                   sha256=state["sha256"])  # fmt: skip
             except PortalError as exc:
-                if exc.code == 313:
+                if exc.code == Code.TOO_LARGE:
                     self._drop(state)
                     raise VerificationFailed(
                         f"The portal refused backup upload {state['upload_id']}: {exc}. The compressed disk is "
                         f"larger than this account may store; ask the provider to raise the limit."
                     ) from exc
-                if exc.code in (305, 306, 307):
+                if exc.code in (Code.NO_UPLOAD, Code.OBJECT_MISSING, Code.VERIFICATION_FAILED):
                     self._drop(state)
                     raise VerificationFailed(
                         f"The portal refused backup upload {state['upload_id']}: {exc}. Nothing was lost: "

@@ -32,6 +32,7 @@ from . import __version__, config, names, preflight, schedule
 from .api import PortalClient, normalize_portal_url
 from .backup import BackupOptions, BackupRun
 from .blockmap import PAGE_SIZES, MapStore
+from .codes import Code
 from .errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -141,7 +142,7 @@ def cmd_login(args) -> int:
     try:
         body = client.login(args.email, password, token_name)
     except PortalError as exc:
-        if exc.code == 207:
+        if exc.code == Code.LOGIN_FAILED:
             raise UsageError("The portal did not accept that email and password.") from exc
         raise
     cfg.portal, cfg.token, cfg.token_expires = portal, body["token"], body.get("token_expires", "")

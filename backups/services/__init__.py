@@ -7,7 +7,6 @@ and notifications (overdue emails).
 """
 
 from .downloads import DownloadGrant, backup_download_grant, chain_of
-from .errors import BackupError
 from .lifecycle import backup_delete, backup_fail, objects_purge, uploads_clean_up
 from .notifications import overdue_notify
 from .retention import MergeFailed, backup_merge, retention_apply
@@ -15,7 +14,6 @@ from .uploads import UploadGrant, backup_complete, backup_credentials_refresh, b
 from .verification import backup_scrub, backup_verify, backups_scrub_pick, chain_mark_broken, object_check
 
 __all__ = [
-    "BackupError",
     "DownloadGrant",
     "MergeFailed",
     "UploadGrant",

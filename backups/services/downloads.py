@@ -4,10 +4,10 @@ from dataclasses import dataclass
 
 from reclo_site import cloud
 from reclo_site.cloud import credentials
+from reclo_site.errors import Code, ServiceError
 
 from ..models import Backup
 from ..naming import tenant_prefix
-from .errors import BackupError
 
 
 @dataclass(frozen=True)
@@ -62,22 +62,29 @@ def read_policy(user_id: int, keys: list[str]) -> str:
 def backup_download_grant(*, user, backup_id) -> DownloadGrant:
     """Read-only credentials for every object of a restore point's chain.
 
-    401 for an unknown id, another tenant's, or a chain not verified yet;
-    307 when a restore point of the chain failed verification (with its
-    reason); 303 when STS fails. Idempotent: each call is a fresh grant.
+    NO_RESTORABLE_BACKUP for an unknown id, another tenant's, or a chain not verified yet;
+    VERIFICATION_FAILED when a restore point of the chain failed verification (with its
+    reason); UPLOAD_CREDENTIALS_FAILED when STS fails. Idempotent: each call is a fresh grant.
     """
     backup = Backup.objects.filter(user=user, pk=backup_id).first()
     if backup is None:
-        raise BackupError(401, "No restorable backup with that id.")
+        raise ServiceError(Code.NO_RESTORABLE_BACKUP, "No restorable backup with that id.")
     chain = chain_of(backup)
     for point in chain:
         if point.status == Backup.Status.FAILED:
-            raise BackupError(307, f"Restore point {point.pk} of this chain failed verification: {point.failure}")
+            raise ServiceError(
+                Code.VERIFICATION_FAILED, f"Restore point {point.pk} of this chain failed verification: {point.failure}"
+            )
         if point.status != Backup.Status.VERIFIED:
-            raise BackupError(401, f"Restore point {point.pk} of this chain is {point.status}, not verified yet.")
+            raise ServiceError(
+                Code.NO_RESTORABLE_BACKUP,
+                f"Restore point {point.pk} of this chain is {point.status}, not verified yet.",
+            )
     try:
         policy = read_policy(user.pk, [point.key for point in chain])
         grant = credentials.issue(policy=policy, session_name=f"reclo-rd-{user.pk}-{backup.pk.hex}")
     except cloud.CloudError as exc:
-        raise BackupError(303, "Could not get temporary storage credentials; try again shortly.") from exc
+        raise ServiceError(
+            Code.UPLOAD_CREDENTIALS_FAILED, "Could not get temporary storage credentials; try again shortly."
+        ) from exc
     return DownloadGrant(chain=chain, credentials=grant)

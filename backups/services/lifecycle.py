@@ -17,9 +17,9 @@ from accounts.audit import audit_record
 from accounts.models import AuditEvent
 from reclo_site import cloud
 from reclo_site.cloud import storage
+from reclo_site.errors import Code, ServiceError
 
 from ..models import Backup, ObjectDeletion
-from .errors import BackupError
 
 log = logging.getLogger(__name__)
 
@@ -124,30 +124,30 @@ def failed_branches_drop(parent: Backup, *, keep=None) -> bool:
 def backup_delete(*, user, backup_id, cascade: bool = False) -> list:
     """Delete a restore point (and with `cascade` its dependents, newest first).
 
-    309 for an unknown id or another tenant's; 311 when live restore points
+    NO_BACKUP_TO_DELETE for an unknown id or another tenant's; HAS_DEPENDENTS when live restore points
     depend on it and `cascade` is false (failed dependents go along anyway:
     nothing can be restored from them). The rows are first marked failed in
     one transaction, so no new incremental can start on them and no
     verification in flight can succeed on top of them; then each object is
-    deleted, then its row. A storage failure answers 310 and leaves the
+    deleted, then its row. A storage failure answers DELETE_FAILED and leaves the
     remaining rows failed, so deleting again finishes the job.
 
-    Returns the ids deleted. Idempotent in effect: repeating it after a 310
+    Returns the ids deleted. Idempotent in effect: repeating it after a DELETE_FAILED
     continues where it stopped.
     """
     target = Backup.objects.filter(user=user, pk=backup_id).first()
     if target is None:
-        raise BackupError(309, "No backup with that id.")
+        raise ServiceError(Code.NO_BACKUP_TO_DELETE, "No backup with that id.")
     with transaction.atomic():
         rows = list(Backup.objects.select_for_update().filter(server_id=target.server_id, disk=target.disk))
         target = next((row for row in rows if row.pk == target.pk), None)
         if target is None:
-            raise BackupError(309, "No backup with that id.")
+            raise ServiceError(Code.NO_BACKUP_TO_DELETE, "No backup with that id.")
         below = descendants_of(target, rows)
         live = [b for _, b in below if b.status != Backup.Status.FAILED]
         if live and not cascade:
-            raise BackupError(
-                311,
+            raise ServiceError(
+                Code.HAS_DEPENDENTS,
                 f"{len(live)} newer restore point(s) depend on this backup; delete them first, "
                 "or pass ?cascade=true to delete them with it.",
             )
@@ -156,7 +156,9 @@ def backup_delete(*, user, backup_id, cascade: bool = False) -> list:
         doomed.append(target)
         ids = [b.pk for b in doomed]
         if _protected_elsewhere(ids):
-            raise BackupError(311, "A recovery uses this backup or one built on it; finish that recovery first.")
+            raise ServiceError(
+                Code.HAS_DEPENDENTS, "A recovery uses this backup or one built on it; finish that recovery first."
+            )
         Backup.objects.filter(pk__in=ids).exclude(status=Backup.Status.FAILED).update(
             status=Backup.Status.FAILED, failure="Being deleted at the owner's request."
         )
@@ -166,7 +168,7 @@ def backup_delete(*, user, backup_id, cascade: bool = False) -> list:
             storage.delete_object(backup.key)
         except cloud.CloudError as exc:
             log.warning("deleting backup %s: %s", backup.pk, exc)
-            raise BackupError(310, "Storage did not delete the backup; try again.") from exc
+            raise ServiceError(Code.DELETE_FAILED, "Storage did not delete the backup; try again.") from exc
         Backup.objects.filter(pk=backup.pk).delete()
         _after_writable(backup)
         deleted.append(backup.pk)

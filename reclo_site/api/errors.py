@@ -1,8 +1,9 @@
 """The API's error envelope: `{"error": <code>, "message": "..."}`.
 
-Services raise `ApiError` subclasses (or DRF's own exceptions); the single
-exception handler below turns every one of them, and anything unexpected,
-into the contract's envelope with a fitting HTTP status.
+Services and views raise `reclo_site.errors.ServiceError` (DRF raises its
+own exceptions); the single exception handler below turns every one of them,
+and anything unexpected, into the contract's envelope with a fitting HTTP
+status.
 """
 
 import logging
@@ -21,15 +22,18 @@ log = logging.getLogger(__name__)
 ERROR_CODES = {code.value: (code.http_status, code.text) for code in Code}
 
 
-class ApiError(exceptions.APIException):
-    """An error with one of the contract's codes; the status comes from the table."""
+class ApiError(ServiceError, exceptions.APIException):
+    """A ServiceError that DRF also sees as its own APIException: for authentication classes only.
 
-    def __init__(self, code: int, message: str | None = None, *, fields: dict | None = None, headers=None):
-        self.error_code = code
-        self.status_code = ERROR_CODES[code][0]
-        self.fields = fields
-        self.headers = headers or {}
-        super().__init__(message or ERROR_CODES[code][1].capitalize() + ".")
+    DRF's request marks itself unauthenticated only when an authenticator
+    raises an APIException; everywhere else (services, views) raise
+    ServiceError itself. The handler below maps both alike.
+    """
+
+    def __init__(self, code: Code, message: str | None = None, fields=None, *, field=None, headers=None):
+        super().__init__(code, message, fields, field=field, headers=headers)
+        self.status_code = self.code.http_status
+        self.detail = exceptions.ErrorDetail(self.message, code=self.code.name.lower())
 
 
 def error_body(code: int, message: str, fields: dict | None = None) -> dict:
@@ -59,21 +63,16 @@ def exception_handler(exc, context):
         headers.update(exc.headers)
         if code == Code.BAD_TOKEN:
             headers["WWW-Authenticate"] = "Token"
-    elif isinstance(exc, ApiError):
-        code, message, fields, status_code = exc.error_code, str(exc.detail), exc.fields, exc.status_code
-        headers.update(exc.headers)
-        if code == 102:
-            headers["WWW-Authenticate"] = "Token"
     elif isinstance(exc, exceptions.ValidationError):
-        code, status_code = 104, 400
+        code, status_code = Code.MALFORMED, 400
         fields = _flatten(exc.detail)
         message = "The request has invalid fields: " + ", ".join(sorted(fields)) + "."
     elif isinstance(exc, exceptions.ParseError):
-        code, message, fields, status_code = 104, f"Malformed request: {exc.detail}", None, 400
+        code, message, fields, status_code = Code.MALFORMED, f"Malformed request: {exc.detail}", None, 400
     elif isinstance(exc, exceptions.UnsupportedMediaType):
-        code, message, fields, status_code = 104, "Send the body as application/json.", None, 415
+        code, message, fields, status_code = Code.MALFORMED, "Send the body as application/json.", None, 415
     elif isinstance(exc, (exceptions.NotAuthenticated, exceptions.AuthenticationFailed)):
-        code, fields, status_code = 102, None, 401
+        code, fields, status_code = Code.BAD_TOKEN, None, 401
         message = (
             str(exc.detail)
             if isinstance(exc, exceptions.AuthenticationFailed)
@@ -81,26 +80,31 @@ def exception_handler(exc, context):
         )
         headers["WWW-Authenticate"] = "Token"
     elif isinstance(exc, exceptions.Throttled):
-        code, fields, status_code = 103, None, 429
+        code, fields, status_code = Code.THROTTLED, None, 429
         wait = int(exc.wait or 1)
         message = f"Too many requests; retry in {wait} seconds."
         headers["Retry-After"] = str(wait)
     elif isinstance(exc, (Http404, exceptions.NotFound)):
-        code, message, fields, status_code = 105, "Not found.", None, 404
+        code, message, fields, status_code = Code.NOT_FOUND, "Not found.", None, 404
     elif isinstance(exc, exceptions.MethodNotAllowed):
-        code, message, fields, status_code = 105, str(exc.detail), None, 405
+        code, message, fields, status_code = Code.NOT_FOUND, str(exc.detail), None, 405
     elif isinstance(exc, (PermissionDenied, exceptions.PermissionDenied)):
-        code, message, fields, status_code = 106, "You may not do that.", None, 403
+        code, message, fields, status_code = Code.FORBIDDEN, "You may not do that.", None, 403
     elif isinstance(exc, (OperationalError, InterfaceError)):
         log.warning("database unavailable: %s", exc.__class__.__name__)
-        code, message, fields, status_code = 101, "The database is unavailable; try again shortly.", None, 503
+        code, message, fields, status_code = (
+            Code.DATABASE_UNAVAILABLE,
+            "The database is unavailable; try again shortly.",
+            None,
+            503,
+        )
         headers["Retry-After"] = "5"
     elif isinstance(exc, exceptions.APIException):
-        code, message, fields, status_code = 104, str(exc.detail), None, exc.status_code
+        code, message, fields, status_code = Code.MALFORMED, str(exc.detail), None, exc.status_code
     else:
         if isinstance(exc, DatabaseError):
             log.exception("database error in %s", context.get("view").__class__.__name__)
         else:
             log.exception("unhandled error in %s", context.get("view").__class__.__name__)
-        code, message, fields, status_code = 100, "Internal error; it has been logged.", None, 500
+        code, message, fields, status_code = Code.INTERNAL, "Internal error; it has been logged.", None, 500
     return Response(error_body(code, message, fields), status=status_code, headers=headers)

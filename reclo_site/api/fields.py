@@ -4,7 +4,7 @@ from rest_framework import serializers
 
 
 class StrictCharField(serializers.CharField):
-    """A string, and only a string: `123` or `true` is a malformed request (104)."""
+    """A string, and only a string: `123` or `true` is a malformed request (Code.MALFORMED)."""
 
     def to_internal_value(self, data):
         if not isinstance(data, str):

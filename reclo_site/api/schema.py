@@ -3,6 +3,8 @@
 from drf_spectacular.utils import OpenApiResponse, inline_serializer
 from rest_framework import serializers
 
+from reclo_site.errors import Code
+
 from .errors import ERROR_CODES
 
 ErrorSerializer = inline_serializer(
@@ -18,11 +20,11 @@ ErrorSerializer = inline_serializer(
 def error_responses(*codes: int) -> dict:
     """Schema responses for the given error codes, grouped by HTTP status.
 
-    102 (bad token), 103 (throttled), 101 (database down) can happen on any
+    BAD_TOKEN, THROTTLED and DATABASE_UNAVAILABLE can happen on any
     authenticated call and are added to every operation by the caller's list.
     """
     by_status: dict[int, list[int]] = {}
-    for code in sorted({*codes, 101, 103}):
+    for code in sorted({*codes, Code.DATABASE_UNAVAILABLE, Code.THROTTLED}):
         by_status.setdefault(ERROR_CODES[code][0], []).append(code)
     return {
         status: OpenApiResponse(

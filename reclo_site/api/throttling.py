@@ -1,4 +1,4 @@
-"""A general per-token request rate limit (code 103)."""
+"""A general per-token request rate limit (code THROTTLED)."""
 
 import math
 

@@ -39,7 +39,9 @@ def worker(monkeypatch):
         finally:
             connection.close()
 
-    monkeypatch.setattr(engine, "enqueue", lambda rid, step, countdown=None: pool.submit(run, rid, step, countdown))
+    monkeypatch.setattr(
+        engine, "enqueue", lambda rid, step, countdown=None, pipeline=None: pool.submit(run, rid, step, countdown)
+    )
     yield
     stop.set()
     pool.shutdown(wait=True)

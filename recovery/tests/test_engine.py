@@ -9,6 +9,7 @@ from django.utils import timezone
 from reclo_site.cloud import CloudPermanentError, CloudUnavailable
 from recovery import engine, services, steps
 from recovery.engine import Done, StepFailed, Wait
+from recovery.failover import FAILOVER_STEPS
 from recovery.models import Recovery, RecoveryStep
 
 pytestmark = pytest.mark.django_db
@@ -23,12 +24,17 @@ def recovery(chain, user):
 def sent(monkeypatch):
     """Tasks the engine enqueues, as (recovery id, step, countdown), instead of sending them."""
     calls = []
-    monkeypatch.setattr(engine, "enqueue", lambda rid, step, countdown=None: calls.append((str(rid), step, countdown)))
+    monkeypatch.setattr(
+        engine, "enqueue", lambda rid, step, countdown=None, pipeline=None: calls.append((str(rid), step, countdown))
+    )
     return calls
 
 
 def handler(monkeypatch, step, fn):
-    monkeypatch.setitem(steps.HANDLERS, step, fn)
+    """Replace the handler that the failover's step table names for `step`."""
+    module, name = FAILOVER_STEPS[step].handler.rsplit(".", 1)
+    assert module == steps.__name__
+    monkeypatch.setattr(steps, name, fn)
 
 
 def test_starting_a_failover_enqueues_the_first_step_after_commit(

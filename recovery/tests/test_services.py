@@ -7,6 +7,7 @@ import pytest
 
 from backups.models import Backup
 from reclo_site.cloud import CloudUnavailable, ObjectNotFound, compute, imaging, storage
+from reclo_site.errors import ServiceError
 from recovery import services
 from recovery.models import Instance, Recovery, VpnGateway
 
@@ -31,20 +32,20 @@ def test_it_takes_the_instance_type_asked_for(chain, user):
 
 
 def test_it_refuses_an_unknown_instance_type(chain, user):
-    with pytest.raises(services.RecoveryError) as info:
+    with pytest.raises(ServiceError) as info:
         services.recovery_start(user=user, backup_id=chain[0][-1].pk, instance_type="x1e.32xlarge")
-    assert (info.value.code, info.value.field) == (104, "instance_type")
+    assert (info.value.code, list(info.value.fields)) == (104, ["instance_type"])
 
 
 @pytest.mark.parametrize("backup_id", ["not-a-uuid", "6f1c1c5e-0000-4000-8000-000000000000", None, 12])
 def test_it_refuses_unknown_backup_ids_with_401(user, backup_id):
-    with pytest.raises(services.RecoveryError) as info:
+    with pytest.raises(ServiceError) as info:
         services.recovery_start(user=user, backup_id=backup_id)
     assert info.value.code == 401
 
 
 def test_it_refuses_another_tenants_backup_with_401(chain, other_user):
-    with pytest.raises(services.RecoveryError) as info:
+    with pytest.raises(ServiceError) as info:
         services.recovery_start(user=other_user, backup_id=chain[0][-1].pk)
     assert info.value.code == 401
 
@@ -52,11 +53,11 @@ def test_it_refuses_another_tenants_backup_with_401(chain, other_user):
 def test_it_refuses_a_backup_not_verified_or_with_a_broken_chain(chain, user):
     backups, _ = chain
     Backup.objects.filter(pk=backups[-1].pk).update(status=Backup.Status.VERIFYING)
-    with pytest.raises(services.RecoveryError) as info:
+    with pytest.raises(ServiceError) as info:
         services.recovery_start(user=user, backup_id=backups[-1].pk)
     assert info.value.code == 401
     Backup.objects.filter(pk=backups[0].pk).update(status=Backup.Status.FAILED)
-    with pytest.raises(services.RecoveryError) as info:
+    with pytest.raises(ServiceError) as info:
         services.recovery_start(user=user, backup_id=backups[1].pk)
     assert info.value.code == 401 and "not verified" in info.value.message
 
@@ -64,7 +65,7 @@ def test_it_refuses_a_backup_not_verified_or_with_a_broken_chain(chain, user):
 def test_a_second_failover_of_a_server_is_refused_while_one_runs(chain, user):
     backups, _ = chain
     services.recovery_start(user=user, backup_id=backups[-1].pk)
-    with pytest.raises(services.RecoveryError) as info:
+    with pytest.raises(ServiceError) as info:
         services.recovery_start(user=user, backup_id=backups[0].pk)
     assert info.value.code == 402
 
@@ -74,7 +75,7 @@ def test_the_database_decides_a_race_between_two_failovers(chain, user, monkeypa
     first = services.recovery_start(user=user, backup_id=backups[-1].pk)
     # A check-then-insert would miss the other click; the partial unique index does not.
     monkeypatch.setattr(Instance.objects, "filter", mock.Mock(return_value=Instance.objects.none()))
-    with pytest.raises(services.RecoveryError) as info:
+    with pytest.raises(ServiceError) as info:
         services.recovery_start(user=user, backup_id=backups[-1].pk)
     assert info.value.code == 402
     assert Recovery.objects.get() == first
@@ -82,7 +83,7 @@ def test_the_database_decides_a_race_between_two_failovers(chain, user, monkeypa
 
 def test_a_server_running_in_the_cloud_must_be_terminated_before_failing_over_again(aws, user, server, chain):
     recovered_instance(user=user, server=server)
-    with pytest.raises(services.RecoveryError) as info:
+    with pytest.raises(ServiceError) as info:
         services.recovery_start(user=user, backup_id=chain[0][-1].pk)
     assert info.value.code == 402 and "terminate" in info.value.message
 
@@ -118,7 +119,7 @@ def test_actions_the_state_forbids_answer_406(aws, user, state, action):
     instance = recovered_instance(user=user)
     Instance.objects.filter(pk=instance.pk).update(state=state)
     instance.refresh_from_db()
-    with pytest.raises(services.RecoveryError) as info:
+    with pytest.raises(ServiceError) as info:
         getattr(services, f"instance_{action}")(instance=instance)
     assert info.value.code == 406
     assert Instance.objects.get(pk=instance.pk).state == state
@@ -129,7 +130,7 @@ def test_a_cloud_failure_answers_its_code_and_keeps_the_state(aws, user, monkeyp
     instance = recovered_instance(user=user, state="stopped" if action == "start" else "running")
     before = instance.state
     monkeypatch.setattr(compute, f"{action}_instance", mock.Mock(side_effect=CloudUnavailable("down")))
-    with pytest.raises(services.RecoveryError) as info:
+    with pytest.raises(ServiceError) as info:
         getattr(services, f"instance_{action}")(instance=instance)
     assert info.value.code == code
     assert Instance.objects.get(pk=instance.pk).state == before
@@ -186,7 +187,7 @@ def test_a_stop_is_followed_until_the_instance_has_stopped(aws, user, django_cap
 def test_a_start_while_stopping_asks_to_try_again_shortly(aws, user, django_capture_on_commit_callbacks):
     instance = recovered_instance(user=user)
     services.instance_stop(instance=instance)  # the row says "stopping" until the watch task looks
-    with pytest.raises(services.RecoveryError) as info:
+    with pytest.raises(ServiceError) as info:
         services.instance_start(instance=instance)
     assert info.value.code == 406 and "Try again in a few seconds" in info.value.message
     services.instance_watch(instance_pk=instance.pk, polls_left=1)
