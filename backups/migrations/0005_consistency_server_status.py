@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('backups', '0003_list_indexes_with_id'),
+        ('backups', '0004_verification_heartbeat'),
     ]
 
     operations = [
