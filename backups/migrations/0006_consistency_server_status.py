@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('backups', '0004_verification_heartbeat'),
+        ('backups', '0005_pinned_versions_object_lock'),
     ]
 
     operations = [
