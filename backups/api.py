@@ -44,6 +44,10 @@ class BackupOutput(serializers.Serializer):
     virtual_size = serializers.IntegerField(help_text="Bytes of the disk.")
     sha256 = serializers.SerializerMethodField()
     status = serializers.ChoiceField(choices=Backup.Status.choices)
+    consistency = serializers.ChoiceField(
+        choices=Backup.Consistency.choices,
+        help_text="How the disk was read: snapshot, frozen, crash (in use, neither), offline (not in use).",
+    )
     failure = serializers.SerializerMethodField()
     date_created = serializers.DateTimeField()
     completed_at = serializers.DateTimeField(allow_null=True)
@@ -75,6 +79,7 @@ class BackupOutput(serializers.Serializer):
             "virtual_size": backup.virtual_size,
             "sha256": backup.sha256 or None,
             "status": str(backup.status),
+            "consistency": str(backup.consistency),
             "failure": backup.failure or None,
             "date_created": when(backup.date_created),
             "completed_at": when(backup.completed_at),
@@ -185,6 +190,12 @@ class UploadStartInput(serializers.Serializer):
     parent_id = StrictUUIDField(required=False, allow_null=True, default=None)
     file_size = StrictIntegerField(required=False, allow_null=True, default=None, min_value=1)
     sha256 = StrictCharField(required=False, allow_null=True, default=None, max_length=64, min_length=64)
+    consistency = serializers.ChoiceField(
+        choices=Backup.Consistency.choices,
+        required=False,
+        default=Backup.Consistency.CRASH,
+        help_text="How the agent reads the disk; agents that do not say read it in use as it is (crash).",
+    )
 
 
 class UploadCompleteInput(serializers.Serializer):

@@ -76,9 +76,16 @@ class ServerOutput(serializers.Serializer):
     created = serializers.DateTimeField()
 
 
-def _server_body(overview, credentials: int) -> dict:
+def _server_body(overview, credentials: int, consistency: str | None) -> dict:
     server = overview.server
     when = _DATETIME.to_representation
+    schedule = None
+    if server.status_at is not None:
+        schedule = {"every": server.schedule or None, "next_run": when(server.next_run) if server.next_run else None,
+                    "reported": when(server.status_at)}  # fmt: skip
+    bootability = None
+    if server.preflight:
+        bootability = {"preflight": server.preflight, "checked": when(server.preflight_at)}
     return {
         "server": server.name,
         "disks": [
@@ -95,11 +102,10 @@ def _server_body(overview, credentials: int) -> dict:
         "last_backup": when(overview.newest_verified_at),
         "health": overview.health,
         "health_detail": overview.health_label,
-        # Filled by the agent's status reports, backup consistency and drills
-        # as those features land; null says "not known", never a guess.
-        "schedule": None,
-        "consistency": None,
-        "bootability": None,
+        # Null says "not known" (no status report, no restore point yet), never a guess.
+        "schedule": schedule,
+        "consistency": consistency,
+        "bootability": bootability,
         "warm_standby": server.warm_standby,
         "drill_every_days": server.drill_every_days,
         "drill_probe_port": server.drill_probe_port,
@@ -112,8 +118,10 @@ def _server_body(overview, credentials: int) -> dict:
 
 def _servers(user, name: str | None = None) -> list[dict]:
     overviews = selectors.server_overview(user=user, name=name)
-    counts = selectors.server_credential_counts(server_ids=[o.server.pk for o in overviews])
-    return [_server_body(o, counts.get(o.server.pk, 0)) for o in overviews]
+    ids = [o.server.pk for o in overviews]
+    counts = selectors.server_credential_counts(server_ids=ids)
+    consistency = selectors.newest_consistency(server_ids=ids)
+    return [_server_body(o, counts.get(o.server.pk, 0), consistency.get(o.server.pk)) for o in overviews]
 
 
 ServerListOutput = inline_serializer(

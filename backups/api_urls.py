@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import api, api_servers
+from . import api, api_servers, api_status
 
 urlpatterns = [
     path("backups", api.BackupListApi.as_view(), name="backup-list"),
@@ -15,4 +15,5 @@ urlpatterns = [
     path("servers/<str:server>/enrollment", api_servers.EnrollmentKeyApi.as_view(), name="server-enrollment"),
     path("servers/<str:server>/credentials", api_servers.ServerCredentialsApi.as_view(), name="server-credentials"),
     path("enroll", api_servers.EnrollApi.as_view(), name="enroll"),
+    path("servers/<str:server>/status", api_status.ServerStatusApi.as_view(), name="server-status"),
 ]

@@ -25,6 +25,14 @@ class Server(models.Model):
     drill_probe_port = models.PositiveIntegerField(
         null=True, blank=True, help_text="TCP port a drill checks on the booted server; empty: no port check."
     )
+    # What the agent last reported (POST /api/v1/servers/{server}/status).
+    agent_version = models.CharField(max_length=40, blank=True)
+    schedule = models.CharField(max_length=40, blank=True, help_text="The agent's interval, e.g. 1h; empty: none.")
+    next_run = models.DateTimeField(null=True, blank=True)
+    # The agent's bootability preflight: {"ok", "boot_mode", "kernel", "checks": [{name, status, detail, fix}]}.
+    preflight = models.JSONField(null=True, blank=True)
+    preflight_at = models.DateTimeField(null=True, blank=True)
+    status_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["user", "name"], name="backups_server_user_name_unique")]
@@ -76,6 +84,14 @@ class Backup(models.Model):
         VERIFIED = "verified"
         FAILED = "failed"
 
+    class Consistency(models.TextChoices):
+        """How the agent read the disk (see the agent's consistency module)."""
+
+        SNAPSHOT = "snapshot", "snapshot (LVM)"
+        FROZEN = "frozen", "frozen file systems"
+        CRASH = "crash", "crash-consistent (in use)"
+        OFFLINE = "offline", "offline (not in use)"
+
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="backups")
     server = models.ForeignKey(Server, on_delete=models.CASCADE, related_name="backups")
@@ -92,6 +108,9 @@ class Backup(models.Model):
     # parent id must equal its parent's.
     vhd_unique_id = models.UUIDField(null=True, blank=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    # Agents older than the field say nothing and read disks in use as they
+    # are: crash is what their restore points are.
+    consistency = models.CharField(max_length=16, choices=Consistency.choices, default=Consistency.CRASH)
     failure = models.TextField(blank=True)
     date_created = models.DateTimeField(default=timezone.now, db_index=True)
     completed_at = models.DateTimeField(null=True, blank=True)

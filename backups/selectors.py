@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db.models import Count, F, Max, Q, Sum, Window
+from django.db.models import Count, F, Max, OuterRef, Q, Subquery, Sum, Window
 from django.db.models.functions import RowNumber
 from django.utils import timezone
 
@@ -266,3 +266,14 @@ def server_credential_counts(*, server_ids: list[int]) -> dict[int, int]:
         .order_by()
     )
     return {row["server_id"]: row["n"] for row in rows}
+
+
+def newest_consistency(*, server_ids: list[int]) -> dict[int, str]:
+    """Server id -> how its newest visible verified restore point was read (one query)."""
+    newest = (
+        Backup.objects.filter(server=OuterRef("pk"), status=Backup.Status.VERIFIED, deleted_at__isnull=True)
+        .order_by("-date_created")
+        .values("consistency")[:1]
+    )
+    rows = Server.objects.filter(pk__in=server_ids).annotate(newest=Subquery(newest)).values_list("pk", "newest")
+    return {pk: value for pk, value in rows if value}

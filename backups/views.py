@@ -33,11 +33,19 @@ def server_detail(request, server_id: int):
         raise Http404("No such server.")
     overview, timelines = found
     agents = selectors.server_credential_counts(server_ids=[server_id]).get(server_id, 0)
-    return render(
-        request,
-        "backups/server.html",
-        {"overview": overview, "server": overview.server, "timelines": timelines, "agents": agents},
-    )
+    # Disks whose newest restore point was read in use, neither frozen nor snapshotted.
+    crash_disks = [
+        t.state.disk for t in timelines if t.chains and t.chains[0] and t.chains[0][-1].consistency == "crash"
+    ]
+    context = {
+        "overview": overview,
+        "server": overview.server,
+        "timelines": timelines,
+        "agents": agents,
+        "crash_disks": crash_disks,
+        "preflight": overview.server.preflight,
+    }
+    return render(request, "backups/server.html", context)
 
 
 @login_required

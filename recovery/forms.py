@@ -10,7 +10,10 @@ from . import selectors, sizes
 class RestorePointChoice(forms.ModelChoiceField):
     def label_from_instance(self, backup) -> str:
         when = timezone.localtime(backup.date_created).strftime("%Y-%m-%d %H:%M")
-        return f"{when} · disk {backup.disk} · {backup.kind} · {filesizeformat(backup.virtual_size)} disk"
+        return (
+            f"{when} · disk {backup.disk} · {backup.kind} · {backup.consistency} · "
+            f"{filesizeformat(backup.virtual_size)} disk"
+        )
 
 
 class FailoverForm(forms.Form):

@@ -10,6 +10,8 @@ byte-identical. Then an upload is killed with SIGKILL mid-way, and the
 rerun completes it without sending the journaled parts again -- counted on
 the S3 server itself. Parts that were in flight at the kill were never
 journaled, so the rerun sends them again (it may not list what S3 holds).
+Last, a mounted loop disk is backed up as it is and with ``--freeze``: the
+portal records ``crash`` and ``frozen``, and the agent's status report.
 """
 
 import json
@@ -260,3 +262,36 @@ def _owner_token(user) -> str:
     from accounts.services import token_create
 
     return token_create(user=user, name="owner")[1]
+
+
+def _disk_images():
+    """The agent tests' loop-device helpers (agent/tests is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "agent" / "tests" / "disk_images.py"
+    spec = importlib.util.spec_from_file_location("agent_disk_images", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_mounted_disk_is_crash_unless_frozen_in_the_portal_too(agent, tmp_path):
+    """The real agent on a mounted loop disk: the portal records and shows how each point was read."""
+    from backups.models import Server
+
+    disk_images = _disk_images()
+    with disk_images.attached_disk(tmp_path, {"records.txt": b"appointments\n"}) as disk:
+        plain = agent("backup", disk.device, "--server", "clinic-srv", "--disk", "sdb", "--plain")
+        disk_images.write_synced(disk.mount / "new.txt", b"after the first backup\n")
+        frozen = agent("backup", disk.device, "--server", "clinic-srv", "--disk", "sdb", "--plain", "--freeze")
+    crash_id, _ = plain.stdout.split()
+    frozen_id, kind = frozen.stdout.split()
+    assert "crash-consistent" in plain.stderr and "--freeze" in plain.stderr
+    assert "crash-consistent" not in frozen.stderr and "froze" in frozen.stderr and "thawed" in frozen.stderr
+    assert Backup.objects.get(pk=crash_id).consistency == "crash"
+    assert (Backup.objects.get(pk=frozen_id).consistency, kind) == ("frozen", "incremental")
+    listed = {b["backup_id"]: b["consistency"] for b in json.loads(agent("list", "--json").stdout)}
+    assert listed == {crash_id: "crash", frozen_id: "frozen"}
+    server = Server.objects.get(name="clinic-srv")
+    assert server.agent_version and server.status_at is not None
+    assert [c["name"] for c in server.preflight["checks"]] == ["nvme", "ena", "fstab", "boot_mode", "boot_loader"]

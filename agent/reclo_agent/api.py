@@ -187,6 +187,10 @@ class PortalClient:
         )
         return body["backup"]
 
+    def report_status(self, server: str, **fields) -> dict:
+        """``POST /servers/{server}/status``: schedule, next_run, agent_version, preflight."""
+        return self.request("POST", f"/servers/{server}/status", json=fields)
+
     def download(self, backup_id: str) -> dict:
         """``chain`` (base first), ``bucket, region, endpoint_url, credentials``."""
         return self.request("POST", f"/backups/{backup_id}/download")

@@ -8,12 +8,17 @@ The steps of a run:
    describes the newest verified restore point the portal lists for this
    server and disk, with the same disk size and page size; full otherwise
    (or with ``--full``), and the log says why.
-3. Ask the portal for an upload (credentials for one object key).
-4. Scan: hash every page into a pending block map (:mod:`.scan`).
-5. Pack and upload: the VHD writer writes into the seekable zstd writer,
+3. Decide how the disk is read (:mod:`.consistency`): ``offline``,
+   ``snapshot``, ``frozen`` or ``crash``; the portal records it with the
+   upload, which it grants next (credentials for one object key).
+4. The pre-hook, then the snapshot or the freeze (:func:`.consistency.reading`),
+   and while that holds, steps 5 and 6 -- both read the same moment of the disk.
+5. Scan: hash every page into a pending block map (:mod:`.scan`).
+6. Pack and upload: the VHD writer writes into the seekable zstd writer,
    which writes into the part uploader; blocks are read ahead by a thread,
    parts go up several at once (:mod:`.uploader`). Memory stays bounded.
-6. Complete the multipart upload, then the portal's upload with the
+   Then the thaw or the snapshot's removal, and the post-hook.
+7. Complete the multipart upload, then the portal's upload with the
    object's size and SHA-256 (learnt at the end of the stream), and wait
    for the verdict. Only a verified backup commits the new block map, so a
    failed run never poisons the next incremental.
@@ -43,10 +48,13 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import consistency, lvm
 from .api import PortalClient
 from .blockmap import DEFAULT_PAGE_SIZE, MapMeta, MapStore
 from .codes import Code
 from .errors import AgentError, NoSpace, PortalError, VerificationFailed
+from .freeze import DEFAULT_LIMIT
+from .hooks import Hooks
 from .progress import Reporter, human_bytes
 from .s3 import S3Access, StorageError
 from .scan import Plan, scan
@@ -75,6 +83,10 @@ class BackupOptions:
     poll_interval: float = 2.0
     max_in_flight: int = 4
     part_size: int | None = None  # tuning and tests; S3's 5 MiB minimum applies
+    freeze: bool = False  # freeze the disk's mounted file systems for the read
+    freeze_limit: float = DEFAULT_LIMIT  # seconds
+    pre_hook: str | None = None
+    post_hook: str | None = None
 
 
 @dataclass
@@ -90,6 +102,8 @@ class BackupResult:
     skipped_parts: int = 0  # already uploaded by an earlier, killed run
     resumed: bool = False
     full_reason: str = ""
+    consistency: str = ""
+    hook_error: str = ""  # the post-hook's failure; the restore point stands
     timings: dict = field(default_factory=dict)
 
 
@@ -101,12 +115,17 @@ class Decision:
 
 
 class BackupRun:
-    def __init__(self, api: PortalClient, state_dir: Path, options: BackupOptions, reporter: Reporter) -> None:
+    def __init__(self, api: PortalClient, state_dir: Path, options: BackupOptions, reporter: Reporter,
+                 *, lvm_run: lvm.Runner = lvm.run_command) -> None:  # fmt: skip
         self.api = api
         self.state_dir = Path(state_dir)
         self.opt = options
         self.reporter = reporter
         self.maps = MapStore(self.state_dir)
+        self.lvm_run = lvm_run
+        self.hooks = Hooks(options.pre_hook, options.post_hook,
+                           env={"RECLO_SOURCE": options.source, "RECLO_SERVER": options.server,
+                                "RECLO_DISK": options.disk})  # fmt: skip
 
     # --- the run --------------------------------------------------------------
 
@@ -130,6 +149,8 @@ class BackupRun:
             return self._finish(state, resumed=True)
 
         with Source(opt.source) as src:
+            self.plan = consistency.assess(opt.source, freeze=opt.freeze, state_dir=str(self.state_dir),
+                                           lvm_run=self.lvm_run)  # fmt: skip
             decision = self._decide(src.size)
             if state is not None and not self._same_backup(state, decision, src.size):
                 log.info("the unfinished upload %s no longer fits (%s backup now); starting over",
@@ -185,6 +206,7 @@ class BackupRun:
             and state.get("parent_id") == parent_id
             and state.get("virtual_size") == size
             and state.get("page_size") == self.opt.page_size
+            and state.get("consistency", consistency.CRASH) == self.plan.consistency
             and state.get("phase") == "uploading"
         )
 
@@ -193,7 +215,7 @@ class BackupRun:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         file_name = f"{opt.server}-{opt.disk}-{stamp}.vhd"
         fields = {"server": opt.server, "disk": opt.disk, "file_name": file_name, "virtual_size": size,
-                  "kind": decision.kind}  # fmt: skip
+                  "kind": decision.kind, "consistency": self.plan.consistency}  # fmt: skip
         if decision.parent:
             fields["parent_id"] = decision.parent.backup_id
         try:
@@ -226,13 +248,15 @@ class BackupRun:
             vhd_unique_id=str(uuid.uuid4()),
             vhd_timestamp=vhd_timestamp(),
             source=opt.source,
+            consistency=self.plan.consistency,
             multipart_id=None,
             part_size=None,
             started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
         log.info(
-            "%s backup of %s as %s/%s (upload %s)%s",
+            "%s %s backup of %s as %s/%s (upload %s)%s",
             decision.kind,
+            self.plan.consistency,
             opt.source,
             opt.server,
             opt.disk,
@@ -267,8 +291,27 @@ class BackupRun:
     # --- scan, pack, upload --------------------------------------------------------
 
     def _upload(self, src: Source, state: UploadState, grant: dict, decision: Decision, resumed: bool) -> BackupResult:
-        opt = self.opt
         timings = {}
+        with consistency.reading(self.plan, src, self.hooks, freeze_limit=self.opt.freeze_limit,
+                                 lvm_run=self.lvm_run) as reader:  # fmt: skip
+            uploader = self._read_and_send(reader, state, grant, decision, timings)
+        t0 = time.monotonic()
+        result = self._finish(state, resumed=resumed)
+        timings["verify"] = time.monotonic() - t0
+        result.sent_bytes, result.sent_parts, result.skipped_parts = (
+            uploader.sent_bytes,
+            uploader.sent_parts,
+            uploader.skipped_parts,
+        )
+        result.full_reason = decision.reason if decision.kind == "full" else ""
+        if self.hooks.post_error is not None:
+            result.hook_error = str(self.hooks.post_error)
+        result.timings.update(timings)
+        return result
+
+    def _read_and_send(self, src: Source, state: UploadState, grant: dict, decision: Decision, timings: dict):
+        """Scan and pack ``src`` into the stored object; the part uploader (its counts)."""
+        opt = self.opt
         s3 = S3Access(grant, refresh=lambda: self.api.upload_credentials(state["upload_id"]),
                       max_connections=opt.max_in_flight + 2)  # fmt: skip
 
@@ -309,17 +352,7 @@ class BackupRun:
             "changes" if plan.kind == "incremental" else "data",
             human_bytes(plan.changed_bytes),
         )
-        t0 = time.monotonic()
-        result = self._finish(state, resumed=resumed)
-        timings["verify"] = time.monotonic() - t0
-        result.sent_bytes, result.sent_parts, result.skipped_parts = (
-            uploader.sent_bytes,
-            uploader.sent_parts,
-            uploader.skipped_parts,
-        )
-        result.full_reason = decision.reason if decision.kind == "full" else ""
-        result.timings.update(timings)
-        return result
+        return uploader
 
     def _send(self, src: Source, plan: Plan, state: UploadState, s3: S3Access, part_size: int,
               timings: dict) -> tuple[tuple[int, str], PartUploader]:  # fmt: skip
@@ -433,6 +466,7 @@ class BackupRun:
             virtual_size=state["virtual_size"],
             changed_bytes=state.get("changed_bytes") or 0,
             resumed=resumed,
+            consistency=backup.get("consistency") or state.get("consistency") or "",
         )
         if backup["status"] != "verified":
             self._drop(state)

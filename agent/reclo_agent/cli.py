@@ -3,6 +3,7 @@
     reclo-agent enroll --portal URL --key KEY
     reclo-agent login --portal URL --email EMAIL
     reclo-agent backup SOURCE [--server NAME] [--disk NAME] [--full] [--bandwidth-limit RATE]
+                       [--freeze [--freeze-limit SECONDS]] [--pre-hook CMD] [--post-hook CMD]
     reclo-agent list [--json]
     reclo-agent restore BACKUP_ID TARGET [--force]
     reclo-agent schedule install --every 1h [SOURCE ...]   |   reclo-agent schedule remove
@@ -22,12 +23,13 @@ import getpass
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from . import __version__, config, names, schedule
+from . import __version__, config, names, preflight, schedule
 from .api import PortalClient, normalize_portal_url
 from .backup import BackupOptions, BackupRun
 from .blockmap import PAGE_SIZES, MapStore
@@ -38,10 +40,12 @@ from .errors import (
     EXIT_OK,
     AgentError,
     PortalError,
+    Terminated,
     TokenRejected,
     Unreachable,
     UsageError,
 )
+from .freeze import DEFAULT_LIMIT as DEFAULT_FREEZE_LIMIT
 from .progress import Reporter, human_bytes
 from .restore import restore
 from .state import UploadState
@@ -219,7 +223,10 @@ def _server_name(cfg: config.Config, server: str | None) -> str:
     return cfg.server or names.default_server()
 
 
-def _backup_options(args, cfg: config.Config, source: str, server: str | None, disk: str | None) -> BackupOptions:
+def _backup_options(args, cfg: config.Config, source: str, server: str | None, disk: str | None,
+                    read: dict | None = None) -> BackupOptions:  # fmt: skip
+    """The options of one backup: the command line's, else those ``schedule install`` saved (``read``)."""
+    read = read or {}
     rate = args.bandwidth_limit or cfg.bandwidth_limit
     return BackupOptions(
         source=source,
@@ -228,6 +235,10 @@ def _backup_options(args, cfg: config.Config, source: str, server: str | None, d
         full=args.full,
         page_size=args.page_size,
         bandwidth=parse_rate(rate) if rate else None,
+        freeze=args.freeze or bool(read.get("freeze")),
+        freeze_limit=args.freeze_limit or read.get("freeze_limit") or DEFAULT_FREEZE_LIMIT,
+        pre_hook=args.pre_hook or read.get("pre_hook"),
+        post_hook=args.post_hook or read.get("post_hook"),
     )
 
 
@@ -237,11 +248,48 @@ def _report_backup(result, as_json: bool = False) -> None:
         detail += f" for {human_bytes(result.changed_bytes)} of changed pages"
     if result.skipped_parts:
         detail += f"; resumed, {result.skipped_parts} parts were already uploaded"
-    log.info("backup %s (%s) verified: %s", result.backup_id, result.kind, detail)
+    log.info("backup %s (%s, %s) verified: %s", result.backup_id, result.kind, result.consistency, detail)
     if as_json:
         print(json.dumps(dataclasses.asdict(result)), flush=True)
     else:
         print(f"{result.backup_id} {result.kind}", flush=True)
+
+
+def _report_status(client: PortalClient, cfg: config.Config, server: str) -> None:
+    """Tell the portal this agent's schedule, version and (on Linux) bootability preflight.
+
+    Best effort: a portal that cannot take it (an older one) costs a log line, not the backup.
+    """
+    jobs, meta = schedule.load_jobs(cfg.state)
+    every = meta.get("every") if jobs else None
+    next_run = None
+    if every:
+        at = datetime.now(UTC) + timedelta(seconds=schedule.parse_every(every))
+        next_run = at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    body = {"schedule": every, "next_run": next_run, "agent_version": __version__, "preflight": None}
+    if sys.platform.startswith("linux"):
+        try:
+            body["preflight"] = preflight.run("/", disk=preflight.disk_of("/"))
+        except OSError as exc:
+            log.warning("the bootability preflight could not run: %s", exc)
+        else:
+            for check in body["preflight"]["checks"]:
+                if check["status"] == preflight.FAIL:
+                    log.warning("preflight: %s: %s. Fix: %s", check["name"], check["detail"], check["fix"])
+    try:
+        client.report_status(server, **body)
+    except (PortalError, Unreachable) as exc:
+        log.warning("could not report the agent's status to the portal: %s", exc)
+
+
+def _run_backup(client, cfg, options, reporter, as_json: bool) -> int:
+    result = BackupRun(client, cfg.state, options, reporter).run()
+    _report_backup(result, as_json)
+    _report_status(client, cfg, options.server)
+    if result.hook_error:
+        log.error("the restore point is stored, but %s", result.hook_error)
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 def cmd_backup(args) -> int:
@@ -253,19 +301,18 @@ def cmd_backup(args) -> int:
     if not args.source:
         raise UsageError("Give the SOURCE to back up: a block device (/dev/sda) or a raw disk image file.")
     options = _backup_options(args, cfg, args.source, args.server, args.disk)
-    _report_backup(BackupRun(client, cfg.state, options, reporter).run(), args.json)
-    return EXIT_OK
+    return _run_backup(client, cfg, options, reporter, args.json)
 
 
 def _scheduled(args, cfg, client, reporter) -> int:
-    jobs, _ = schedule.load_jobs(cfg.state)
+    jobs, meta = schedule.load_jobs(cfg.state)
     if not jobs:
         raise UsageError("No scheduled backups; set them up with: reclo-agent schedule install --every 1h SOURCE")
     worst = EXIT_OK
     for job in jobs:
         try:
-            options = _backup_options(args, cfg, job.source, job.server, job.disk)
-            _report_backup(BackupRun(client, cfg.state, options, reporter).run(), args.json)
+            options = _backup_options(args, cfg, job.source, job.server, job.disk, meta.get("read"))
+            worst = worst or _run_backup(client, cfg, options, reporter, args.json)
         except AgentError as exc:
             log.error("backup of %s (%s/%s) failed: %s", job.source, job.server, job.disk, exc)
             worst = worst or exc.exit_code
@@ -350,7 +397,9 @@ def cmd_schedule(args) -> int:
         method=args.method,
         unit_dir=unit_dir,
         cron_file=cron_file,
-    )
+        read={"freeze": args.freeze, "freeze_limit": args.freeze_limit, "pre_hook": args.pre_hook,
+              "post_hook": args.post_hook},
+    )  # fmt: skip
     print(f"Scheduled a backup every {args.every} of: " + ", ".join(f"{j.source} ({j.server}/{j.disk})" for j in jobs))
     print(message)
     return EXIT_OK
@@ -415,6 +464,16 @@ def _common_options(*, suppress: bool) -> argparse.ArgumentParser:
     return common
 
 
+def _read_options(p: argparse.ArgumentParser) -> None:
+    """How the disk is read: the freeze and the hooks (backup, and schedule install for every run)."""
+    p.add_argument("--freeze", action="store_true",
+                   help="freeze the disk's mounted file systems while it is read (small or quiet disks)")
+    p.add_argument("--freeze-limit", type=float, default=None, metavar="SECONDS",
+                   help=f"thaw and stop the backup if the read takes longer (default {DEFAULT_FREEZE_LIMIT:.0f})")
+    p.add_argument("--pre-hook", metavar="CMD", help="shell command run before the disk is read (a database dump)")
+    p.add_argument("--post-hook", metavar="CMD", help="shell command run after the read; runs even if it failed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common_options(suppress=True)
     parser = argparse.ArgumentParser(
@@ -450,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bandwidth-limit", metavar="RATE", help="upload at most RATE bytes/s, e.g. 10M, 512K")
     p.add_argument("--page-size", type=_page_size, default=4096, metavar="SIZE",
                    help="change-tracking page: 4K (default) to 64K; changing it forces a full backup")  # fmt: skip
+    _read_options(p)
     p.add_argument("--scheduled", action="store_true", help="back up the disks `schedule install` set up")
     p.add_argument("--json", action="store_true", help="print the result as JSON (sizes, parts, timings)")
     p.set_defaults(func=cmd_backup)
@@ -478,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--every", default="1h", help="interval: 30m, 1h, 6h, 1d (default 1h)")
     q.add_argument("--server", help="server name (default: this host's name)")
     q.add_argument("--disk", help="disk name, with one SOURCE")
+    _read_options(q)
     q.set_defaults(func=cmd_schedule)
     q = actions.add_parser("remove", parents=[place], help="remove the timer or cron entry")
     q.set_defaults(func=cmd_schedule)
@@ -487,15 +548,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
+    # SIGTERM unwinds like Ctrl-C: frozen file systems are thawed, snapshots removed.
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
     except AgentError as exc:
         print(f"reclo-agent: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print("reclo-agent: terminated. Run the same command again: an upload resumes where it stopped.",
+              file=sys.stderr)  # fmt: skip
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("reclo-agent: interrupted. Run the same command again: an upload resumes where it stopped.",
               file=sys.stderr)  # fmt: skip
@@ -506,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reclo-agent: unexpected error: {type(exc).__name__}: {exc} (run with -v for details)",
               file=sys.stderr)  # fmt: skip
         return EXIT_FAILURE
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

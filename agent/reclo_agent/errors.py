@@ -80,3 +80,8 @@ class VerificationFailed(AgentError):
 
 class Busy(AgentError):
     exit_code = EXIT_BUSY
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (systemd stopping the unit, ``kill``): unwinds like Ctrl-C, so every
+    ``finally`` runs -- file systems are thawed, snapshots dropped, uploads journaled."""

@@ -279,7 +279,9 @@ def install(
     method: str | None = None,
     unit_dir: Path | None = None,
     cron_file: Path | None = None,
+    read: dict | None = None,
 ) -> str:
+    """Save the jobs and install the timer; ``read`` holds --freeze, --freeze-limit and the hooks for each run."""
     if not jobs:
         raise UsageError(
             "Nothing to schedule: give the SOURCE to back up, or make a first backup by hand "
@@ -288,7 +290,7 @@ def install(
     seconds = parse_every(every)
     method = method or ("cron" if cron_file else "systemd" if unit_dir else detect_method())
     command = agent_command(config_path)
-    save_jobs(state_dir, jobs, every=every, method=method)
+    save_jobs(state_dir, jobs, every=every, method=method, read=read or {})
     if method == "systemd":
         return install_systemd(command, seconds, unit_dir)
     return install_cron(command, seconds, state_dir, cron_file)

@@ -41,6 +41,7 @@ class FakePortal:
         self.credential_calls = 0
         self.reject_token = False
         self.verify_hook = None  # callable(backup) -> failure message or None
+        self.statuses: list[tuple[str, dict]] = []  # (server, body) of each status report
 
     # helpers
 
@@ -98,6 +99,7 @@ class FakePortal:
             "file_name": fields["file_name"],
             "file_size": None,
             "virtual_size": fields["virtual_size"],
+            "consistency": fields.get("consistency", "crash"),
             "sha256": "",
             "status": "pending",
             "failure": "",
@@ -157,6 +159,11 @@ class FakePortal:
                           "file_size": b["file_size"], "sha256": b["sha256"]})  # fmt: skip
             b = self.backups.get(b["parent_id"]) if b["parent_id"] else None
         return {"chain": chain[::-1], **self._grant()}
+
+    def report_status(self, server: str, **fields) -> dict:
+        self._check("status")
+        self.statuses.append((server, fields))
+        return {"message": "Status recorded."}
 
     def renew_token(self) -> dict:
         self._check("renew")

@@ -258,3 +258,40 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for command in ("login", "backup", "list", "restore", "schedule", "status"):
         assert command in out
+
+
+def test_each_backup_reports_the_agents_status_with_the_preflight(fake, tmp_path, capsys):
+    source = tmp_path / "disk.img"
+    source.write_bytes(bytes(make_image(2 * MiB)))
+    assert cli.main(["backup", str(source), "--server", "web1", "--plain"]) == 0
+    assert "offline" in capsys.readouterr().err  # the log line says how the disk was read
+    ((server, body),) = fake.statuses
+    assert server == "web1"
+    assert body["agent_version"] == cli.__version__ and body["schedule"] is None and body["next_run"] is None
+    names = [c["name"] for c in body["preflight"]["checks"]]
+    assert names == ["nvme", "ena", "fstab", "boot_mode", "boot_loader"]
+
+
+def test_a_failing_post_hook_makes_the_backup_exit_non_zero(fake, tmp_path, capsys):
+    source = tmp_path / "disk.img"
+    source.write_bytes(bytes(make_image(2 * MiB)))
+    assert cli.main(["backup", str(source), "--server", "web1", "--post-hook", "exit 9"]) == 1
+    out, err = capsys.readouterr()
+    assert len(out.split()) == 2  # the restore point stands: its id and kind
+    assert "post-hook failed (exit 9)" in err
+
+
+def test_scheduled_backups_keep_the_hooks_and_freeze_given_at_install(fake, tmp_path, capsys):
+    source = tmp_path / "disk.img"
+    source.write_bytes(bytes(make_image(2 * MiB)))
+    log = tmp_path / "hooks.log"
+    assert cli.main(["schedule", "install", "--every", "1h", "--unit-dir", str(tmp_path / "units"), "--server",
+                     "web1", "--pre-hook", f"echo pre >> {log}", "--post-hook", f"echo post >> {log}",
+                     str(source)]) == 0  # fmt: skip
+    saved = json.loads((tmp_path / "state" / "schedule.json").read_text())
+    assert saved["read"] == {"freeze": False, "freeze_limit": None, "pre_hook": f"echo pre >> {log}",
+                             "post_hook": f"echo post >> {log}"}  # fmt: skip
+    assert cli.main(["backup", "--scheduled"]) == 0
+    assert log.read_text() == "pre\npost\n"
+    ((server, body),) = fake.statuses
+    assert body["schedule"] == "1h" and body["next_run"].endswith("Z")

@@ -144,8 +144,12 @@ def backup_start(
     parent_id: uuid.UUID | None = None,
     file_size: int | None = None,
     sha256: str | None = None,
+    consistency: str = Backup.Consistency.CRASH,
 ) -> UploadGrant:
     """Record a pending upload and grant credentials that can write its one object.
+
+    ``consistency`` is how the agent reads the disk (one of
+    ``Backup.Consistency``); agents that do not say read it as it is: crash.
 
     Checks the names (MALFORMED), the chain rules (BAD_CHAIN) and a declared size
     against the account's limit (TOO_LARGE). STS is asked before anything is
@@ -154,6 +158,9 @@ def backup_start(
     new upload; one an agent abandons is dropped by `uploads_clean_up`.
     """
     clean = _validated(server, disk, file_name, virtual_size, kind, file_size, sha256)
+    if consistency not in Backup.Consistency.values:
+        raise ServiceError(Code.MALFORMED, "consistency must be one of: " + ", ".join(Backup.Consistency.values),
+                           field="consistency")  # fmt: skip
     if file_size is not None:
         _check_size(user, file_size)
     parent = _chain_parent(
@@ -198,6 +205,7 @@ def backup_start(
             virtual_size=virtual_size,
             file_size=file_size,
             sha256=clean["sha256"],
+            consistency=consistency,
             credentials_expire=grant.expiration,
         )
     audit_record(AuditEvent.Kind.UPLOAD_CREDENTIALS, user=user, server=server, disk=disk, backup_id=str(backup_id),

@@ -66,6 +66,7 @@ class TestList:
             "virtual_size": backup.virtual_size,
             "sha256": backup.sha256,
             "status": "verified",
+            "consistency": "crash",
             "failure": None,
             "date_created": backup.date_created.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "completed_at": None,

@@ -169,6 +169,22 @@ class TestServers:
         assert desk["hostname"] == "frontdesk"
         assert servers["archive"]["health"] == "red" and servers["archive"]["last_backup"] is None
 
+    def test_the_list_reports_the_agents_status_and_the_newest_points_consistency(self, api, user):
+        server = ServerFactory(user=user, name="front-desk")
+        assert [(s["schedule"], s["consistency"], s["bootability"]) for s in api.get("/api/v1/servers").json()["servers"]] == [(None, None, None)]  # fmt: skip
+        older = BackupFactory(server=server, disk="sda", consistency="frozen")
+        BackupFactory(server=server, disk="sda", consistency="crash", parent=older, kind="incremental",
+                      date_created=older.date_created + timedelta(hours=1))  # fmt: skip
+        checks = [{"name": "nvme", "status": "pass", "detail": "built in"}]
+        report = api.post("/api/v1/servers/front-desk/status",
+                          {"schedule": "1h", "agent_version": "1.2.3", "preflight": {"checks": checks}}, format="json")  # fmt: skip
+        assert report.status_code == 200, report.content
+        (desk,) = api.get("/api/v1/servers").json()["servers"]
+        assert desk["consistency"] == "crash"
+        assert desk["schedule"]["every"] == "1h" and desk["schedule"]["reported"].endswith("Z")
+        assert desk["bootability"]["preflight"]["ok"] is True
+        assert [c["name"] for c in desk["bootability"]["preflight"]["checks"]] == ["nvme"]
+
     def test_the_list_shows_nothing_of_another_tenant(self, other_api, server_token):
         assert other_api.get("/api/v1/servers").json()["servers"] == []
 
