@@ -171,13 +171,14 @@ class TestServers:
 
     def test_the_list_reports_the_agents_status_and_the_newest_points_consistency(self, api, user):
         server = ServerFactory(user=user, name="front-desk")
-        assert [(s["schedule"], s["consistency"], s["bootability"]) for s in api.get("/api/v1/servers").json()["servers"]] == [(None, None, None)]  # fmt: skip
+        (fresh,) = api.get("/api/v1/servers").json()["servers"]
+        assert (fresh["schedule"], fresh["consistency"], fresh["bootability"]) == (None, None, None)
         older = BackupFactory(server=server, disk="sda", consistency="frozen")
         BackupFactory(server=server, disk="sda", consistency="crash", parent=older, kind="incremental",
                       date_created=older.date_created + timedelta(hours=1))  # fmt: skip
         checks = [{"name": "nvme", "status": "pass", "detail": "built in"}]
-        report = api.post("/api/v1/servers/front-desk/status",
-                          {"schedule": "1h", "agent_version": "1.2.3", "preflight": {"checks": checks}}, format="json")  # fmt: skip
+        body = {"schedule": "1h", "agent_version": "1.2.3", "preflight": {"checks": checks}}
+        report = api.post("/api/v1/servers/front-desk/status", body, format="json")
         assert report.status_code == 200, report.content
         (desk,) = api.get("/api/v1/servers").json()["servers"]
         assert desk["consistency"] == "crash"
