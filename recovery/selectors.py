@@ -9,7 +9,7 @@ from django.utils import timezone
 from backups.models import Backup, Server
 
 from . import vpn
-from .models import Instance, Recovery, VpnGateway
+from .models import Drill, Instance, Recovery, VpnGateway
 
 # A chain longer than this is a bug or an attack, not a backup history.
 MAX_CHAIN = 1000
@@ -112,3 +112,38 @@ def vpn_client_config(*, instance: Instance) -> str | None:
         server_private_ip=instance.private_ip,
         server_name=recovery.server_name,
     )
+
+
+# --- Drills -----------------------------------------------------------------------------------
+
+
+def drill_list(*, user, server: str | None = None):
+    """The user's drills, newest first; only those of the server named `server` if given."""
+    qs = Drill.objects.filter(user=user).prefetch_related("steps")
+    if server:
+        qs = qs.filter(server_name=server)
+    return qs.order_by("-created")
+
+
+def drill_get(*, user, drill_id) -> Drill | None:
+    """The user's drill of that id, or None (unknown, malformed, another tenant's)."""
+    pk = _as_uuid(drill_id)
+    if pk is None:
+        return None
+    return Drill.objects.filter(user=user, pk=pk).prefetch_related("steps").first()
+
+
+def newest_drills_by_backup(backup_ids) -> dict:
+    """The newest finished drill of each of these restore points: {backup id: Drill}."""
+    newest: dict = {}
+    rows = Drill.objects.filter(backup_ref__in=list(backup_ids), status__in=Drill.FINISHED).order_by("-created")
+    for drill in rows.only("pk", "backup_ref", "status", "finished", "error", "created"):
+        newest.setdefault(drill.backup_ref, drill)
+    return newest
+
+
+def bootable(drill: Drill | None) -> dict | None:
+    """The backup object's `bootable`: verified by its newest drill, or null."""
+    if drill is None or drill.status != Drill.Status.PASSED:
+        return None
+    return {"verified": True, "drill_id": str(drill.pk), "at": drill.finished}
