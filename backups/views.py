@@ -9,6 +9,7 @@ from django.http import Http404
 from django.shortcuts import redirect, render
 
 from reclo_site.errors import ServiceError
+from recovery import selectors as drill_selectors
 
 from . import selectors, services
 from .forms import BackupDeleteForm
@@ -17,6 +18,9 @@ from .forms import BackupDeleteForm
 @login_required
 def dashboard(request):
     servers = selectors.server_overview(user=request.user)
+    standing = drill_selectors.drill_standing(servers=[row.server for row in servers])
+    for row in servers:
+        row.drills = standing[row.server.pk]
     return render(request, "backups/dashboard.html", {"servers": servers})
 
 
@@ -26,10 +30,15 @@ def server_detail(request, server_id: int):
     if found is None:
         raise Http404("No such server.")
     overview, timelines = found
+    drills = drill_selectors.drill_standing(servers=[overview.server])[overview.server.pk]
+    for timeline in timelines:
+        for chain in timeline.chains:
+            for backup in chain:
+                backup.newest_drill = drills.by_backup.get(backup.pk)
     return render(
         request,
         "backups/server.html",
-        {"overview": overview, "server": overview.server, "timelines": timelines},
+        {"overview": overview, "server": overview.server, "timelines": timelines, "drills": drills},
     )
 
 

@@ -374,8 +374,6 @@ RECLO_DRILL_STALE_AFTER = timedelta(seconds=env.int("RECLO_DRILL_STALE_SECONDS",
 RECLO_DRILL_EVERY_DAYS = env.int("RECLO_DRILL_EVERY_DAYS", default=7)
 # Scheduled drills started per beat run, at most (the rest wait for the next).
 RECLO_DRILL_SCHEDULE_BATCH = env.int("RECLO_DRILL_SCHEDULE_BATCH", default=20)
-# The portal's address as owners reach it, for links in emails.
-RECLO_PORTAL_URL = env("RECLO_PORTAL_URL", default="http://127.0.0.1:8000")
 
 CELERY_BEAT_SCHEDULE |= {
     # Re-enqueue failover steps whose worker died or whose message was lost.

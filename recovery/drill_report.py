@@ -155,10 +155,14 @@ def render_pdf(drill: Drill, facts: dict | None = None) -> bytes:
     ]
     png = screenshot_bytes(drill)
     if png:
-        image = Image(io.BytesIO(png))
-        scale = min(1.0, (170 * mm) / image.imageWidth)
-        image.drawWidth, image.drawHeight = image.imageWidth * scale, image.imageHeight * scale
-        story += [Paragraph("Screen at the verdict", styles["Heading2"]), image]
+        story.append(Paragraph("Screen at the verdict", styles["Heading2"]))
+        try:
+            image = Image(io.BytesIO(png))
+            scale = min(1.0, (170 * mm) / image.imageWidth)
+            image.drawWidth, image.drawHeight = image.imageWidth * scale, image.imageHeight * scale
+            story.append(image)
+        except OSError:  # a damaged image must not cost the auditor the rest of the report
+            story.append(Paragraph("(the stored screenshot could not be read)", styles["BodyText"]))
     doc.build(story)
     return out.getvalue()
 

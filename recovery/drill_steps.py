@@ -270,7 +270,7 @@ def notify_failure(drill: Drill) -> None:
     """Email the owner that a drill failed and why (from templates/recovery/email/drill_failed.txt)."""
     if not drill.user.email:
         return
-    context = {"drill": drill, "portal_url": settings.RECLO_PORTAL_URL.rstrip("/")}
+    context = {"drill": drill, "portal_url": settings.SITE_URL.rstrip("/")}
     subject = f"ReClo: the drill of {drill.server_name} failed"
     body = render_to_string("recovery/email/drill_failed.txt", context)
     try:

@@ -14,11 +14,13 @@ from django.views.decorators.http import require_GET, require_http_methods
 
 from reclo_site.errors import ServiceError
 
-from . import selectors, services, sizes
+from . import drill_report, drill_services, selectors, services, sizes
 from .api import vpn_file_name
+from .drill_api import report_response
+from .drills import DRILL_STEPS
 from .failover import FAILOVER_STEPS
 from .forms import FailoverForm
-from .models import Instance, Recovery
+from .models import Drill, Instance, Recovery
 
 ACTIONS = {
     "start": {
@@ -229,3 +231,71 @@ def vpn_qr(request, instance_id):
     response = HttpResponse(out.getvalue(), content_type="image/svg+xml")
     response["Cache-Control"] = "no-store"
     return response
+
+
+# --- Drills ---------------------------------------------------------------------------------
+
+
+def _drill_or_404(request, drill_id) -> Drill:
+    drill = selectors.drill_get(user=request.user, drill_id=drill_id)
+    if drill is None:
+        raise Http404("No such drill.")
+    return drill
+
+
+@login_required
+@require_http_methods(["POST"])
+def drill_start(request, server_id: int):
+    """The server page's "Test failover": a drill of its newest verified restore point."""
+    server = selectors.server_get(user=request.user, server_id=server_id)
+    if server is None:
+        raise Http404("No such server.")
+    newest = selectors.newest_verified_backup(server=server)
+    if newest is None:
+        messages.error(request, f"{server.name} has no verified restore point to test yet.")
+        return redirect("backups:server-detail", server_id=server.pk)
+    try:
+        drill = drill_services.drill_start(user=request.user, backup_id=newest.pk, trigger=Drill.Trigger.PORTAL)
+    except ServiceError as exc:
+        messages.error(request, exc.message)
+        return redirect("backups:server-detail", server_id=server.pk)
+    messages.success(request, f"Test failover of {server.name} started: it boots in an isolated sandbox.")
+    return redirect("recovery:drill", drill_id=drill.pk)
+
+
+@login_required
+@require_GET
+def drill_detail(request, drill_id):
+    drill = _drill_or_404(request, drill_id)
+    zone = drill_report.owner_zone(drill)
+    steps = [
+        {
+            "title": DRILL_STEPS.title(step.name),
+            "status": step.status,
+            "started": step.started,
+            "finished": step.finished,
+            "started_local": step.started.astimezone(zone) if step.started else None,
+            "finished_local": step.finished.astimezone(zone) if step.finished else None,
+            "detail": step.error or step.detail,
+        }
+        for step in drill.steps.all()
+    ]
+    return render(request, "recovery/drill.html", {"drill": drill, "steps": steps, "zone": zone})
+
+
+@login_required
+@require_GET
+def drill_screenshot(request, drill_id):
+    drill = _drill_or_404(request, drill_id)
+    png = drill_report.screenshot_bytes(drill)
+    if png is None:
+        raise Http404("This drill has no screenshot.")
+    response = HttpResponse(png, content_type="image/png")
+    response["Cache-Control"] = "private, max-age=3600"
+    return response
+
+
+@login_required
+@require_GET
+def drill_report_pdf(request, drill_id):
+    return report_response(_drill_or_404(request, drill_id))
