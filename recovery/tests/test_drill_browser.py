@@ -82,6 +82,7 @@ def test_test_failover_passes_and_leaves_a_screenshot_and_a_report(live_server, 
         assert "Measured RTO" in page.locator("[data-testid=drill-rto]").text_content()
         page.screenshot(path=str(tmp_path / "drill-page.png"), full_page=True)
         if SHOTS:
+            Path(SHOTS).mkdir(parents=True, exist_ok=True)
             shutil.copy(tmp_path / "drill-page.png", Path(SHOTS) / "drill-page.png")
 
         page.click("[data-testid=drill-screenshot]")
