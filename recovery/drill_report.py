@@ -146,7 +146,7 @@ def render_pdf(drill: Drill, facts: dict | None = None) -> bytes:
         Paragraph("Resources created and removed", styles["Heading2"]),
         _grid(
             [["Resource", "Created", "Removed"]]
-            + [[r["what"], r.get("created") or "-", r.get("removed") or "still there"] for r in facts["resources"]],
+            + [[r["what"], _stamp(r.get("created")), _stamp(r.get("removed")) or "STILL THERE"] for r in facts["resources"]],
             styles,
             header=True,
         ),
@@ -165,6 +165,12 @@ def render_pdf(drill: Drill, facts: dict | None = None) -> bytes:
             story.append(Paragraph("(the stored screenshot could not be read)", styles["BodyText"]))
     doc.build(story)
     return out.getvalue()
+
+
+def _stamp(iso: str | None) -> str:
+    if not iso:
+        return ""
+    return datetime.fromisoformat(iso).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _grid(rows: list[list[str]], styles, *, header: bool = False) -> Table:

@@ -249,7 +249,7 @@ def teardown(drill_id, status: str) -> None:
         first_time = drill.torn_down is None
         resources = list(drill.resources)
         for item in resources:
-            item.setdefault("removed", now.isoformat())
+            item["removed"] = item.get("removed") or now.isoformat()
         for text in removed:
             if not any(r["what"] == text for r in resources):
                 resources.append({"what": text, "created": None, "removed": now.isoformat()})

@@ -170,6 +170,7 @@ def test_a_failover_cancels_the_running_drill_and_tears_it_down(user, chain, dja
     drill.refresh_from_db()
     assert (drill.status, drill.error) == ("failed", "Cancelled: a failover of front-desk started.")
     assert drill.torn_down is not None and not folder.exists()
+    assert [r["removed"] is not None for r in drill.resources] == [True]
     assert mail.outbox == []  # a cancelled drill says nothing about the restore point
     # The worker that held the drill's lease has lost it: its next go claims nothing.
     assert engine.run_step(drill.pk, "preparing", pipeline=DRILL) == "not claimed"
@@ -267,6 +268,7 @@ def test_a_drill_of_each_restore_point_passes(user, aws, backed_up, api):
         assert drill.rto_seconds > 0
         assert drill.screenshot_key and storage.head_object(drill.screenshot_key)["size"] > 1000
         assert drill.torn_down and not drill_steps.work_dir(drill.pk).exists()
+        assert drill.resources and all(r["removed"] for r in drill.resources), drill.resources
         assert drill.report_key and storage.head_object(drill.report_key)["size"] > 1000
         seen.append(drill.console_excerpt)
         body = api.get(f"/api/v1/backups/{backup.pk}").json()["backup"]
