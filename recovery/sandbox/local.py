@@ -36,10 +36,12 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import tempfile
 import time
 import uuid
+import zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -168,6 +170,35 @@ def choose_accel() -> str:
     if forced in ("kvm", "tcg"):
         return forced
     return "kvm" if accel_works("kvm") else "tcg"
+
+
+def ppm_to_png(ppm: bytes) -> bytes:
+    """A binary PPM (P6, 8-bit, what QEMU's screendump writes) as an RGB PNG."""
+    fields, pos = [], 0
+    while len(fields) < 4:  # magic, width, height, maxval, separated by whitespace and # comments
+        while ppm[pos : pos + 1].isspace() or ppm[pos : pos + 1] == b"#":
+            if ppm[pos : pos + 1] == b"#":
+                pos = ppm.index(b"\n", pos)
+            pos += 1
+        end = pos
+        while not ppm[end : end + 1].isspace():
+            end += 1
+        fields.append(ppm[pos:end])
+        pos = end
+    if fields[0] != b"P6" or fields[3] != b"255":
+        raise ValueError("not an 8-bit binary PPM")
+    width, height = int(fields[1]), int(fields[2])
+    pixels = ppm[pos + 1 : pos + 1 + width * height * 3]
+    if len(pixels) != width * height * 3:
+        raise ValueError("PPM pixel data is cut short")
+    stride = width * 3
+    raw = b"".join(b"\0" + pixels[y * stride : (y + 1) * stride] for y in range(height))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
 
 
 class _QMP:
@@ -416,7 +447,13 @@ class LocalSandbox(Sandbox):
         try:
             qmp = _QMP(run_dir / "qmp.sock")
             try:
-                qmp.command("screendump", filename=str(target), format="png")
+                try:
+                    qmp.command("screendump", filename=str(target), format="png")
+                except SandboxError:
+                    # A QEMU built without libpng (or before 7.1) writes only PPM.
+                    ppm = run_dir / "screen.ppm"
+                    qmp.command("screendump", filename=str(ppm))
+                    target.write_bytes(ppm_to_png(ppm.read_bytes()))
             finally:
                 qmp.close()
         except (OSError, SandboxError, ValueError):

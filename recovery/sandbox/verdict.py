@@ -31,8 +31,9 @@ def _p(name: str, regex: str, flags: int = 0) -> Pattern:
 
 
 READY_PATTERNS: tuple[Pattern, ...] = (
-    # getty's prompt ("host login: ") ends its line, with nothing typed after it.
-    _p("login prompt", r"\blogin: *$"),
+    # getty's prompt ("host login: ") ends its line, or a kernel message
+    # ("[   14.0] ...") lands right after it.
+    _p("login prompt", r"\blogin: *($|\[)"),
     _p(
         "systemd reached its multi-user or graphical target",
         r"Reached target .*(Multi-User System|Graphical Interface)",

@@ -86,6 +86,9 @@ class WritingSandbox(LocalSandbox):
             for command in ('qemu-io disk0 "write -P 0xab 0 1M"', 'qemu-io disk0 "read -P 0xab 0 1M"'):
                 qmp.command("human-monitor-command", **{"command-line": command})
             self.overlay = json.loads(qmp.command("query-block")[0]["inserted"]["image"]["filename"][5:])
+            # QEMU's own PPM of the same screen, for the fallback converter.
+            qmp.command("screendump", filename=str(run_dir / "screen-test.ppm"))
+            self.ppm = (run_dir / "screen-test.ppm").read_bytes()
         finally:
             qmp.close()
         self.qemu_io_output = (run_dir / "qemu.stderr").read_text()
@@ -218,6 +221,33 @@ def test_good_disk_screenshot_is_a_png(good_bios):
     assert verdict.screenshot_path.name == "screenshot.png"
     width, height = png_size(verdict.screenshot_path)
     assert width >= 640 and height >= 400
+
+
+def test_qemus_ppm_screendump_converts_to_the_same_size_png(good_bios, tmp_path):
+    from recovery.sandbox.local import ppm_to_png
+
+    png = tmp_path / "from-ppm.png"
+    png.write_bytes(ppm_to_png(good_bios[1].ppm))
+    assert png_size(png) == png_size(good_bios[0].screenshot_path)
+
+
+def test_ppm_screenshots_become_valid_pngs(tmp_path):
+    from recovery.sandbox.local import ppm_to_png
+
+    width, height = 5, 3
+    pixels = b"".join(bytes((x * 40, y * 80, 200)) for y in range(height) for x in range(width))
+    png = tmp_path / "shot.png"
+    png.write_bytes(ppm_to_png(b"P6\n# QEMU\n5 3\n255\n" + pixels))
+    assert png_size(png) == (5, 3)
+    assert zlib.decompress(_idat(png.read_bytes()))[1:16] == pixels[:15]  # first row, after its filter byte
+    with pytest.raises(ValueError):
+        ppm_to_png(b"P5\n5 3\n255\n" + bytes(15))
+
+
+def _idat(data: bytes) -> bytes:
+    at = data.index(b"IDAT")
+    (length,) = struct.unpack(">I", data[at - 4 : at])
+    return data[at + 4 : at + 4 + length]
 
 
 def test_good_disk_timings_and_json(good_bios):
@@ -426,6 +456,8 @@ def test_accel_probe_guest_runs_under_tcg():
         ("BdsDxe: No bootable option or device was found.\n", "failure", "the firmware found nothing to boot"),
         ("Kernel panic - not syncing: Attempted to kill init!\n", "failure", "kernel panic"),
         ("\x1b[2J\x1b[0mweb1 login: \r", "ready", "login prompt"),
+        ("web1 login: [   13.99] e1000e: eth0 NIC Link is Up\n", "ready", "login prompt"),
+        ("pam_unix(login:session): session opened\n", None, None),
     ],
 )  # fmt: skip
 def test_console_patterns(console, kind, name):
