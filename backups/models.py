@@ -69,6 +69,14 @@ class Backup(models.Model):
     # Retention's claim while it merges this restore point into its full,
     # so two workers never merge the same one.
     merge_claimed_at = models.DateTimeField(null=True, blank=True)
+    # A worker reading this object (verifying or scrubbing) renews this every
+    # few seconds: a recent one means "in progress" (a duplicate delivery
+    # skips it; it counts toward the tenant's concurrent verifications), a
+    # stale one a worker that died.
+    read_heartbeat = models.DateTimeField(null=True, blank=True)
+    # When a verification of this upload was last enqueued (completion, or the
+    # beat job re-queueing one no worker is on).
+    verify_queued_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-date_created"]

@@ -6,6 +6,7 @@ and a cap; anything else fails at once with its reason in the log.
 """
 
 import logging
+import random
 
 from celery import shared_task
 from kombu.exceptions import OperationalError as BrokerError
@@ -16,14 +17,18 @@ from . import services
 
 log = logging.getLogger(__name__)
 
-# Reading or merging a large restore point takes a while; these limits stay
-# under the broker's 4-hour redelivery timeout (settings), so a task that
-# runs long is never handed to a second worker while the first still runs.
+# Reading or merging a large restore point takes a while. A task running
+# past the broker's visibility timeout (minutes, settings) is delivered to a
+# second worker too; each of these holds a claim its first worker renews
+# (verification and scrub: a heartbeat; merge: its claim), so the second
+# copy does nothing.
 LONG_TASK = {"soft_time_limit": 3 * 60 * 60, "time_limit": 3 * 60 * 60 + 300}
 RETRY_CLOUD = {
     "autoretry_for": (CloudUnavailable,),
     "retry_backoff": 30,
-    "retry_backoff_max": 30 * 60,
+    # Under the broker's visibility timeout: a retry waiting longer would be
+    # redelivered (harmless, the tasks are idempotent, but wasted).
+    "retry_backoff_max": 5 * 60,
     "retry_jitter": True,
     "max_retries": 8,
 }
@@ -34,7 +39,7 @@ def enqueue(task, *args) -> None:
 
     Used from transaction.on_commit, where the request has already
     succeeded: the beat jobs pick up whatever was not sent (a `verifying`
-    backup is re-enqueued by uploads_clean_up, retention runs again after
+    backup is re-enqueued by verifications_requeue, retention runs again after
     the next verified backup).
     """
     try:
@@ -43,10 +48,21 @@ def enqueue(task, *args) -> None:
         log.exception("could not enqueue %s%r", task.name, args)
 
 
-@shared_task(**RETRY_CLOUD, **LONG_TASK)
-def backup_verify(backup_id: str) -> str | None:
-    """Verify a completed upload (idempotent: only a `verifying` backup is read)."""
-    backup = services.backup_verify(backup_id=backup_id)
+@shared_task(bind=True, **RETRY_CLOUD, **LONG_TASK)
+def backup_verify(self, backup_id: str) -> str | None:
+    """Verify a completed upload (idempotent: only a `verifying` backup no worker is on is read).
+
+    While the tenant has its share of verifications running, or a worker
+    holds this one, the task comes back after a wait (other tenants' tasks
+    run meanwhile); a dead worker's claim is stale by then.
+    """
+    try:
+        backup = services.backup_verify(backup_id=backup_id)
+    except services.VerificationDeferred as exc:
+        services.verification_deferred(backup_id=backup_id)
+        if self.request.is_eager:
+            return "deferred"  # tests: no broker to come back through; the beat job re-queues it
+        raise self.retry(exc=exc, countdown=exc.retry_in + random.randint(0, 10), max_retries=None) from exc
     return backup.status if backup else None
 
 
@@ -81,6 +97,12 @@ def uploads_clean_up() -> dict:
     if any(counts.values()):
         log.info("upload clean-up: %s", counts)
     return counts
+
+
+@shared_task
+def verifications_requeue() -> int:
+    """Beat, every 2 minutes: re-enqueue verifications no live worker is on."""
+    return services.verifications_requeue()
 
 
 @shared_task

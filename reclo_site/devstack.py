@@ -1,7 +1,8 @@
 """`make run`: the whole system on one machine, until Ctrl-C.
 
 Starts moto's server mode as the local AWS, prepares the database and the
-bucket, then runs the portal, a Celery worker and Celery beat side by side.
+bucket, then runs the portal, two Celery workers (backups, and failovers on
+a queue of their own) and Celery beat side by side.
 If any of them dies, everything is stopped, so a half-running stack never
 looks healthy.
 """
@@ -14,8 +15,36 @@ import sys
 import time
 from pathlib import Path
 
+from reclo_site.queues import recovery_queue_for
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+
+
+def worker_commands(celery: list[str], env: dict) -> list[tuple[str, list[str]]]:
+    """The Celery workers of `make run`: (title, command line) each.
+
+    Two workers: backups (verification, retention, scrub) and failovers, so
+    a flood of uploads never delays a failover. The file-system broker has
+    no broadcast, so no mingle/gossip/heartbeat. It has no asynchronous I/O
+    either, so a prefork worker would use billiard's blocking pool, whose
+    idle processes wait on one shared queue while holding its read lock:
+    one SIGKILLed while idle (the OOM killer) dies holding it, and its
+    replacement and every other process wait forever. Threads have no such
+    lock. (With Redis, production's prefork pool gives each process a pipe
+    of its own and replaces dead ones.)
+    """
+    default_queue = env.get("CELERY_TASK_DEFAULT_QUEUE") or "celery"
+    recovery_queue = env.get("CELERY_RECOVERY_QUEUE") or recovery_queue_for(default_queue)
+    quiet = ["--without-mingle", "--without-gossip", "--without-heartbeat"]
+    commands = []
+    for title, name, queue, concurrency in (
+        ("Celery worker (backups)", "backups", default_queue, "2"),
+        ("Celery worker (failovers)", "recovery", recovery_queue, "1"),
+    ):
+        worker = [*celery, "worker", "-l", "info", "-n", f"{name}@%h", "-Q", queue, "--concurrency", concurrency]
+        commands.append((title, [*worker, "--pool", "threads", *quiet]))
+    return commands
 
 
 def _wait_for_port(host: str, port: int, timeout: float = 30.0) -> None:
@@ -96,21 +125,8 @@ def main() -> int:
         subprocess.run([*manage, "collectstatic", "--no-input", "-v", "0"], cwd=ROOT, env=env, check=True)
         subprocess.run([*manage, "setup_cloud"], cwd=ROOT, env=env, check=True)
         celery = [str(BIN / "celery"), "-A", "reclo_site"]
-        # The file-system broker has no broadcast, so no mingle/gossip/heartbeat.
-        start(
-            "Celery worker",
-            [
-                *celery,
-                "worker",
-                "-l",
-                "info",
-                "--concurrency",
-                "2",
-                "--without-mingle",
-                "--without-gossip",
-                "--without-heartbeat",
-            ],
-        )
+        for title, args in worker_commands(celery, env):
+            start(title, args)
         start("Celery beat", [*celery, "beat", "-l", "info"])
         start("portal", [*manage, "runserver", f"127.0.0.1:{web_port}", "--noreload", "--skip-checks"])
         _wait_for_port("127.0.0.1", web_port)

@@ -257,8 +257,19 @@ if CELERY_BROKER_URL == "filesystem://":
         "control_folder": str(_broker_dir / "control"),
     }
 else:
-    # Redelivery after a lost worker must come after the longest task.
-    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 4 * 60 * 60}
+    # A task whose worker died unacknowledged is redelivered after this many
+    # seconds (Redis transport). Minutes, not hours: a task that runs longer
+    # is redelivered while it still runs too, so every long task holds a
+    # renewed claim and a duplicate does nothing (see backups.tasks and
+    # recovery.engine).
+    _visibility = env.int("CELERY_VISIBILITY_TIMEOUT", default=10 * 60)
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": _visibility,
+        # Workers sweep for expired messages this often (kombu's default is
+        # every 100 s), so a dead worker's task is back soon after the timeout.
+        "unacked_restore_interval": max(1, min(30, _visibility // 10)),
+        "unacked_restore_throttle": 1,
+    }
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
@@ -270,6 +281,9 @@ CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=60 * 60)
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# A pool process is replaced after this many tasks (bounds leaks of a long
+# run); one that dies (OOM killer, SIGKILL) is replaced by the pool at once.
+CELERY_WORKER_MAX_TASKS_PER_CHILD = env.int("CELERY_WORKER_MAX_TASKS_PER_CHILD", default=200)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
@@ -277,6 +291,11 @@ CELERY_TIMEZONE = "UTC"
 # Integration tests give their worker a queue of its own, so workers of
 # other test runs sharing the Redis never take each other's tasks.
 CELERY_TASK_DEFAULT_QUEUE = env("CELERY_TASK_DEFAULT_QUEUE", default="celery")
+# Failovers (and drills) have a queue and workers of their own, so a flood of
+# uploads to verify never delays one. Empty: named after the default queue
+# ("recovery" beside "celery"; see reclo_site/queues.py).
+CELERY_RECOVERY_QUEUE = env("CELERY_RECOVERY_QUEUE", default="")
+CELERY_TASK_ROUTES = ("reclo_site.queues.route_task",)
 
 # The one beat schedule. Each job is idempotent and works in bounded batches,
 # so two overlapping runs do no harm.
@@ -292,6 +311,8 @@ CELERY_BEAT_SCHEDULE = {
     "backups-scrub": {"task": "backups.tasks.backups_scrub", "schedule": crontab(minute=23, hour=3, day_of_week=0)},
     # Email owners whose servers stopped sending backups (twice the usual interval).
     "backups-overdue": {"task": "backups.tasks.overdue_notify", "schedule": crontab(minute="*/15")},
+    # Re-enqueue verifications no live worker is on (a worker killed mid-check).
+    "backups-requeue-verifications": {"task": "backups.tasks.verifications_requeue", "schedule": 120.0},
 }
 
 # --- Cloud (AWS; moto's server mode locally) ------------------------------------
@@ -312,6 +333,18 @@ RECLO_UPLOAD_ROLE_ARN = env("RECLO_UPLOAD_ROLE_ARN", default="")
 RECLO_MAX_BACKUP_SIZE = env.int("RECLO_MAX_BACKUP_SIZE", default=2 * 1024**4)
 # Restore points kept per server and disk; older ones are merged into the full.
 RECLO_RETENTION_KEEP = env.int("RECLO_RETENTION_KEEP", default=14)
+# Most VHD blocks a restore point may declare: 2^22 covers the format's
+# largest disk (2040 GiB) at 512 KiB blocks (the agent writes 2 MiB ones).
+# More is refused from the header, before its BAT (4 bytes a block) is read.
+RECLO_VERIFY_MAX_BLOCKS = env.int("RECLO_VERIFY_MAX_BLOCKS", default=4 * 1024 * 1024)
+# Fairness between tenants: pending uploads an account may hold at once
+# (over it: 429, code 103, Retry-After), and verifications of one account
+# that run at once (the others wait their turn in the queue).
+RECLO_MAX_PENDING_UPLOADS = env.int("RECLO_MAX_PENDING_UPLOADS", default=20)
+RECLO_MAX_CONCURRENT_VERIFICATIONS = env.int("RECLO_MAX_CONCURRENT_VERIFICATIONS", default=2)
+# A verification whose worker has not renewed its heartbeat for this long is
+# taken to be dead: a redelivered or re-queued task takes it over.
+RECLO_VERIFY_STALE_AFTER = timedelta(seconds=env.int("RECLO_VERIFY_STALE_SECONDS", default=180))
 # Stored backups the weekly scrub re-reads per run.
 RECLO_SCRUB_SAMPLE = env.int("RECLO_SCRUB_SAMPLE", default=50)
 # The backup interval assumed until a disk has restore points enough to show its own.

@@ -83,10 +83,19 @@ test_database_url.__test__ = False  # not a test, despite its name
 
 
 @contextmanager
-def celery_worker(env_overrides: dict, *, concurrency: int = 1, queues: str = "celery"):
-    """A real `celery worker` process for the duration of the block."""
+def celery_worker(env_overrides: dict, *, concurrency: int = 1, queues: str | None = None):
+    """A real `celery worker` process for the duration of the block.
+
+    It consumes `queues` (comma-separated), by default both the default
+    queue and the failover queue that the environment names.
+    """
+    from reclo_site.queues import recovery_queue_for
+
     env = dict(os.environ)
     env.update(env_overrides)
+    if queues is None:
+        default = env.get("CELERY_TASK_DEFAULT_QUEUE") or "celery"
+        queues = f"{default},{env.get('CELERY_RECOVERY_QUEUE') or recovery_queue_for(default)}"
     env["PYTHONUNBUFFERED"] = "1"
     log = open(ROOT / "var" / f"test-worker-{os.getpid()}.log", "ab")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(

@@ -169,7 +169,7 @@ def test_a_failover_survives_a_redis_restart_mid_pipeline(failover_env, own_redi
     env, queue = failover_env
     backups, _ = backup_chain(user=user, server=ServerFactory(user=user), size=48 * MiB, incrementals=2)
 
-    with testing.celery_worker(env, queues=queue):
+    with testing.celery_worker(env):  # its queue and the failover queue that goes with it
         recovery = services.recovery_start(user=user, backup_id=backups[-1].pk)
         # Crash Redis while the worker writes the disk into the snapshot:
         # the step's own delivery is unacknowledged, and the message that
@@ -217,7 +217,7 @@ def test_a_failover_started_while_redis_is_down_is_accepted_and_runs_once_it_is_
     assert recovery.status == "queued"
 
     own_redis.start()
-    with testing.celery_worker(env, queues=queue):
+    with testing.celery_worker(env):  # its queue and the failover queue that goes with it
         recovery = finish_with_the_reconciler(recovery)
 
     assert_made_once(recovery)

@@ -89,8 +89,8 @@ def test_header_corruptions(full):
 
 def test_bat_corruptions(full):
     reader = VHDReader(io.BytesIO(full))
-    first = reader._bat[0]
-    second = reader._bat[2]
+    first = reader.bat_entry(0)
+    second = reader.bat_entry(2)
     check(with_bat(full, 1, 0xFFFFFFFE), "block 1 points outside the file")
     check(with_bat(full, 1, (len(full) - 512) // 512), "block 1 points outside the file")
     check(with_bat(full, 2, first + 1), "blocks 0 and 2 overlap")

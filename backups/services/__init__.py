@@ -7,16 +7,25 @@ and notifications (overdue emails).
 """
 
 from .downloads import DownloadGrant, backup_download_grant, chain_of
-from .lifecycle import backup_delete, backup_fail, objects_purge, uploads_clean_up
+from .lifecycle import backup_delete, backup_fail, objects_purge, uploads_clean_up, verifications_requeue
 from .notifications import overdue_notify
 from .retention import MergeFailed, backup_merge, retention_apply
 from .uploads import UploadGrant, backup_complete, backup_credentials_refresh, backup_start, max_file_size
-from .verification import backup_scrub, backup_verify, backups_scrub_pick, chain_mark_broken, object_check
+from .verification import (
+    VerificationDeferred,
+    backup_scrub,
+    backup_verify,
+    backups_scrub_pick,
+    chain_mark_broken,
+    object_check,
+    verification_deferred,
+)
 
 __all__ = [
     "DownloadGrant",
     "MergeFailed",
     "UploadGrant",
+    "VerificationDeferred",
     "backup_complete",
     "backup_credentials_refresh",
     "backup_delete",
@@ -35,4 +44,6 @@ __all__ = [
     "overdue_notify",
     "retention_apply",
     "uploads_clean_up",
+    "verification_deferred",
+    "verifications_requeue",
 ]

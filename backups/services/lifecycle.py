@@ -11,6 +11,8 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import models, transaction
+from django.db.models import Q
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from accounts.audit import audit_record
@@ -28,7 +30,10 @@ log = logging.getLogger(__name__)
 UPLOAD_GRACE = timedelta(hours=1)
 # A verification still `verifying` after this long lost its worker (the
 # task's hard time limit plus a margin): clean-up enqueues it again.
-VERIFY_STUCK_AFTER = timedelta(hours=3, minutes=30)
+# A verification enqueued this long ago with no worker on it has lost its
+# message (broker trouble, or a redelivery that never came): send it again.
+# Past the broker's visibility timeout, which redelivers a killed worker's.
+VERIFY_REQUEUE_AFTER = timedelta(minutes=15)
 CLEAN_UP_BATCH = 200
 PURGE_BATCH = 500
 
@@ -183,7 +188,6 @@ def uploads_clean_up(*, now: datetime | None = None) -> dict:
     Also re-enqueues verifications whose worker was lost. Works in bounded
     batches; safe to overlap with itself (every step is conditional).
     """
-    from .. import tasks  # tasks import the services; this breaks the cycle
 
     now = now or timezone.now()
     counts = {"dropped": 0, "aborted": 0, "requeued": 0}
@@ -225,11 +229,42 @@ def uploads_clean_up(*, now: datetime | None = None) -> dict:
             except cloud.CloudError as exc:
                 log.warning("aborting upload of %s: %s", key, exc)
 
-    stuck = Backup.objects.filter(status=Backup.Status.VERIFYING, completed_at__lt=now - VERIFY_STUCK_AFTER)
-    for backup_id in stuck.values_list("pk", flat=True)[:CLEAN_UP_BATCH]:
-        tasks.enqueue(tasks.backup_verify, str(backup_id))
-        counts["requeued"] += 1
+    counts["requeued"] = verifications_requeue(now=now)
     return counts
+
+
+def verifications_requeue(*, now: datetime | None = None) -> int:
+    """Beat job: re-enqueue verifications that no live worker is on and whose message looks lost.
+
+    A backup qualifies while `verifying`, with no fresh heartbeat (its
+    worker died, or it never started) and last enqueued more than
+    VERIFY_REQUEUE_AFTER ago; it is stamped as enqueued again, so it waits
+    that long before the next try. A duplicate of a message that was only
+    late does nothing (the worker's claim). Bounded batches; idempotent.
+    """
+    from .. import tasks  # tasks import the services; this breaks the cycle
+
+    now = now or timezone.now()
+    due = now - VERIFY_REQUEUE_AFTER
+    stuck = (
+        Backup.objects.filter(status=Backup.Status.VERIFYING)
+        .filter(Q(read_heartbeat__isnull=True) | Q(read_heartbeat__lt=now - settings.RECLO_VERIFY_STALE_AFTER))
+        .annotate(queued=Coalesce("verify_queued_at", "completed_at", "date_created"))
+        .filter(queued__lt=due)
+        .order_by("queued")
+    )
+    requeued = 0
+    for backup_id, stamp in stuck.values_list("pk", "verify_queued_at")[:CLEAN_UP_BATCH]:
+        # Conditional on the stamp read: two overlapping runs send it once.
+        same_stamp = Q(verify_queued_at__isnull=True) if stamp is None else Q(verify_queued_at=stamp)
+        claimed = (
+            Backup.objects.filter(same_stamp, pk=backup_id, status=Backup.Status.VERIFYING)
+            .update(verify_queued_at=now)
+        )
+        if claimed:
+            tasks.enqueue(tasks.backup_verify, str(backup_id))
+            requeued += 1
+    return requeued
 
 
 def objects_purge(*, now: datetime | None = None) -> int:

@@ -6,6 +6,7 @@ import uuid
 from dataclasses import dataclass
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
 from reclo_agent.vhd.format import MAX_VIRTUAL_SIZE, SECTOR
@@ -104,6 +105,27 @@ def _chain_parent(*, user, server: str, disk: str, kind: str, parent_id, virtual
     return parent
 
 
+# When an account at its limit of pending uploads should ask again.
+PENDING_RETRY_AFTER_SECONDS = 60
+
+
+def _check_pending(user) -> None:
+    """Refuse a new upload while the account holds RECLO_MAX_PENDING_UPLOADS live ones.
+
+    Code 103 (429 with Retry-After) rather than a 409: nothing is wrong
+    with the request, the account only has to wait until its uploads in
+    flight complete or expire, and agents already back off and retry on 429.
+    """
+    limit = settings.RECLO_MAX_PENDING_UPLOADS
+    pending = Backup.objects.filter(user=user, status=Backup.Status.PENDING, credentials_expire__gt=timezone.now())
+    if pending.count() >= limit:
+        raise ServiceError(
+            Code.THROTTLED,
+            f"This account already has {limit} uploads in progress; complete or abandon one, then try again.",
+            headers={"Retry-After": str(PENDING_RETRY_AFTER_SECONDS)},
+        )
+
+
 def backup_start(
     *,
     user,
@@ -130,6 +152,7 @@ def backup_start(
     parent = _chain_parent(
         user=user, server=server, disk=disk, kind=kind, parent_id=parent_id, virtual_size=virtual_size
     )
+    _check_pending(user)
     backup_id = uuid.uuid4()
     key = backup_key(user_id=user.pk, server=server, disk=disk, backup_id=backup_id)
     try:
@@ -141,6 +164,9 @@ def backup_start(
             Code.UPLOAD_CREDENTIALS_FAILED, "Could not get temporary storage credentials; try again shortly."
         ) from exc
     with transaction.atomic():
+        # Again under the tenant's lock: two starts at once cannot both take the last slot.
+        get_user_model().objects.select_for_update().filter(pk=user.pk).first()
+        _check_pending(user)
         if parent is not None:
             # The parent may have been deleted or superseded since it was checked.
             locked = Backup.objects.select_for_update().filter(pk=parent.pk, status=Backup.Status.VERIFIED).first()
@@ -266,7 +292,11 @@ def backup_complete(*, user, upload_id, file_size: int | None = None, sha256: st
 
     with transaction.atomic():
         changed = Backup.objects.filter(pk=backup.pk, status=Backup.Status.PENDING).update(
-            status=Backup.Status.VERIFYING, file_size=size, sha256=digest, completed_at=timezone.now()
+            status=Backup.Status.VERIFYING,
+            file_size=size,
+            sha256=digest,
+            completed_at=timezone.now(),
+            verify_queued_at=timezone.now(),
         )
         if changed:
             # Enqueued only once the row says `verifying`, or the worker

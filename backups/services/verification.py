@@ -8,9 +8,12 @@ package's seekable zstd reader and validator.
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core.mail import send_mail
 from django.db import transaction
 from django.db.models import F
@@ -36,7 +39,14 @@ class ObjectCheck:
     info: vhd.VHDInfo
 
 
-def object_check(key: str, *, kind: str, virtual_size: int, parent_unique_id: uuid.UUID | None = None) -> ObjectCheck:
+def object_check(
+    key: str,
+    *,
+    kind: str,
+    virtual_size: int,
+    parent_unique_id: uuid.UUID | None = None,
+    on_fetch: Callable[[], None] | None = None,
+) -> ObjectCheck:
     """Read a stored restore point and check everything about it.
 
     The VHD's structure (footer and header checksums, disk type fits
@@ -45,12 +55,25 @@ def object_check(key: str, *, kind: str, virtual_size: int, parent_unique_id: uu
     then every zstd frame is decompressed against the seek table and its
     checksum, front to back, which is also the pass that hashes the object.
 
+    The work is bounded by what is stored: the header's block count is
+    capped before the BAT is read, the decompressed size by the disk's,
+    and both passes are C-level work per byte (see the agent's reader).
+    `on_fetch` is called after every ranged GET (the caller's heartbeat).
+
     Raises VHDError for a bad file, ObjectNotFound / ObjectChanged /
     CloudUnavailable for storage trouble.
     """
-    with storage.ObjectReader(key, sha256=True) as raw:
+    with storage.ObjectReader(key, sha256=True, on_fetch=on_fetch) as raw:
         disk = vhd.open_seekable(raw)
-        info = vhd.validate(disk, expected_kind=kind, parent_unique_id=parent_unique_id, virtual_size=virtual_size)
+        # Refused from the header alone: a BAT of more blocks than any real
+        # writer declares (a few KB of zstd can declare 2 GiB of BAT).
+        info = vhd.validate(
+            disk,
+            expected_kind=kind,
+            parent_unique_id=parent_unique_id,
+            virtual_size=virtual_size,
+            max_blocks=settings.RECLO_VERIFY_MAX_BLOCKS,
+        )
         # A VHD is never much bigger than its disk (bitmaps and tables add
         # well under 1%). Refuse a larger one before decompressing it all:
         # a few kilobytes of zstd can claim terabytes of zeros.
@@ -66,11 +89,65 @@ def max_vhd_size(virtual_size: int) -> int:
     return virtual_size + virtual_size // 256 + 64 * 1024 * 1024
 
 
-def _problem(backup: Backup, *, parent_unique_id) -> tuple[ObjectCheck | None, str]:
+class Heartbeat:
+    """Renews a backup's `read_heartbeat` while a worker reads its object, at most every few seconds."""
+
+    EVERY = timedelta(seconds=15)
+
+    def __init__(self, backup_id, stamped_at):
+        self.backup_id = backup_id
+        self.last = stamped_at
+
+    def __call__(self) -> None:
+        now = timezone.now()
+        if now - self.last >= self.EVERY:
+            Backup.objects.filter(pk=self.backup_id).update(read_heartbeat=now)
+            self.last = now
+
+
+def read_claim(backup: Backup, *, status: str, limit: int | None = None) -> Heartbeat | str:
+    """Claim the reading of `backup`'s object for this worker: a Heartbeat, or why not.
+
+    "gone" when the backup is no longer in `status`, "running" when another
+    worker's heartbeat is fresh (a duplicate delivery, or a worker that died
+    a moment ago), "wait" when the tenant already has `limit` verifications
+    running. The
+    tenant's row is locked while counting, so two workers cannot both take
+    the last slot.
+    """
+    now = timezone.now()
+    fresh = now - settings.RECLO_VERIFY_STALE_AFTER
+    with transaction.atomic():
+        get_user_model().objects.select_for_update().filter(pk=backup.user_id).first()
+        row = Backup.objects.select_for_update().filter(pk=backup.pk, status=status).first()
+        if row is None:
+            return "gone"
+        if row.read_heartbeat and row.read_heartbeat > fresh:
+            return "running"
+        if limit is not None:
+            running = Backup.objects.filter(
+                user_id=row.user_id, status=Backup.Status.VERIFYING, read_heartbeat__gt=fresh
+            ).count()
+            if running >= limit:
+                return "wait"
+        Backup.objects.filter(pk=row.pk).update(read_heartbeat=now)
+    return Heartbeat(backup.pk, now)
+
+
+def read_release(backup: Backup) -> None:
+    """End this worker's claim (its verdict is written, or it gives up for a retry)."""
+    Backup.objects.filter(pk=backup.pk).update(read_heartbeat=None)
+
+
+def _problem(backup: Backup, *, parent_unique_id, on_fetch=None) -> tuple[ObjectCheck | None, str]:
     """Check `backup`'s object against its row: (check, "") or (None, reason)."""
     try:
         check = object_check(
-            backup.key, kind=backup.kind, virtual_size=backup.virtual_size, parent_unique_id=parent_unique_id
+            backup.key,
+            kind=backup.kind,
+            virtual_size=backup.virtual_size,
+            parent_unique_id=parent_unique_id,
+            on_fetch=on_fetch,
         )
     except cloud.ObjectNotFound:
         return None, "The object is not in storage."
@@ -85,6 +162,18 @@ def _problem(backup: Backup, *, parent_unique_id) -> tuple[ObjectCheck | None, s
     return check, ""
 
 
+class VerificationDeferred(Exception):
+    """Not now: the tenant has its share running, or a worker (perhaps dead) holds this one.
+
+    `retry_in` is when to try again, in seconds: a dead worker's claim is
+    stale by then and the retry takes over.
+    """
+
+    def __init__(self, message: str, retry_in: int):
+        super().__init__(message)
+        self.retry_in = retry_in
+
+
 def backup_verify(*, backup_id) -> Backup | None:
     """The worker's verdict on a completed upload: `verified`, or `failed` with the reason.
 
@@ -92,18 +181,45 @@ def backup_verify(*, backup_id) -> Backup | None:
     is refused if, meanwhile, its parent stopped being verified or another
     restore point on the same parent was verified first (a fork). Storage
     outages propagate (CloudUnavailable) so the task retries. Idempotent:
-    does nothing unless the backup is `verifying`.
+    does nothing unless the backup is `verifying` and no live worker is on
+    it. Raises VerificationDeferred while the tenant has
+    RECLO_MAX_CONCURRENT_VERIFICATIONS running (so one account's flood of
+    uploads cannot take every worker) or while another worker's heartbeat
+    on this one is fresh.
     """
-    from .. import tasks  # tasks import the services; this breaks the cycle
-
     backup = Backup.objects.select_related("parent").filter(pk=backup_id).first()
     if backup is None or backup.status != Backup.Status.VERIFYING:
         return backup
+    claim = read_claim(backup, status=Backup.Status.VERIFYING, limit=settings.RECLO_MAX_CONCURRENT_VERIFICATIONS)
+    if claim == "wait":
+        raise VerificationDeferred(f"account {backup.user_id} has its share of verifications running", 30)
+    if claim == "running":
+        # A duplicate delivery, or the redelivery of a task whose pool process
+        # was killed while its heartbeat is still fresh: look again once a
+        # dead worker's heartbeat would be stale.
+        stale = int(settings.RECLO_VERIFY_STALE_AFTER.total_seconds())
+        raise VerificationDeferred(f"a worker is verifying {backup.pk}", stale + 1)
+    if isinstance(claim, str):
+        return backup  # gone
+    try:
+        return _verify(backup, claim)
+    finally:
+        read_release(backup)
+
+
+def verification_deferred(*, backup_id) -> None:
+    """Record that a deferred verification is enqueued again (the beat job then leaves it be)."""
+    Backup.objects.filter(pk=backup_id, status=Backup.Status.VERIFYING).update(verify_queued_at=timezone.now())
+
+
+def _verify(backup: Backup, heartbeat: Heartbeat) -> Backup:
+    from .. import tasks  # tasks import the services; this breaks the cycle
+
     parent_unique_id = backup.parent.vhd_unique_id if backup.parent else None
     if backup.parent and parent_unique_id is None:
         backup_fail(backup=backup, reason="The parent backup's VHD id is unknown.")
         return backup
-    check, reason = _problem(backup, parent_unique_id=parent_unique_id)
+    check, reason = _problem(backup, parent_unique_id=parent_unique_id, on_fetch=heartbeat)
     if not reason:
         with transaction.atomic():
             row = Backup.objects.select_for_update().filter(pk=backup.pk, status=Backup.Status.VERIFYING).first()
@@ -140,8 +256,18 @@ def backup_scrub(*, backup_id) -> str:
     backup = Backup.objects.select_related("parent", "server", "user").filter(pk=backup_id).first()
     if backup is None or backup.status != Backup.Status.VERIFIED:
         return ""
+    claim = read_claim(backup, status=Backup.Status.VERIFIED)
+    if isinstance(claim, str):
+        return ""  # gone, or another worker is re-reading it
+    try:
+        return _scrub(backup, claim)
+    finally:
+        read_release(backup)
+
+
+def _scrub(backup: Backup, heartbeat: Heartbeat) -> str:
     parent_unique_id = backup.parent.vhd_unique_id if backup.parent else None
-    check, problem = _problem(backup, parent_unique_id=parent_unique_id)
+    check, problem = _problem(backup, parent_unique_id=parent_unique_id, on_fetch=heartbeat)
     if not problem and backup.vhd_unique_id and check.info.unique_id != backup.vhd_unique_id:
         problem = f"The VHD id changed from {backup.vhd_unique_id} to {check.info.unique_id}."
     Backup.objects.filter(pk=backup.pk).update(scrubbed_at=timezone.now())

@@ -155,6 +155,26 @@ class TestStart:
         assert start(api, file_size=4000).status_code == 201
         assert start(api, file_size=5001).json()["error"] == 313
 
+    def test_past_the_pending_upload_limit_it_is_429_code_103_with_retry_after(self, api, other_api, aws, settings):
+        settings.RECLO_MAX_PENDING_UPLOADS = 2
+        assert start(api).status_code == start(api).status_code == 201
+        refused = start(api)
+        assert (refused.status_code, refused.json()["error"]) == (429, 103)
+        assert "2 uploads in progress" in refused.json()["message"]
+        assert refused["Retry-After"] == "60"
+        assert Backup.objects.count() == 2
+        # Another tenant is not held up by this one's uploads.
+        assert start(other_api).status_code == 201
+
+    def test_completed_and_expired_uploads_free_their_slot(self, api, user, aws, settings):
+        settings.RECLO_MAX_PENDING_UPLOADS = 2
+        server = ServerFactory(user=user)
+        BackupFactory(server=server, status="verifying")
+        BackupFactory(server=server, status="pending", credentials_expire=timezone.now() - timedelta(minutes=1))
+        BackupFactory(server=server, status="pending", credentials_expire=timezone.now() + timedelta(hours=1))
+        assert start(api).status_code == 201
+        assert start(api).status_code == 429
+
     def test_an_sts_failure_is_303_and_leaves_nothing_behind(self, api, aws, monkeypatch):
         failing_client(monkeypatch, credentials, "sts", "get_federation_token", "AccessDenied", 403)
         response = start(api)

@@ -10,6 +10,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from backups import naming
+from backups.models import Backup
 from backups.services import backup_start
 from backups.services.downloads import read_policy
 from reclo_site.cloud import credentials
@@ -109,6 +110,8 @@ def test_no_name_widens_a_policy_or_escapes_the_prefix(server, disk, user_id):
 @given(server=crafted, disk=crafted, file_name=crafted)
 @hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_the_upload_service_grants_one_key_whatever_the_names(user, aws, server, disk, file_name):
+    # Every example is one more pending upload of the same account.
+    Backup.objects.filter(user=user).delete()
     try:
         grant = backup_start(user=user, server=server, disk=disk, file_name=file_name, virtual_size=4096, kind="full")
     except ServiceError as exc:

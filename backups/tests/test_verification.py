@@ -111,6 +111,24 @@ def test_a_decompression_bomb_is_refused_before_it_is_read(upload):
     assert backup.status == "failed" and "far more than" in backup.failure
 
 
+def test_a_header_declaring_absurdly_many_blocks_is_refused_from_the_header(upload, settings):
+    """128 GiB of 4 KiB blocks in a few KB: refused before its 128 MiB BAT is read."""
+    data = vhds.crafted_empty(128 * 1024**3, 4096)
+    assert len(data) < 16 * 1024
+    upload(data, virtual_size=128 * 1024**3)
+    backup = Backup.objects.get()
+    assert backup.status == "failed"
+    assert "declares 33554432 blocks of 4096 bytes: more than the 4194304 allowed" in backup.failure
+
+
+def test_the_largest_disk_at_the_agents_block_size_is_verified(upload):
+    """The limit leaves real declarations alone: an empty 2040 GiB disk of 2 MiB blocks."""
+    data = vhds.crafted_empty(2040 * 1024**3, vhds.BLOCK)
+    upload(data, virtual_size=2040 * 1024**3)
+    backup = Backup.objects.get()
+    assert backup.status == "verified", backup.failure
+
+
 def test_a_full_that_is_a_differencing_vhd_fails(upload, base):
     _, raw, info = base
     data, _ = vhds.incremental(raw, vhds.changed(raw, 2), info)

@@ -2,9 +2,10 @@
 
 import io
 import random
+import uuid
 
 from reclo_agent import vhd
-from reclo_agent.vhd.format import SECTOR, bitmap_size
+from reclo_agent.vhd.format import FOOTER_SIZE, HEADER_SIZE, SECTOR, DiskType, DynamicHeader, Footer, bitmap_size
 
 BLOCK = vhd.DEFAULT_BLOCK_SIZE
 DISK_SIZE = 3 * BLOCK  # three 2 MiB blocks: small, yet a real multi-block disk
@@ -71,3 +72,26 @@ def restored(objects: list[bytes]) -> bytes:
     """The disk a chain of stored restore points describes, read by the agent's chain reader."""
     chain = vhd.open_chain([vhd.open_seekable(io.BytesIO(o)) for o in objects])
     return chain.read(0, chain.virtual_size)
+
+
+def crafted_empty(virtual_size: int, block_size: int) -> bytes:
+    """A valid but empty dynamic VHD as seekable zstd: a header and a BAT of "unallocated".
+
+    What an attacker uploads to make the verifier read a huge BAT: 128 GiB of
+    4 KiB blocks is a 128 MiB BAT in about 6 KB.
+    """
+    blocks = -(-virtual_size // block_size)
+    footer = Footer(
+        disk_type=DiskType.DYNAMIC, current_size=virtual_size, unique_id=uuid.uuid4(), timestamp=0,
+        data_offset=FOOTER_SIZE,
+    ).pack()  # fmt: skip
+    header = DynamicHeader(table_offset=FOOTER_SIZE + HEADER_SIZE, max_table_entries=blocks, block_size=block_size)
+    out = io.BytesIO()
+    with vhd.SeekableZstdWriter(out, max_frame_size=1 << 20) as writer:
+        writer.write(footer + header.pack())
+        left = -(-4 * blocks // SECTOR) * SECTOR
+        while left:
+            writer.write(b"\xff" * min(left, 1 << 20))
+            left -= min(left, 1 << 20)
+        writer.write(footer)
+    return out.getvalue()

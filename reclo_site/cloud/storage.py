@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import datetime
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -204,8 +205,17 @@ class ObjectReader(SeekableObject):
     does) gets the object's SHA-256 without a second download.
     """
 
-    def __init__(self, key: str, *, chunk_size: int = 8 * MiB, cache_chunks: int = 4, sha256: bool = False):
+    def __init__(
+        self,
+        key: str,
+        *,
+        chunk_size: int = 8 * MiB,
+        cache_chunks: int = 4,
+        sha256: bool = False,
+        on_fetch: Callable[[], None] | None = None,
+    ):
         super().__init__()
+        self._on_fetch = on_fetch  # called after every GET: a long read's heartbeat
         self.key = key
         info = head_object(key)
         self.size = info["size"]
@@ -247,6 +257,8 @@ class ObjectReader(SeekableObject):
         self._cache[index] = data
         if len(self._cache) > self._cache_chunks:
             self._cache.popitem(last=False)
+        if self._on_fetch is not None:
+            self._on_fetch()
         return data
 
     def _get(self, start: int, end: int):

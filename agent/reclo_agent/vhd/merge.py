@@ -21,7 +21,8 @@ def merge_chain(
 
     Streams: ``out`` may be non-seekable (e.g. a
     :class:`~reclo_agent.vhd.seekzstd.SeekableZstdWriter`), and memory stays
-    at a few blocks plus the BAT whatever the disk size. Blocks that no layer
+    at a few blocks and BAT windows whatever the disk size (the allocated
+blocks are walked again rather than kept). Blocks that no layer
     stores stay unallocated; blocks some layer stores are written even if
     they resolve to zeros (finding those would take a second pass).
 
@@ -33,7 +34,7 @@ def merge_chain(
     writer = VHDWriter(
         out,
         chain.virtual_size,
-        chain.allocated_blocks(),
+        chain.allocated_blocks,
         block_size=chain.block_size,
         unique_id=unique_id or top.unique_id,
         timestamp=top.timestamp if timestamp is None else timestamp,

@@ -20,6 +20,7 @@ def validate(
     expected_kind: str | None = None,
     parent_unique_id: uuid.UUID | None = None,
     virtual_size: int | None = None,
+    max_blocks: int | None = None,
 ) -> VHDInfo:
     """Check a VHD's structure and that it fits what was declared.
 
@@ -31,14 +32,16 @@ def validate(
     the data area, no two blocks overlapping each other or the metadata) and
     the parent locators. Then: ``expected_kind`` ("full" needs a dynamic VHD,
     "incremental" a differencing one), ``parent_unique_id`` (the parent
-    backup's VHD unique id) and ``virtual_size``.
+    backup's VHD unique id) and ``virtual_size``. ``max_blocks`` refuses a
+    header declaring more blocks before its BAT is read (memory is bounded
+    either way; this bounds the time a tiny upload can cost).
 
     Returns the file's :class:`VHDInfo`; raises :class:`VHDError` with a
     human-readable reason for anything malformed or not fitting.
     """
     if expected_kind is not None and expected_kind not in KIND_DISK_TYPES:
         raise ValueError(f"expected_kind must be one of {sorted(KIND_DISK_TYPES)}, not {expected_kind!r}")
-    info = VHDReader(fileobj).info
+    info = VHDReader(fileobj, max_blocks=max_blocks).info
     if expected_kind is not None and info.disk_type != KIND_DISK_TYPES[expected_kind]:
         raise VHDError(
             f"a {expected_kind} backup must be a {KIND_DISK_TYPES[expected_kind]} VHD, "
@@ -59,6 +62,7 @@ def validate_stored(
     expected_kind: str | None = None,
     parent_unique_id: uuid.UUID | None = None,
     virtual_size: int | None = None,
+    max_blocks: int | None = None,
 ) -> VHDInfo:
     """Verify a stored object (seekable zstd of a VHD) end to end.
 
@@ -74,4 +78,5 @@ def validate_stored(
         expected_kind=expected_kind,
         parent_unique_id=parent_unique_id,
         virtual_size=virtual_size,
+        max_blocks=max_blocks,
     )

@@ -12,7 +12,8 @@ place, and the caller pushes exactly those blocks in that order. The agent
 knows the allocated blocks after hashing its pages; for a raw image file,
 :func:`write_dynamic_from_raw` pre-scans it for all-zero blocks (one extra
 read, which beats buffering or rewriting the output). Memory stays bounded
-whatever the disk size: the BAT (4 bytes per block) and one block.
+whatever the disk size: the BAT is generated and written a window at a time
+from the allocated indices, never held as one list, plus one block.
 
 If ``out`` has an ``end_frame()`` method (as
 :class:`~reclo_agent.vhd.seekzstd.SeekableZstdWriter` does), it is called
@@ -25,7 +26,7 @@ from __future__ import annotations
 import sys
 import uuid
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO, Self
 
 from . import bitmap
@@ -71,7 +72,11 @@ class VHDWriter:
 
     ``allocated`` names every block index that :meth:`write_block` will be
     called for (any iterable, any order); the calls must then come in
-    increasing block order. :meth:`close` writes the final footer and returns
+    increasing block order. It is kept as a sorted array of those indices
+    (4 bytes per allocated block); for disks whose allocated blocks are
+    themselves many, pass instead a callable returning a fresh iterator of
+    them in increasing order each call (e.g. ``ChainReader.allocated_blocks``)
+    and memory stays constant (it is walked three times). :meth:`close` writes the final footer and returns
     the file's :class:`VHDInfo`. Used as a context manager it closes on
     success only, so a failed write never looks like a complete VHD.
     """
@@ -114,21 +119,24 @@ class VHDWriter:
         locators, locator_data = self._locators(parent, table_offset + bat_bytes)
         data_start = table_offset + bat_bytes + len(locator_data)
 
-        # The BAT: 4 bytes per block, filled in place. Mark the allocated
-        # blocks first, then number them in block order.
-        self._bat = array("I", [UNALLOCATED]) * self.block_count
-        for index in allocated:
+        # Which blocks come, in increasing order, as a fresh iterator per call.
+        if callable(allocated):
+            self._indices: Callable[[], Iterator[int]] = allocated
+        else:
+            indices = array("I", sorted(set(allocated)))
+            self._indices = lambda: iter(indices)
+        self._stride = (self._bitmap_size + block_size) // SECTOR
+        self._data_start = data_start // SECTOR
+        self.allocated_count = 0
+        previous = -1
+        for index in self._indices():
             if not 0 <= index < self.block_count:
                 raise ValueError(f"block {index} is outside a {self.block_count}-block disk")
-            self._bat[index] = 0
-        stride = (self._bitmap_size + block_size) // SECTOR
-        sector = data_start // SECTOR
-        self.allocated_count = 0
-        for index in range(self.block_count):
-            if self._bat[index] != UNALLOCATED:
-                self._bat[index] = sector
-                sector += stride
-                self.allocated_count += 1
+            if index <= previous:
+                raise ValueError(f"allocated blocks must come in increasing order ({index} after {previous})")
+            previous = index
+            self.allocated_count += 1
+        sector = self._data_start + self.allocated_count * self._stride
         if sector > UNALLOCATED:  # the final footer's sector must fit too
             raise ValueError("VHD would exceed the 2 TiB reachable by 32-bit BAT entries")
         self.file_size = sector * SECTOR + FOOTER_SIZE
@@ -142,14 +150,12 @@ class VHDWriter:
             parent_name=parent.file_name if parent else "",
             locators=locators,
         )
-        bat = array("I", self._bat)
-        if sys.byteorder == "little":
-            bat.byteswap()  # the BAT is big-endian on disk
         self._write(self._footer.pack())
         self._write(header.pack())
-        self._write(bat.tobytes().ljust(bat_bytes, b"\xff"))
+        self._write_bat(bat_bytes)
         self._write(locator_data)
-        self._next = self._next_allocated(0)
+        self._order = self._indices()
+        self._next = next(self._order, None)
         if self._end_frame:
             self._end_frame()
 
@@ -174,11 +180,23 @@ class VHDWriter:
     def _write(self, data: bytes) -> None:
         self._out.write(data)
 
-    def _next_allocated(self, start: int) -> int | None:
-        for index in range(start, self.block_count):
-            if self._bat[index] != UNALLOCATED:
-                return index
-        return None
+    def _write_bat(self, bat_bytes: int) -> None:
+        """The BAT, a window at a time: the n-th allocated block at data start + n strides."""
+        window_entries = 64 * 1024
+        sector = self._data_start
+        pending = iter(self._indices())
+        index = next(pending, None)
+        for first in range(0, self.block_count, window_entries):
+            n = min(window_entries, self.block_count - first)
+            window = array("I", [UNALLOCATED]) * n
+            while index is not None and index < first + n:
+                window[index - first] = sector
+                sector += self._stride
+                index = next(pending, None)
+            if sys.byteorder == "little":
+                window.byteswap()  # the BAT is big-endian on disk
+            self._write(window.tobytes())
+        self._write(b"\xff" * (bat_bytes - 4 * self.block_count))
 
     def write_block(self, index: int, data: bytes, sectors: bytes | None = None) -> None:
         """Write block ``index``: ``data`` plus which sectors it holds.
@@ -223,7 +241,7 @@ class VHDWriter:
                 payload = bytes(buf)
         self._write(block_bitmap)
         self._write(payload)
-        self._next = self._next_allocated(index + 1)
+        self._next = next(self._order, None)
         if self._end_frame:
             self._end_frame()
 
