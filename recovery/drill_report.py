@@ -146,7 +146,10 @@ def render_pdf(drill: Drill, facts: dict | None = None) -> bytes:
         Paragraph("Resources created and removed", styles["Heading2"]),
         _grid(
             [["Resource", "Created", "Removed"]]
-            + [[r["what"], _stamp(r.get("created")), _stamp(r.get("removed")) or "STILL THERE"] for r in facts["resources"]],
+            + [
+                [r["what"], _stamp(r.get("created")), _stamp(r.get("removed")) or "STILL THERE"]
+                for r in facts["resources"]
+            ],
             styles,
             header=True,
         ),
@@ -200,3 +203,60 @@ def store_evidence(drill: Drill) -> str:
     )
     Drill.objects.filter(pk=drill.pk).update(report_key=key)
     return key
+
+
+def contingency_rows(drills) -> list[dict]:
+    """One line per drill for the contingency test report: method, date, result, follow-up."""
+    rows = []
+    for drill in drills:
+        rows.append(
+            {
+                "drill": drill,
+                "server": drill.server_name,
+                "date": drill.created,
+                "method": f"Test failover in the {drill.sandbox} sandbox ({drill.get_trigger_display().lower()})",
+                "restore_point": drill.backup_created,
+                "result": "passed" if drill.passed else "failed",
+                "rto_seconds": drill.rto_seconds,
+                "follow_up": "" if drill.passed else f"Investigate: {drill.error}",
+            }
+        )
+    return rows
+
+
+def render_contingency_pdf(*, user, start, end, rows: list[dict]) -> bytes:
+    """The contingency test report over [start, end) as a PDF: every drill, its method, date, result."""
+    styles = getSampleStyleSheet()
+    out = io.BytesIO()
+    doc = SimpleDocTemplate(out, pagesize=A4, title="ReClo contingency test report", author="ReClo")
+    passed = sum(1 for r in rows if r["result"] == "passed")
+    story = [
+        Paragraph("Contingency plan tests (drills)", styles["Title"]),
+        Paragraph(
+            _escape(
+                f"Account {user.username}, {start:%Y-%m-%d} to {end:%Y-%m-%d} (UTC): {len(rows)} drill(s), "
+                f"{passed} passed, {len(rows) - passed} failed. Each drill booted one restore point in an "
+                "isolated sandbox with no route to the office or the internet, checked it and removed it."
+            ),
+            styles["BodyText"],
+        ),
+        Spacer(1, 4 * mm),
+        _grid(
+            [["Date (UTC)", "Server", "Restore point of", "Result", "RTO", "Follow-up"]]
+            + [
+                [
+                    f"{r['date']:%Y-%m-%d %H:%M}",
+                    r["server"],
+                    f"{r['restore_point']:%Y-%m-%d %H:%M}",
+                    r["result"],
+                    "-" if r["rto_seconds"] is None else f"{r['rto_seconds']:.0f} s",
+                    r["follow_up"][:300],
+                ]
+                for r in rows
+            ],
+            styles,
+            header=True,
+        ),
+    ]
+    doc.build(story)
+    return out.getvalue()

@@ -1,6 +1,7 @@
 """Recovery pages: fail over, follow a failover, the instances, their VPN config."""
 
 import io
+from datetime import UTC, date, datetime, time, timedelta
 
 import qrcode
 import qrcode.image.svg
@@ -299,3 +300,44 @@ def drill_screenshot(request, drill_id):
 @require_GET
 def drill_report_pdf(request, drill_id):
     return report_response(_drill_or_404(request, drill_id))
+
+
+@login_required
+@require_GET
+def contingency_report(request):
+    """Every finished drill over a date range (default: the last 90 days), as a page or (?format=pdf) a PDF."""
+    today = timezone.now().date()
+    start = _date(request.GET.get("from"), today - timedelta(days=90))
+    end = _date(request.GET.get("to"), today)
+    error = ""
+    if start is None or end is None or start > end:
+        error = "Give the dates as YYYY-MM-DD, the first not after the last."
+        start, end = today - timedelta(days=90), today
+    since = datetime.combine(start, time.min, tzinfo=UTC)
+    until = datetime.combine(end + timedelta(days=1), time.min, tzinfo=UTC)
+    rows = drill_report.contingency_rows(selectors.drills_between(user=request.user, start=since, end=until))
+    if request.GET.get("format") == "pdf" and not error:
+        pdf = drill_report.render_contingency_pdf(user=request.user, start=since, end=until, rows=rows)
+        response = HttpResponse(pdf, content_type="application/pdf")
+        response["Content-Disposition"] = f'attachment; filename="reclo-contingency-tests-{start}-{end}.pdf"'
+        return response
+    return render(
+        request,
+        "recovery/contingency.html",
+        {
+            "rows": rows,
+            "start": start,
+            "end": end,
+            "error": error,
+            "passed": sum(r["result"] == "passed" for r in rows),
+        },
+    )
+
+
+def _date(raw: str | None, default):
+    if not raw:
+        return default
+    try:
+        return date.fromisoformat(raw)
+    except ValueError:
+        return None

@@ -107,3 +107,33 @@ def test_the_report_facts_have_every_step_in_utc_and_the_owners_zone(chain):
     assert set(facts["steps"][0]["started"]) == {"utc", "local", "zone"}
     assert facts["rto_seconds"] == 42.0 and facts["restore_point_age_hours"] >= 0
     assert facts["checks"][0]["passed"] is True and facts["cost"]["amount"] == "0.00"
+
+
+def test_the_contingency_report_lists_the_drills_of_the_dates_as_a_page_and_a_pdf(owner, chain):
+    backups, _ = chain
+    finished_drill(backups[-1], passed=True)
+    failed = finished_drill(backups[0], passed=False)
+    old = finished_drill(backups[0], passed=True)
+    Drill.objects.filter(pk=old.pk).update(created=timezone.now() - timedelta(days=200))
+    page = owner.get("/recovery/drills/report/").content.decode()
+    assert page.count('data-testid="contingency-row"') == 2 and "1 passed" in page
+    assert f"Investigate: {failed.error}" in page
+    today = timezone.now().date()
+    ranged = owner.get("/recovery/drills/report/", {"from": str(today - timedelta(days=365)), "to": str(today)})
+    assert ranged.content.decode().count('data-testid="contingency-row"') == 3
+    bad = owner.get("/recovery/drills/report/", {"from": "yesterday"}).content.decode()
+    assert "Give the dates as YYYY-MM-DD" in bad
+    pdf = owner.get("/recovery/drills/report/", {"format": "pdf"})
+    assert pdf["Content-Type"] == "application/pdf" and pdf.content.startswith(b"%PDF")
+
+
+def test_the_contingency_report_shows_only_the_tenants_own_drills(outsider, chain):
+    finished_drill(chain[0][-1], passed=True)
+    assert 'data-testid="contingency-row"' not in outsider.get("/recovery/drills/report/").content.decode()
+
+
+def test_drill_tasks_run_on_the_failover_queue_not_the_uploads_one():
+    from reclo_site.queues import route_task
+
+    assert route_task("recovery.tasks.drill_run_step", (), {}, {}) == {"queue": "recovery"}
+    assert route_task("recovery.tasks.reconcile_drills", (), {}, {}) == {"queue": "recovery"}
