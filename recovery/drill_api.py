@@ -67,7 +67,7 @@ class DrillOutput(serializers.Serializer):
     def get_report_url(self, drill) -> str | None:
         if drill.is_active:
             return None
-        return self._absolute(reverse("drill-report", args=[drill.pk]))
+        return self._absolute(reverse("api:drill-report", args=[drill.pk]))
 
     @extend_schema_field(serializers.CharField(allow_null=True))
     def get_error(self, drill) -> str | None:

@@ -96,6 +96,12 @@ def test_test_failover_passes_and_leaves_a_screenshot_and_a_report(live_server, 
             page.click("[data-testid=drill-pdf]")
         pdf = tmp_path / "report.pdf"
         download.value.save_as(pdf)
+        # The server page now shows the last drill and the restore point boot-verified.
+        page.goto(f"{live_server.url}/servers/{server.pk}/")
+        assert "measured RTO" in page.locator("[data-testid=last-drill]").text_content()
+        assert page.locator("[data-testid=boot-verified]").count() == 1
+        if SHOTS:
+            page.screenshot(path=str(Path(SHOTS) / "drill-server-page.png"), full_page=True)
     assert pdf.read_bytes().startswith(b"%PDF")
     subprocess.run(
         ["pdftoppm", "-png", "-r", "60", "-f", "1", "-l", "1", str(pdf), str(tmp_path / "report")], check=True

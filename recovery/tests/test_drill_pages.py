@@ -14,6 +14,7 @@ from recovery.models import Drill
 
 pytestmark = pytest.mark.django_db
 
+
 def _png() -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (4, 3), "navy").save(out, "PNG")
@@ -137,3 +138,26 @@ def test_drill_tasks_run_on_the_failover_queue_not_the_uploads_one():
 
     assert route_task("recovery.tasks.drill_run_step", (), {}, {}) == {"queue": "recovery"}
     assert route_task("recovery.tasks.reconcile_drills", (), {}, {}) == {"queue": "recovery"}
+
+
+def test_the_backup_object_says_bootable_from_its_newest_drill_and_the_api_gives_the_report(api, chain):
+    backups, _ = chain
+    top = backups[-1]
+    assert api.get(f"/api/v1/backups/{top.pk}").json()["backup"]["bootable"] is None
+    passed = finished_drill(top, passed=True, screenshot=True)
+    body = api.get(f"/api/v1/backups/{top.pk}").json()["backup"]["bootable"]
+    assert (body["verified"], body["drill_id"]) == (True, str(passed.pk)) and body["at"].startswith(
+        f"{passed.finished:%Y-%m-%dT%H:%M:%S}"
+    )
+    listed = {b["backup_id"]: b["bootable"] for b in api.get("/api/v1/backups").json()["backups"]}
+    assert listed[str(top.pk)]["drill_id"] == str(passed.pk) and listed[str(backups[0].pk)] is None
+    drill = api.get(f"/api/v1/drills/{passed.pk}").json()["drill"]
+    assert drill["rto_seconds"] == 42.0 and drill["screenshot_url"].endswith(
+        f"/recovery/drills/{passed.pk}/screenshot.png"
+    )
+    assert drill["report_url"].endswith(f"/api/v1/drills/{passed.pk}/report")
+    report = api.get(f"/api/v1/drills/{passed.pk}/report")
+    assert (report.status_code, report["Content-Type"]) == (200, "application/pdf") and report.content[:4] == b"%PDF"
+    # A newer failed drill takes the badge away.
+    finished_drill(top, passed=False)
+    assert api.get(f"/api/v1/backups/{top.pk}").json()["backup"]["bootable"] is None

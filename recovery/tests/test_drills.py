@@ -1,10 +1,10 @@
 """Drills: the API, one drill per server, a failover cancels a drill, the teardown on every exit,
 the schedule, the backup's `bootable`, and real drills in the local QEMU sandbox.
 
-The drill tests boot real guests (TCG under these machines): the good test
-disk backed up as a full and an incremental after changing a file inside
-(the restore points are stored in moto's S3 exactly as the agent uploads
-them: seekable-zstd VHDs), the disk whose kernel panics, and random data.
+The drill tests here boot real guests (TCG under these machines): the disk
+whose kernel panics and random data, stored in moto's S3 as the agent
+stores them (seekable-zstd VHDs). The good disk, backed up by the real
+agent, is drilled in tests/test_drill_agent_e2e.py.
 """
 
 import hashlib
@@ -32,7 +32,6 @@ from .factories import ServerFactory
 pytestmark = pytest.mark.django_db
 
 DRILLS = "/api/v1/drills"
-RELEASE = b"ReClo drill test disk, incremental 1\n"
 
 
 @pytest.fixture(autouse=True)
@@ -231,7 +230,7 @@ def test_the_schedule_is_bounded(user, aws):
 # --- Real drills in the local sandbox -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def disks():
     for tool in ("qemu-system-x86_64", "grub-mkimage", "mformat", "mcopy", "sfdisk", "mkfs.ext4", "debugfs"):
         testing.require_tool(tool)
@@ -241,46 +240,6 @@ def disks():
         if testing.IN_CI:
             pytest.fail(f"could not build the test disks: {exc}", pytrace=False)
         pytest.skip(f"could not build the test disks: {exc}")
-
-
-@pytest.fixture(scope="module")
-def backed_up(disks, tmp_path_factory):
-    """The good disk as the agent stores it: a full, then an incremental after changing a file inside."""
-    changed = tmp_path_factory.mktemp("changed") / "changed.raw"
-    shutil.copy(disks.good, changed)
-    testing_disks.replace_file(changed, "/etc/reclo-release", RELEASE)
-    old, new = disks.good.read_bytes(), changed.read_bytes()
-    base = vhds.full(old)
-    top = vhds.incremental(old, new, base[1])
-    return [base, top]
-
-
-def test_a_drill_of_each_restore_point_passes(user, aws, backed_up, api):
-    server = ServerFactory(user=user, name="front-desk")
-    backups = store_chain(user, server, backed_up)
-    etags = stored_etags(backups)
-    seen = []
-    for backup in backups:
-        drill = drill_services.drill_start(user=user, backup_id=backup.pk, probe_port=testing_disks.HTTP_PORT)
-        drill = drive_drill(drill.pk)
-        assert (drill.status, drill.error) == ("passed", ""), drill.console_excerpt
-        assert all(c["passed"] for c in drill.checks) and len(drill.checks) >= 3
-        assert drill.rto_seconds > 0
-        assert drill.screenshot_key and storage.head_object(drill.screenshot_key)["size"] > 1000
-        assert drill.torn_down and not drill_steps.work_dir(drill.pk).exists()
-        assert drill.resources and all(r["removed"] for r in drill.resources), drill.resources
-        assert drill.report_key and storage.head_object(drill.report_key)["size"] > 1000
-        seen.append(drill.console_excerpt)
-        body = api.get(f"/api/v1/backups/{backup.pk}").json()["backup"]
-        assert body["bootable"]["verified"] is True and body["bootable"]["drill_id"] == str(drill.pk)
-        report = api.get(f"{DRILLS}/{drill.pk}/report")
-        assert report.status_code == 200 and report["Content-Type"] == "application/pdf"
-        assert report.content.startswith(b"%PDF")
-    # Which restore point booted shows on its console: the incremental's changed file.
-    line = RELEASE.decode().strip()
-    assert line not in seen[0] and line in seen[1]
-    assert stored_etags(backups) == etags  # the stored restore points were only read
-    assert mail.outbox == []
 
 
 @pytest.mark.parametrize(
