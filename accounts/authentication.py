@@ -36,7 +36,7 @@ class TokenAuthentication(BaseAuthentication):
         if not TOKEN_RE.match(key):
             raise ApiError(Code.BAD_TOKEN, "Invalid token.")
         try:
-            token = ApiToken.objects.select_related("user").get(key_hash=hash_token(key))
+            token = ApiToken.objects.select_related("user", "server").get(key_hash=hash_token(key))
         except ApiToken.DoesNotExist:
             token = None
         if token is None or token.revoked_at is not None:

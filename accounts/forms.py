@@ -1,6 +1,8 @@
 """Forms of the account pages; validation rules live in services."""
 
 from django import forms
+from django.contrib.auth import forms as auth_forms
+from django.db import transaction
 
 from reclo_site.errors import ServiceError
 
@@ -49,3 +51,40 @@ class TokenCreateForm(forms.Form):
     name = forms.CharField(
         max_length=100, initial="agent", help_text="Where the token will be used, e.g. the server's name."
     )
+
+
+class CodeForm(forms.Form):
+    """One code from the authenticator app, or a recovery code."""
+
+    code = forms.CharField(
+        label="Code",
+        max_length=64,
+        help_text="The 6-digit code your authenticator app shows now, or one of your recovery codes.",
+        widget=forms.TextInput(
+            attrs={"autocomplete": "one-time-code", "autofocus": True, "spellcheck": "false", "autocapitalize": "off"}
+        ),
+    )
+
+
+class SetupCodeForm(forms.Form):
+    code = forms.CharField(
+        label="Code from the app",
+        max_length=16,
+        help_text="The 6 digits the app shows after you add ReClo to it.",
+        widget=forms.TextInput(attrs={"autocomplete": "one-time-code", "inputmode": "numeric", "autofocus": True}),
+    )
+
+
+class PasswordResetForm(auth_forms.PasswordResetForm):
+    """Django's reset form; the email goes out from a worker (see services.password_reset_email_send)."""
+
+    email = forms.EmailField(
+        label="Email", max_length=254, widget=forms.EmailInput(attrs={"autocomplete": "email", "autofocus": True})
+    )
+
+    def save(self, **kwargs):
+        """Enqueue one email per matching active user; nothing for an unknown address."""
+        from .tasks import password_reset_email_send
+
+        for user in self.get_users(self.cleaned_data["email"]):
+            transaction.on_commit(lambda pk=user.pk: password_reset_email_send.delay(pk))

@@ -26,9 +26,22 @@ class ApiToken(models.Model):
 
     The token itself is 32 random alphanumeric characters (~190 bits), so a
     fast hash is enough: nothing can be brute-forced back from the digest.
+
+    With `server` set it is a *server credential*, minted by enrollment for
+    the agent of that one server: the API's default permission
+    (`accounts.permissions.CredentialScope`) lets it do only what a view
+    allows server credentials, on that server only.
     """
 
     user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="api_tokens")
+    server = models.ForeignKey(
+        "backups.Server",
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="credentials",
+        help_text="Set for a server credential (from enrollment); empty for the owner's own tokens.",
+    )
     name = models.CharField(max_length=100)
     key_hash = models.CharField(max_length=64, unique=True)
     # The first characters, so people can tell their tokens apart.
@@ -51,6 +64,10 @@ class ApiToken(models.Model):
         return self.revoked_at is None and self.expires > timezone.now()
 
     @property
+    def is_server_credential(self) -> bool:
+        return self.server_id is not None
+
+    @property
     def state(self) -> str:
         if self.revoked_at is not None:
             return "revoked"
@@ -71,6 +88,17 @@ class AuditEvent(models.Model):
         INSTANCE_STARTED = "instance.started", "Instance started"
         INSTANCE_STOPPED = "instance.stopped", "Instance stopped"
         INSTANCE_TERMINATED = "instance.terminated", "Instance terminated"
+        ENROLLMENT_KEY_CREATED = "enrollment.created", "Enrollment key created"
+        SERVER_ENROLLED = "server.enrolled", "Server enrolled"
+        ENROLLMENT_FAILED = "enrollment.failed", "Failed enrollment"
+        SERVER_REVOKED = "server.revoked", "Server credentials revoked"
+        PASSWORD_CHANGED = "password.changed", "Password changed"
+        PASSWORD_RESET_REQUESTED = "password.reset_requested", "Password reset asked for"
+        PASSWORD_RESET = "password.reset", "Password reset"
+        TWOFACTOR_ENABLED = "twofactor.enabled", "Two-factor authentication turned on"
+        TWOFACTOR_DISABLED = "twofactor.disabled", "Two-factor authentication turned off"
+        RECOVERY_CODE_USED = "twofactor.recovery_used", "Recovery code used"
+        RECOVERY_CODES_NEW = "twofactor.recovery_new", "New recovery codes made"
 
     user = models.ForeignKey(User, on_delete=models.CASCADE, null=True, blank=True, related_name="audit_events")
     kind = models.CharField(max_length=32, choices=Kind.choices)

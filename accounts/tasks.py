@@ -16,3 +16,9 @@ def expire_tokens() -> int:
     if count:
         log.info("expired %d API tokens", count)
     return count
+
+
+@shared_task
+def password_reset_email_send(user_id: int) -> bool:
+    """Email a password-reset link (a repeat sends one more link; each works until used)."""
+    return services.password_reset_email_send(user_id=user_id)

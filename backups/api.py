@@ -14,6 +14,7 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from accounts.permissions import credential_server, server_credential_may, server_in_body, server_in_query
 from reclo_site.api.fields import StrictCharField, StrictIntegerField
 from reclo_site.api.schema import error_responses
 from reclo_site.cloud import storage
@@ -22,6 +23,7 @@ from reclo_site.errors import Code, ServiceError
 from . import selectors, services
 from .models import Backup
 from .naming import InvalidName, check_name
+from .permissions import backup_in_url
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
@@ -105,7 +107,7 @@ _DATETIME = serializers.DateTimeField()
 
 
 class CredentialsOutput(serializers.Serializer):
-    AccessKeyId = serializers.CharField()  # noqa: N815 - boto3's own names, as the contract says
+    AccessKeyId = serializers.CharField()  # noqa: N815 - boto3's own names, as docs/api.md says
     SecretAccessKey = serializers.CharField()  # noqa: N815
     SessionToken = serializers.CharField()  # noqa: N815
     Expiration = serializers.CharField(help_text="RFC 3339 UTC; at most 12 hours away.")
@@ -128,6 +130,18 @@ class ChainEntryOutput(serializers.Serializer):
     key = serializers.CharField()
     file_size = serializers.IntegerField()
     sha256 = serializers.CharField()
+    version_id = serializers.CharField(
+        allow_null=True, help_text="The S3 version that was verified: read exactly this one (VersionId)."
+    )
+    etag = serializers.CharField(
+        allow_null=True, help_text="Its ETag: send it as If-Match, so a changed object is refused."
+    )
+
+    def to_representation(self, backup) -> dict:
+        data = super().to_representation(backup)
+        data["version_id"] = backup.version_id or None
+        data["etag"] = backup.etag or None
+        return data
 
 
 class DownloadOutput(serializers.Serializer):
@@ -156,6 +170,14 @@ MessageOutput = inline_serializer("BackupMessageOutput", {"message": serializers
 DeleteOutput = inline_serializer(
     "BackupDeleteOutput",
     {"message": serializers.CharField(), "deleted": serializers.ListField(child=serializers.UUIDField())},
+)
+ScheduledDeleteOutput = inline_serializer(
+    "BackupScheduledDeleteOutput",
+    {
+        "message": serializers.CharField(),
+        "locked_until": serializers.DateTimeField(help_text="When the lock ends and the restore point is removed."),
+        "scheduled": serializers.ListField(child=serializers.UUIDField(), help_text="Hidden until then."),
+    },
 )
 
 
@@ -215,6 +237,9 @@ def _upload_body(grant, message: str) -> dict:
 
 
 class BackupListApi(APIView):
+    # A server credential lists its own server's backups (no ?server= means its own).
+    server_access = server_credential_may(GET=server_in_query("server"))
+
     @extend_schema(
         operation_id="backups_list",
         parameters=[
@@ -229,7 +254,8 @@ class BackupListApi(APIView):
         responses={200: BackupListOutput, **error_responses(Code.BAD_TOKEN, Code.MALFORMED, Code.BACKUP_LIST_FAILED)},
     )
     def get(self, request):
-        server = request.query_params.get("server")
+        own = credential_server(request)
+        server = request.query_params.get("server", own.name if own is not None else None)
         fields = {}
         if server is not None:
             try:
@@ -287,6 +313,9 @@ def _page_url(request, page: int) -> str:
 
 
 class BackupApi(APIView):
+    # A server credential reads its own server's backups; deleting is the owner's alone.
+    server_access = server_credential_may(GET=backup_in_url("backup_id"))
+
     @extend_schema(
         operation_id="backups_detail",
         responses={200: BackupDetailOutput, **error_responses(Code.BAD_TOKEN, Code.NOT_FOUND)},
@@ -306,6 +335,7 @@ class BackupApi(APIView):
         ],
         responses={
             200: DeleteOutput,
+            202: ScheduledDeleteOutput,
             **error_responses(
                 Code.BAD_TOKEN,
                 Code.MALFORMED,
@@ -315,22 +345,49 @@ class BackupApi(APIView):
                 Code.HAS_DEPENDENTS,
             ),
         },
+        description="A restore point still under its retention lock cannot be removed yet: it is hidden at once "
+        "and removed when the lock ends (202 with `locked_until`); `.../undelete` brings it back until then.",
     )
     def delete(self, request, backup_id: uuid.UUID):
         raw = request.query_params.get("cascade", "false").lower()
         if raw not in ("true", "false", "1", "0"):
             raise ServiceError(Code.MALFORMED, "cascade must be true or false.", fields={"cascade": ["true or false."]})
         try:
-            deleted = services.backup_delete(user=request.user, backup_id=backup_id, cascade=raw in ("true", "1"))
+            done = services.backup_delete(user=request.user, backup_id=backup_id, cascade=raw in ("true", "1"))
         except DatabaseError as exc:
-            # The contract's code for a delete that cannot read what to delete.
+            # docs/api.md's code for a delete that cannot read what to delete.
             raise ServiceError(
                 Code.DELETE_LOOKUP_FAILED, "Could not read the backup to delete; try again shortly."
             ) from exc
-        return Response({"message": f"Deleted {len(deleted)} backup(s).", "deleted": deleted})
+        if done.scheduled:
+            until = _DATETIME.to_representation(done.locked_until)
+            return Response(
+                {
+                    "message": f"{len(done.scheduled)} restore point(s) hidden; they are locked until {until} "
+                    "and removed then. Undelete brings them back until that time.",
+                    "locked_until": until,
+                    "scheduled": done.scheduled,
+                },
+                status=status.HTTP_202_ACCEPTED,
+            )
+        return Response({"message": f"Deleted {len(done.deleted)} backup(s).", "deleted": done.deleted})
+
+
+class BackupUndeleteApi(APIView):
+    @extend_schema(
+        operation_id="backups_undelete",
+        request=None,
+        responses={200: BackupDetailOutput, **error_responses(Code.BAD_TOKEN, Code.NO_BACKUP_TO_DELETE, Code.LOCKED)},
+    )
+    def post(self, request, backup_id: uuid.UUID):
+        backup = services.backup_undelete(user=request.user, backup_id=backup_id)
+        backup = selectors.backup_get(user=request.user, backup_id=backup.pk)
+        return Response({"message": "The restore point is back.", "backup": BackupOutput(backup).data})
 
 
 class UploadStartApi(APIView):
+    server_access = server_credential_may(POST=server_in_body("server"))
+
     @extend_schema(
         operation_id="uploads_start",
         request=UploadStartInput,
@@ -349,6 +406,8 @@ class UploadStartApi(APIView):
 
 
 class UploadCredentialsApi(APIView):
+    server_access = server_credential_may(POST=backup_in_url("upload_id"))
+
     @extend_schema(
         operation_id="uploads_credentials",
         request=None,
@@ -363,6 +422,8 @@ class UploadCredentialsApi(APIView):
 
 
 class UploadCompleteApi(APIView):
+    server_access = server_credential_may(POST=backup_in_url("upload_id"))
+
     @extend_schema(
         operation_id="uploads_complete",
         request=UploadCompleteInput,
@@ -391,6 +452,8 @@ class UploadCompleteApi(APIView):
 
 
 class BackupDownloadApi(APIView):
+    server_access = server_credential_may(POST=backup_in_url("backup_id"))
+
     @extend_schema(
         operation_id="backups_download",
         request=None,

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import api
+from . import api, api_servers
 
 urlpatterns = [
     path("backups", api.BackupListApi.as_view(), name="backup-list"),
@@ -9,4 +9,10 @@ urlpatterns = [
     path("backups/uploads/<uuid:upload_id>/complete", api.UploadCompleteApi.as_view(), name="upload-complete"),
     path("backups/<uuid:backup_id>", api.BackupApi.as_view(), name="backup-detail"),
     path("backups/<uuid:backup_id>/download", api.BackupDownloadApi.as_view(), name="backup-download"),
+    path("backups/<uuid:backup_id>/undelete", api.BackupUndeleteApi.as_view(), name="backup-undelete"),
+    path("servers", api_servers.ServerListApi.as_view(), name="server-list"),
+    path("servers/<str:server>", api_servers.ServerApi.as_view(), name="server-detail"),
+    path("servers/<str:server>/enrollment", api_servers.EnrollmentKeyApi.as_view(), name="server-enrollment"),
+    path("servers/<str:server>/credentials", api_servers.ServerCredentialsApi.as_view(), name="server-credentials"),
+    path("enroll", api_servers.EnrollApi.as_view(), name="enroll"),
 ]

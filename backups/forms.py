@@ -26,3 +26,15 @@ class BackupDeleteForm(forms.Form):
                 "Restore points were added to this chain since the page was shown; check the list and confirm again."
             )
         return data
+
+
+class AddServerForm(forms.Form):
+    """The name of a server to protect; the enrollment service checks it."""
+
+    name = forms.CharField(
+        label="Server name",
+        max_length=63,
+        help_text="How this server shows up here, e.g. <code>reception</code>: letters, digits, "
+        "<code>.</code>, <code>_</code> and <code>-</code>. An existing server's name makes a new key for it.",
+        widget=forms.TextInput(attrs={"placeholder": "reception", "autocomplete": "off", "spellcheck": "false"}),
+    )

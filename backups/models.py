@@ -15,6 +15,16 @@ class Server(models.Model):
     created = models.DateTimeField(default=timezone.now)
     # When the owner was last told that backups stopped arriving (no repeat mails).
     overdue_notified_at = models.DateTimeField(null=True, blank=True)
+    # The host name the agent gave when it last enrolled (shown to the owner).
+    hostname = models.CharField(max_length=255, blank=True)
+    # Owner settings (PATCH /api/v1/servers/{server}).
+    warm_standby = models.BooleanField(default=False, help_text="Keep a failover image ready for this server.")
+    drill_every_days = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text="Run a recovery drill every this many days; empty: no scheduled drills."
+    )
+    drill_probe_port = models.PositiveIntegerField(
+        null=True, blank=True, help_text="TCP port a drill checks on the booted server; empty: no port check."
+    )
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["user", "name"], name="backups_server_user_name_unique")]
@@ -22,6 +32,31 @@ class Server(models.Model):
 
     def __str__(self):
         return self.name
+
+
+class EnrollmentKey(models.Model):
+    """A one-time key that an agent trades for a server credential (`POST /api/v1/enroll`).
+
+    Only its SHA-256 is stored, like a token's. It works once, until
+    `expires`; minting a new key for the server voids the unused older ones,
+    and revoking the server voids them all.
+    """
+
+    server = models.ForeignKey(Server, on_delete=models.CASCADE, related_name="enrollment_keys")
+    key_hash = models.CharField(max_length=64, unique=True)
+    prefix = models.CharField(max_length=6)
+    created = models.DateTimeField(default=timezone.now)
+    expires = models.DateTimeField()
+    # Set when the key was traded for a credential, or voided.
+    used_at = models.DateTimeField(null=True, blank=True)
+    voided = models.BooleanField(default=False)
+    hostname = models.CharField(max_length=255, blank=True)
+
+    class Meta:
+        ordering = ["-created"]
+
+    def __str__(self):
+        return f"enrollment key {self.prefix}… for {self.server}"
 
 
 class Backup(models.Model):
@@ -69,6 +104,19 @@ class Backup(models.Model):
     # Retention's claim while it merges this restore point into its full,
     # so two workers never merge the same one.
     merge_claimed_at = models.DateTimeField(null=True, blank=True)
+    # The S3 version (and its ETag) the verifier read: every later reader
+    # (restores, failovers, merges, the scrub) reads exactly that version, so
+    # bytes written over the key after verification are never seen. Empty on
+    # an unversioned bucket: then the ETag alone pins it (a changed object is
+    # refused).
+    version_id = models.CharField(max_length=1024, blank=True)
+    etag = models.CharField(max_length=128, blank=True)
+    # The verified version's S3 Object Lock retain-until date.
+    locked_until = models.DateTimeField(null=True, blank=True)
+    # Deleted by the owner while still locked: hidden from every list and
+    # reader, removed by `backups_purge` once the lock ends, until then
+    # restorable with undelete.
+    deleted_at = models.DateTimeField(null=True, blank=True, db_index=True)
     # A worker reading this object (verifying or scrubbing) renews this every
     # few seconds: a recent one means "in progress" (a duplicate delivery
     # skips it; it counts toward the tenant's concurrent verifications), a
@@ -95,6 +143,11 @@ class Backup(models.Model):
     def file_size_mb(self) -> float | None:
         return None if self.file_size is None else round(self.file_size / (1024 * 1024), 3)
 
+    @property
+    def pinned(self) -> dict:
+        """The reader arguments that read exactly the verified version (`version_id`, `etag`)."""
+        return {"version_id": self.version_id or None, "etag": self.etag or None}
+
 
 class AccountLimits(models.Model):
     """Per-account overrides of the backup limits; absent means the defaults."""
@@ -102,6 +155,8 @@ class AccountLimits(models.Model):
     user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="backup_limits")
     # Largest stored object (compressed) an upload may declare, in bytes.
     max_file_size = models.BigIntegerField(null=True, blank=True, help_text="Bytes; empty: RECLO_MAX_BACKUP_SIZE.")
+    # How long each verified restore point stays locked (S3 Object Lock).
+    lock_days = models.PositiveIntegerField(null=True, blank=True, help_text="Days; empty: RECLO_LOCK_DAYS.")
 
     class Meta:
         verbose_name_plural = "account limits"

@@ -8,5 +8,7 @@ urlpatterns = [
     path("", views.dashboard, name="dashboard"),
     path("servers/add/", views.add_server, name="add-server"),
     path("servers/<int:server_id>/", views.server_detail, name="server-detail"),
+    path("servers/<int:server_id>/revoke/", views.server_revoke, name="server-revoke"),
     path("backups/<uuid:backup_id>/delete/", views.backup_delete, name="backup-delete"),
+    path("backups/<uuid:backup_id>/undelete/", views.backup_undelete, name="backup-undelete"),
 ]

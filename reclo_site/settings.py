@@ -15,13 +15,16 @@ import environ
 from celery.schedules import crontab
 from csp.constants import NONCE, NONE, SELF
 
+from reclo_site.files import private_dir, private_file
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
 environ.Env.read_env(BASE_DIR / ".env")  # optional; never committed
 
-VAR_DIR = Path(env("RECLO_VAR_DIR", default=str(BASE_DIR / "var")))
-VAR_DIR.mkdir(parents=True, exist_ok=True)
+# Local state (the SQLite database with its live sessions, keys, the broker):
+# readable by this user only.
+VAR_DIR = private_dir(Path(env("RECLO_VAR_DIR", default=str(BASE_DIR / "var"))))
 
 
 def _local_secret_key() -> str:
@@ -42,7 +45,8 @@ CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 SITE_URL = env("SITE_URL", default="http://127.0.0.1:8000")
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    # Django's admin on ReClo's own site: the portal's login, limits and second factor.
+    "accounts.apps.RecloAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -51,6 +55,9 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django.contrib.humanize",
     "csp",
+    "django_otp",
+    "django_otp.plugins.otp_totp",
+    "django_otp.plugins.otp_static",
     "rest_framework",
     "drf_spectacular",
     "drf_spectacular_sidecar",
@@ -69,6 +76,8 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # request.user.is_verified(): whether this session passed the second factor.
+    "django_otp.middleware.OTPMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -95,6 +104,10 @@ TEMPLATES = [
 DATABASES = {
     "default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}"),
 }
+_sqlite = Path(str(DATABASES["default"]["NAME"])) if "sqlite" in DATABASES["default"]["ENGINE"] else None
+if _sqlite and _sqlite.name not in ("", ":memory:") and _sqlite.parent.is_dir():
+    # It holds sessions and token hashes: 0600, not the umask's 0644.
+    private_file(_sqlite)
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -181,10 +194,15 @@ STORAGES = {
 if DEBUG:
     STORAGES["staticfiles"] = {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}
 
+# Email (password resets, alerts): printed to the console locally (tests use
+# Django's locmem outbox); production sets EMAIL_URL, e.g.
+# smtp+tls://user:password@smtp.example.com:587, which sets the SMTP backend,
+# host, port, user, password and TLS together.
 EMAIL_BACKEND = env("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
 DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", default="ReClo <noreply@reclo.local>")
 if env("EMAIL_URL", default=""):
     vars().update(env.email_url("EMAIL_URL"))
+EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=20)
 
 LOGGING = {
     "version": 1,
@@ -200,10 +218,15 @@ LOGGING = {
 
 # --- API -------------------------------------------------------------------
 
+# The largest request body read into memory (API JSON and page forms alike):
+# the biggest real one is a few kilobytes, and backup data never passes
+# through the portal (agents write to S3 directly). Over it: 413, code 104.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("DATA_UPLOAD_MAX_MEMORY_SIZE", default=256 * 1024)
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["accounts.authentication.TokenAuthentication"],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PERMISSION_CLASSES": ["accounts.permissions.CredentialScope"],
+    "DEFAULT_PARSER_CLASSES": ["reclo_site.api.parsers.JSONParser"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "reclo_site.api.errors.exception_handler",
@@ -234,10 +257,37 @@ SPECTACULAR_SETTINGS = {
     ],
 }
 
-# Login throttling: failures allowed per account and per address in a window.
+# Sign-in limits (accounts/throttle.py): failures allowed per (account,
+# address) and per address in a window before each further attempt waits a
+# doubling delay (LOGIN_BACKOFF_FIRST: 1 s, 2 s, 4 s ... up to LOGIN_BACKOFF_MAX). Nothing counts
+# per account alone, so a stranger cannot lock the owner out; a burst of
+# LOGIN_ALERT_AFTER failures on one account emails its owner.
 LOGIN_FAILURES_PER_ACCOUNT = env.int("LOGIN_FAILURES_PER_ACCOUNT", default=5)
 LOGIN_FAILURES_PER_ADDRESS = env.int("LOGIN_FAILURES_PER_ADDRESS", default=20)
 LOGIN_FAILURE_WINDOW = timedelta(minutes=15)
+# Bad enrollment keys allowed per address in the same window (then 429, code 103).
+ENROLL_FAILURES_PER_ADDRESS = env.int("ENROLL_FAILURES_PER_ADDRESS", default=10)
+# How long a server's enrollment key works (once).
+ENROLLMENT_KEY_LIFETIME = timedelta(hours=24)
+LOGIN_BACKOFF_FIRST = timedelta(seconds=1)
+LOGIN_BACKOFF_MAX = timedelta(seconds=env.int("LOGIN_BACKOFF_MAX_SECONDS", default=15 * 60))
+LOGIN_ALERT_AFTER = env.int("LOGIN_ALERT_AFTER", default=10)
+# Password-reset emails asked for per address and per email address in an hour.
+PASSWORD_RESETS_PER_ADDRESS = env.int("PASSWORD_RESETS_PER_ADDRESS", default=10)
+PASSWORD_RESETS_PER_EMAIL = env.int("PASSWORD_RESETS_PER_EMAIL", default=3)
+PASSWORD_RESET_TIMEOUT = 60 * 60  # a reset link works for an hour
+
+# Two-factor (django-otp): the name authenticator apps show, how long a code
+# keeps a session "recently verified" for destructive actions, and how long
+# the second sign-in step may follow the password. django-otp's own per-device
+# back-off is off: it would let a stranger who knows the password lock the
+# owner's device; accounts/throttle.py limits code guesses per address instead.
+OTP_TOTP_ISSUER = "ReClo"
+OTP_ADMIN_HIDE_SENSITIVE_DATA = True  # the admin never shows TOTP secrets
+OTP_TOTP_THROTTLE_FACTOR = 0
+OTP_STATIC_THROTTLE_FACTOR = 0
+RECLO_OTP_RECENT = timedelta(minutes=env.int("RECLO_OTP_RECENT_MINUTES", default=10))
+RECLO_OTP_LOGIN_STEP = timedelta(minutes=5)
 
 API_TOKEN_LIFETIME = timedelta(days=60)
 
@@ -307,6 +357,8 @@ CELERY_BEAT_SCHEDULE = {
     "backups-clean-up-uploads": {"task": "backups.tasks.uploads_clean_up", "schedule": crontab(minute=17)},
     # Delete objects that retention replaced, once no restore can still read them.
     "backups-purge-objects": {"task": "backups.tasks.objects_purge", "schedule": crontab(minute=37)},
+    # Restore points deleted while locked, once their lock has ended.
+    "backups-purge-deleted": {"task": "backups.tasks.backups_purge", "schedule": crontab(minute=41)},
     # Re-read a sample of stored backups (SHA-256 and VHD structure), Sunday night.
     "backups-scrub": {"task": "backups.tasks.backups_scrub", "schedule": crontab(minute=23, hour=3, day_of_week=0)},
     # Email owners whose servers stopped sending backups (twice the usual interval).
@@ -324,8 +376,17 @@ RECLO_BUCKET = env("RECLO_BUCKET", default="reclo-backups")
 # --- Backups -------------------------------------------------------------------
 
 # Lifetime of the STS credentials of an upload or a restore: at most 12 hours
-# (the contract); 1 hour when AWS caps it (role chaining, see cloud/credentials.py).
+# (docs/api.md, Uploading); 1 hour when AWS caps it (role chaining, see cloud/credentials.py).
 RECLO_CREDENTIALS_TTL = timedelta(hours=env.float("RECLO_CREDENTIALS_TTL_HOURS", default=12))
+# Upload credentials are much shorter-lived: STS credentials cannot be
+# revoked, so this is how long a stolen set (or the agent itself, after its
+# upload is completed) could still write. The agent refreshes them while it
+# uploads (POST .../credentials), which stops once the upload is completed.
+RECLO_UPLOAD_CREDENTIALS_TTL = timedelta(hours=env.float("RECLO_UPLOAD_CREDENTIALS_TTL_HOURS", default=1))
+# Verified restore points are locked (S3 Object Lock, compliance mode) for this
+# many days unless the account's AccountLimits says otherwise: until then
+# nobody, the portal included, can delete or overwrite them.
+RECLO_LOCK_DAYS = env.int("RECLO_LOCK_DAYS", default=30)
 # Set: credentials come from AssumeRole on this role. Empty: GetFederationToken.
 RECLO_UPLOAD_ROLE_ARN = env("RECLO_UPLOAD_ROLE_ARN", default="")
 # Largest stored (compressed) backup an account may upload, unless its
@@ -352,8 +413,15 @@ RECLO_DEFAULT_BACKUP_INTERVAL = timedelta(hours=env.float("RECLO_DEFAULT_BACKUP_
 
 # How many reverse proxies in front of the portal append to X-Forwarded-For.
 NUM_PROXIES = env.int("NUM_PROXIES", default=0)
+# Whether the proxy in front sets X-Request-ID on every request (overwriting
+# the client's); only then is that header used as the request id.
+RECLO_TRUST_REQUEST_ID = env.bool("RECLO_TRUST_REQUEST_ID", default=False)
 
 # --- Recovery (failover) ---------------------------------------------------------
+
+# The KMS key EBS snapshots and volumes of failovers are encrypted with; empty:
+# the account's default EBS key (aws/ebs).
+RECLO_KMS_KEY_ID = env("RECLO_KMS_KEY_ID", default="")
 
 
 def _local_vpn_key() -> str:

@@ -6,7 +6,7 @@ from django.contrib import admin
 from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularRedocView
 
-from . import views
+from . import installer, views
 
 api_v1 = [
     path("", include("accounts.api_urls")),
@@ -30,6 +30,8 @@ urlpatterns = [
     path("recovery/", include("recovery.urls")),
     path("admin/", admin.site.urls),
     path("healthz", views.healthz, name="healthz"),
+    path("agent/install.sh", installer.install_script, name="agent-install"),
+    path("agent/reclo-agent.tar.gz", installer.agent_package, name="agent-package"),
     path("favicon.ico", views.favicon),
     # Anything else under /api/ answers the JSON envelope, even with DEBUG on.
     re_path(r"^api/", views.api_not_found),

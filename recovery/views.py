@@ -13,6 +13,7 @@ from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods
 
+from accounts import twofactor
 from reclo_site.errors import ServiceError
 
 from . import drill_report, drill_services, selectors, services, sizes
@@ -180,6 +181,8 @@ def instance_action(request, instance_id, action):
     if action not in ACTIONS:
         raise Http404("No such action.")
     instance = _instance_or_404(request, instance_id)
+    if action == "terminate" and (asked := twofactor.ask_for_code(request)) is not None:
+        return asked
     spec = ACTIONS[action]
     allowed = instance.state in services.ALLOWED[action]
     if request.method == "POST":

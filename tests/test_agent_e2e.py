@@ -190,3 +190,73 @@ def test_killed_upload_resumes_without_resending_finished_parts(agent, cloud, tm
     target = tmp_path / "data-restored.img"
     agent("restore", backup_id, str(target))
     assert target.read_bytes() == source.read_bytes()
+
+
+def test_enrolled_agent_backs_up_without_the_owners_password(live_server, cloud, tmp_path):
+    """The owner makes a key ("Add a server"); the agent enrols with it, backs up, and may do nothing else."""
+    import requests
+
+    from accounts.models import User
+
+    owner = User.objects.create_user(username="dr.enrol", email="enrol@clinic.example", password=PASSWORD)
+    owner_token = _owner_token(owner)
+    api = f"{live_server.url}/api/v1"
+    owner_headers = {"Authorization": f"Token {owner_token}"}
+    key = requests.post(f"{api}/servers/front-desk/enrollment", headers=owner_headers, timeout=30).json()["key"]
+
+    config_path = tmp_path / "agent" / "agent.json"
+    env = {k: v for k, v in os.environ.items() if k != "RECLO_PASSWORD"}
+    env |= {"RECLO_AGENT_CONFIG": str(config_path), "PYTHONUNBUFFERED": "1"}
+
+    def run(*args, check=True):
+        proc = subprocess.run([sys.executable, "-m", "reclo_agent", *args], env=env, capture_output=True, text=True,
+                              timeout=180)  # fmt: skip
+        if check and proc.returncode != 0:
+            pytest.fail(f"reclo-agent {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    proc = run("enroll", "--portal", live_server.url, "--key", key, "--state-dir", str(tmp_path / "state"))
+    assert "server front-desk" in proc.stdout
+    saved = json.loads(config_path.read_text())
+    assert oct(config_path.stat().st_mode & 0o777) == "0o600"
+    assert saved["server"] == "front-desk" and not saved["email"] and PASSWORD not in config_path.read_text()
+    # The key worked once.
+    again = run("enroll", "--portal", live_server.url, "--key", key, check=False)
+    assert again.returncode == 2 and "did not accept that enrollment key" in again.stderr
+
+    source = tmp_path / "disk.img"
+    source.write_bytes(bytes(make_image(4 * MiB, seed=5)))
+    backup_id, kind = run("backup", str(source), "--disk", "sda", "--plain").stdout.split()
+    backup = Backup.objects.get(pk=backup_id)
+    assert (kind, backup.status, backup.server.name, backup.user) == ("full", "verified", "front-desk", owner)
+    assert [b["backup_id"] for b in json.loads(run("list", "--json").stdout)] == [backup_id]
+    restored = tmp_path / "restored.img"
+    run("restore", backup_id, str(restored))
+    assert restored.read_bytes() == source.read_bytes()
+
+    # What ransomware on the server could try with the saved credential: refused.
+    agent_headers = {"Authorization": f"Token {saved['token']}"}
+    for method, path in [
+        ("DELETE", f"/backups/{backup_id}?cascade=true"),
+        ("POST", "/recoveries"),
+        ("GET", "/instances"),
+        ("GET", "/servers"),
+        ("GET", "/backups?server=archive"),
+        ("POST", "/servers/front-desk/enrollment"),
+        ("DELETE", "/servers/front-desk/credentials"),
+    ]:
+        response = requests.request(method, api + path, headers=agent_headers, json={"backup_id": backup_id},
+                                    timeout=30)  # fmt: skip
+        assert (response.status_code, response.json()["error"]) == (403, 106), (method, path, response.text)
+    assert Backup.objects.filter(pk=backup_id).exists()
+
+    # "Revoke this server": the agent's credential stops at once.
+    assert requests.delete(f"{api}/servers/front-desk/credentials", headers=owner_headers, timeout=30).ok
+    refused = run("list", check=False)
+    assert refused.returncode == 3 and "enrol again" in refused.stderr
+
+
+def _owner_token(user) -> str:
+    from accounts.services import token_create
+
+    return token_create(user=user, name="owner")[1]

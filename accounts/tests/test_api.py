@@ -1,9 +1,11 @@
 """The accounts API: register, login, logout, token renew, and their error codes."""
 
 import json
+from datetime import timedelta
 from unittest import mock
 
 import pytest
+import time_machine
 from django.test import override_settings
 
 from accounts.models import ApiToken, User
@@ -128,39 +130,57 @@ class TestLogin:
         assert_error(post(anon_api, "/api/v1/login", {"email": 42, "password": "x"}), 400, 104)
 
     @override_settings(LOGIN_FAILURES_PER_ACCOUNT=3)
-    def test_repeated_failures_lock_the_account_with_210(self, anon_api, user, password):
-        for _ in range(3):
-            assert_error(post(anon_api, "/api/v1/login", {"email": user.email, "password": "bad-bad-bad"}), 401, 207)
-        # Even the right password is refused while locked, from any address.
-        response = post(anon_api, "/api/v1/login", {"email": user.email, "password": password},
-                        REMOTE_ADDR="198.51.100.9")  # fmt: skip
-        assert_error(response, 429, 210)
-        assert 0 < int(response["Retry-After"]) <= 15 * 60
-
-    @override_settings(LOGIN_FAILURES_PER_ADDRESS=4, LOGIN_FAILURES_PER_ACCOUNT=100)
-    def test_repeated_failures_from_one_address_lock_that_address(self, anon_api, user, password):
-        for i in range(4):
-            post(
-                anon_api,
-                "/api/v1/login",
-                {"email": f"guess{i}@example.com", "password": "x"},
-                REMOTE_ADDR="203.0.113.5",
-            )
-        locked = post(anon_api, "/api/v1/login", {"email": user.email, "password": password}, REMOTE_ADDR="203.0.113.5")
-        assert_error(locked, 429, 210)
-        elsewhere = post(
-            anon_api, "/api/v1/login", {"email": user.email, "password": password}, REMOTE_ADDR="192.0.2.7"
-        )
-        assert elsewhere.status_code == 200
-
-    @override_settings(LOGIN_FAILURES_PER_ACCOUNT=3)
-    def test_the_lock_lifts_after_the_window(self, anon_api, user, password):
-        import time_machine
-
+    def test_failures_slow_down_that_address_and_never_lock_the_account(self, anon_api, user, password):
+        wrong = {"email": user.email, "password": "bad-bad-bad"}
         with time_machine.travel("2026-11-26 10:00:00Z", tick=False) as traveller:
             for _ in range(3):
-                post(anon_api, "/api/v1/login", {"email": user.email, "password": "bad-bad-bad"})
-            assert post(anon_api, "/api/v1/login", {"email": user.email, "password": password}).status_code == 429
+                assert_error(post(anon_api, "/api/v1/login", wrong, REMOTE_ADDR="203.0.113.5"), 401, 207)
+            # Past the free ones, one guess is checked, then the address waits 1 s, 2 s, 4 s ...
+            assert_error(post(anon_api, "/api/v1/login", wrong, REMOTE_ADDR="203.0.113.5"), 401, 207)
+            slowed = post(anon_api, "/api/v1/login", {"email": user.email, "password": password},
+                          REMOTE_ADDR="203.0.113.5")  # fmt: skip
+            assert_error(slowed, 429, 210)
+            assert slowed["Retry-After"] == "1"
+            traveller.shift(1)
+            assert_error(post(anon_api, "/api/v1/login", wrong, REMOTE_ADDR="203.0.113.5"), 401, 207)
+            assert post(anon_api, "/api/v1/login", wrong, REMOTE_ADDR="203.0.113.5")["Retry-After"] == "2"
+            # The owner's right password from her own address is never refused.
+            mine = post(anon_api, "/api/v1/login", {"email": user.email, "password": password},
+                        REMOTE_ADDR="198.51.100.9")  # fmt: skip
+            assert mine.status_code == 200
+            # After the wait, the right password from the slowed address works too.
+            traveller.shift(2)
+            again = post(anon_api, "/api/v1/login", {"email": user.email, "password": password},
+                         REMOTE_ADDR="203.0.113.5")  # fmt: skip
+            assert again.status_code == 200
+
+    @override_settings(LOGIN_FAILURES_PER_ADDRESS=4, LOGIN_FAILURES_PER_ACCOUNT=100)
+    def test_guessing_many_accounts_from_one_address_slows_that_address(self, anon_api, user, password):
+        with time_machine.travel("2026-11-26 10:00:00Z", tick=False):
+            for i in range(5):
+                body = {"email": f"guess{i}@example.com", "password": "x"}
+                assert_error(post(anon_api, "/api/v1/login", body, REMOTE_ADDR="203.0.113.5"), 401, 207)
+            slowed = post(anon_api, "/api/v1/login", {"email": user.email, "password": password},
+                          REMOTE_ADDR="203.0.113.5")  # fmt: skip
+            assert_error(slowed, 429, 210)
+            elsewhere = post(
+                anon_api, "/api/v1/login", {"email": user.email, "password": password}, REMOTE_ADDR="192.0.2.7"
+            )
+            assert elsewhere.status_code == 200
+
+    @override_settings(LOGIN_FAILURES_PER_ACCOUNT=2, LOGIN_BACKOFF_MAX=timedelta(seconds=60))
+    def test_the_delay_doubles_up_to_its_cap_and_the_window_forgets(self, anon_api, user, password):
+        wrong = {"email": user.email, "password": "bad-bad-bad"}
+        waits = []
+        with time_machine.travel("2026-11-26 10:00:00Z", tick=False) as traveller:
+            for _ in range(2):
+                post(anon_api, "/api/v1/login", wrong)
+            for _ in range(8):
+                assert post(anon_api, "/api/v1/login", wrong).status_code == 401
+                wait = int(post(anon_api, "/api/v1/login", wrong)["Retry-After"])
+                waits.append(wait)
+                traveller.shift(wait)
+            assert waits == [1, 2, 4, 8, 16, 32, 60, 60]
             traveller.shift(15 * 60 + 1)
             # locmem's expiry follows time.time(), which time-machine moved.
             assert post(anon_api, "/api/v1/login", {"email": user.email, "password": password}).status_code == 200

@@ -3,18 +3,23 @@
 import os
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from unittest import mock
 
 import pytest
 import time_machine
-from django.db import connection
+from django.db import connection, connections
+from django.test import Client
 from django.utils import timezone
+from rest_framework.test import APIClient
 
 from accounts import services, tasks, throttle
-from accounts.models import ApiToken
+from accounts.models import ApiToken, AuditEvent
 from reclo_site import testing
 from reclo_site.celery import app as celery_app
+from reclo_site.errors import ServiceError
 
 pytestmark = pytest.mark.integration
 
@@ -57,16 +62,93 @@ def test_a_real_worker_expires_tokens_through_redis(services_up, user):
 @pytest.mark.django_db
 def test_the_login_limiter_is_shared_across_processes(redis_cache, settings):
     settings.LOGIN_FAILURES_PER_ACCOUNT = 2
-    throttle.record_failure("victim@example.com", "192.0.2.1")
+    throttle.attempt("victim@example.com", "192.0.2.1")
     # A second process counts against the same Redis keys.
     code = (
         "import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'reclo_site.settings'); django.setup();"
         "from django.conf import settings; from django.core.cache import caches;"
-        f"settings.CACHES['default']['KEY_PREFIX'] = 'test-{os.getpid()}'; settings.LOGIN_FAILURES_PER_ACCOUNT = 2;"
-        "from accounts import throttle; throttle.record_failure('victim@example.com', '192.0.2.2')"
+        f"settings.CACHES['default']['KEY_PREFIX'] = 'test-{os.getpid()}';"
+        "from accounts import throttle; throttle.attempt('victim@example.com', '192.0.2.1')"
     )
     subprocess.run([sys.executable, "-c", code], cwd=testing.ROOT, check=True, env=os.environ)
-    assert throttle.retry_after("victim@example.com", "198.51.100.1") > 0
+    assert throttle.count("victim@example.com", "192.0.2.1") == 2
+    assert throttle.count("victim@example.com", "198.51.100.1") == 0
+
+
+def _parallel(n, work):
+    """Run `work(i)` in n threads released together; each thread closes its own DB connection."""
+    barrier = threading.Barrier(n)
+
+    def run(i):
+        barrier.wait()
+        try:
+            return work(i)
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        return list(pool.map(run, range(n)))
+
+
+def _guess(email, address, password="wrong-wrong-wrong"):  # noqa: S107 - a wrong guess
+    try:
+        services.user_check_login(email=email, password=password, address=address)
+    except ServiceError as exc:
+        return int(exc.code)
+    return 200
+
+
+@pytest.mark.django_db(transaction=True)
+def test_30_parallel_wrong_guesses_count_30_and_only_the_free_ones_are_checked(redis_cache, settings, user):
+    settings.LOGIN_FAILURES_PER_ACCOUNT = 5
+    settings.LOGIN_FAILURES_PER_ADDRESS = 100
+    # The first back-off is long enough that no late thread finds the slot open again.
+    settings.LOGIN_BACKOFF_FIRST = timedelta(minutes=5)
+
+    codes = _parallel(30, lambda i: _guess(user.email, "203.0.113.9"))
+
+    assert throttle.count(user.email, "203.0.113.9") == 30
+    assert redis_cache.get(throttle.scopes(user.email, "203.0.113.9")[0].key) == 30
+    # Five free guesses and the one that won the back-off slot were checked; 24 waited.
+    assert sorted(codes).count(207) == 6 and codes.count(210) == 24
+    assert AuditEvent.objects.filter(user=user, kind=AuditEvent.Kind.LOGIN_FAILED).count() == 6
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_owner_signs_in_from_a_clean_address_while_a_stranger_hammers_her_account(
+    redis_cache, settings, user, password, mailoutbox
+):
+    settings.LOGIN_FAILURES_PER_ACCOUNT = 5
+    settings.LOGIN_ALERT_AFTER = 6
+    stop = threading.Event()
+    tried = []
+
+    def hammer():
+        try:
+            while not stop.is_set():
+                tried.append(_guess(user.email, "203.0.113.66"))
+        finally:
+            connections.close_all()
+
+    stranger = threading.Thread(target=hammer)
+    stranger.start()
+    try:
+        # Five free guesses, one more after the back-off slot, then 210s for a second.
+        testing.wait_until(lambda: tried.count(207) >= 6 and tried.count(210) >= 20, timeout=60, what="the guesses")
+        client = APIClient()
+        body = {"email": user.email, "password": password}
+        mine = client.post("/api/v1/login", body, format="json", REMOTE_ADDR="198.51.100.20")
+        page = Client(REMOTE_ADDR="198.51.100.21").post("/accounts/login/", body)
+    finally:
+        stop.set()
+        stranger.join()
+
+    assert mine.status_code == 200, mine.content
+    assert page.status_code == 302 and page["Location"] == "/"
+    assert 207 in tried and 210 in tried and 200 not in tried
+    # The stranger's address was slowed down; the owner was told once.
+    bursts = [m for m in mailoutbox if "failed sign-ins" in m.subject.lower()]
+    assert len(bursts) == 1 and bursts[0].to == [user.email] and "203.0.113.66" in bursts[0].body
 
 
 @pytest.mark.django_db

@@ -123,6 +123,15 @@ class TestTokens:
         client.force_login(user)
         assert "bobs-secret-box" not in client.get("/accounts/tokens/").content.decode()
 
+    def test_a_server_credential_says_whose_it_is(self, client, user, token):
+        from backups.services import enrollment_key_create, server_enroll
+
+        server_enroll(key=enrollment_key_create(user=user, server="front-desk").key)
+        client.force_login(user)
+        html = client.get("/accounts/tokens/").content.decode()
+        assert html.count('data-testid="server-credential"') == 1
+        assert "server credential of front-desk" in html
+
     def test_revoke_stops_the_token(self, client, user, api, token):
         client.force_login(user)
         row = ApiToken.objects.get(key_hash=hash_token(token))

@@ -1,8 +1,8 @@
-"""The portal's HTTP API, as the agent uses it (../shared/spec/api.md).
+"""The portal's HTTP API, as the agent uses it (docs/api.md in the ReClo repository).
 
 One :class:`PortalClient` per run. It sends the token in the
 ``Authorization`` header (never in a URL, never logged), turns the
-contract's error envelope into :mod:`.errors` exceptions a person can act
+error envelope (docs/api.md, Conventions) into :mod:`.errors` exceptions a person can act
 on, and retries what is safe to retry: throttling (429, after its
 ``Retry-After``), and for idempotent calls, connection failures and 502/503.
 """
@@ -41,7 +41,7 @@ def normalize_portal_url(url: str) -> str:
 
 
 class PortalClient:
-    """Calls of the contract. Methods return the decoded JSON body."""
+    """Calls of the API (docs/api.md). Methods return the decoded JSON body."""
 
     def __init__(self, portal: str, token: str = "", *, retries: int = 3, backoff: float = 1.0) -> None:
         self.portal = normalize_portal_url(portal)
@@ -119,10 +119,13 @@ class PortalClient:
                 status=resp.status_code,
             )
         code, message = body.get("error"), str(body.get("message") or "").strip()
-        if code == Code.BAD_TOKEN or (resp.status_code == 401 and code != Code.LOGIN_FAILED):
+        if code == Code.BAD_TOKEN or (
+            resp.status_code == 401 and code not in (Code.LOGIN_FAILED, Code.BAD_ENROLLMENT_KEY)
+        ):
             raise TokenRejected(
                 f"The portal refused the agent's token ({message or 'invalid or expired'}). "
-                "Log in again: reclo-agent login --portal URL --email EMAIL"
+                "Log in again: reclo-agent login --portal URL --email EMAIL, or enrol again with a new key "
+                "from the portal's Add a server: reclo-agent enroll --portal URL --key KEY"
             )
         if (
             code in (Code.DATABASE_UNAVAILABLE, Code.UPLOAD_CREDENTIALS_FAILED, Code.UPLOAD_COMPLETE_FAILED)
@@ -136,11 +139,20 @@ class PortalClient:
 
     # --- accounts -------------------------------------------------------------
 
-    def login(self, email: str, password: str, token_name: str) -> dict:
-        """``user_id, token, token_expires``; wrong credentials raise PortalError (207)."""
-        return self.request(
-            "POST", "/login", json={"email": email, "password": password, "token_name": token_name}, idempotent=False
-        )
+    def login(self, email: str, password: str, token_name: str, otp: str = "") -> dict:
+        """``user_id, token, token_expires``; wrong credentials raise PortalError (207).
+
+        With two-factor on, ``otp`` is the authenticator app's code (or a
+        recovery code); without it the 207 carries ``fields["otp"]``.
+        """
+        body = {"email": email, "password": password, "token_name": token_name}
+        if otp:
+            body["otp"] = otp
+        return self.request("POST", "/login", json=body, idempotent=False)
+
+    def enroll(self, key: str, hostname: str) -> dict:
+        """``server, token, token_expires``: a server credential; a bad key raises PortalError (212)."""
+        return self.request("POST", "/enroll", json={"key": key, "hostname": hostname}, idempotent=False)
 
     def renew_token(self) -> dict:
         return self.request("POST", "/token/renew", idempotent=True)
@@ -169,7 +181,7 @@ class PortalClient:
         return self.request("POST", f"/backups/uploads/{upload_id}/credentials")["credentials"]
 
     def complete_upload(self, upload_id: str, *, file_size: int, sha256: str) -> dict:
-        """The ``backup`` (its status ``verifying``, or final). Idempotent per the contract."""
+        """The ``backup`` (its status ``verifying``, or final). Idempotent (docs/api.md, Uploading)."""
         body = self.request(
             "POST", f"/backups/uploads/{upload_id}/complete", json={"file_size": file_size, "sha256": sha256}
         )

@@ -1,5 +1,6 @@
 """``reclo-agent``: the command line (see agent/README.md for the full story).
 
+    reclo-agent enroll --portal URL --key KEY
     reclo-agent login --portal URL --email EMAIL
     reclo-agent backup SOURCE [--server NAME] [--disk NAME] [--full] [--bandwidth-limit RATE]
     reclo-agent list [--json]
@@ -49,6 +50,7 @@ from .throttle import parse_rate
 log = logging.getLogger("reclo_agent")
 
 ENV_PASSWORD = "RECLO_PASSWORD"  # noqa: S105 - the variable's name, not a password
+ENV_OTP = "RECLO_OTP"
 RENEW_WITHIN = timedelta(days=14)
 
 
@@ -135,20 +137,60 @@ def cmd_login(args) -> int:
         password = getpass.getpass(f"Password for {args.email} at {portal}: ")
     client = PortalClient(portal)
     token_name = args.token_name or f"reclo-agent@{socket.gethostname()}"[:100]
+    otp = args.otp or os.environ.get(ENV_OTP, "")
     try:
-        body = client.login(args.email, password, token_name)
+        try:
+            body = client.login(args.email, password, token_name, otp=otp)
+        except PortalError as exc:
+            if exc.code != Code.LOGIN_FAILED or "otp" not in exc.fields or otp:
+                raise
+            # Two-factor is on and no code was given: ask for one on a terminal.
+            if not sys.stdin.isatty():
+                raise UsageError(
+                    f"This account uses two-factor authentication: pass --otp CODE (or set {ENV_OTP})."
+                ) from exc
+            otp = input("Code from your authenticator app (or a recovery code): ").strip()
+            body = client.login(args.email, password, token_name, otp=otp)
     except PortalError as exc:
         if exc.code == Code.LOGIN_FAILED:
-            raise UsageError("The portal did not accept that email and password.") from exc
+            what = "two-factor code" if otp else "email and password"
+            raise UsageError(f"The portal did not accept that {what}.") from exc
         raise
     cfg.portal, cfg.token, cfg.token_expires = portal, body["token"], body.get("token_expires", "")
-    cfg.email, cfg.user_id = args.email, body.get("user_id")
+    cfg.email, cfg.user_id, cfg.server = args.email, body.get("user_id"), ""
     if args.state_dir:
         cfg.state_dir = str(Path(args.state_dir).expanduser().resolve())
     elif not cfg.state_dir:
         cfg.state_dir = str(config.default_state_dir())
     config.save(cfg)
     print(f"Logged in to {portal} as {args.email}; token saved in {cfg.path} (expires {cfg.token_expires}).")
+    return EXIT_OK
+
+
+def cmd_enroll(args) -> int:
+    cfg = _load_config(args)
+    portal = normalize_portal_url(args.portal)
+    key = args.key.strip()
+    hostname = socket.gethostname()[:255]
+    try:
+        body = PortalClient(portal).enroll(key, hostname)
+    except PortalError as exc:
+        if exc.code == Code.BAD_ENROLLMENT_KEY:
+            raise UsageError(
+                "The portal did not accept that enrollment key: it is unknown, already used or older than "
+                "24 hours. Make a new one in the portal (Add a server) and run this again."
+            ) from exc
+        raise
+    cfg.portal, cfg.token, cfg.token_expires = portal, body["token"], body.get("token_expires", "")
+    cfg.server, cfg.email, cfg.user_id = body["server"], "", None
+    if args.state_dir:
+        cfg.state_dir = str(Path(args.state_dir).expanduser().resolve())
+    elif not cfg.state_dir:
+        cfg.state_dir = str(config.default_state_dir())
+    config.save(cfg)
+    print(f"Enrolled at {portal} as server {cfg.server}; its credential is saved in {cfg.path} "
+          f"(expires {cfg.token_expires}, renewed automatically).")  # fmt: skip
+    print(f"Next: reclo-agent backup /dev/sda   (backs up as server {cfg.server})")
     return EXIT_OK
 
 
@@ -165,11 +207,23 @@ def cmd_logout(args) -> int:
     return EXIT_OK
 
 
+def _server_name(cfg: config.Config, server: str | None) -> str:
+    """The server to back up as: ``--server``, else the enrolled one, else this host's name."""
+    if cfg.server and server and server != cfg.server:
+        raise UsageError(
+            f"This agent is enrolled as server {cfg.server}; its credential may not back up as {server}. "
+            "Leave out --server, or enrol with a key made for that server."
+        )
+    if server:
+        return names.check(server, "server name")
+    return cfg.server or names.default_server()
+
+
 def _backup_options(args, cfg: config.Config, source: str, server: str | None, disk: str | None) -> BackupOptions:
     rate = args.bandwidth_limit or cfg.bandwidth_limit
     return BackupOptions(
         source=source,
-        server=names.check(server, "server name") if server else names.default_server(),
+        server=_server_name(cfg, server),
         disk=names.check(disk, "disk name") if disk else names.default_disk(source),
         full=args.full,
         page_size=args.page_size,
@@ -278,7 +332,7 @@ def cmd_schedule(args) -> int:
         jobs = [
             schedule.Job(
                 source=str(Path(src).resolve()) if not src.startswith("/dev/") else src,
-                server=names.check(args.server, "server name") if args.server else names.default_server(),
+                server=_server_name(cfg, args.server),
                 disk=names.check(args.disk, "disk name") if args.disk and len(args.sources) == 1
                 else names.default_disk(src),
             )
@@ -309,7 +363,7 @@ def cmd_status(args) -> int:
     print(f"config:     {cfg.path} ({mode})")
     print(f"portal:     {cfg.portal or '-'}")
     if not cfg.token:
-        print("logged in:  no (reclo-agent login --portal URL --email EMAIL)")
+        print("logged in:  no (reclo-agent enroll --portal URL --key KEY, or login --portal URL --email EMAIL)")
         code = 3
     else:
         try:
@@ -320,7 +374,8 @@ def cmd_status(args) -> int:
             check, code = "token REJECTED: log in again", 3
         except Unreachable as exc:
             check, code = f"portal unreachable ({exc})", 4
-        print(f"logged in:  {cfg.email or '?'}, token expires {cfg.token_expires or '?'}; {check}")
+        who = f"enrolled as server {cfg.server}" if cfg.server else (cfg.email or "?")
+        print(f"logged in:  {who}, token expires {cfg.token_expires or '?'}; {check}")
     print(f"state:      {cfg.state}")
     maps = MapStore(cfg.state).all()
     for m in maps:
@@ -370,11 +425,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"reclo-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("login", parents=[common], help="log in to the portal and save the API token")
+    p = sub.add_parser("enroll", parents=[common], help="enrol this server with a one-time key from the portal")
+    p.add_argument("--portal", required=True, help="portal URL, e.g. https://reclo.example.com")
+    p.add_argument("--key", required=True, help="the enrollment key from the portal's Add a server (works once)")
+    p.add_argument("--state-dir", help=f"state folder (default {config.default_state_dir()})")
+    p.set_defaults(func=cmd_enroll)
+
+    p = sub.add_parser("login", parents=[common], help="log in with the owner's password (for scripts)")
     p.add_argument("--portal", required=True, help="portal URL, e.g. https://reclo.example.com")
     p.add_argument("--email", required=True)
     p.add_argument("--state-dir", help=f"state folder (default {config.default_state_dir()})")
     p.add_argument("--token-name", help="name of the token in the portal (default reclo-agent@HOST)")
+    p.add_argument("--otp", help="two-factor code, when the account has it on (asked on a terminal otherwise)")
     p.set_defaults(func=cmd_login)
 
     p = sub.add_parser("logout", parents=[common], help="revoke the API token and forget it")
@@ -382,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("backup", parents=[common], help="back up a disk (prints the backup id and kind)")
     p.add_argument("source", nargs="?", metavar="SOURCE", help="block device or raw disk image file")
-    p.add_argument("--server", help="server name (default: this host's name)")
+    p.add_argument("--server", help="server name (default: the enrolled server, else this host's name)")
     p.add_argument("--disk", help="disk name (default: the source's file name)")
     p.add_argument("--full", action="store_true", help="make a full backup even if an incremental is possible")
     p.add_argument("--bandwidth-limit", metavar="RATE", help="upload at most RATE bytes/s, e.g. 10M, 512K")
@@ -393,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("list", parents=[common], help="list the backups in the portal")
-    p.add_argument("--json", action="store_true", help="the contract's backup objects as JSON")
+    p.add_argument("--json", action="store_true", help="the backup objects of the portal's API as JSON")
     p.add_argument("--server", help="only this server's backups")
     p.set_defaults(func=cmd_list)
 

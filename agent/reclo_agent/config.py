@@ -1,4 +1,4 @@
-"""The agent's configuration file: portal URL, API token, state folder.
+"""The agent's configuration file: portal URL, API token (and enrolled server), state folder.
 
 Where it lives (first that applies):
 
@@ -74,6 +74,9 @@ class Config:
     token_expires: str = ""
     email: str = ""
     user_id: int | None = None
+    # Set by ``enroll``: the token is a server credential of this server
+    # (it may only back up and restore this one), and ``backup`` names it.
+    server: str = ""
     state_dir: str = ""
     # Optional defaults for ``backup`` (scheduled runs use them too).
     bandwidth_limit: str = ""
@@ -85,8 +88,9 @@ class Config:
     def require_login(self) -> None:
         if not self.portal or not self.token:
             raise NotLoggedIn(
-                f"Not logged in (no token in {self.path}). "
-                "Run: reclo-agent login --portal URL --email EMAIL"
+                f"Not enrolled or logged in (no token in {self.path}). "
+                "Run: reclo-agent enroll --portal URL --key KEY (the key from the portal's Add a server), "
+                "or reclo-agent login --portal URL --email EMAIL"
             )
 
     def to_json(self) -> dict:

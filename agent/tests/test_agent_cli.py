@@ -15,6 +15,7 @@ from reclo_agent import cli
 from reclo_agent.state import StateLock
 
 TOKEN = "GoodToken0123456789abcdefghijklm"
+ENROLL_KEY = "EnrollKey0123456789abcdefghijklm"
 MiB = 1024 * 1024
 
 
@@ -39,6 +40,11 @@ class StubPortal(BaseHTTPRequestHandler):
                 return self._send(200, {"message": "Logged in.", "user_id": 3, "token": TOKEN,
                                         "token_expires": "2099-01-01T00:00:00Z"})  # fmt: skip
             return self._send(401, {"error": 207, "message": "Email or password does not match."})
+        if self.path == "/api/v1/enroll":
+            if body.get("key") == ENROLL_KEY and body.get("hostname") == socket.gethostname():
+                return self._send(201, {"message": "Enrolled.", "server": "front-desk", "token": TOKEN,
+                                        "token_expires": "2099-01-01T00:00:00Z"})  # fmt: skip
+            return self._send(401, {"error": 212, "message": "Invalid, used or expired enrollment key."})
         return self._send(404, {"error": 105, "message": "No such endpoint."})
 
     def do_GET(self):  # noqa: N802
@@ -91,6 +97,37 @@ def test_login_saves_the_token_0600_and_never_prints_it(stub, cfg_path, monkeypa
     assert cli.main(["status"]) == 0
     out, err = capsys.readouterr()
     assert "token accepted" in out and TOKEN not in out + err
+
+
+def test_enroll_saves_the_server_credential_0600_and_never_prints_it(stub, cfg_path, capsys):
+    assert cli.main(["enroll", "--portal", stub, "--key", ENROLL_KEY]) == 0
+    out, err = capsys.readouterr()
+    assert TOKEN not in out + err and "server front-desk" in out
+    assert stat.S_IMODE(cfg_path.stat().st_mode) == 0o600
+    saved = json.loads(cfg_path.read_text())
+    assert (saved["token"], saved["server"], saved["portal"]) == (TOKEN, "front-desk", stub)
+    assert cli.main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "enrolled as server front-desk" in out and "token accepted" in out
+
+
+def test_a_bad_enrollment_key_is_a_plain_message(stub, cfg_path, capsys):
+    assert cli.main(["enroll", "--portal", stub, "--key", "Used0123456789abcdefghijklmnopqr"]) == 2
+    err = capsys.readouterr().err
+    assert "did not accept that enrollment key" in err and "Add a server" in err
+    assert not cfg_path.exists()
+
+
+def test_an_enrolled_agent_backs_up_as_its_server_only(fake, cfg_path, tmp_path, capsys):
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "server": "front-desk", "email": ""}))
+    image = tmp_path / "disk.img"
+    image.write_bytes(make_image(2 * MiB, seed=3))
+    assert cli.main(["backup", str(image), "--plain"]) == 0
+    assert [b["server"] for b in fake.backups.values()] == ["front-desk"]
+    capsys.readouterr()
+    assert cli.main(["backup", str(image), "--server", "other", "--plain"]) == 2
+    assert "enrolled as server front-desk" in capsys.readouterr().err
 
 
 def test_wrong_password_is_a_plain_message(stub, cfg_path, monkeypatch, capsys):

@@ -77,3 +77,12 @@ def test_cron_install_keeps_other_entries_and_remove_takes_only_ours(cfg, tmp_pa
 def test_install_without_sources_uses_the_disks_backed_up_before(cfg, tmp_path, capsys):
     assert cli.main(["schedule", "install", "--unit-dir", str(tmp_path / "u")]) == 2
     assert "make a first backup" in capsys.readouterr().err
+
+
+def test_an_enrolled_agent_schedules_its_own_server(cfg, tmp_path, capsys):
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "server": "front-desk"}))
+    units = tmp_path / "units"
+    assert cli.main(["schedule", "install", "/dev/sda", "--unit-dir", str(units)]) == 0
+    assert schedule.load_jobs(tmp_path / "state")[0] == [schedule.Job("/dev/sda", "front-desk", "sda")]
+    assert cli.main(["schedule", "install", "/dev/sda", "--server", "web1", "--unit-dir", str(units)]) == 2
+    assert "enrolled as server front-desk" in capsys.readouterr().err

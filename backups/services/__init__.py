@@ -7,9 +7,28 @@ and notifications (overdue emails).
 """
 
 from .downloads import DownloadGrant, backup_download_grant, chain_of
-from .lifecycle import backup_delete, backup_fail, objects_purge, uploads_clean_up, verifications_requeue
+from .lifecycle import (
+    Deletion,
+    backup_delete,
+    backup_fail,
+    backup_in_use,
+    backup_undelete,
+    backups_purge,
+    lock_period,
+    objects_purge,
+    uploads_clean_up,
+    verifications_requeue,
+)
 from .notifications import overdue_notify
 from .retention import MergeFailed, backup_merge, retention_apply
+from .servers import (
+    EnrollmentGrant,
+    enrollment_key_create,
+    server_credentials_revoke,
+    server_enroll,
+    server_get,
+    server_update,
+)
 from .uploads import UploadGrant, backup_complete, backup_credentials_refresh, backup_start, max_file_size
 from .verification import (
     VerificationDeferred,
@@ -22,7 +41,9 @@ from .verification import (
 )
 
 __all__ = [
+    "Deletion",
     "DownloadGrant",
+    "EnrollmentGrant",
     "MergeFailed",
     "UploadGrant",
     "VerificationDeferred",
@@ -31,18 +52,27 @@ __all__ = [
     "backup_delete",
     "backup_download_grant",
     "backup_fail",
+    "backup_in_use",
     "backup_merge",
     "backup_scrub",
     "backup_start",
+    "backup_undelete",
     "backup_verify",
+    "backups_purge",
     "backups_scrub_pick",
     "chain_mark_broken",
     "chain_of",
+    "enrollment_key_create",
+    "lock_period",
     "max_file_size",
     "object_check",
     "objects_purge",
     "overdue_notify",
     "retention_apply",
+    "server_credentials_revoke",
+    "server_enroll",
+    "server_get",
+    "server_update",
     "uploads_clean_up",
     "verification_deferred",
     "verifications_requeue",

@@ -20,6 +20,7 @@ from reclo_site.errors import Code, ServiceError
 from ..models import AccountLimits, Backup, Server
 from ..naming import InvalidName, backup_key, check_file_name, check_name
 from .lifecycle import UPLOAD_GRACE, backup_fail
+from .verification import storage_class_problem
 
 SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -30,6 +31,11 @@ class UploadGrant:
 
     backup: Backup
     credentials: credentials.TemporaryCredentials
+
+
+def _upload_ttl() -> int:
+    """Seconds upload credentials live (RECLO_UPLOAD_CREDENTIALS_TTL): short, since STS cannot revoke them."""
+    return int(settings.RECLO_UPLOAD_CREDENTIALS_TTL.total_seconds())
 
 
 def max_file_size(user) -> int:
@@ -80,7 +86,7 @@ def _chain_parent(*, user, server: str, disk: str, kind: str, parent_id, virtual
     if parent_id is None:
         raise ServiceError(Code.BAD_CHAIN, "An incremental backup needs parent_id, the restore point it builds on.")
     parent = Backup.objects.select_related("server").filter(user=user, pk=parent_id).first()
-    if parent is None:
+    if parent is None or parent.deleted_at is not None:
         raise ServiceError(Code.BAD_CHAIN, "The parent backup does not exist.")
     if parent.status != Backup.Status.VERIFIED:
         raise ServiceError(Code.BAD_CHAIN, f"The parent backup is {parent.status}, not verified.")
@@ -93,6 +99,7 @@ def _chain_parent(*, user, server: str, disk: str, kind: str, parent_id, virtual
         )
     newest = (
         Backup.objects.filter(server_id=parent.server_id, disk=disk, status=Backup.Status.VERIFIED)
+        .filter(deleted_at__isnull=True)
         .order_by("-date_created", "-pk")
         .values_list("pk", flat=True)
         .first()
@@ -157,7 +164,9 @@ def backup_start(
     key = backup_key(user_id=user.pk, server=server, disk=disk, backup_id=backup_id)
     try:
         grant = credentials.issue(
-            policy=credentials.upload_policy(key), session_name=f"reclo-up-{user.pk}-{backup_id.hex}"
+            policy=credentials.upload_policy(key),
+            session_name=f"reclo-up-{user.pk}-{backup_id.hex}",
+            duration=_upload_ttl(),
         )
     except cloud.CloudError as exc:
         raise ServiceError(
@@ -169,7 +178,11 @@ def backup_start(
         _check_pending(user)
         if parent is not None:
             # The parent may have been deleted or superseded since it was checked.
-            locked = Backup.objects.select_for_update().filter(pk=parent.pk, status=Backup.Status.VERIFIED).first()
+            locked = (
+                Backup.objects.select_for_update()
+                .filter(pk=parent.pk, status=Backup.Status.VERIFIED, deleted_at__isnull=True)
+                .first()
+            )
             if locked is None:
                 raise ServiceError(Code.BAD_CHAIN, "The parent backup is no longer a verified restore point.")
         server_row, _ = Server.objects.get_or_create(user=user, name=server)
@@ -206,6 +219,11 @@ def _expired(backup: Backup) -> bool:
 def backup_credentials_refresh(*, user, upload_id) -> UploadGrant:
     """Fresh credentials for the same key, while the upload is pending (else NO_UPLOAD).
 
+    Refused once the upload is completed: from then on nothing may write
+    the key, and the last credentials handed out expire within
+    RECLO_UPLOAD_CREDENTIALS_TTL (their write-once condition already stops
+    them replacing the stored object).
+
     Idempotent in effect: each call grants another set for the same one key.
     """
     backup = _pending_upload(user, upload_id)
@@ -215,7 +233,9 @@ def backup_credentials_refresh(*, user, upload_id) -> UploadGrant:
         raise ServiceError(Code.NO_UPLOAD, "That upload has expired; start a new one.")
     try:
         grant = credentials.issue(
-            policy=credentials.upload_policy(backup.key), session_name=f"reclo-up-{user.pk}-{backup.pk.hex}"
+            policy=credentials.upload_policy(backup.key),
+            session_name=f"reclo-up-{user.pk}-{backup.pk.hex}",
+            duration=_upload_ttl(),
         )
     except cloud.CloudError as exc:
         raise ServiceError(
@@ -249,10 +269,11 @@ def _declared(at_start, at_complete, what: str):
 def backup_complete(*, user, upload_id, file_size: int | None = None, sha256: str | None = None) -> Backup:
     """Check the uploaded object at once and hand it to the verifier.
 
-    NO_UPLOAD for an unknown, another tenant's or expired upload; OBJECT_MISSING when the
+    NO_UPLOAD for an unknown, another tenant's, expired or meanwhile deleted upload; OBJECT_MISSING when the
     object is not in storage (the upload stays pending: finish it and call
-    again); VERIFICATION_FAILED when its size differs from the declared one (the backup
-    fails and the object is deleted) or the declarations disagree; TOO_LARGE over
+    again); VERIFICATION_FAILED when its size differs from the declared one or it is
+    not in the STANDARD storage class (the backup fails and the object is deleted)
+    or the declarations disagree; TOO_LARGE over
     the account's limit; UPLOAD_COMPLETE_FAILED when storage cannot be asked. Otherwise the
     backup becomes `verifying` and the verification is enqueued after the
     commit. Idempotent: a completed upload is returned as it stands.
@@ -276,6 +297,8 @@ def backup_complete(*, user, upload_id, file_size: int | None = None, sha256: st
     try:
         stored = storage.head_object(backup.key)
     except cloud.ObjectNotFound:
+        if not Backup.objects.filter(pk=backup.pk).exists():
+            raise ServiceError(Code.NO_UPLOAD, "That upload was deleted while it was being completed.") from None
         raise ServiceError(
             Code.OBJECT_MISSING, "The backup is not in storage yet; finish the upload, then complete it."
         ) from None
@@ -285,6 +308,10 @@ def backup_complete(*, user, upload_id, file_size: int | None = None, sha256: st
         ) from exc
     if stored["size"] != size:
         reason = f"The stored object is {stored['size']} bytes; {size} were declared."
+        backup_fail(backup=backup, reason=reason, from_statuses=(Backup.Status.PENDING,))
+        raise ServiceError(Code.VERIFICATION_FAILED, reason)
+    if stored["storage_class"] != storage.STANDARD:
+        reason = storage_class_problem(stored["storage_class"])
         backup_fail(backup=backup, reason=reason, from_statuses=(Backup.Status.PENDING,))
         raise ServiceError(Code.VERIFICATION_FAILED, reason)
 
@@ -302,5 +329,9 @@ def backup_complete(*, user, upload_id, file_size: int | None = None, sha256: st
             # Enqueued only once the row says `verifying`, or the worker
             # could read the row before the commit and do nothing.
             transaction.on_commit(functools.partial(tasks.enqueue, tasks.backup_verify, str(backup.pk)))
-    backup.refresh_from_db()
-    return backup
+    # The owner may have deleted the backup while storage was being asked
+    # (no lock is held across that call, by the house rule).
+    current = Backup.objects.select_related("server").filter(pk=backup.pk).first()
+    if current is None:
+        raise ServiceError(Code.NO_UPLOAD, "That upload was deleted while it was being completed.")
+    return current

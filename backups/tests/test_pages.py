@@ -1,5 +1,6 @@
 """Backup pages through Django's test client: the owner, an outsider, and no one logged in."""
 
+import re
 from datetime import timedelta
 
 import pytest
@@ -8,7 +9,8 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 
-from backups.models import Backup
+from accounts.tokens import hash_token
+from backups.models import Backup, EnrollmentKey, Server
 from reclo_site.cloud import storage
 
 from .factories import BackupFactory, ServerFactory
@@ -154,20 +156,118 @@ class TestDeletePage:
         assert Backup.objects.count() == 3
 
 
+class TestDeletingUnderLock:
+    @pytest.fixture
+    def locked(self, user):
+        """A chain of three whose restore points are locked for another week."""
+        points = hourly(ServerFactory(user=user, name="fileserver"), last_ago=timedelta(minutes=5), count=3)
+        Backup.objects.update(locked_until=timezone.now() + timedelta(days=7))
+        return points
+
+    def test_the_delete_page_says_it_can_be_undone_until_the_lock_ends(self, owner, locked):
+        html = owner.get(f"/backups/{locked[-1].pk}/delete/").content.decode()
+        assert 'data-testid="lock-note"' in html and "you can undo the deletion until then" in html
+        assert "This cannot be undone." not in html
+
+    def test_deleting_schedules_it_and_the_server_page_offers_undo(self, owner, locked):
+        response = owner.post(f"/backups/{locked[0].pk}/delete/", {"dependents": "2"}, follow=True)
+        html = response.content.decode()
+        assert "3 restore point(s) of fileserver / sda are scheduled for removal" in html
+        assert html.count('data-testid="scheduled">scheduled for removal') == 3
+        assert html.count('data-testid="undo"') == 3 and "Delete…" not in html
+        assert Backup.objects.filter(deleted_at__isnull=False).count() == 3  # hidden, not gone
+
+    def test_undo_brings_it_back(self, owner, locked):
+        owner.post(f"/backups/{locked[0].pk}/delete/", {"dependents": "2"})
+        response = owner.post(f"/backups/{locked[-1].pk}/undelete/", follow=True)
+        html = response.content.decode()
+        assert response.redirect_chain[-1][0] == f"/servers/{locked[0].server_id}/"
+        assert "is back" in html
+        # It comes back with the restore points it builds on.
+        assert not Backup.objects.filter(deleted_at__isnull=False).exists()
+
+    def test_undo_after_the_lock_ended_says_why_not(self, owner, locked):
+        owner.post(f"/backups/{locked[-1].pk}/delete/", {"dependents": "0"})
+        Backup.objects.update(locked_until=timezone.now() - timedelta(minutes=1))
+        html = owner.post(f"/backups/{locked[-1].pk}/undelete/", follow=True).content.decode()
+        assert "has ended and it is being removed" in html
+
+    def test_an_outsider_cannot_undo_and_undo_is_a_post(self, owner, other_user, locked):
+        from django.test import Client
+
+        owner.post(f"/backups/{locked[-1].pk}/delete/", {"dependents": "0"})
+        outsider = Client()
+        outsider.force_login(other_user)
+        assert outsider.post(f"/backups/{locked[-1].pk}/undelete/").status_code == 404
+        assert owner.get(f"/backups/{locked[-1].pk}/undelete/").status_code == 405
+        assert Backup.objects.filter(deleted_at__isnull=False).count() == 1
+
+
 class TestAddServer:
-    def test_it_shows_the_exact_agent_commands_for_this_portal(self, owner, user, settings):
+    def test_it_asks_for_a_name_and_keeps_password_login_for_scripts(self, owner, user, settings):
         settings.SITE_URL = "https://reclo.example.com"
-        html = owner.get("/servers/add/").content.decode()
+        response = owner.get("/servers/add/?name=front-desk")
+        html = response.content.decode()
+        assert 'name="name"' in html and 'value="front-desk"' in html
         assert f"reclo-agent login --portal https://reclo.example.com --email {user.email}" in html
-        assert "reclo-agent schedule install --every 1h" in html
-        assert "pip install ./agent" in html
-        assert "reclo-agent backup /dev/sda --server &quot;$(hostname -s)&quot; --disk sda" in html
-        assert "reclo-agent restore BACKUP_ID" in html and "reclo-agent list" in html
+        assert "no-store" in response["Cache-Control"]
+        assert not EnrollmentKey.objects.exists()
 
-    def test_an_odd_email_is_quoted_for_the_shell(self, client, settings):
-        from reclo_site.testing import make_user
+    def test_a_name_shows_the_one_time_key_and_the_commands_once(self, owner, user, settings):
+        settings.SITE_URL = "https://reclo.example.com"
+        response = owner.post("/servers/add/", {"name": "front-desk"})
+        assert response.status_code == 200 and "no-store" in response["Cache-Control"]
+        html = response.content.decode()
+        key = re.search(r'data-testid="key" class="key">([A-Za-z0-9]{32})<', html).group(1)
+        assert EnrollmentKey.objects.get(server__user=user, server__name="front-desk").key_hash == hash_token(key)
+        assert f"curl -fsSL https://reclo.example.com/agent/install.sh | sudo sh -s -- --key {key}" in html
+        assert f"reclo-agent enroll --portal https://reclo.example.com --key {key}" in html
+        assert "reclo-agent backup /dev/sda --disk sda" in html and "--server" not in html.split("Check and")[0]
+        assert "reclo-agent schedule install --every 1h" in html and "pip install ./agent" in html
+        # Shown once: the server page never shows it again.
+        server = Server.objects.get(user=user, name="front-desk")
+        assert key not in owner.get(f"/servers/{server.pk}/").content.decode()
 
-        odd = make_user("odd.person", "o'brien+x@example.com")
-        client.force_login(odd)
-        html = client.get("/servers/add/").content.decode()
-        assert "--email &#x27;o&#x27;&quot;&#x27;&quot;&#x27;brien+x@example.com&#x27;" in html
+    def test_a_bad_name_is_explained(self, owner):
+        html = owner.post("/servers/add/", {"name": "../etc"}).content.decode()
+        assert "letters, digits" in html and 'class="field has-error"' in html
+        assert not Server.objects.exists()
+
+    def test_it_needs_a_login_and_csrf(self, client, user):
+        from django.test import Client
+
+        assert client.post("/servers/add/", {"name": "front-desk"}).status_code == 302
+        strict = Client(enforce_csrf_checks=True)
+        strict.force_login(user)
+        assert strict.post("/servers/add/", {"name": "front-desk"}).status_code == 403
+        assert not Server.objects.exists()
+
+
+class TestRevokeServer:
+    def test_the_owner_confirms_and_every_credential_stops(self, owner, user, api):
+        from backups.services import enrollment_key_create, server_enroll
+
+        key = enrollment_key_create(user=user, server="front-desk").key
+        server, token, raw = server_enroll(key=key, hostname="frontdesk")
+        page = owner.get(f"/servers/{server.pk}/").content.decode()
+        assert f"/servers/{server.pk}/revoke/" in page and "1 enrolled agent" in page
+        confirm = owner.get(f"/servers/{server.pk}/revoke/").content.decode()
+        assert "Revoke front-desk?" in confirm and "1 enrolled agent" in confirm
+        token.refresh_from_db()
+        assert token.revoked_at is None  # looking is not revoking
+        response = owner.post(f"/servers/{server.pk}/revoke/", follow=True)
+        assert response.redirect_chain[-1][0] == f"/servers/{server.pk}/"
+        assert "1 agent credential stopped working" in response.content.decode()
+        token.refresh_from_db()
+        assert token.revoked_at is not None
+        # The owner's own token is not a credential of the server.
+        assert api.get("/api/v1/backups").status_code == 200
+
+    def test_an_outsider_cannot_revoke(self, outsider, user):
+        from backups.services import enrollment_key_create, server_enroll
+
+        server, token, _ = server_enroll(key=enrollment_key_create(user=user, server="front-desk").key)
+        assert outsider.get(f"/servers/{server.pk}/revoke/").status_code == 404
+        assert outsider.post(f"/servers/{server.pk}/revoke/").status_code == 404
+        token.refresh_from_db()
+        assert token.revoked_at is None

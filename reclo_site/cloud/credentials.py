@@ -13,7 +13,7 @@ Two ways to mint them, chosen by settings:
 - unset (the default): ``GetFederationToken`` with the same session policy.
   It needs long-term IAM *user* credentials (not a role's), whose policy
   allows the actions above on that prefix, and lasts up to 36 hours, so the
-  contract's 12 hours hold without any role set-up. moto's server mode
+  12 hours of docs/api.md (Uploading) hold without any role set-up. moto's server mode
   answers it too, so the local stack needs no IAM at all.
 
 Either way the session policy is what narrows the credentials to one object
@@ -38,15 +38,17 @@ MAX_POLICY_LENGTH = 2048
 MIN_DURATION = 15 * 60
 MAX_DURATION = 12 * 60 * 60
 
-# What an agent may do with the one key of its upload (the contract's
-# "Upload rules"). s3:PutObject also authorizes CreateMultipartUpload,
+# What an agent may do with the one key of its upload (docs/api.md,
+# Uploading). s3:PutObject also authorizes CreateMultipartUpload,
 # UploadPart and CompleteMultipartUpload; aborting its own multipart upload
 # is a separate action, still limited to that key. Nothing reads, lists
 # (not even the parts of its own upload: a resumed agent goes by its own
 # journal) or deletes.
 UPLOAD_ACTIONS = ("s3:PutObject", "s3:AbortMultipartUpload")
-# A restore reads whole objects and ranges of them (GetObject covers HEAD).
-DOWNLOAD_ACTIONS = ("s3:GetObject",)
+# A restore reads whole objects and ranges of them (GetObject covers HEAD);
+# reading a named version (the verified one, which the chain pins) is
+# s3:GetObjectVersion.
+DOWNLOAD_ACTIONS = ("s3:GetObject", "s3:GetObjectVersion")
 
 # Characters IAM gives a meaning inside a resource ARN: wildcards and policy
 # variables. Keys come from backups.naming, which never produces them; this
@@ -69,7 +71,7 @@ class TemporaryCredentials:
     policy: str
 
     def as_api(self) -> dict:
-        """The `credentials` object of the API contract (boto3's own names)."""
+        """The `credentials` object of docs/api.md (boto3's own names)."""
         return {
             "AccessKeyId": self.access_key_id,
             "SecretAccessKey": self.secret_access_key,
@@ -115,7 +117,30 @@ def _dump(policy: dict) -> str:
 
 
 def upload_policy(key: str) -> str:
-    """The session policy of an upload: write that one key, nothing else."""
+    """The session policy of an upload: write that one key, once, in STANDARD, nothing else.
+
+    The Allow names the storage class: ``s3:x-amz-storage-class`` is the
+    header a PutObject or CreateMultipartUpload names its class with, and
+    with IfExists a request without it (UploadPart, AbortMultipartUpload, or
+    a PUT taking the bucket's default, STANDARD) passes, while one asking for
+    GLACIER or any other class matches no Allow: an archived restore point
+    cannot be read for a failover.
+
+    The Deny statements make the key write-once: S3 denies a PutObject or
+    CompleteMultipartUpload that does not carry `If-None-Match: *`, and with
+    the header S3 refuses (412) to write over an object that exists. So once
+    the agent's object is stored, these credentials cannot replace it, even
+    in the hour they stay valid. `s3:ObjectCreationOperation` is true only
+    for the requests that create the object: CreateMultipartUpload and
+    UploadPart cannot carry the header and stay allowed (AWS, "Enforce
+    conditional writes on Amazon S3 buckets").
+
+    Real S3 enforces all of this; moto enforces no session policy at all (it
+    does honour If-None-Match when the client sends it), so the tests check
+    this document and the agent's headers separately. The versioned bucket
+    keeps the verified version whatever is written later anyway.
+    """
+    arn = object_arn(key)
     return _dump(
         {
             "Version": "2012-10-17",
@@ -124,7 +149,28 @@ def upload_policy(key: str) -> str:
                     "Sid": "WriteOneBackup",
                     "Effect": "Allow",
                     "Action": list(UPLOAD_ACTIONS),
-                    "Resource": object_arn(key),
+                    "Resource": arn,
+                    "Condition": {"StringEqualsIfExists": {"s3:x-amz-storage-class": "STANDARD"}},
+                },
+                {
+                    "Sid": "WriteItOnce",
+                    "Effect": "Deny",
+                    "Action": "s3:PutObject",
+                    "Resource": arn,
+                    "Condition": {
+                        "Null": {"s3:if-none-match": "true"},
+                        "Bool": {"s3:ObjectCreationOperation": "true"},
+                    },
+                },
+                {
+                    "Sid": "OnlyIfAbsent",
+                    "Effect": "Deny",
+                    "Action": "s3:PutObject",
+                    "Resource": arn,
+                    "Condition": {
+                        "StringNotEquals": {"s3:if-none-match": "*"},
+                        "Bool": {"s3:ObjectCreationOperation": "true"},
+                    },
                 },
             ],
         }
