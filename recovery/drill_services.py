@@ -27,13 +27,13 @@ log = logging.getLogger(__name__)
 def drill_interval(server: Server) -> timedelta | None:
     """How often `server` is drilled; None when it asked for no scheduled drills.
 
-    `Server.drill_every_days` (empty: no schedule) when the model has it,
-    else RECLO_DRILL_EVERY_DAYS.
+    `Server.drill_every_days`: empty means the default (RECLO_DRILL_EVERY_DAYS,
+    7), 0 means never.
     """
-    if hasattr(server, "drill_every_days"):
-        days = server.drill_every_days
-        return timedelta(days=days) if days else None
-    return timedelta(days=settings.RECLO_DRILL_EVERY_DAYS)
+    days = getattr(server, "drill_every_days", None)
+    if days is None:
+        days = settings.RECLO_DRILL_EVERY_DAYS
+    return timedelta(days=days) if days else None
 
 
 def drill_start(*, user, backup_id, probe_port: int | None = None, trigger: str = Drill.Trigger.API) -> Drill:

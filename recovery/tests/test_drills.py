@@ -259,3 +259,11 @@ def test_a_disk_that_cannot_boot_fails_with_the_console_as_reason(user, aws, dis
     assert drill.torn_down and not drill_steps.work_dir(drill.pk).exists()
     assert [m.subject for m in mail.outbox] == [f"ReClo: the drill of broken-{disk} failed"]
     assert drill.error in mail.outbox[0].body
+
+
+def test_a_server_drilled_every_0_days_is_never_scheduled(user, chain):
+    server = chain[0][0].server
+    type(server).objects.filter(pk=server.pk).update(drill_every_days=0)
+    assert drill_services.drills_schedule() == []
+    type(server).objects.filter(pk=server.pk).update(drill_every_days=None)  # empty: the default, 7 days
+    assert len(drill_services.drills_schedule()) == 1
