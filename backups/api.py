@@ -32,6 +32,12 @@ MAX_PAGE_SIZE = 200
 # --- output ----------------------------------------------------------------------
 
 
+class BootableOutput(serializers.Serializer):
+    verified = serializers.BooleanField()
+    drill_id = serializers.UUIDField()
+    at = serializers.DateTimeField(help_text="When the drill that booted it finished.")
+
+
 class BackupOutput(serializers.Serializer):
     backup_id = serializers.UUIDField(source="id")
     server = serializers.CharField(source="server.name")
@@ -52,6 +58,20 @@ class BackupOutput(serializers.Serializer):
     date_created = serializers.DateTimeField()
     completed_at = serializers.DateTimeField(allow_null=True)
     verified_at = serializers.DateTimeField(allow_null=True)
+    bootable = serializers.SerializerMethodField(
+        help_text="Set when the restore point's newest drill passed: it was booted and answered."
+    )
+
+    @extend_schema_field(BootableOutput(allow_null=True))
+    def get_bootable(self, backup) -> dict | None:
+        """`{"verified": true, "drill_id", "at"}` from the newest drill of this restore point, if it passed."""
+        from recovery import selectors as drills  # recovery builds on backups, not the other way round
+
+        newest = self.context.get("drills")
+        if newest is None:
+            newest = drills.newest_drills_by_backup([backup.pk])
+        found = drills.bootable(newest.get(backup.pk))
+        return found and {**found, "at": _DATETIME.to_representation(found["at"])}
 
     @extend_schema_field(serializers.CharField(allow_null=True))
     def get_sha256(self, backup) -> str | None:
@@ -84,6 +104,7 @@ class BackupOutput(serializers.Serializer):
             "date_created": when(backup.date_created),
             "completed_at": when(backup.completed_at),
             "verified_at": when(backup.verified_at),
+            "bootable": self.get_bootable(backup),
         }
 
 
@@ -278,9 +299,15 @@ class BackupListApi(APIView):
                 "count": count,
                 "next": _page_url(request, page + 1) if start + size < count else None,
                 "previous": _page_url(request, page - 1) if page > 1 and count else None,
-                "backups": BackupOutput(backups, many=True).data,
+                "backups": BackupOutput(backups, many=True, context={"drills": _newest_drills(backups)}).data,
             }
         )
+
+
+def _newest_drills(backups) -> dict:
+    from recovery.selectors import newest_drills_by_backup
+
+    return newest_drills_by_backup([b.pk for b in backups])
 
 
 def _positive(raw: str, name: str, fields: dict) -> int:

@@ -14,6 +14,7 @@ from django.views.decorators.http import require_POST
 from accounts import twofactor
 from reclo_site.errors import Code, ServiceError
 from reclo_site.http import client_address
+from recovery import selectors as drill_selectors
 
 from . import selectors, services
 from .forms import AddServerForm, BackupDeleteForm
@@ -23,6 +24,9 @@ from .models import Server
 @login_required
 def dashboard(request):
     servers = selectors.server_overview(user=request.user)
+    standing = drill_selectors.drill_standing(servers=[row.server for row in servers])
+    for row in servers:
+        row.drills = standing[row.server.pk]
     return render(request, "backups/dashboard.html", {"servers": servers})
 
 
@@ -37,6 +41,11 @@ def server_detail(request, server_id: int):
     crash_disks = [
         t.state.disk for t in timelines if t.chains and t.chains[0] and t.chains[0][-1].consistency == "crash"
     ]
+    drills = drill_selectors.drill_standing(servers=[overview.server])[overview.server.pk]
+    for timeline in timelines:
+        for chain in timeline.chains:
+            for backup in chain:
+                backup.newest_drill = drills.by_backup.get(backup.pk)
     context = {
         "overview": overview,
         "server": overview.server,
@@ -44,6 +53,7 @@ def server_detail(request, server_id: int):
         "agents": agents,
         "crash_disks": crash_disks,
         "preflight": overview.server.preflight,
+        "drills": drills,
     }
     return render(request, "backups/server.html", context)
 

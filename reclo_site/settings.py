@@ -462,6 +462,20 @@ RECLO_RECOVERY_STALE_AFTER = timedelta(seconds=env.int("RECLO_RECOVERY_STALE_SEC
 # Stopped recovery instances are terminated after this long (the original's FreeInstances).
 RECLO_STOPPED_INSTANCE_LIFETIME = timedelta(days=env.int("RECLO_STOPPED_INSTANCE_DAYS", default=14))
 
+# Drills (test failovers). `local` boots the restore point in QEMU on the
+# worker; `aws` (an isolated subnet) is not built yet and answers code 411.
+RECLO_DRILL_SANDBOX = env("RECLO_DRILL_SANDBOX", default="local")
+# Power-on to "server answers" may take this long before the drill fails.
+RECLO_DRILL_TIME_LIMIT = env.float("RECLO_DRILL_TIME_LIMIT", default=600.0)
+# Each drill's disk and evidence while it runs (removed by its teardown).
+RECLO_DRILL_DIR = Path(env("RECLO_DRILL_DIR", default=str(BASE_DIR / "var" / "drills")))
+# A drill step whose worker stopped reporting for this long is taken over.
+RECLO_DRILL_STALE_AFTER = timedelta(seconds=env.int("RECLO_DRILL_STALE_SECONDS", default=120))
+# Servers without their own interval are drilled this often.
+RECLO_DRILL_EVERY_DAYS = env.int("RECLO_DRILL_EVERY_DAYS", default=7)
+# Scheduled drills started per beat run, at most (the rest wait for the next).
+RECLO_DRILL_SCHEDULE_BATCH = env.int("RECLO_DRILL_SCHEDULE_BATCH", default=20)
+
 CELERY_BEAT_SCHEDULE |= {
     # Re-enqueue failover steps whose worker died or whose message was lost.
     "recovery-reconcile-failover-steps": {"task": "recovery.tasks.reconcile_recoveries", "schedule": 60.0},
@@ -469,4 +483,8 @@ CELERY_BEAT_SCHEDULE |= {
     "recovery-sync-instances": {"task": "recovery.tasks.sync_instances", "schedule": crontab(minute="*/5")},
     # Terminate ReClo's recovery instances stopped for more than 14 days.
     "recovery-free-instances": {"task": "recovery.tasks.free_instances", "schedule": crontab(minute=47)},
+    # Re-enqueue drill steps whose worker died (the drill then ends and is torn down).
+    "recovery-reconcile-drills": {"task": "recovery.tasks.reconcile_drills", "schedule": 60.0},
+    # Start the drills that servers' drill intervals make due.
+    "recovery-schedule-drills": {"task": "recovery.tasks.schedule_drills", "schedule": crontab(minute="*/15")},
 }

@@ -11,3 +11,11 @@ urlpatterns = [
     path("instances/<str:instance_id>/stop", api.InstanceStopApi.as_view(), name="instance-stop"),
     path("instances/<str:instance_id>/vpn", api.InstanceVpnApi.as_view(), name="instance-vpn"),
 ]
+
+from . import drill_api  # noqa: E402 - drills after the failover routes
+
+urlpatterns += [
+    path("drills", drill_api.DrillsApi.as_view(), name="drills"),
+    path("drills/<str:drill_id>", drill_api.DrillDetailApi.as_view(), name="drill-detail"),
+    path("drills/<str:drill_id>/report", drill_api.DrillReportApi.as_view(), name="drill-report"),
+]

@@ -8,6 +8,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from .drills import DRILL
 from .failover import FAILOVER, FAILOVER_STEPS
 
 
@@ -225,3 +226,117 @@ class Instance(models.Model):
         if self.state != self.State.RUNNING or self.running_since is None:
             return None
         return timezone.now() - self.running_since
+
+
+class Drill(models.Model):
+    """One drill: a restore point booted in an isolated sandbox, checked, and torn down.
+
+    Persisted and advanced by the engine like a failover (`recovery.drills.DRILL`).
+    `checks` are the verdict's checks (`[{name, passed, detail}]`);
+    `rto_seconds` is from the click (`created`) to "server answers";
+    `resources` lists what the sandbox made and when each was removed;
+    `torn_down` is set once the teardown ran.
+    """
+
+    Status = models.TextChoices("Status", DRILL.status_choices(), module=__name__, qualname="Drill.Status")
+
+    class Sandbox(models.TextChoices):
+        LOCAL = "local", "Local (QEMU on the worker)"
+        AWS = "aws", "AWS (an isolated subnet)"
+
+    class Trigger(models.TextChoices):
+        API = "api", "API"
+        PORTAL = "portal", "Test failover button"
+        SCHEDULE = "schedule", "Schedule"
+
+    ACTIVE = DRILL.active
+    FINISHED = DRILL.finished
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="drills")
+    server = models.ForeignKey(
+        "backups.Server", on_delete=models.SET_NULL, null=True, blank=True, related_name="drills"
+    )
+    server_name = models.CharField(max_length=63)
+    backup = models.ForeignKey(
+        "backups.Backup", on_delete=models.SET_NULL, null=True, blank=True, related_name="drills"
+    )
+    backup_ref = models.UUIDField(help_text="The restore point drilled (its backup id).")
+    backup_created = models.DateTimeField(help_text="When the restore point was taken (its age at the drill).")
+    sandbox = models.CharField(max_length=8, choices=Sandbox.choices, default=Sandbox.LOCAL)
+    trigger = models.CharField(max_length=8, choices=Trigger.choices, default=Trigger.API)
+    probe_port = models.PositiveIntegerField(null=True, blank=True)
+
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    error_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    checks = models.JSONField(default=list, blank=True)
+    rto_seconds = models.FloatField(null=True, blank=True)
+    console_excerpt = models.TextField(blank=True)
+    screenshot_key = models.CharField(max_length=512, blank=True)
+    report_key = models.CharField(max_length=512, blank=True)
+    resources = models.JSONField(default=list, blank=True)
+    torn_down = models.DateTimeField(null=True, blank=True)
+
+    lease_token = models.UUIDField(null=True, blank=True)
+    lease_until = models.DateTimeField(null=True, blank=True)
+    due_at = models.DateTimeField(null=True, blank=True)
+
+    created = models.DateTimeField(default=timezone.now, db_index=True)
+    updated = models.DateTimeField(default=timezone.now)
+    finished = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created"]
+        constraints = [
+            # One drill at a time per server (code DRILL_RUNNING); the database
+            # decides a race between two clicks.
+            models.UniqueConstraint(
+                fields=["server"], condition=Q(status__in=list(DRILL.active)), name="drill_one_active_per_server"
+            ),
+        ]
+        indexes = [models.Index(fields=["status", "due_at"])]
+
+    def __str__(self):
+        return f"drill of {self.server_name} ({self.status})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in self.ACTIVE
+
+    @property
+    def passed(self) -> bool:
+        return self.status == self.Status.PASSED
+
+    @property
+    def restore_point_age(self) -> timedelta:
+        """How old the restore point was when the drill started."""
+        return self.created - self.backup_created
+
+
+class DrillStep(models.Model):
+    """One step of a drill (the fields the engine needs; see `recovery.pipeline.Pipeline`)."""
+
+    Status = RecoveryStep.Status
+
+    drill = models.ForeignKey(Drill, on_delete=models.CASCADE, related_name="steps")
+    name = models.CharField(max_length=20)
+    position = models.PositiveSmallIntegerField()
+    status = models.CharField(max_length=10, choices=RecoveryStep.Status.choices, default="pending")
+    started = models.DateTimeField(null=True, blank=True)
+    finished = models.DateTimeField(null=True, blank=True)
+    deadline = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    retries = models.PositiveIntegerField(default=0)
+    waited = models.FloatField(default=0)
+    outputs = models.JSONField(default=dict, blank=True)
+    detail = models.CharField(max_length=200, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["position"]
+        constraints = [models.UniqueConstraint(fields=["drill", "name"], name="drill_step_unique")]
+
+    def __str__(self):
+        return f"{self.name} ({self.status})"

@@ -1,7 +1,8 @@
 """Tenant-scoped reads for failovers and instances. Another tenant's ids find nothing."""
 
 import uuid
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from django.db.models import Q
 from django.utils import timezone
@@ -9,7 +10,7 @@ from django.utils import timezone
 from backups.models import Backup, Server
 
 from . import vpn
-from .models import Instance, Recovery, VpnGateway
+from .models import Drill, Instance, Recovery, VpnGateway
 
 # A chain longer than this is a bug or an attack, not a backup history.
 MAX_CHAIN = 1000
@@ -81,6 +82,11 @@ def restorable_backup(*, user, backup_id) -> Backup | None:
     )
 
 
+def newest_verified_backup(*, server: Server) -> Backup | None:
+    """The server's newest verified restore point (what a drill tests by default)."""
+    return Backup.objects.filter(server=server, status=Backup.Status.VERIFIED).order_by("-date_created").first()
+
+
 def backup_chain(backup: Backup) -> list[Backup]:
     """The restore point and its ancestors, base first; ChainError if any link is unusable."""
     chain = [backup]
@@ -117,4 +123,88 @@ def vpn_client_config(*, instance: Instance) -> str | None:
         endpoint=gateway.public_ip,
         server_private_ip=instance.private_ip,
         server_name=recovery.server_name,
+    )
+
+
+# --- Drills -----------------------------------------------------------------------------------
+
+
+def drill_list(*, user, server: str | None = None):
+    """The user's drills, newest first; only those of the server named `server` if given."""
+    qs = Drill.objects.filter(user=user).prefetch_related("steps")
+    if server:
+        qs = qs.filter(server_name=server)
+    return qs.order_by("-created")
+
+
+def drill_get(*, user, drill_id) -> Drill | None:
+    """The user's drill of that id, or None (unknown, malformed, another tenant's)."""
+    pk = _as_uuid(drill_id)
+    if pk is None:
+        return None
+    return Drill.objects.filter(user=user, pk=pk).prefetch_related("steps").first()
+
+
+def newest_drills_by_backup(backup_ids) -> dict:
+    """The newest finished drill of each of these restore points: {backup id: Drill}."""
+    newest: dict = {}
+    rows = Drill.objects.filter(backup_ref__in=list(backup_ids), status__in=Drill.FINISHED).order_by("-created")
+    for drill in rows.only("pk", "backup_ref", "status", "finished", "error", "created"):
+        newest.setdefault(drill.backup_ref, drill)
+    return newest
+
+
+def bootable(drill: Drill | None) -> dict | None:
+    """The backup object's `bootable`: verified by its newest drill, or null."""
+    if drill is None or drill.status != Drill.Status.PASSED:
+        return None
+    return {"verified": True, "drill_id": str(drill.pk), "at": drill.finished}
+
+
+@dataclass
+class DrillStanding:
+    """A server's drills as its pages show them: the last one, the last passing one, whether one is overdue."""
+
+    last: Drill | None
+    last_passed: Drill | None
+    interval: timedelta | None
+    by_backup: dict
+    since: datetime | None = None  # when the server was added: a new one is not overdue yet
+
+    @property
+    def overdue(self) -> bool:
+        """No passing drill in twice the server's interval (the dashboard warns)."""
+        if self.interval is None:
+            return False
+        since = self.last_passed.finished if self.last_passed else self.since
+        return since is None or since < timezone.now() - 2 * self.interval
+
+
+def drill_standing(*, servers) -> dict:
+    """{server id: DrillStanding} for these servers (three queries whatever their number)."""
+    from .drill_services import drill_interval
+
+    servers = list(servers)
+    ids = [s.pk for s in servers]
+    last = {}
+    for drill in Drill.objects.filter(server_id__in=ids).order_by("-created"):
+        last.setdefault(drill.server_id, drill)
+    passed = {}
+    for drill in Drill.objects.filter(server_id__in=ids, status=Drill.Status.PASSED).order_by("-finished"):
+        passed.setdefault(drill.server_id, drill)
+    by_backup: dict = {}
+    for drill in Drill.objects.filter(server_id__in=ids, status__in=Drill.FINISHED).order_by("-created"):
+        by_backup.setdefault(drill.server_id, {}).setdefault(drill.backup_ref, drill)
+    return {
+        s.pk: DrillStanding(last.get(s.pk), passed.get(s.pk), drill_interval(s), by_backup.get(s.pk, {}), s.created)
+        for s in servers
+    }
+
+
+def drills_between(*, user, start, end):
+    """The user's finished drills in [start, end), oldest first: the contingency test report."""
+    return (
+        Drill.objects.filter(user=user, status__in=Drill.FINISHED, created__gte=start, created__lt=end)
+        .prefetch_related("steps")
+        .order_by("created")
     )

@@ -18,7 +18,7 @@ from reclo_site import cloud
 from reclo_site.cloud import compute, imaging, storage
 from reclo_site.errors import Code, ServiceError
 
-from . import engine, networks, selectors, sizes
+from . import drill_services, engine, networks, selectors, sizes
 from .failover import FAILOVER
 from .models import Instance, Recovery, RecoveryNetwork, RecoveryStep
 from .steps import merged_key
@@ -73,6 +73,10 @@ def recovery_start(*, user, backup_id, instance_type: str | None = None, import_
     now = timezone.now()
     try:
         with transaction.atomic():
+            # A drill never blocks a real failover: it ends now, torn down after commit.
+            drill_services.drill_cancel_for_server(
+                server=server, reason=f"Cancelled: a failover of {server.name} started."
+            )
             recovery = Recovery.objects.create(
                 user=user,
                 server=server,

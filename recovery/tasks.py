@@ -10,7 +10,8 @@ from celery import shared_task
 
 from reclo_site.cloud import CloudUnavailable
 
-from . import engine, services
+from . import drill_services, engine, services
+from .drills import DRILL
 from .failover import FAILOVER
 
 # A step may stream a large disk; it renews its lease while it works, so a
@@ -53,3 +54,28 @@ def sync_instances() -> int:
 @shared_task
 def free_instances() -> list[str]:
     return services.instances_free()
+
+
+# --- Drills ---------------------------------------------------------------------------------
+
+# A drill's boot is bounded by RECLO_DRILL_TIME_LIMIT; these only stop a hung call.
+DRILL_SOFT_LIMIT = 2 * 60 * 60 - 60
+DRILL_HARD_LIMIT = 2 * 60 * 60
+
+
+@shared_task(soft_time_limit=DRILL_SOFT_LIMIT, time_limit=DRILL_HARD_LIMIT)
+def drill_run_step(drill_id: str, step: str) -> str:
+    """One go of one drill step: claim, work, record, enqueue the next (the teardown after the last)."""
+    return engine.run_step(drill_id, step, pipeline=DRILL)
+
+
+@shared_task
+def reconcile_drills() -> int:
+    """Re-enqueue drill steps whose worker died or whose message was lost."""
+    return engine.reconcile(pipeline=DRILL)
+
+
+@shared_task
+def schedule_drills() -> list[str]:
+    """Start the drills that servers' intervals make due (a bounded batch per run)."""
+    return drill_services.drills_schedule()

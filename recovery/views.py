@@ -1,6 +1,7 @@
 """Recovery pages: fail over, follow a failover, the instances, their VPN config."""
 
 import io
+from datetime import UTC, date, datetime, time, timedelta
 
 import qrcode
 import qrcode.image.svg
@@ -15,11 +16,13 @@ from django.views.decorators.http import require_GET, require_http_methods
 from accounts import twofactor
 from reclo_site.errors import ServiceError
 
-from . import selectors, services, sizes
+from . import drill_report, drill_services, selectors, services, sizes
 from .api import vpn_file_name
+from .drill_api import report_response
+from .drills import DRILL_STEPS
 from .failover import FAILOVER_STEPS
 from .forms import FailoverForm
-from .models import Instance, Recovery
+from .models import Drill, Instance, Recovery
 
 ACTIONS = {
     "start": {
@@ -232,3 +235,112 @@ def vpn_qr(request, instance_id):
     response = HttpResponse(out.getvalue(), content_type="image/svg+xml")
     response["Cache-Control"] = "no-store"
     return response
+
+
+# --- Drills ---------------------------------------------------------------------------------
+
+
+def _drill_or_404(request, drill_id) -> Drill:
+    drill = selectors.drill_get(user=request.user, drill_id=drill_id)
+    if drill is None:
+        raise Http404("No such drill.")
+    return drill
+
+
+@login_required
+@require_http_methods(["POST"])
+def drill_start(request, server_id: int):
+    """The server page's "Test failover": a drill of its newest verified restore point."""
+    server = selectors.server_get(user=request.user, server_id=server_id)
+    if server is None:
+        raise Http404("No such server.")
+    newest = selectors.newest_verified_backup(server=server)
+    if newest is None:
+        messages.error(request, f"{server.name} has no verified restore point to test yet.")
+        return redirect("backups:server-detail", server_id=server.pk)
+    try:
+        drill = drill_services.drill_start(user=request.user, backup_id=newest.pk, trigger=Drill.Trigger.PORTAL)
+    except ServiceError as exc:
+        messages.error(request, exc.message)
+        return redirect("backups:server-detail", server_id=server.pk)
+    messages.success(request, f"Test failover of {server.name} started: it boots in an isolated sandbox.")
+    return redirect("recovery:drill", drill_id=drill.pk)
+
+
+@login_required
+@require_GET
+def drill_detail(request, drill_id):
+    drill = _drill_or_404(request, drill_id)
+    zone = drill_report.owner_zone(drill)
+    steps = [
+        {
+            "title": DRILL_STEPS.title(step.name),
+            "status": step.status,
+            "started": step.started,
+            "finished": step.finished,
+            "started_local": step.started.astimezone(zone) if step.started else None,
+            "finished_local": step.finished.astimezone(zone) if step.finished else None,
+            "detail": step.error or step.detail,
+        }
+        for step in drill.steps.all()
+    ]
+    return render(request, "recovery/drill.html", {"drill": drill, "steps": steps, "zone": zone})
+
+
+@login_required
+@require_GET
+def drill_screenshot(request, drill_id):
+    drill = _drill_or_404(request, drill_id)
+    png = drill_report.screenshot_bytes(drill)
+    if png is None:
+        raise Http404("This drill has no screenshot.")
+    response = HttpResponse(png, content_type="image/png")
+    response["Cache-Control"] = "private, max-age=3600"
+    return response
+
+
+@login_required
+@require_GET
+def drill_report_pdf(request, drill_id):
+    return report_response(_drill_or_404(request, drill_id))
+
+
+@login_required
+@require_GET
+def contingency_report(request):
+    """Every finished drill over a date range (default: the last 90 days), as a page or (?format=pdf) a PDF."""
+    today = timezone.now().date()
+    start = _date(request.GET.get("from"), today - timedelta(days=90))
+    end = _date(request.GET.get("to"), today)
+    error = ""
+    if start is None or end is None or start > end:
+        error = "Give the dates as YYYY-MM-DD, the first not after the last."
+        start, end = today - timedelta(days=90), today
+    since = datetime.combine(start, time.min, tzinfo=UTC)
+    until = datetime.combine(end + timedelta(days=1), time.min, tzinfo=UTC)
+    rows = drill_report.contingency_rows(selectors.drills_between(user=request.user, start=since, end=until))
+    if request.GET.get("format") == "pdf" and not error:
+        pdf = drill_report.render_contingency_pdf(user=request.user, start=since, end=until, rows=rows)
+        response = HttpResponse(pdf, content_type="application/pdf")
+        response["Content-Disposition"] = f'attachment; filename="reclo-contingency-tests-{start}-{end}.pdf"'
+        return response
+    return render(
+        request,
+        "recovery/contingency.html",
+        {
+            "rows": rows,
+            "start": start,
+            "end": end,
+            "error": error,
+            "passed": sum(r["result"] == "passed" for r in rows),
+        },
+    )
+
+
+def _date(raw: str | None, default):
+    if not raw:
+        return default
+    try:
+        return date.fromisoformat(raw)
+    except ValueError:
+        return None

@@ -5,18 +5,22 @@ whose parameters the walker cannot fill fails the test, so every endpoint
 added later is covered too.
 """
 
+import io
 import json
 
 import pytest
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
+from django.utils import timezone
+from PIL import Image as PILImage
 from rest_framework.test import APIClient
 
 from accounts.models import ApiToken, AuditEvent
 from backups.models import Backup, Server
 from backups.tests.factories import BackupFactory
 from reclo_site import testing
+from reclo_site.cloud import storage
 from recovery import services as recovery_services
-from recovery.models import Instance, Recovery, VpnGateway
+from recovery.models import Drill, Instance, Recovery, VpnGateway
 from recovery.tests.factories import MiB, ServerFactory, backup_chain, drive_recovery
 
 pytestmark = pytest.mark.django_db
@@ -58,6 +62,7 @@ def owner_data(aws, user, token):
     recovery = drive_recovery(recovery_services.recovery_start(user=user, backup_id=backups[-1].pk).pk)
     instance = Instance.objects.get(recovery=recovery)
     pending = BackupFactory(server=server, disk="sdb", status=Backup.Status.PENDING, verified_at=None, file_size=None)
+    drill = finished_drill(backups[-1])
     return {
         "server_id": server.pk,
         "server": server.name,
@@ -66,7 +71,22 @@ def owner_data(aws, user, token):
         "recovery_id": instance.recovery_id,
         "instance_id": instance.instance_id,
         "token_id": ApiToken.objects.get(user=user).pk,
+        "drill_id": drill.pk,
     }
+
+
+def finished_drill(backup) -> Drill:
+    """A passed drill of `backup` with a stored screenshot (every drill route has something to show)."""
+    now = timezone.now()
+    drill = Drill.objects.create(
+        user=backup.user, server=backup.server, server_name=backup.server.name, backup=backup,
+        backup_ref=backup.pk, backup_created=backup.date_created, status="passed", finished=now, torn_down=now,
+        screenshot_key=f"drills/{backup.user_id}/{backup.pk}/screenshot.png",
+    )  # fmt: skip
+    out = io.BytesIO()
+    PILImage.new("RGB", (4, 3)).save(out, "PNG")
+    storage.put_object(drill.screenshot_key, out.getvalue())
+    return drill
 
 
 def snapshot(user) -> str:
@@ -76,6 +96,7 @@ def snapshot(user) -> str:
         "backups": list(Backup.objects.filter(user=user).order_by("pk").values()),
         "recoveries": list(Recovery.objects.filter(user=user).order_by("pk").values()),
         "instances": list(Instance.objects.filter(user=user).order_by("pk").values()),
+        "drills": list(Drill.objects.filter(user=user).order_by("pk").values()),
         "gateways": list(VpnGateway.objects.filter(network__user=user).order_by("pk").values()),
         "tokens": list(ApiToken.objects.filter(user=user).order_by("pk").values("pk", "revoked_at", "expires")),
         "audit": AuditEvent.objects.filter(user=user).count(),

@@ -71,6 +71,7 @@ class TestList:
             "date_created": backup.date_created.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "completed_at": None,
             "verified_at": backup.verified_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "bootable": None,  # no drill booted it yet (recovery/tests/test_drills.py sets it)
         }
 
     def test_an_empty_account_gets_an_empty_list(self, api):
