@@ -17,7 +17,7 @@ Also the vmimport role itself, which VM Import requires by that name.
 import base64
 import hashlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -85,6 +85,53 @@ def snapshot_state(snapshot_id: str) -> tuple[str, str]:
 
 def _checksum(data: bytes) -> str:
     return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
+def put_snapshot_block(snapshot_id: str, index: int, data: bytes) -> None:
+    """Write one 512 KiB block into a pending snapshot. Thread-safe; rewriting a block is harmless."""
+    if len(data) != EBS_BLOCK_SIZE:
+        raise ValueError(f"EBS block {index} is {len(data)} bytes, not {EBS_BLOCK_SIZE}")
+    try:
+        client("ebs").put_snapshot_block(
+            SnapshotId=snapshot_id,
+            BlockIndex=index,
+            BlockData=data,
+            DataLength=len(data),
+            Checksum=_checksum(data),
+            ChecksumAlgorithm="SHA256",
+        )
+    except (ClientError, BotoCoreError) as exc:
+        raise translate(exc, f"write block {index} of {snapshot_id}") from exc
+
+
+def snapshot_blocks(snapshot_id: str) -> Iterator[tuple[int, bytes]]:
+    """`(block index, 512 KiB)` of every block written into a completed snapshot, in index order.
+
+    ListSnapshotBlocks pages through the indices and their block tokens;
+    GetSnapshotBlock reads each one. Blocks not listed read as zeros.
+    """
+    ebs = client("ebs")
+    token = None
+    while True:
+        kwargs = {"SnapshotId": snapshot_id, "MaxResults": 10000}
+        if token:
+            kwargs["NextToken"] = token
+        try:
+            page = ebs.list_snapshot_blocks(**kwargs)
+        except (ClientError, BotoCoreError) as exc:
+            raise translate(exc, f"list blocks of {snapshot_id}") from exc
+        for block in page.get("Blocks", []):
+            try:
+                resp = ebs.get_snapshot_block(
+                    SnapshotId=snapshot_id, BlockIndex=block["BlockIndex"], BlockToken=block["BlockToken"]
+                )
+                data = resp["BlockData"].read()
+            except (ClientError, BotoCoreError) as exc:
+                raise translate(exc, f"read block {block['BlockIndex']} of {snapshot_id}") from exc
+            yield block["BlockIndex"], data
+        token = page.get("NextToken")
+        if not token:
+            return
 
 
 def put_snapshot_blocks(

@@ -1,6 +1,7 @@
 """Each failover step against moto: what it makes, when it skips, how it fails, how it resumes."""
 
 import io
+import time
 from unittest import mock
 
 import pytest
@@ -9,6 +10,7 @@ from moto.ebs.models import ebs_backends
 from reclo_agent.vhd import ChainReader, VHDReader
 
 from backups.models import Backup
+from reclo_site import cloud
 from reclo_site.cloud import CloudPermanentError, compute, imaging, network, storage
 from reclo_site.cloud.compute import InstanceInfo
 from recovery import engine, services, steps
@@ -27,6 +29,12 @@ def recovery(chain, user):
     return services.recovery_start(user=user, backup_id=chain[0][-1].pk)
 
 
+@pytest.fixture
+def merged(chain, user):
+    """A failover by VM Import, the one path that still needs the merged disk in storage."""
+    return services.recovery_start(user=user, backup_id=chain[0][-1].pk, import_method="vm_import")
+
+
 def outputs(recovery, step):
     return RecoveryStep.objects.get(recovery=recovery, name=step).outputs
 
@@ -34,7 +42,8 @@ def outputs(recovery, step):
 # --- consolidating ------------------------------------------------------------------------------
 
 
-def test_consolidating_merges_the_chain_into_one_dynamic_vhd_in_storage(recovery, chain, drive):
+def test_consolidating_merges_the_chain_into_one_dynamic_vhd_in_storage(merged, chain, drive):
+    recovery = merged
     _backups, top = chain
     drive(recovery.pk, until="importing")
     out = outputs(recovery, "consolidating")
@@ -47,10 +56,11 @@ def test_consolidating_merges_the_chain_into_one_dynamic_vhd_in_storage(recovery
     assert storage.head_object(out["image_key"])["size"] == out["image_size"]
 
 
-def test_consolidating_is_skipped_when_the_merged_disk_exists(recovery, chain, user, drive):
+def test_consolidating_is_skipped_when_the_merged_disk_exists(merged, chain, user, drive):
+    recovery = merged
     drive(recovery.pk, until="importing")
     Recovery.objects.filter(pk=recovery.pk).update(status="failed")
-    again = services.recovery_start(user=user, backup_id=chain[0][-1].pk)
+    again = services.recovery_start(user=user, backup_id=chain[0][-1].pk, import_method="vm_import")
     with mock.patch.object(steps, "merge_chain", side_effect=AssertionError("merged again")):
         drive(again.pk, until="importing")
     step = again.steps.get(name="consolidating")
@@ -60,9 +70,11 @@ def test_consolidating_is_skipped_when_the_merged_disk_exists(recovery, chain, u
 
 def test_consolidating_an_earlier_restore_point_stops_at_it(chain, user, drive):
     backups, _ = chain
-    recovery = services.recovery_start(user=user, backup_id=backups[0].pk)
-    drive(recovery.pk, until="importing")
-    assert outputs(recovery, "consolidating")["layers"] == 1
+    for method in ("vm_import", "ebs_direct"):
+        recovery = services.recovery_start(user=user, backup_id=backups[0].pk, import_method=method)
+        drive(recovery.pk, until="importing")
+        assert outputs(recovery, "consolidating")["layers"] == 1
+        Recovery.objects.filter(pk=recovery.pk).update(status="failed")
 
 
 def test_consolidating_fails_with_401_when_a_layer_is_missing_from_storage(recovery, chain, drive):
@@ -86,7 +98,8 @@ def test_consolidating_fails_with_401_when_a_parent_is_no_longer_verified(recove
     assert "not verified" in recovery.error
 
 
-def test_consolidating_aborts_the_upload_a_dead_worker_left(recovery, drive):
+def test_consolidating_aborts_the_upload_a_dead_worker_left(merged, drive):
+    recovery = merged
     key = steps.merged_key(recovery)
     writer = storage.ObjectWriter(key)
     writer.write(b"x" * 100)  # a worker died after starting the upload
@@ -128,24 +141,74 @@ def test_ebs_direct_writes_the_disks_non_zero_blocks_and_registers_an_image(reco
     assert params["RootDeviceName"] == params["BlockDeviceMappings"][0]["DeviceName"]
 
 
-def test_ebs_direct_resumes_from_its_checkpoint(recovery, drive, monkeypatch):
+def test_ebs_direct_merges_the_chain_straight_into_the_snapshot_with_no_copy(recovery, chain, drive, monkeypatch):
+    _backups, top = chain
+    in_flight, peak = [0], [0]
+    real = imaging.put_snapshot_block
+
+    def counting(*args):
+        in_flight[0] += 1
+        peak[0] = max(peak[0], in_flight[0])
+        try:
+            time.sleep(0.01)  # long enough for the other writers to start theirs
+            return real(*args)
+        finally:
+            in_flight[0] -= 1
+
+    monkeypatch.setattr(imaging, "put_snapshot_block", counting)
+    drive(recovery.pk, until="launching")
+    out = outputs(recovery, "importing")
+    assert outputs(recovery, "consolidating") == {"direct": True, "layers": 3}
+    # Read back through EBS direct's own read API (ListSnapshotBlocks, GetSnapshotBlock; moto implements both).
+    disk = bytearray(len(top))
+    size = imaging.EBS_BLOCK_SIZE
+    indices = []
+    for index, data in imaging.snapshot_blocks(out["snapshot_id"]):
+        indices.append(index)
+        assert any(data), f"block {index} is all zeros: it should not have been written"
+        disk[index * size : (index + 1) * size] = data
+    assert bytes(disk) == top
+    assert len(indices) == out["changed_blocks"]
+    assert peak[0] > 1  # several PutSnapshotBlock in flight
+    with pytest.raises(cloud.ObjectNotFound):  # no merged object in S3, nor parts of one
+        storage.head_object(steps.merged_key(recovery))
+    assert storage.multipart_uploads(prefix=steps.IMAGES_PREFIX) == []
+
+
+def test_ebs_direct_resumes_from_its_checkpoint(recovery, chain, drive, monkeypatch):
+    _backups, top = chain
     monkeypatch.setattr(steps, "CHECKPOINT_BLOCKS", 1)
-    real = imaging.put_snapshot_blocks
-    calls = []
+    per = 2 * MiB // imaging.EBS_BLOCK_SIZE
+    allocated = sorted({i // per for i in range(len(top) // imaging.EBS_BLOCK_SIZE) if any(_ebs(top, i))})
+    assert len(allocated) >= 3
+    victim = allocated[2]
+    real = imaging.put_snapshot_block
+    written, killed = [], []
 
-    def die_on_third_batch(snapshot_id, blocks, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
+    def die_in_third_batch(snapshot_id, index, data):
+        if index // per == victim and not killed:
+            killed.append(index)
             raise Killed("worker killed mid-write")
-        return real(snapshot_id, blocks, **kwargs)
+        real(snapshot_id, index, data)
+        written.append(index)
 
-    monkeypatch.setattr(imaging, "put_snapshot_blocks", die_on_third_batch)
+    monkeypatch.setattr(imaging, "put_snapshot_block", die_in_third_batch)
     with pytest.raises(Killed):
         drive(recovery.pk)
-    assert outputs(recovery, "importing")["next_block"] == 2
+    assert outputs(recovery, "importing")["next_block"] == victim
+    written.clear()
     drive(recovery.pk, until="launching")
-    assert len(calls) == 2 + 1 + 2  # after the kill, batches 3 and 4 only; 1 and 2 were not written again
+    # Only the blocks from the checkpoint on were written again.
+    assert written and min(written) // per >= victim
     assert inventory()["snapshots"] == 1
+    disk = bytearray(len(top))
+    for index, data in imaging.snapshot_blocks(outputs(recovery, "importing")["snapshot_id"]):
+        disk[index * imaging.EBS_BLOCK_SIZE : (index + 1) * imaging.EBS_BLOCK_SIZE] = data
+    assert bytes(disk) == top
+
+
+def _ebs(disk: bytes, index: int) -> bytes:
+    return disk[index * imaging.EBS_BLOCK_SIZE : (index + 1) * imaging.EBS_BLOCK_SIZE]
 
 
 def test_ebs_direct_fails_with_403_when_the_snapshot_fails(recovery, drive, monkeypatch):
@@ -311,7 +374,7 @@ def test_every_step_delivered_twice_makes_one_of_everything(recovery, user):
 @pytest.mark.parametrize(
     ("module", "name", "nth"),
     [
-        (steps, "merge_chain", 1),
+        (imaging, "put_snapshot_block", 3),  # mid-write
         (imaging, "start_snapshot", 1),
         (imaging, "complete_snapshot", 1),
         (imaging, "register_image", 1),
