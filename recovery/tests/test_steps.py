@@ -267,6 +267,51 @@ def test_the_network_is_made_once_per_tenant_and_reused(recovery, user, other_us
     assert RecoveryNetwork.objects.get(user=user).vpc_id != RecoveryNetwork.objects.get(user=other_user).vpc_id
 
 
+def test_a_deleted_security_group_is_recreated_before_the_next_failover_uses_it(recovery, user, drive):
+    drive(recovery.pk)
+    net = RecoveryNetwork.objects.get(user=user)
+    old_group, old_vpc = net.server_group_id, net.vpc_id
+    ec2 = network.client("ec2")
+    ec2.delete_security_group(GroupId=old_group)  # deleted by hand in the console
+    assert not network.exists("security-group", old_group)
+    second_chain, _ = backup_chain(user=user, size=4 * MiB, incrementals=0, seed=7)
+    second = drive(services.recovery_start(user=user, backup_id=second_chain[-1].pk).pk)
+    assert second.status == "ready", second.error
+    net.refresh_from_db()
+    assert net.server_group_id != old_group and network.exists("security-group", net.server_group_id)
+    assert net.vpc_id == old_vpc  # the VPC was still there: kept
+    server = compute.describe_instance(outputs(second, "launching")["instance_id"])
+    groups = ec2.describe_instances(InstanceIds=[server.instance_id])["Reservations"][0]["Instances"][0]
+    assert [g["GroupId"] for g in groups["SecurityGroups"]] == [net.server_group_id]
+    # The rebuilt group lets the gateway in again.
+    assert any(
+        pair.get("GroupId") == net.gateway_group_id
+        for rule in network.ingress_rules(net.server_group_id)
+        for pair in rule.get("UserIdGroupPairs", [])
+    )
+
+
+def test_a_network_whose_vpc_is_gone_is_rebuilt_whole(recovery, user, drive):
+    vpc_id = "vpc-0123456789abcdef0"  # saved by an earlier failover; since deleted
+    RecoveryNetwork.objects.create(
+        user=user,
+        vpc_id=vpc_id,
+        igw_id="igw-0123456789abcdef0",
+        subnet_id="subnet-0123456789abcdef0",
+        route_table_id="rtb-0123456789abcdef0",
+        server_group_id="sg-0123456789abcdef0",
+        gateway_group_id="sg-0123456789abcdef1",
+        ready=True,
+    )
+    recovery = drive(recovery.pk)
+    assert recovery.status == "ready", recovery.error
+    net = RecoveryNetwork.objects.get(user=user)
+    assert net.ready and net.vpc_id != vpc_id
+    for field, kind in (("vpc_id", "vpc"), ("subnet_id", "subnet"), ("server_group_id", "security-group")):
+        assert network.exists(kind, getattr(net, field)), field
+    assert inventory(tenant=user.pk)["vpcs"] == 1
+
+
 def test_launching_waits_while_the_server_boots(recovery, drive, monkeypatch):
     real = compute.describe_instance
     booting = iter([True, True])
