@@ -19,7 +19,7 @@ from reclo_site import cloud
 from reclo_site.cloud import compute, imaging, storage, streams
 from reclo_site.errors import Code
 
-from . import networks, selectors
+from . import networks, paths, selectors
 from .engine import StepContext
 from .models import Instance, Recovery
 from .pipeline import Done, StepFailed, Wait
@@ -228,10 +228,12 @@ def _ebs_direct(ctx: StepContext) -> Done | Wait:
         return Wait(IMAGE_POLL, "The cloud is sealing the disk snapshot.")
     if state != "completed":
         raise StepFailed(Code.IMPORT_FAILED, f"The disk snapshot failed ({state}): {message or 'no reason given'}.")
+    path = paths.image_path(recovery.server)
     image_id = imaging.register_image(
         name=name,
         snapshot_id=snapshot_id,
         volume_size_gib=gib,
+        boot_mode=path.boot_mode,
         description=f"ReClo failover of {recovery.server_name}, restore point {recovery.backup_ref}",
         tags=recovery_tags(recovery, "server-image"),
     )
@@ -313,6 +315,7 @@ def _vm_import(ctx: StepContext) -> Done | Wait:
     recovery = ctx.recovery
     task_id = ctx.outputs.get("import_task_id")
     if not task_id:
+        path = paths.image_path(recovery.server)
         key = ctx.previous("consolidating")["image_key"]
         task_id = imaging.import_image(
             bucket=storage.bucket_name(),
@@ -321,6 +324,9 @@ def _vm_import(ctx: StepContext) -> Done | Wait:
             client_token=f"reclo-{recovery.pk}",
             description=f"ReClo failover of {recovery.server_name}",
             tags=recovery_tags(recovery, "server-import"),
+            boot_mode=path.boot_mode,
+            license_type=settings.RECLO_WINDOWS_LICENSE_TYPE,
+            platform=path.platform.capitalize(),
         )
         ctx.save(import_task_id=task_id)
     status = imaging.import_status(task_id)

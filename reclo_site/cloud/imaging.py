@@ -215,13 +215,23 @@ def complete_snapshot(snapshot_id: str, *, changed_blocks: int) -> str:
     return resp.get("Status", "pending")
 
 
-def register_image(*, name: str, snapshot_id: str, volume_size_gib: int, description: str, tags: dict) -> str:
+def register_image(
+    *,
+    name: str,
+    snapshot_id: str,
+    volume_size_gib: int,
+    description: str,
+    tags: dict,
+    boot_mode: str = "legacy-bios",
+) -> str:
     """Register a bootable image whose root volume comes from `snapshot_id`.
 
     RegisterImage takes no ClientToken, but an image name is unique in an
     account and region: callers look the name up first (`find_image`), and a
-    duplicate name is answered with the existing image. (moto ignores the
-    tags and the block-device mapping of this call.)
+    duplicate name is answered with the existing image. `boot_mode`
+    (legacy-bios or uefi) must be the one the disk was installed for, or
+    it does not boot. (moto ignores the tags, the boot mode and the
+    block-device mapping of this call.)
     """
     try:
         resp = _call(
@@ -234,6 +244,7 @@ def register_image(*, name: str, snapshot_id: str, volume_size_gib: int, descrip
             VirtualizationType="hvm",
             RootDeviceName=ROOT_DEVICE,
             EnaSupport=True,
+            BootMode=boot_mode,
             BlockDeviceMappings=[
                 {
                     "DeviceName": ROOT_DEVICE,
@@ -328,10 +339,23 @@ class ImportStatus:
         return self.status in ("deleting", "deleted")
 
 
-def import_image(*, bucket: str, key: str, role_name: str, client_token: str, description: str, tags: dict) -> str:
+def import_image(
+    *,
+    bucket: str,
+    key: str,
+    role_name: str,
+    client_token: str,
+    description: str,
+    tags: dict,
+    boot_mode: str = "legacy-bios",
+    license_type: str = "AWS",
+    platform: str = "Windows",
+) -> str:
     """Start importing a VHD in S3 as an image; returns the import task id.
 
     Idempotent through `client_token`: a repeated call returns the same task.
+    `license_type` AWS: EC2 provides (and bills) the Windows licence;
+    BYOL: the customer's own. `boot_mode`: legacy-bios or uefi.
     """
     resp = _call(
         "ec2",
@@ -343,6 +367,9 @@ def import_image(*, bucket: str, key: str, role_name: str, client_token: str, de
         ],
         RoleName=role_name,
         ClientToken=client_token,
+        BootMode=boot_mode,
+        LicenseType=license_type,
+        Platform=platform,
         TagSpecifications=tag_specifications("import-image-task", tags),
     )
     return resp["ImportTaskId"]

@@ -13,7 +13,7 @@ from backups.models import Backup
 from reclo_site import cloud
 from reclo_site.cloud import CloudPermanentError, compute, imaging, network, storage
 from reclo_site.cloud.compute import InstanceInfo
-from recovery import engine, services, steps
+from recovery import engine, paths, services, steps
 from recovery.models import Instance, Recovery, RecoveryNetwork, RecoveryStep, VpnGateway
 
 from .cloud_inventory import inventory
@@ -139,6 +139,24 @@ def test_ebs_direct_writes_the_disks_non_zero_blocks_and_registers_an_image(reco
     assert params["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"] == out["snapshot_id"]
     assert params["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"] == 1
     assert params["RootDeviceName"] == params["BlockDeviceMappings"][0]["DeviceName"]
+    # moto ignores both: what was sent is checked here. No preflight report: legacy BIOS.
+    assert (params["BootMode"], params["EnaSupport"]) == ("legacy-bios", True)
+
+
+def test_ebs_direct_registers_a_uefi_server_in_uefi_mode(recovery, drive, monkeypatch):
+    monkeypatch.setattr(paths, "_preflight", lambda server: {"boot_mode": "uefi", "kernel": "6.1.0-13-amd64"})
+    registered = []
+
+    def spy(params, **_):
+        registered.append(dict(params))
+
+    events = imaging.client("ec2").meta.events
+    events.register("provide-client-params.ec2.RegisterImage", spy)
+    try:
+        drive(recovery.pk, until="launching")
+    finally:
+        events.unregister("provide-client-params.ec2.RegisterImage", spy)
+    assert [(p["BootMode"], p["EnaSupport"]) for p in registered] == [("uefi", True)]
 
 
 def test_ebs_direct_merges_the_chain_straight_into_the_snapshot_with_no_copy(recovery, chain, drive, monkeypatch):
