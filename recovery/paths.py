@@ -64,3 +64,36 @@ def image_path(server) -> ImagePath:
         f"{system}: the disk is written straight into a cloud snapshot (EBS direct, the fast path); "
         f"boots in {mode_words} mode ({mode_source}).",
     )
+
+
+# Without earlier failovers to measure from: a fixed part (launch, VPN
+# gateway, image registration) and a time per GiB of disk. Rough figures,
+# replaced by this deployment's own measurements once it has some.
+DEFAULT_FIXED_SECONDS = {EBS_DIRECT: 180, VM_IMPORT: 1800}
+DEFAULT_SECONDS_PER_GIB = {EBS_DIRECT: 6, VM_IMPORT: 120}
+GiB = 1024**3
+
+
+def expected_seconds(method: str, virtual_size: int, measured: list[tuple[int, float]]) -> int:
+    """Expected time to ready for a disk of `virtual_size` bytes by `method`.
+
+    `measured`: (disk bytes, seconds to ready) of earlier failovers by the
+    same method. With some, their seconds per GiB (beyond the fixed part)
+    scale to this disk; without, the default rates apply.
+    """
+    gib = max(1.0, virtual_size / GiB)
+    fixed = DEFAULT_FIXED_SECONDS[method]
+    if measured:
+        per_gib = sorted(max(0.0, seconds - fixed) / max(1.0, size / GiB) for size, seconds in measured)
+        rate = per_gib[len(per_gib) // 2]  # the median: one stuck failover does not skew it
+    else:
+        rate = DEFAULT_SECONDS_PER_GIB[method]
+    return int(fixed + rate * gib)
+
+
+def about(seconds: int) -> str:
+    """'about N minutes' for a page."""
+    minutes = max(1, round(seconds / 60))
+    if minutes >= 120:
+        return f"about {round(minutes / 60)} hours"
+    return f"about {minutes} minute{'s' if minutes != 1 else ''}"

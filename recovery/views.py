@@ -14,7 +14,7 @@ from django.views.decorators.http import require_GET, require_http_methods
 
 from reclo_site.errors import ServiceError
 
-from . import selectors, services, sizes
+from . import paths, selectors, services, sizes
 from .api import vpn_file_name
 from .failover import FAILOVER_STEPS
 from .forms import FailoverForm
@@ -88,6 +88,17 @@ def failover_start(request, server_id: int):
     if server is None:
         raise Http404("No such server.")
     form = FailoverForm(request.POST or None, server=server)
+    path = paths.image_path(server)
+    latest = form.fields["backup"].queryset.first()
+    expected = (
+        paths.about(
+            paths.expected_seconds(
+                path.method, latest.virtual_size, selectors.measured_failovers(method=path.method)
+            )
+        )
+        if latest
+        else ""
+    )
     if request.method == "POST" and form.is_valid():
         try:
             recovery = services.recovery_start(
@@ -107,6 +118,8 @@ def failover_start(request, server_id: int):
             "server": server,
             "form": form,
             "has_points": form.fields["backup"].queryset.exists(),
+            "path": path,
+            "expected": expected,
             "extras": {
                 "gateway": sizes.VPN_GATEWAY_HOURLY_USD,
                 "addresses": 2 * sizes.PUBLIC_IPV4_HOURLY_USD,
@@ -141,6 +154,11 @@ def _progress(recovery: Recovery) -> dict:
     }
 
 
+def _minutes_seconds(seconds: float) -> str:
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{rest} s"
+
+
 @login_required
 def recovery_detail(request, recovery_id):
     recovery = _recovery_or_404(request, recovery_id)
@@ -153,6 +171,15 @@ def recovery_detail(request, recovery_id):
         {
             "recovery": recovery,
             "progress": _progress(recovery),
+            "method_label": recovery.get_import_method_display(),
+            "expected": paths.about(
+                paths.expected_seconds(
+                    recovery.import_method,
+                    recovery.virtual_size,
+                    selectors.measured_failovers(method=recovery.import_method),
+                )
+            ),
+            "measured": _minutes_seconds(recovery.elapsed.total_seconds()),
             "instance": instance,
             "vpn_ready": vpn_ready,
             "vpn_file": vpn_file_name(instance) if instance else "",
