@@ -120,18 +120,25 @@ def consolidate(ctx: StepContext) -> Done:
     except cloud.ObjectNotFound:
         existing = None
     if existing:
-        return Done({"image_key": key, "image_size": existing["size"]}, "The merged disk was already there.", True)
+        return Done(
+            {"image_key": key, "image_size": existing["size"], "image_version_id": existing["version_id"]},
+            "The merged disk was already there.",
+            True,
+        )
 
     chain = _chain_or_fail(recovery)
     # Parts of an earlier try that died half-way would only cost storage.
     for stale_key, upload_id in storage.multipart_uploads(prefix=key, key=key):
         storage.abort_multipart_upload(stale_key, upload_id)
     try:
-        # Each layer is read nearly front to back: one streaming GET each.
-        layers = [VHDReader(open_seekable(streams.SequentialObjectReader(b.key))) for b in chain]
+        # Each layer is read nearly front to back: one streaming GET each,
+        # of exactly the version that was verified.
+        layers = [VHDReader(open_seekable(streams.SequentialObjectReader(b.key, **b.pinned))) for b in chain]
         reader = ChainReader(layers)
     except cloud.ObjectNotFound as exc:
         raise StepFailed(Code.NO_RESTORABLE_BACKUP, "A restore point of the chain is missing from storage.") from exc
+    except storage.ObjectChanged as exc:
+        raise StepFailed(Code.IMPORT_FAILED, _changed_message(exc)) from exc
     except VHDError as exc:
         raise StepFailed(Code.IMPORT_FAILED, f"A restore point of the chain is damaged: {exc}") from exc
     if reader.virtual_size != recovery.virtual_size:
@@ -143,11 +150,20 @@ def consolidate(ctx: StepContext) -> Done:
         progress = _ProgressWriter(out, ctx, bound)
         try:
             merge_chain(reader, progress)
+        except storage.ObjectChanged as exc:
+            raise StepFailed(Code.IMPORT_FAILED, _changed_message(exc)) from exc
         except VHDError as exc:
             raise StepFailed(Code.IMPORT_FAILED, f"A restore point of the chain is damaged: {exc}") from exc
     return Done(
-        {"image_key": key, "image_size": progress.written, "layers": len(chain)},
+        {"image_key": key, "image_size": progress.written, "layers": len(chain), "image_version_id": out.version_id},
         f"Merged {len(chain)} restore point(s) into one {progress.written // MiB} MiB disk.",
+    )
+
+
+def _changed_message(exc: Exception) -> str:
+    return (
+        "A restore point of the chain in storage is not the one that was verified (it was replaced since): "
+        f"refusing to build a server from it ({exc})."
     )
 
 
@@ -180,10 +196,10 @@ def _ebs_pieces(index: int, data: bytes, per: int):
             yield index * per + part, piece.ljust(size, b"\0")
 
 
-def open_chain(keys: list[str]) -> ChainReader:
-    """The chain's disk, each layer read by ranged GETs through its seekable zstd frames."""
-    layers = [VHDReader(open_seekable(storage.ObjectReader(key, chunk_size=CHAIN_CHUNK))) for key in keys]
-    return ChainReader(layers)
+def open_chain(layers: list[tuple[str, dict]]) -> ChainReader:
+    """The chain's disk from `(key, pinned reader arguments)`, base first, read by ranged GETs of its zstd frames."""
+    files = [storage.ObjectReader(key, chunk_size=CHAIN_CHUNK, **pinned) for key, pinned in layers]
+    return ChainReader([VHDReader(open_seekable(f)) for f in files])
 
 
 def _ebs_direct(ctx: StepContext) -> Done | Wait:
@@ -252,13 +268,14 @@ def _write_snapshot_blocks(ctx: StepContext, snapshot_id: str) -> None:
     in flight at once. After a batch its end is saved: a worker killed
     mid-batch resumes there and rewrites at most one batch (harmless).
     """
-    keys = [backup.key for backup in _chain_or_fail(ctx.recovery)]
+    # Each layer read at exactly the version that was verified.
+    layers = [(backup.key, backup.pinned) for backup in _chain_or_fail(ctx.recovery)]
     local = threading.local()
     opened: list[ChainReader] = []
 
     def chain() -> ChainReader:
         if not hasattr(local, "chain"):
-            local.chain = open_chain(keys)
+            local.chain = open_chain(layers)
             opened.append(local.chain)
         return local.chain
 
@@ -266,6 +283,8 @@ def _write_snapshot_blocks(ctx: StepContext, snapshot_id: str) -> None:
         reader = chain()
     except cloud.ObjectNotFound as exc:
         raise StepFailed(Code.NO_RESTORABLE_BACKUP, "A restore point of the chain is missing from storage.") from exc
+    except storage.ObjectChanged as exc:
+        raise StepFailed(Code.IMPORT_FAILED, _changed_message(exc)) from exc
     except VHDError as exc:
         raise StepFailed(Code.IMPORT_FAILED, f"A restore point of the chain is damaged: {exc}") from exc
     if reader.virtual_size != ctx.recovery.virtual_size:
@@ -296,6 +315,8 @@ def _write_snapshot_blocks(ctx: StepContext, snapshot_id: str) -> None:
                     for future in as_completed(futures):
                         written += future.result()
                         ctx.heartbeat(f"Writing the disk: {batch[0] * 100 // total}% done.")
+                except storage.ObjectChanged as exc:
+                    raise StepFailed(Code.IMPORT_FAILED, _changed_message(exc)) from exc
                 except VHDError as exc:
                     raise StepFailed(Code.IMPORT_FAILED, f"A restore point of the chain is damaged: {exc}") from exc
                 finally:

@@ -17,7 +17,7 @@ from recovery import engine, paths, services, steps
 from recovery.models import Instance, Recovery, RecoveryNetwork, RecoveryStep, VpnGateway
 
 from .cloud_inventory import inventory
-from .factories import MiB, backup_chain
+from .factories import MiB, backup_chain, make_disk, store_full
 
 pytestmark = pytest.mark.django_db
 
@@ -56,6 +56,38 @@ def test_consolidating_merges_the_chain_into_one_dynamic_vhd_in_storage(merged, 
     assert storage.head_object(out["image_key"])["size"] == out["image_size"]
 
 
+def test_a_chain_written_over_after_verification_still_fails_over_to_the_verified_disk(merged, user, chain, drive):
+    # The attack: the server's upload credentials write the full's key again
+    # with another valid disk. The failover must never build from it, by either path.
+    backups, top = chain
+    storage.put_object(backups[0].key, store_full(make_disk(8 * MiB, seed=66)).data)
+    drive(merged.pk, until="importing")
+    disk = VHDReader(storage.ObjectReader(outputs(merged, "consolidating")["image_key"]))
+    assert ChainReader([disk]).read(0, len(top)) == top
+    Recovery.objects.filter(pk=merged.pk).update(status="failed")
+    recovery = services.recovery_start(user=user, backup_id=backups[-1].pk, import_method="ebs_direct")
+    drive(recovery.pk, until="launching")  # EBS direct, straight from the chain
+    assert snapshot_disk(outputs(recovery, "importing")["snapshot_id"], len(top)) == top
+
+
+def snapshot_disk(snapshot_id: str, size: int) -> bytes:
+    """A snapshot's disk read back through ListSnapshotBlocks and GetSnapshotBlock (moto implements both)."""
+    disk = bytearray(size)
+    for index, data in imaging.snapshot_blocks(snapshot_id):
+        disk[index * imaging.EBS_BLOCK_SIZE : (index + 1) * imaging.EBS_BLOCK_SIZE] = data
+    return bytes(disk)
+
+
+def test_a_chain_changed_under_its_etag_pin_fails_the_failover_with_the_reason(recovery, chain, drive):
+    backups, _top = chain
+    Backup.objects.filter(pk=backups[1].pk).update(version_id="")  # verified on an unversioned bucket
+    storage.put_object(backups[1].key, b"tampered")
+    drive(recovery.pk)
+    recovery.refresh_from_db()
+    assert (recovery.status, recovery.error_code) == ("failed", 403)
+    assert "not the one that was verified" in recovery.error
+
+
 def test_consolidating_is_skipped_when_the_merged_disk_exists(merged, chain, user, drive):
     recovery = merged
     drive(recovery.pk, until="importing")
@@ -85,7 +117,9 @@ def test_consolidating_fails_with_401_when_a_layer_is_missing_from_storage(recov
 
 
 def test_consolidating_fails_with_403_when_a_layer_is_damaged(recovery, chain, drive):
-    storage.put_object(chain[0][1].key, b"this is not seekable zstd at all" * 10)
+    # The verified version itself is bad (a verifier bug, say): the version the row pins.
+    stored = storage.put_object(chain[0][1].key, b"this is not seekable zstd at all" * 10)
+    Backup.objects.filter(pk=chain[0][1].pk).update(**stored)
     recovery = drive(recovery.pk)
     assert (recovery.status, recovery.error_code) == ("failed", 403)
     assert "damaged" in recovery.error
@@ -191,6 +225,29 @@ def test_ebs_direct_merges_the_chain_straight_into_the_snapshot_with_no_copy(rec
     with pytest.raises(cloud.ObjectNotFound):  # no merged object in S3, nor parts of one
         storage.head_object(steps.merged_key(recovery))
     assert storage.multipart_uploads(prefix=steps.IMAGES_PREFIX) == []
+
+
+def sent_params(service: str, operation: str) -> list:
+    """The parameters our adapter sends to `operation` (moto ignores some of them, so we look at the request)."""
+    from reclo_site.cloud import clients
+
+    seen = []
+    clients.client(service).meta.events.register(
+        f"provide-client-params.{service}.{operation}", lambda params, **_: seen.append(dict(params))
+    )
+    return seen
+
+
+@pytest.mark.parametrize("kms_key", ["", "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"])
+def test_ebs_direct_snapshots_are_encrypted(recovery, drive, settings, kms_key):
+    # moto's StartSnapshot ignores Encrypted and KmsKeyArn (its own docstring
+    # says so), so the test checks what the adapter asks AWS for.
+    settings.RECLO_KMS_KEY_ID = kms_key
+    started = sent_params("ebs", "StartSnapshot")
+    drive(recovery.pk, until="launching")
+    (params,) = started
+    assert params["Encrypted"] is True
+    assert params.get("KmsKeyArn", "") == kms_key  # none: the account's default EBS key
 
 
 def test_ebs_direct_resumes_from_its_checkpoint(recovery, chain, drive, monkeypatch):

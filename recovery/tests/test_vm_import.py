@@ -48,6 +48,8 @@ def expect_import(ec2, recovery, *, boot_mode="legacy-bios", platform="Linux", l
             "BootMode": boot_mode,
             "LicenseType": license_type,
             "Platform": platform,
+            # The imported image's snapshot is encrypted (AWS's default EBS key: no RECLO_KMS_KEY_ID).
+            "Encrypted": True,
             "TagSpecifications": [
                 {
                     "ResourceType": "import-image-task",
