@@ -21,6 +21,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python manage.py makemigrations --check --dry-run
+	$(BIN)/python manage.py api_docs --check
 
 # What `manage.py check --deploy` says with production-like settings.
 check-deploy: $(STAMP)

@@ -111,7 +111,7 @@ class LogoutApi(APIView):
     def post(self, request):
         try:
             services.token_revoke(token=request.auth, address=client_address(request))
-        except Exception as exc:  # noqa: BLE001 - the contract has a code for this
+        except Exception as exc:  # noqa: BLE001 - docs/api.md has a code for this
             raise ServiceError(Code.TOKEN_DEACTIVATION_FAILED, "Failed to deactivate the token; try again.") from exc
         return Response({"message": "Logged out; this token no longer works."})
 

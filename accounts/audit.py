@@ -3,7 +3,7 @@
 import logging
 
 from reclo_site.http import client_address
-from reclo_site.middleware import current_address, current_request_id
+from reclo_site.middleware import current_address, current_client_request_id, current_request_id
 
 from .models import AuditEvent
 
@@ -27,6 +27,9 @@ def audit_record(kind: str, *, user=None, request=None, address: str = "", **det
         address = client_address(request)
     address = address or current_address()
     clean = _clean(details)
+    if current_client_request_id():
+        # The caller's own id, never taken as ours (see reclo_site/middleware.py).
+        clean["client_request_id"] = current_client_request_id()
     event = AuditEvent.objects.create(
         user=user if getattr(user, "pk", None) else None,
         kind=kind,

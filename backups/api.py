@@ -84,7 +84,7 @@ _DATETIME = serializers.DateTimeField()
 
 
 class CredentialsOutput(serializers.Serializer):
-    AccessKeyId = serializers.CharField()  # noqa: N815 - boto3's own names, as the contract says
+    AccessKeyId = serializers.CharField()  # noqa: N815 - boto3's own names, as docs/api.md says
     SecretAccessKey = serializers.CharField()  # noqa: N815
     SessionToken = serializers.CharField()  # noqa: N815
     Expiration = serializers.CharField(help_text="RFC 3339 UTC; at most 12 hours away.")
@@ -319,7 +319,7 @@ class BackupApi(APIView):
         try:
             done = services.backup_delete(user=request.user, backup_id=backup_id, cascade=raw in ("true", "1"))
         except DatabaseError as exc:
-            # The contract's code for a delete that cannot read what to delete.
+            # docs/api.md's code for a delete that cannot read what to delete.
             raise ServiceError(
                 Code.DELETE_LOOKUP_FAILED, "Could not read the backup to delete; try again shortly."
             ) from exc

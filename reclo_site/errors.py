@@ -1,4 +1,4 @@
-"""The API contract's error codes, and the one exception services refuse with.
+"""The API's error codes (docs/api.md, Error codes), and the one exception services refuse with.
 
 This module is plain Python (no Django REST Framework): services raise
 :class:`ServiceError` without knowing about HTTP, and the API's exception

@@ -15,13 +15,16 @@ import environ
 from celery.schedules import crontab
 from csp.constants import NONCE, NONE, SELF
 
+from reclo_site.files import private_dir, private_file
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
 environ.Env.read_env(BASE_DIR / ".env")  # optional; never committed
 
-VAR_DIR = Path(env("RECLO_VAR_DIR", default=str(BASE_DIR / "var")))
-VAR_DIR.mkdir(parents=True, exist_ok=True)
+# Local state (the SQLite database with its live sessions, keys, the broker):
+# readable by this user only.
+VAR_DIR = private_dir(Path(env("RECLO_VAR_DIR", default=str(BASE_DIR / "var"))))
 
 
 def _local_secret_key() -> str:
@@ -95,6 +98,10 @@ TEMPLATES = [
 DATABASES = {
     "default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}"),
 }
+_sqlite = Path(str(DATABASES["default"]["NAME"])) if "sqlite" in DATABASES["default"]["ENGINE"] else None
+if _sqlite and _sqlite.name not in ("", ":memory:") and _sqlite.parent.is_dir():
+    # It holds sessions and token hashes: 0600, not the umask's 0644.
+    private_file(_sqlite)
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -200,10 +207,15 @@ LOGGING = {
 
 # --- API -------------------------------------------------------------------
 
+# The largest request body read into memory (API JSON and page forms alike):
+# the biggest real one is a few kilobytes, and backup data never passes
+# through the portal (agents write to S3 directly). Over it: 413, code 104.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("DATA_UPLOAD_MAX_MEMORY_SIZE", default=256 * 1024)
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["accounts.authentication.TokenAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["reclo_site.api.parsers.JSONParser"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "reclo_site.api.errors.exception_handler",
@@ -326,7 +338,7 @@ RECLO_BUCKET = env("RECLO_BUCKET", default="reclo-backups")
 # --- Backups -------------------------------------------------------------------
 
 # Lifetime of the STS credentials of an upload or a restore: at most 12 hours
-# (the contract); 1 hour when AWS caps it (role chaining, see cloud/credentials.py).
+# (docs/api.md, Uploading); 1 hour when AWS caps it (role chaining, see cloud/credentials.py).
 RECLO_CREDENTIALS_TTL = timedelta(hours=env.float("RECLO_CREDENTIALS_TTL_HOURS", default=12))
 # Upload credentials are much shorter-lived: STS credentials cannot be
 # revoked, so this is how long a stolen set (or the agent itself, after its
@@ -363,6 +375,9 @@ RECLO_DEFAULT_BACKUP_INTERVAL = timedelta(hours=env.float("RECLO_DEFAULT_BACKUP_
 
 # How many reverse proxies in front of the portal append to X-Forwarded-For.
 NUM_PROXIES = env.int("NUM_PROXIES", default=0)
+# Whether the proxy in front sets X-Request-ID on every request (overwriting
+# the client's); only then is that header used as the request id.
+RECLO_TRUST_REQUEST_ID = env.bool("RECLO_TRUST_REQUEST_ID", default=False)
 
 # --- Recovery (failover) ---------------------------------------------------------
 

@@ -44,7 +44,7 @@ class Wait:
 
 
 class StepFailed(Exception):
-    """A failure no retry will fix, with the contract's `code` and a `reason` for people."""
+    """A failure no retry will fix, with its `code` (docs/api.md) and a `reason` for people."""
 
     def __init__(self, code: Code, reason: str):
         super().__init__(reason)

@@ -12,6 +12,12 @@ pytestmark = pytest.mark.django_db
 ADDRESS = {"REMOTE_ADDR": "198.51.100.23", "HTTP_X_REQUEST_ID": "req-audit-0001"}
 
 
+@pytest.fixture(autouse=True)
+def _proxy_sets_request_ids(settings):
+    """As behind nginx setting X-Request-ID: the header is the request id."""
+    settings.RECLO_TRUST_REQUEST_ID = True
+
+
 def events(user, kind):
     return list(AuditEvent.objects.filter(user=user, kind=kind))
 

@@ -1,6 +1,6 @@
 """PostgreSQL drops the portal's connection during an API request.
 
-The request answers 503 with error 101 in the contract's envelope (never a
+The request answers 503 with error 101 in the envelope of docs/api.md (never a
 stack trace), nothing is half-written, and the next request on the same
 process works: Django drops the broken connection when the request ends,
 and with CONN_HEALTH_CHECKS a connection that died between requests is

@@ -14,7 +14,8 @@ def post(client, url, body, **extra):
     return client.post(url, data=json.dumps(body), content_type="application/json", **extra)
 
 
-def test_login_ok_and_failed_are_recorded_with_address_and_request_id(anon_api, user, password):
+def test_login_ok_and_failed_are_recorded_with_address_and_request_id(anon_api, user, password, settings):
+    settings.RECLO_TRUST_REQUEST_ID = True  # behind a proxy that sets X-Request-ID
     post(anon_api, "/api/v1/login", {"email": user.email, "password": "wrong-wrong-wrong"}, REMOTE_ADDR="192.0.2.44",
          HTTP_X_REQUEST_ID="req-abcdef123")  # fmt: skip
     post(anon_api, "/api/v1/login", {"email": user.email, "password": password}, REMOTE_ADDR="192.0.2.45")
@@ -23,6 +24,22 @@ def test_login_ok_and_failed_are_recorded_with_address_and_request_id(anon_api, 
                                                                             "req-abcdef123")  # fmt: skip
     assert (ok.kind, ok.user, ok.address) == ("login.ok", user, "192.0.2.45")
     assert len(ok.request_id) == 32
+
+
+def test_a_clients_request_id_is_kept_beside_ours_never_as_ours(anon_api, user):
+    response = post(anon_api, "/api/v1/login", {"email": user.email, "password": "wrong-wrong-wrong"},
+                    HTTP_X_REQUEST_ID="req-chosen-by-client")  # fmt: skip
+    event = AuditEvent.objects.get(kind="login.failed")
+    assert event.request_id == response["X-Request-ID"] != "req-chosen-by-client"
+    assert len(event.request_id) == 32
+    assert event.details["client_request_id"] == "req-chosen-by-client"
+
+
+def test_a_malformed_client_request_id_is_not_recorded(anon_api, user):
+    post(anon_api, "/api/v1/login", {"email": user.email, "password": "wrong-wrong-wrong"},
+         HTTP_X_REQUEST_ID="x" * 65)  # fmt: skip
+    event = AuditEvent.objects.get(kind="login.failed")
+    assert "client_request_id" not in event.details and len(event.request_id) == 32
 
 
 def test_a_failed_login_for_an_unknown_email_belongs_to_nobody(anon_api, db):

@@ -1,8 +1,8 @@
-"""The portal's HTTP API, as the agent uses it (../shared/spec/api.md).
+"""The portal's HTTP API, as the agent uses it (docs/api.md in the ReClo repository).
 
 One :class:`PortalClient` per run. It sends the token in the
 ``Authorization`` header (never in a URL, never logged), turns the
-contract's error envelope into :mod:`.errors` exceptions a person can act
+error envelope (docs/api.md, Conventions) into :mod:`.errors` exceptions a person can act
 on, and retries what is safe to retry: throttling (429, after its
 ``Retry-After``), and for idempotent calls, connection failures and 502/503.
 """
@@ -41,7 +41,7 @@ def normalize_portal_url(url: str) -> str:
 
 
 class PortalClient:
-    """Calls of the contract. Methods return the decoded JSON body."""
+    """Calls of the API (docs/api.md). Methods return the decoded JSON body."""
 
     def __init__(self, portal: str, token: str = "", *, retries: int = 3, backoff: float = 1.0) -> None:
         self.portal = normalize_portal_url(portal)
@@ -169,7 +169,7 @@ class PortalClient:
         return self.request("POST", f"/backups/uploads/{upload_id}/credentials")["credentials"]
 
     def complete_upload(self, upload_id: str, *, file_size: int, sha256: str) -> dict:
-        """The ``backup`` (its status ``verifying``, or final). Idempotent per the contract."""
+        """The ``backup`` (its status ``verifying``, or final). Idempotent (docs/api.md, Uploading)."""
         body = self.request(
             "POST", f"/backups/uploads/{upload_id}/complete", json={"file_size": file_size, "sha256": sha256}
         )

@@ -7,7 +7,7 @@ zero-fills the rest (which then compresses to nearly nothing). The agent
 never downloads anything to make an incremental.
 
 Page size: 4 KiB by default. File systems (ext4, XFS, NTFS) write in 4 KiB
-clusters, and scattered 4 KiB writes are the worst case the design measured:
+clusters, and scattered 4 KiB writes are the worst case docs/architecture.md measures:
 with 16 KiB pages each such write costs 16 KiB of mostly unchanged random
 data in the upload (about 4x the changed bytes), with 4 KiB pages it costs
 the 4 KiB itself, which is what keeps an incremental within 1.5x of the

@@ -393,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("list", parents=[common], help="list the backups in the portal")
-    p.add_argument("--json", action="store_true", help="the contract's backup objects as JSON")
+    p.add_argument("--json", action="store_true", help="the backup objects of the portal's API as JSON")
     p.add_argument("--server", help="only this server's backups")
     p.set_defaults(func=cmd_list)
 

@@ -12,7 +12,7 @@ from enum import IntEnum
 
 
 class Code(IntEnum):
-    """An error code of the portal's API contract (the ``error`` of its error envelope)."""
+    """An error code of the portal's API (docs/api.md; the ``error`` of its error envelope)."""
 
     # 1xx: system
     INTERNAL = 100  # internal error

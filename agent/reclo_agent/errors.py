@@ -53,7 +53,7 @@ class Unreachable(AgentError):
 class PortalError(AgentError):
     """The portal answered with an error envelope other than 102.
 
-    ``code`` is the contract's error code (see api.md), ``status`` the HTTP
+    ``code`` is the portal's error code (docs/api.md, Error codes), ``status`` the HTTP
     status; ``fields`` the per-field validation messages, if any.
     """
 

@@ -63,7 +63,7 @@ def is_expired_error(exc: BaseException) -> bool:
 class S3Access:
     """A boto3 S3 client for one grant, renewed before its credentials expire.
 
-    ``grant`` has the contract's ``bucket, region, endpoint_url,
+    ``grant`` has docs/api.md's ``bucket, region, endpoint_url,
     credentials``; ``refresh`` returns a fresh ``credentials`` object (or is
     None when the grant cannot be renewed, as for downloads). Thread-safe:
     several part uploads share it.

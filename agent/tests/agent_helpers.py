@@ -1,6 +1,6 @@
 """Helpers of the agent's own tests (not the VHD tests): a fake portal, disk images.
 
-:class:`FakePortal` implements the calls of the API contract that the
+:class:`FakePortal` implements the calls of the API (docs/api.md) that the
 agent makes, in process, over moto's S3 (``mock_aws``): it grants uploads,
 verifies completed ones the way the portal's verifier does (size, SHA-256,
 ``validate_stored`` with the kind, parent id and disk size) and hands out
@@ -27,7 +27,7 @@ BUCKET = "reclo-agent-test"
 
 
 class FakePortal:
-    """The backups API of the contract, in process (see the module doc)."""
+    """The backups API of docs/api.md, in process (see the module doc)."""
 
     def __init__(self, *, credentials_ttl: timedelta = timedelta(hours=12), user_id: int = 7) -> None:
         self.s3 = boto3.client("s3", region_name="us-east-1")
@@ -61,7 +61,7 @@ class FakePortal:
     def _grant(self) -> dict:
         return {"bucket": BUCKET, "region": "us-east-1", "endpoint_url": None, "credentials": self._credentials()}
 
-    # the contract
+    # the API's calls (docs/api.md)
 
     def iter_backups(self, server=None):
         self._check("list")

@@ -20,6 +20,7 @@ from reclo_site.errors import Code, ServiceError
 from ..models import AccountLimits, Backup, Server
 from ..naming import InvalidName, backup_key, check_file_name, check_name
 from .lifecycle import UPLOAD_GRACE, backup_fail
+from .verification import storage_class_problem
 
 SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -268,10 +269,11 @@ def _declared(at_start, at_complete, what: str):
 def backup_complete(*, user, upload_id, file_size: int | None = None, sha256: str | None = None) -> Backup:
     """Check the uploaded object at once and hand it to the verifier.
 
-    NO_UPLOAD for an unknown, another tenant's or expired upload; OBJECT_MISSING when the
+    NO_UPLOAD for an unknown, another tenant's, expired or meanwhile deleted upload; OBJECT_MISSING when the
     object is not in storage (the upload stays pending: finish it and call
-    again); VERIFICATION_FAILED when its size differs from the declared one (the backup
-    fails and the object is deleted) or the declarations disagree; TOO_LARGE over
+    again); VERIFICATION_FAILED when its size differs from the declared one or it is
+    not in the STANDARD storage class (the backup fails and the object is deleted)
+    or the declarations disagree; TOO_LARGE over
     the account's limit; UPLOAD_COMPLETE_FAILED when storage cannot be asked. Otherwise the
     backup becomes `verifying` and the verification is enqueued after the
     commit. Idempotent: a completed upload is returned as it stands.
@@ -295,6 +297,8 @@ def backup_complete(*, user, upload_id, file_size: int | None = None, sha256: st
     try:
         stored = storage.head_object(backup.key)
     except cloud.ObjectNotFound:
+        if not Backup.objects.filter(pk=backup.pk).exists():
+            raise ServiceError(Code.NO_UPLOAD, "That upload was deleted while it was being completed.") from None
         raise ServiceError(
             Code.OBJECT_MISSING, "The backup is not in storage yet; finish the upload, then complete it."
         ) from None
@@ -304,6 +308,10 @@ def backup_complete(*, user, upload_id, file_size: int | None = None, sha256: st
         ) from exc
     if stored["size"] != size:
         reason = f"The stored object is {stored['size']} bytes; {size} were declared."
+        backup_fail(backup=backup, reason=reason, from_statuses=(Backup.Status.PENDING,))
+        raise ServiceError(Code.VERIFICATION_FAILED, reason)
+    if stored["storage_class"] != storage.STANDARD:
+        reason = storage_class_problem(stored["storage_class"])
         backup_fail(backup=backup, reason=reason, from_statuses=(Backup.Status.PENDING,))
         raise ServiceError(Code.VERIFICATION_FAILED, reason)
 
@@ -321,5 +329,9 @@ def backup_complete(*, user, upload_id, file_size: int | None = None, sha256: st
             # Enqueued only once the row says `verifying`, or the worker
             # could read the row before the commit and do nothing.
             transaction.on_commit(functools.partial(tasks.enqueue, tasks.backup_verify, str(backup.pk)))
-    backup.refresh_from_db()
-    return backup
+    # The owner may have deleted the backup while storage was being asked
+    # (no lock is held across that call, by the house rule).
+    current = Backup.objects.select_related("server").filter(pk=backup.pk).first()
+    if current is None:
+        raise ServiceError(Code.NO_UPLOAD, "That upload was deleted while it was being completed.")
+    return current

@@ -68,10 +68,14 @@ def object_check(
     and both passes are C-level work per byte (see the agent's reader).
     `on_fetch` is called after every ranged GET (the caller's heartbeat).
 
-    Raises VHDError for a bad file, ObjectNotFound / ObjectChanged /
+    Raises VHDError for a bad file, ObjectArchived for an object in any
+    storage class but STANDARD (an agent may not choose GLACIER: a restore
+    point must be readable at once), ObjectNotFound / ObjectChanged /
     CloudUnavailable for storage trouble.
     """
     with storage.ObjectReader(key, version_id=version_id, etag=etag, sha256=True, on_fetch=on_fetch) as raw:
+        if raw.storage_class != storage.STANDARD:
+            raise cloud.ObjectArchived(f"{key} is {raw.storage_class}", "InvalidObjectState", raw.storage_class)
         disk = vhd.open_seekable(raw)
         # Refused from the header alone: a BAT of more blocks than any real
         # writer declares (a few KB of zstd can declare 2 GiB of BAT).
@@ -90,6 +94,15 @@ def object_check(
         vhd.check_seekable(raw)
         digest = raw.sha256_hexdigest()
         return ObjectCheck(size=raw.size, sha256=digest, info=info, version_id=raw.version_id, etag=raw.etag)
+
+
+def storage_class_problem(storage_class: str) -> str:
+    """Why an object in `storage_class` is refused, in words for the owner and the agent."""
+    which = f"the {storage_class}" if storage_class else "an archive"
+    return (
+        f"The object was stored in {which} storage class; a restore point must be STANDARD so a "
+        "failover can read it at once. Upload it again without choosing a storage class."
+    )
 
 
 def max_vhd_size(virtual_size: int) -> int:
@@ -163,6 +176,8 @@ def _problem(backup: Backup, *, parent_unique_id, on_fetch=None) -> tuple[Object
         if pinned:
             return None, "The verified version of the object is not in storage."
         return None, "The object is not in storage."
+    except cloud.ObjectArchived as exc:
+        return None, storage_class_problem(exc.storage_class)
     except storage.ObjectChanged:
         if pinned:
             return None, "The object in storage is not the version that was verified (it was replaced since)."

@@ -340,6 +340,28 @@ class TestComplete:
         assert (response.status_code, response.json()["error"]) == (502, 304)
         assert Backup.objects.get().status == "pending"
 
+    @pytest.mark.parametrize("when", ["after storage answered", "before storage answered"])
+    def test_a_delete_racing_the_complete_is_305(self, api, user, started, monkeypatch, when):
+        """The owner deletes the upload while complete waits for S3 (no lock is held across that call)."""
+        from backups import services
+
+        storage.put_object(started["key"], DATA)
+        real_head = storage.head_object
+
+        def head_then_delete(key):
+            if when == "before storage answered":
+                services.backup_delete(user=user, backup_id=started["upload_id"])
+                return real_head(key)
+            answer = real_head(key)
+            services.backup_delete(user=user, backup_id=started["upload_id"])
+            return answer
+
+        monkeypatch.setattr(storage, "head_object", head_then_delete)
+        response = self.complete(api, started)
+        assert (response.status_code, response.json()["error"]) == (404, 305)
+        assert "deleted" in response.json()["message"]
+        assert not Backup.objects.exists()
+
     def test_a_second_complete_returns_the_same_backup(self, api, started, django_capture_on_commit_callbacks):
         storage.put_object(started["key"], DATA)
         first = self.complete(api, started).json()["backup"]

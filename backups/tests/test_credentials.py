@@ -23,6 +23,7 @@ def test_the_upload_policy_writes_one_key_and_nothing_else():
                 "Effect": "Allow",
                 "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],
                 "Resource": f"arn:aws:s3:::reclo-test/{KEY}",
+                "Condition": {"StringEqualsIfExists": {"s3:x-amz-storage-class": "STANDARD"}},
             },
             # Write-once: creating the object without If-None-Match: * is denied.
             {
@@ -57,6 +58,18 @@ def test_the_write_once_denials_spare_the_multipart_calls_that_cannot_carry_the_
     assert denials and all(s["Condition"]["Bool"] == {"s3:ObjectCreationOperation": "true"} for s in denials)
     # And nothing is denied that an agent's own abort needs.
     assert all(s["Action"] == "s3:PutObject" for s in denials)
+
+
+def test_the_upload_policy_pins_the_storage_class():
+    """moto does not enforce session policies, so the document is what is checked (see cloud/credentials.py).
+
+    AWS's condition key for the storage-class header of PutObject and
+    CreateMultipartUpload is `s3:x-amz-storage-class`. With IfExists a
+    request naming GLACIER matches no Allow (denied), while UploadPart and
+    AbortMultipartUpload, which carry no such header, still pass.
+    """
+    (statement,) = [s for s in json.loads(credentials.upload_policy(KEY))["Statement"] if s["Effect"] == "Allow"]
+    assert statement["Condition"] == {"StringEqualsIfExists": {"s3:x-amz-storage-class": "STANDARD"}}
 
 
 def test_no_read_list_or_delete_action_is_granted_for_uploads():

@@ -10,7 +10,7 @@ from reclo_agent import vhd
 from backups import services
 from backups.models import Backup
 from reclo_site import cloud
-from reclo_site.cloud import storage
+from reclo_site.cloud import clients, storage
 
 from . import vhds
 
@@ -229,3 +229,55 @@ def test_a_storage_outage_leaves_the_backup_verifying_for_a_retry(api, aws, monk
 def test_verifying_twice_does_nothing_the_second_time(base):
     backup, _, _ = base
     assert services.backup_verify(backup_id=backup.pk).status == "verified"
+
+
+class TestStorageClass:
+    """An agent that picks GLACIER (or any class but STANDARD) gets a verdict, never an endless `verifying`."""
+
+    def started(self, api, data: bytes, storage_class: str) -> dict:
+        response = api.post("/api/v1/backups/uploads", {**_start(), "kind": "full"}, format="json").json()
+        # What the agent's own client would do with StorageClass=...: moto stores the class as S3 does.
+        clients.client("s3").put_object(
+            Bucket=storage.bucket_name(), Key=response["key"], Body=data, StorageClass=storage_class
+        )
+        return response
+
+    @pytest.mark.parametrize("storage_class", ["GLACIER", "DEEP_ARCHIVE", "STANDARD_IA"])
+    def test_complete_refuses_it_at_once_with_307(self, api, aws, storage_class):
+        data, _ = vhds.full(vhds.raw_disk(1))
+        started = self.started(api, data, storage_class)
+        body = {"file_size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        response = api.post(f"/api/v1/backups/uploads/{started['upload_id']}/complete", body, format="json")
+        assert (response.status_code, response.json()["error"]) == (422, 307)
+        assert storage_class in response.json()["message"] and "STANDARD" in response.json()["message"]
+        backup = Backup.objects.get()
+        assert backup.status == "failed" and storage_class in backup.failure
+        assert object_gone(backup.key)
+
+    def test_the_verifier_fails_it_with_the_reason_instead_of_retrying_forever(self, api, aws):
+        # The class changed after complete looked (or complete ran before this check existed).
+        data, _ = vhds.full(vhds.raw_disk(1))
+        started = self.started(api, data, "GLACIER")
+        Backup.objects.filter(pk=started["upload_id"]).update(
+            status="verifying", file_size=len(data), sha256=hashlib.sha256(data).hexdigest()
+        )
+        backup = services.backup_verify(backup_id=started["upload_id"])
+        assert backup.status == "failed"
+        assert backup.failure.startswith("The object was stored in the GLACIER storage class")
+
+    def test_a_standard_object_is_verified(self, api, aws, on_commit):
+        data, _ = vhds.full(vhds.raw_disk(1))
+        started = self.started(api, data, "STANDARD")
+        body = {"file_size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        with on_commit():
+            api.post(f"/api/v1/backups/uploads/{started['upload_id']}/complete", body, format="json")
+        assert Backup.objects.get().status == "verified"
+
+    def test_reading_an_archived_object_is_object_archived(self, aws):
+        s3 = clients.client("s3")
+        s3.put_object(Bucket=storage.bucket_name(), Key="cold", Body=b"x" * 100, StorageClass="GLACIER")
+        reader = storage.ObjectReader("cold")
+        assert reader.storage_class == "GLACIER"
+        with pytest.raises(cloud.ObjectArchived) as caught:
+            reader.read(10)
+        assert caught.value.storage_class == "GLACIER"

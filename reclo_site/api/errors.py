@@ -2,13 +2,14 @@
 
 Services and views raise `reclo_site.errors.ServiceError` (DRF raises its
 own exceptions); the single exception handler below turns every one of them,
-and anything unexpected, into the contract's envelope with a fitting HTTP
-status.
+and anything unexpected, into the envelope of docs/api.md (Conventions) with
+a fitting HTTP status.
 """
 
 import logging
 
-from django.core.exceptions import PermissionDenied
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.db import DatabaseError, InterfaceError, OperationalError
 from django.http import Http404
 from rest_framework import exceptions
@@ -69,6 +70,10 @@ def exception_handler(exc, context):
         message = "The request has invalid fields: " + ", ".join(sorted(fields)) + "."
     elif isinstance(exc, exceptions.ParseError):
         code, message, fields, status_code = Code.MALFORMED, f"Malformed request: {exc.detail}", None, 400
+    elif isinstance(exc, RequestDataTooBig):
+        # Django refuses to read a body over DATA_UPLOAD_MAX_MEMORY_SIZE.
+        code, fields, status_code = Code.MALFORMED, None, 413
+        message = f"The request body is over {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes."
     elif isinstance(exc, exceptions.UnsupportedMediaType):
         code, message, fields, status_code = Code.MALFORMED, "Send the body as application/json.", None, 415
     elif isinstance(exc, (exceptions.NotAuthenticated, exceptions.AuthenticationFailed)):

@@ -11,7 +11,8 @@ from .errors import (
     CloudError,
     CloudPermanentError,
     CloudUnavailable,
+    ObjectArchived,
     ObjectNotFound,
 )
 
-__all__ = ["CloudError", "CloudPermanentError", "CloudUnavailable", "ObjectNotFound"]
+__all__ = ["CloudError", "CloudPermanentError", "CloudUnavailable", "ObjectArchived", "ObjectNotFound"]

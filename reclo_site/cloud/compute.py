@@ -5,7 +5,7 @@ repeated token, for about a week), AllocateAddress does not: callers tag what
 they create and look for the tag first. moto ignores ClientToken, so the
 tag lookup is also what keeps the local emulator free of duplicates.
 
-moto quirks worth knowing (see the design): instance states jump to their end
+moto quirks worth knowing (docs/architecture.md, The cloud adapter): instance states jump to their end
 state at once, and an Elastic IP stays associated with a terminated
 instance, so `release_address` always disassociates first.
 """

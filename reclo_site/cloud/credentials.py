@@ -13,7 +13,7 @@ Two ways to mint them, chosen by settings:
 - unset (the default): ``GetFederationToken`` with the same session policy.
   It needs long-term IAM *user* credentials (not a role's), whose policy
   allows the actions above on that prefix, and lasts up to 36 hours, so the
-  contract's 12 hours hold without any role set-up. moto's server mode
+  12 hours of docs/api.md (Uploading) hold without any role set-up. moto's server mode
   answers it too, so the local stack needs no IAM at all.
 
 Either way the session policy is what narrows the credentials to one object
@@ -38,8 +38,8 @@ MAX_POLICY_LENGTH = 2048
 MIN_DURATION = 15 * 60
 MAX_DURATION = 12 * 60 * 60
 
-# What an agent may do with the one key of its upload (the contract's
-# "Upload rules"). s3:PutObject also authorizes CreateMultipartUpload,
+# What an agent may do with the one key of its upload (docs/api.md,
+# Uploading). s3:PutObject also authorizes CreateMultipartUpload,
 # UploadPart and CompleteMultipartUpload; aborting its own multipart upload
 # is a separate action, still limited to that key. Nothing reads, lists
 # (not even the parts of its own upload: a resumed agent goes by its own
@@ -71,7 +71,7 @@ class TemporaryCredentials:
     policy: str
 
     def as_api(self) -> dict:
-        """The `credentials` object of the API contract (boto3's own names)."""
+        """The `credentials` object of docs/api.md (boto3's own names)."""
         return {
             "AccessKeyId": self.access_key_id,
             "SecretAccessKey": self.secret_access_key,
@@ -117,9 +117,16 @@ def _dump(policy: dict) -> str:
 
 
 def upload_policy(key: str) -> str:
-    """The session policy of an upload: write that one key, once, nothing else.
+    """The session policy of an upload: write that one key, once, in STANDARD, nothing else.
 
-    The second statement makes the key write-once: S3 denies a PutObject or
+    The Allow names the storage class: ``s3:x-amz-storage-class`` is the
+    header a PutObject or CreateMultipartUpload names its class with, and
+    with IfExists a request without it (UploadPart, AbortMultipartUpload, or
+    a PUT taking the bucket's default, STANDARD) passes, while one asking for
+    GLACIER or any other class matches no Allow: an archived restore point
+    cannot be read for a failover.
+
+    The Deny statements make the key write-once: S3 denies a PutObject or
     CompleteMultipartUpload that does not carry `If-None-Match: *`, and with
     the header S3 refuses (412) to write over an object that exists. So once
     the agent's object is stored, these credentials cannot replace it, even
@@ -138,7 +145,13 @@ def upload_policy(key: str) -> str:
         {
             "Version": "2012-10-17",
             "Statement": [
-                {"Sid": "WriteOneBackup", "Effect": "Allow", "Action": list(UPLOAD_ACTIONS), "Resource": arn},
+                {
+                    "Sid": "WriteOneBackup",
+                    "Effect": "Allow",
+                    "Action": list(UPLOAD_ACTIONS),
+                    "Resource": arn,
+                    "Condition": {"StringEqualsIfExists": {"s3:x-amz-storage-class": "STANDARD"}},
+                },
                 {
                     "Sid": "WriteItOnce",
                     "Effect": "Deny",

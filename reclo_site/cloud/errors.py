@@ -41,6 +41,14 @@ class ObjectNotFound(CloudPermanentError):
     """The object, upload or resource does not exist."""
 
 
+class ObjectArchived(CloudPermanentError):
+    """The object is in a storage class we refuse (GLACIER, DEEP_ARCHIVE, ...); `storage_class` says which."""
+
+    def __init__(self, message: str, code: str = "", storage_class: str = ""):
+        super().__init__(message, code)
+        self.storage_class = storage_class
+
+
 def translate(exc: Exception, what: str) -> CloudError:
     """Turn a botocore exception into one of ours, keeping AWS's code."""
     if isinstance(exc, ClientError):
@@ -50,6 +58,8 @@ def translate(exc: Exception, what: str) -> CloudError:
         message = f"{what}: {code} {err.get('Message', '')}".strip()
         if code in NOT_FOUND_CODES or code.endswith(".NotFound"):
             return ObjectNotFound(message, code)
+        if code == "InvalidObjectState":
+            return ObjectArchived(message, code, str(err.get("StorageClass", "")))
         if code in TRANSIENT_CODES or status >= 500:
             return CloudUnavailable(message, code)
         return CloudPermanentError(message, code)

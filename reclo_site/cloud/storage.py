@@ -20,6 +20,9 @@ MAX_PARTS = 10_000
 # Incomplete multipart uploads left behind by killed agents are aborted by
 # the bucket itself after this many days, as well as by our beat job.
 ABORT_INCOMPLETE_UPLOADS_DAYS = 2
+# The only storage class a restore point may have: readable at once, for a
+# failover. S3 leaves the header out of answers for this class.
+STANDARD = "STANDARD"
 
 
 # Stored restore points are locked in COMPLIANCE mode, not GOVERNANCE: in
@@ -155,7 +158,7 @@ def put_object(key: str, body: bytes, *, metadata: dict | None = None, tags: dic
 
 
 def head_object(key: str, *, version_id: str | None = None, etag: str | None = None) -> dict:
-    """Size, ETag, version and lock of an object; ObjectNotFound when it (or that version) is missing.
+    """Size, ETag, version, lock and storage class of an object; ObjectNotFound when it (or that version) is missing.
 
     With `version_id` it describes that version; with `etag` it raises
     ObjectChanged unless the object still has it.
@@ -172,6 +175,7 @@ def head_object(key: str, *, version_id: str | None = None, etag: str | None = N
         "metadata": resp.get("Metadata", {}),
         "locked_until": resp.get("ObjectLockRetainUntilDate"),
         "lock_mode": resp.get("ObjectLockMode", ""),
+        "storage_class": resp.get("StorageClass") or STANDARD,
     }
 
 
@@ -354,6 +358,7 @@ class ObjectReader(SeekableObject):
         self.size = info["size"]
         self.etag = info["etag"]
         self.version_id = info["version_id"]
+        self.storage_class = info["storage_class"]
         self._s3 = client("s3")
         self._chunk_size = chunk_size
         self._cache: OrderedDict[int, bytes] = OrderedDict()

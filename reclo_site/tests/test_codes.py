@@ -1,4 +1,4 @@
-"""The contract's error codes: one table in the portal, mirrored by the agent."""
+"""The error codes of docs/api.md: one table in the portal, mirrored by the agent."""
 
 from reclo_agent.codes import Code as AgentCode
 

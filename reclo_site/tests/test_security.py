@@ -36,6 +36,19 @@ def test_a_harmful_request_id_is_replaced(client):
     assert "<" not in response["X-Request-ID"]
 
 
+def test_a_clients_request_id_is_not_taken_as_ours(client):
+    response = client.get("/accounts/login/", HTTP_X_REQUEST_ID="chosen-by-the-client")
+    assert response["X-Request-ID"] != "chosen-by-the-client" and len(response["X-Request-ID"]) == 32
+
+
+def test_a_trusted_proxys_request_id_is_used(client, settings):
+    settings.RECLO_TRUST_REQUEST_ID = True
+    response = client.get("/accounts/login/", HTTP_X_REQUEST_ID="set-by-nginx-0001")
+    assert response["X-Request-ID"] == "set-by-nginx-0001"
+    harmful = client.get("/accounts/login/", HTTP_X_REQUEST_ID="<script>alert(1)</script>")
+    assert len(harmful["X-Request-ID"]) == 32  # even a trusted header must be well-formed
+
+
 def test_production_settings_make_cookies_secure_and_send_hsts(monkeypatch):
     """The settings module itself, loaded as production loads it."""
     import importlib

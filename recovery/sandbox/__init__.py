@@ -24,7 +24,7 @@ The drill pipeline calls this package in three steps::
         ...
 
     # 3. record: verdict.passed, verdict.checks ([Check(name, passed,
-    #    detail)], as the contract's checks), verdict.reason,
+    #    detail)], as docs/api.md's checks), verdict.reason,
     #    verdict.console_excerpt, verdict.screenshot_path,
     #    verdict.timings ({"prepare", "boot", "checks", "total"} seconds),
     #    verdict.answered_after (power-on to "server answers"), or

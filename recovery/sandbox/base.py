@@ -13,7 +13,7 @@ DEFAULT_TIME_LIMIT = 600.0  # seconds: 10 minutes from power-on to "server answe
 
 
 class SandboxError(RuntimeError):
-    """The sandbox itself could not be started (contract code 411), as opposed to a guest that fails its checks."""
+    """The sandbox itself could not be started (code 411, docs/api.md), as opposed to a guest that fails its checks."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The Recovery API: the contract's routes and codes, and other tenants' ids on every endpoint."""
+"""The Recovery API: the routes and codes of docs/api.md, and other tenants' ids on every endpoint."""
 
 import uuid
 

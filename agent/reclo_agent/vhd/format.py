@@ -34,7 +34,7 @@ FOOTER_COOKIE = b"conectix"
 HEADER_COOKIE = b"cxsparse"
 FORMAT_VERSION = 0x00010000
 HEADER_VERSION = 0x00010000
-FEATURES_RESERVED = 0x00000002  # the spec's "reserved" feature bit, always set
+FEATURES_RESERVED = 0x00000002  # the VHD specification's "reserved" feature bit, always set
 # We write what Hyper-V writes. The creator application matters: readers such
 # as qemu trust the exact current size only for known creators like "win ";
 # for others they use the rounded-down CHS geometry and cut the disk short.
@@ -79,7 +79,7 @@ def checksum(data: bytes | bytearray) -> int:
 
 
 def chs_geometry(size: int) -> tuple[int, int, int]:
-    """(cylinders, heads, sectors per track) for a disk size, per the spec.
+    """(cylinders, heads, sectors per track) for a disk size, per the VHD specification.
 
     This is the algorithm of the specification's appendix, integer division
     included. The geometry covers at most ``size`` (usually a little less),
