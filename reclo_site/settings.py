@@ -445,6 +445,9 @@ RECLO_VPN_KEYS = env.list("RECLO_VPN_KEYS", default=[]) or [_local_vpn_key()]
 # the vmimport role, hours; injects drivers, for Windows and physical servers).
 RECLO_IMPORT_METHOD = env("RECLO_IMPORT_METHOD", default="ebs_direct")
 RECLO_VMIMPORT_ROLE = env("RECLO_VMIMPORT_ROLE", default="vmimport")
+# The licence of a Windows server imported by VM Import: "AWS" (EC2 provides
+# and bills it) or "BYOL" (the customer's own, where their agreement allows).
+RECLO_WINDOWS_LICENSE_TYPE = env("RECLO_WINDOWS_LICENSE_TYPE", default="AWS")
 # Each tenant's recovery network, and the WireGuard tunnel into it. Chosen
 # away from the 10.0/16, 192.168/16 ranges an office LAN usually has.
 RECLO_RECOVERY_VPC_CIDR = env("RECLO_RECOVERY_VPC_CIDR", default="10.213.0.0/16")

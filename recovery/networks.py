@@ -59,7 +59,7 @@ def network_ensure(user) -> RecoveryNetwork | None:
     tags, else a new one.
     """
     net, _ = RecoveryNetwork.objects.get_or_create(user=user)
-    if net.ready:
+    if net.ready and _still_there(net):
         return net
     token = _take(RecoveryNetwork, net.pk)
     if token is None:
@@ -121,6 +121,40 @@ def network_ensure(user) -> RecoveryNetwork | None:
         return net
     finally:
         _give_back(RecoveryNetwork, net.pk, token)
+
+
+# The network's saved ids, with the kind of resource each names; the VPC first.
+_NETWORK_IDS = (
+    ("vpc_id", "vpc"),
+    ("igw_id", "internet-gateway"),
+    ("subnet_id", "subnet"),
+    ("route_table_id", "route-table"),
+    ("gateway_group_id", "security-group"),
+    ("server_group_id", "security-group"),
+)
+
+
+def _still_there(net: RecoveryNetwork) -> bool:
+    """Check the saved ids against the cloud; forget the ones that are gone (all of them with the VPC).
+
+    The ids are cached per tenant, and a VPC or security group deleted by
+    hand would otherwise fail every later failover (InvalidGroup.NotFound).
+    False sends the caller on to rebuild what is missing.
+    """
+    gone = [
+        field for field, kind in _NETWORK_IDS if getattr(net, field) and not network.exists(kind, getattr(net, field))
+    ]
+    if not gone:
+        return True
+    if "vpc_id" in gone:
+        gone = [field for field, _ in _NETWORK_IDS]  # nothing inside a deleted VPC is left
+    log.warning("recovery network of tenant %s: %s gone, recreating", net.user_id, ", ".join(gone))
+    cleared = {field: "" for field in gone}
+    RecoveryNetwork.objects.filter(pk=net.pk).update(ready=False, **cleared)
+    for field, value in cleared.items():
+        setattr(net, field, value)
+    net.ready = False
+    return False
 
 
 def _new_keys() -> dict:

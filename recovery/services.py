@@ -18,7 +18,7 @@ from reclo_site import cloud
 from reclo_site.cloud import compute, imaging, storage
 from reclo_site.errors import Code, ServiceError
 
-from . import drill_services, engine, networks, selectors, sizes
+from . import drill_services, engine, networks, paths, selectors, sizes
 from .failover import FAILOVER
 from .models import Instance, Recovery, RecoveryNetwork, RecoveryStep
 from .steps import merged_key
@@ -62,7 +62,10 @@ def recovery_start(*, user, backup_id, instance_type: str | None = None, import_
             )
     else:
         instance_type = sizes.size_for_disk(backup.virtual_size).instance_type
-    method = import_method or settings.RECLO_IMPORT_METHOD
+    # Windows needs VM Import whatever the default (see recovery.paths).
+    method = import_method or (
+        paths.VM_IMPORT if paths.image_path(backup.server).platform == "windows" else settings.RECLO_IMPORT_METHOD
+    )
     if method not in Recovery.ImportMethod.values:
         raise ServiceError(Code.MALFORMED, "Unknown import method.", field="import_method")
     server = backup.server

@@ -7,6 +7,8 @@ id, and only then creates, with a ClientToken where AWS takes one.
 """
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from django.conf import settings
 from django.utils import timezone
@@ -17,7 +19,7 @@ from reclo_site import cloud
 from reclo_site.cloud import compute, imaging, storage, streams
 from reclo_site.errors import Code
 
-from . import networks, selectors
+from . import networks, paths, selectors
 from .engine import StepContext
 from .models import Instance, Recovery
 from .pipeline import Done, StepFailed, Wait
@@ -31,6 +33,10 @@ IMPORT_POLL = 30.0
 INSTANCE_POLL = 5.0
 # EBS direct writes are checkpointed every this many VHD blocks (128 MiB).
 CHECKPOINT_BLOCKS = 64
+# Threads that read the chain and write snapshot blocks at once (each its own reads and writes).
+WRITERS = 16
+# Ranged reads of a layer: a 2 MiB block compresses to well under this.
+CHAIN_CHUNK = 4 * MiB
 
 
 # Consolidated disks live under their own prefix: the vmimport role may read
@@ -80,6 +86,16 @@ def _merged_size_bound(chain: ChainReader) -> int:
     return metadata + blocks * (bitmap_size(chain.block_size) + chain.block_size) + FOOTER_SIZE
 
 
+def _chain_or_fail(recovery: Recovery) -> list:
+    """The backups of the restore point's chain, base first; StepFailed when it cannot be restored."""
+    if recovery.backup is None:
+        raise StepFailed(Code.NO_RESTORABLE_BACKUP, "The restore point was deleted before its disk could be prepared.")
+    try:
+        return selectors.backup_chain(recovery.backup)
+    except selectors.ChainError as exc:
+        raise StepFailed(Code.NO_RESTORABLE_BACKUP, str(exc)) from exc
+
+
 def consolidate(ctx: StepContext) -> Done:
     """Merge the chain up to the restore point into one uncompressed dynamic VHD in S3.
 
@@ -90,6 +106,14 @@ def consolidate(ctx: StepContext) -> Done:
     atomically, so an existing object is a whole one).
     """
     recovery = ctx.recovery
+    if recovery.import_method == Recovery.ImportMethod.EBS_DIRECT:
+        # EBS direct merges the chain straight into the snapshot's blocks
+        # (`_write_snapshot_blocks`): no merged copy. Only check the chain here.
+        chain = _chain_or_fail(recovery)
+        return Done(
+            {"direct": True, "layers": len(chain)},
+            f"The {len(chain)} restore point(s) will be merged straight into the cloud disk: no copy needed.",
+        )
     key = merged_key(recovery)
     try:
         existing = storage.head_object(key)
@@ -102,12 +126,7 @@ def consolidate(ctx: StepContext) -> Done:
             True,
         )
 
-    if recovery.backup is None:
-        raise StepFailed(Code.NO_RESTORABLE_BACKUP, "The restore point was deleted before its disk could be prepared.")
-    try:
-        chain = selectors.backup_chain(recovery.backup)
-    except selectors.ChainError as exc:
-        raise StepFailed(Code.NO_RESTORABLE_BACKUP, str(exc)) from exc
+    chain = _chain_or_fail(recovery)
     # Parts of an earlier try that died half-way would only cost storage.
     for stale_key, upload_id in storage.multipart_uploads(prefix=key, key=key):
         storage.abort_multipart_upload(stale_key, upload_id)
@@ -167,23 +186,24 @@ def _image_ready(ctx: StepContext, image_id: str) -> Done | Wait:
     raise StepFailed(Code.IMPORT_FAILED, f"The image could not be created ({state}): {reason or 'no reason given'}.")
 
 
-def _ebs_blocks(reader: ChainReader, start_block: int, end_block: int):
-    """(EBS block index, 512 KiB) of the non-zero parts of VHD blocks [start, end)."""
-    per = reader.block_size // imaging.EBS_BLOCK_SIZE
-    zero = bytes(imaging.EBS_BLOCK_SIZE)
-    for index in range(start_block, end_block):
-        if not reader.top.is_allocated(index):
-            continue
-        data = reader.read_block(index)
-        for part in range(per):
-            piece = data[part * imaging.EBS_BLOCK_SIZE : (part + 1) * imaging.EBS_BLOCK_SIZE]
-            if not piece or piece == zero[: len(piece)]:
-                continue  # unwritten EBS blocks read as zeros
-            yield index * per + part, piece.ljust(imaging.EBS_BLOCK_SIZE, b"\0")
+def _ebs_pieces(index: int, data: bytes, per: int):
+    """(EBS block index, 512 KiB) of the non-zero parts of VHD block `index` (unwritten EBS blocks read as zeros)."""
+    size = imaging.EBS_BLOCK_SIZE
+    zero = bytes(size)
+    for part in range(per):
+        piece = data[part * size : (part + 1) * size]
+        if piece and piece != zero[: len(piece)]:
+            yield index * per + part, piece.ljust(size, b"\0")
+
+
+def open_chain(layers: list[tuple[str, dict]]) -> ChainReader:
+    """The chain's disk from `(key, pinned reader arguments)`, base first, read by ranged GETs of its zstd frames."""
+    files = [storage.ObjectReader(key, chunk_size=CHAIN_CHUNK, **pinned) for key, pinned in layers]
+    return ChainReader([VHDReader(open_seekable(f)) for f in files])
 
 
 def _ebs_direct(ctx: StepContext) -> Done | Wait:
-    """EBS direct: snapshot blocks written from the merged disk, then RegisterImage.
+    """EBS direct: the chain merged straight into snapshot blocks, then RegisterImage.
 
     Resumable: the snapshot is found by its tag or ClientToken; block writes
     are checkpointed (rewriting a block is harmless); the image is found by
@@ -224,10 +244,12 @@ def _ebs_direct(ctx: StepContext) -> Done | Wait:
         return Wait(IMAGE_POLL, "The cloud is sealing the disk snapshot.")
     if state != "completed":
         raise StepFailed(Code.IMPORT_FAILED, f"The disk snapshot failed ({state}): {message or 'no reason given'}.")
+    path = paths.image_path(recovery.server)
     image_id = imaging.register_image(
         name=name,
         snapshot_id=snapshot_id,
         volume_size_gib=gib,
+        boot_mode=path.boot_mode,
         description=f"ReClo failover of {recovery.server_name}, restore point {recovery.backup_ref}",
         tags=recovery_tags(recovery, "server-image"),
     )
@@ -236,27 +258,76 @@ def _ebs_direct(ctx: StepContext) -> Done | Wait:
 
 
 def _write_snapshot_blocks(ctx: StepContext, snapshot_id: str) -> None:
-    merged = ctx.previous("consolidating")
-    key = merged["image_key"]
+    """Merge the chain straight into the snapshot: one pass, no merged copy anywhere.
+
+    The allocated blocks (from the layers' BATs, no data read) go in
+    checkpoint batches; each batch is cut into contiguous runs, one per
+    thread, and each thread has its own chain reader (file objects are not
+    thread-safe), reads its run by ranged GETs and writes the non-zero
+    512 KiB pieces with PutSnapshotBlock. So `WRITERS` reads and writes are
+    in flight at once. After a batch its end is saved: a worker killed
+    mid-batch resumes there and rewrites at most one batch (harmless).
+    """
+    # Each layer read at exactly the version that was verified.
+    layers = [(backup.key, backup.pinned) for backup in _chain_or_fail(ctx.recovery)]
+    local = threading.local()
+    opened: list[ChainReader] = []
+
+    def chain() -> ChainReader:
+        if not hasattr(local, "chain"):
+            local.chain = open_chain(layers)
+            opened.append(local.chain)
+        return local.chain
+
     try:
-        # The version the consolidation wrote (older recoveries saved none).
-        pinned = streams.SequentialObjectReader(key, version_id=merged.get("image_version_id") or None)
-        reader = ChainReader([VHDReader(pinned)])
+        reader = chain()
+    except cloud.ObjectNotFound as exc:
+        raise StepFailed(Code.NO_RESTORABLE_BACKUP, "A restore point of the chain is missing from storage.") from exc
     except storage.ObjectChanged as exc:
-        raise StepFailed(Code.IMPORT_FAILED, f"The merged disk changed in storage: {exc}") from exc
+        raise StepFailed(Code.IMPORT_FAILED, _changed_message(exc)) from exc
     except VHDError as exc:
-        raise StepFailed(Code.IMPORT_FAILED, f"The merged disk is damaged: {exc}") from exc
+        raise StepFailed(Code.IMPORT_FAILED, f"A restore point of the chain is damaged: {exc}") from exc
+    if reader.virtual_size != ctx.recovery.virtual_size:
+        raise StepFailed(Code.IMPORT_FAILED, "The chain's disk size does not match the restore point.")
+    per = reader.block_size // imaging.EBS_BLOCK_SIZE
     start = ctx.outputs.get("next_block", 0)
     written = ctx.outputs.get("changed_blocks", 0)
     total = reader.block_count
-    for batch_start in range(start, total, CHECKPOINT_BLOCKS):
-        batch_end = min(total, batch_start + CHECKPOINT_BLOCKS)
+    todo = [index for index in reader.allocated_blocks() if index >= start]
 
-        def beat(_index, batch_start=batch_start):
-            ctx.heartbeat(f"Writing the disk: {batch_start * 100 // total}% done.")
+    def write_run(run: list[int]) -> int:
+        count = 0
+        source = chain()
+        for index in run:
+            for ebs_index, piece in _ebs_pieces(index, source.read_block(index), per):
+                imaging.put_snapshot_block(snapshot_id, ebs_index, piece)
+                count += 1
+        return count
 
-        written += imaging.put_snapshot_blocks(snapshot_id, _ebs_blocks(reader, batch_start, batch_end), on_done=beat)
-        ctx.save(next_block=batch_end, changed_blocks=written)
+    ctx.heartbeat(f"Writing {len(todo)} stored block(s) of the disk.", force=True)
+    try:
+        with ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="ebs-write") as pool:
+            for first in range(0, len(todo), CHECKPOINT_BLOCKS):
+                batch = todo[first : first + CHECKPOINT_BLOCKS]
+                step = -(-len(batch) // WRITERS)
+                futures = [pool.submit(write_run, batch[i : i + step]) for i in range(0, len(batch), step)]
+                try:
+                    for future in as_completed(futures):
+                        written += future.result()
+                        ctx.heartbeat(f"Writing the disk: {batch[0] * 100 // total}% done.")
+                except storage.ObjectChanged as exc:
+                    raise StepFailed(Code.IMPORT_FAILED, _changed_message(exc)) from exc
+                except VHDError as exc:
+                    raise StepFailed(Code.IMPORT_FAILED, f"A restore point of the chain is damaged: {exc}") from exc
+                finally:
+                    for future in futures:
+                        future.cancel()
+                next_block = todo[first + CHECKPOINT_BLOCKS] if first + CHECKPOINT_BLOCKS < len(todo) else total
+                ctx.save(next_block=next_block, changed_blocks=written)
+    finally:
+        for opened_chain in opened:
+            for layer in opened_chain.layers:
+                layer._f.close()
     ctx.save(blocks_written=True, changed_blocks=written)
 
 
@@ -265,6 +336,7 @@ def _vm_import(ctx: StepContext) -> Done | Wait:
     recovery = ctx.recovery
     task_id = ctx.outputs.get("import_task_id")
     if not task_id:
+        path = paths.image_path(recovery.server)
         key = ctx.previous("consolidating")["image_key"]
         task_id = imaging.import_image(
             bucket=storage.bucket_name(),
@@ -273,6 +345,9 @@ def _vm_import(ctx: StepContext) -> Done | Wait:
             client_token=f"reclo-{recovery.pk}",
             description=f"ReClo failover of {recovery.server_name}",
             tags=recovery_tags(recovery, "server-import"),
+            boot_mode=path.boot_mode,
+            license_type=settings.RECLO_WINDOWS_LICENSE_TYPE,
+            platform=path.platform.capitalize(),
         )
         ctx.save(import_task_id=task_id)
     status = imaging.import_status(task_id)

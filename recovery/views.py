@@ -16,7 +16,7 @@ from django.views.decorators.http import require_GET, require_http_methods
 from accounts import twofactor
 from reclo_site.errors import ServiceError
 
-from . import drill_report, drill_services, selectors, services, sizes
+from . import drill_report, drill_services, paths, selectors, services, sizes
 from .api import vpn_file_name
 from .drill_api import report_response
 from .drills import DRILL_STEPS
@@ -92,6 +92,17 @@ def failover_start(request, server_id: int):
     if server is None:
         raise Http404("No such server.")
     form = FailoverForm(request.POST or None, server=server)
+    path = paths.image_path(server)
+    latest = form.fields["backup"].queryset.first()
+    expected = (
+        paths.about(
+            paths.expected_seconds(
+                path.method, latest.virtual_size, selectors.measured_failovers(method=path.method)
+            )
+        )
+        if latest
+        else ""
+    )
     if request.method == "POST" and form.is_valid():
         try:
             recovery = services.recovery_start(
@@ -111,6 +122,8 @@ def failover_start(request, server_id: int):
             "server": server,
             "form": form,
             "has_points": form.fields["backup"].queryset.exists(),
+            "path": path,
+            "expected": expected,
             "extras": {
                 "gateway": sizes.VPN_GATEWAY_HOURLY_USD,
                 "addresses": 2 * sizes.PUBLIC_IPV4_HOURLY_USD,
@@ -145,6 +158,11 @@ def _progress(recovery: Recovery) -> dict:
     }
 
 
+def _minutes_seconds(seconds: float) -> str:
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{rest} s"
+
+
 @login_required
 def recovery_detail(request, recovery_id):
     recovery = _recovery_or_404(request, recovery_id)
@@ -157,6 +175,15 @@ def recovery_detail(request, recovery_id):
         {
             "recovery": recovery,
             "progress": _progress(recovery),
+            "method_label": recovery.get_import_method_display(),
+            "expected": paths.about(
+                paths.expected_seconds(
+                    recovery.import_method,
+                    recovery.virtual_size,
+                    selectors.measured_failovers(method=recovery.import_method),
+                )
+            ),
+            "measured": _minutes_seconds(recovery.elapsed.total_seconds()),
             "instance": instance,
             "vpn_ready": vpn_ready,
             "vpn_file": vpn_file_name(instance) if instance else "",

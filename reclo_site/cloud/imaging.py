@@ -17,7 +17,7 @@ Also the vmimport role itself, which VM Import requires by that name.
 import base64
 import hashlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -103,6 +103,53 @@ def _checksum(data: bytes) -> str:
     return base64.b64encode(hashlib.sha256(data).digest()).decode()
 
 
+def put_snapshot_block(snapshot_id: str, index: int, data: bytes) -> None:
+    """Write one 512 KiB block into a pending snapshot. Thread-safe; rewriting a block is harmless."""
+    if len(data) != EBS_BLOCK_SIZE:
+        raise ValueError(f"EBS block {index} is {len(data)} bytes, not {EBS_BLOCK_SIZE}")
+    try:
+        client("ebs").put_snapshot_block(
+            SnapshotId=snapshot_id,
+            BlockIndex=index,
+            BlockData=data,
+            DataLength=len(data),
+            Checksum=_checksum(data),
+            ChecksumAlgorithm="SHA256",
+        )
+    except (ClientError, BotoCoreError) as exc:
+        raise translate(exc, f"write block {index} of {snapshot_id}") from exc
+
+
+def snapshot_blocks(snapshot_id: str) -> Iterator[tuple[int, bytes]]:
+    """`(block index, 512 KiB)` of every block written into a completed snapshot, in index order.
+
+    ListSnapshotBlocks pages through the indices and their block tokens;
+    GetSnapshotBlock reads each one. Blocks not listed read as zeros.
+    """
+    ebs = client("ebs")
+    token = None
+    while True:
+        kwargs = {"SnapshotId": snapshot_id, "MaxResults": 10000}
+        if token:
+            kwargs["NextToken"] = token
+        try:
+            page = ebs.list_snapshot_blocks(**kwargs)
+        except (ClientError, BotoCoreError) as exc:
+            raise translate(exc, f"list blocks of {snapshot_id}") from exc
+        for block in page.get("Blocks", []):
+            try:
+                resp = ebs.get_snapshot_block(
+                    SnapshotId=snapshot_id, BlockIndex=block["BlockIndex"], BlockToken=block["BlockToken"]
+                )
+                data = resp["BlockData"].read()
+            except (ClientError, BotoCoreError) as exc:
+                raise translate(exc, f"read block {block['BlockIndex']} of {snapshot_id}") from exc
+            yield block["BlockIndex"], data
+        token = page.get("NextToken")
+        if not token:
+            return
+
+
 def put_snapshot_blocks(
     snapshot_id: str,
     blocks: Iterable[tuple[int, bytes]],
@@ -184,13 +231,23 @@ def complete_snapshot(snapshot_id: str, *, changed_blocks: int) -> str:
     return resp.get("Status", "pending")
 
 
-def register_image(*, name: str, snapshot_id: str, volume_size_gib: int, description: str, tags: dict) -> str:
+def register_image(
+    *,
+    name: str,
+    snapshot_id: str,
+    volume_size_gib: int,
+    description: str,
+    tags: dict,
+    boot_mode: str = "legacy-bios",
+) -> str:
     """Register a bootable image whose root volume comes from `snapshot_id`.
 
     RegisterImage takes no ClientToken, but an image name is unique in an
     account and region: callers look the name up first (`find_image`), and a
-    duplicate name is answered with the existing image. (moto ignores the
-    tags and the block-device mapping of this call.)
+    duplicate name is answered with the existing image. `boot_mode`
+    (legacy-bios or uefi) must be the one the disk was installed for, or
+    it does not boot. (moto ignores the tags, the boot mode and the
+    block-device mapping of this call.)
     """
     try:
         resp = _call(
@@ -203,6 +260,7 @@ def register_image(*, name: str, snapshot_id: str, volume_size_gib: int, descrip
             VirtualizationType="hvm",
             RootDeviceName=ROOT_DEVICE,
             EnaSupport=True,
+            BootMode=boot_mode,
             BlockDeviceMappings=[
                 {
                     "DeviceName": ROOT_DEVICE,
@@ -299,10 +357,23 @@ class ImportStatus:
         return self.status in ("deleting", "deleted")
 
 
-def import_image(*, bucket: str, key: str, role_name: str, client_token: str, description: str, tags: dict) -> str:
+def import_image(
+    *,
+    bucket: str,
+    key: str,
+    role_name: str,
+    client_token: str,
+    description: str,
+    tags: dict,
+    boot_mode: str = "legacy-bios",
+    license_type: str = "AWS",
+    platform: str = "Windows",
+) -> str:
     """Start importing a VHD in S3 as an image; returns the import task id.
 
     Idempotent through `client_token`: a repeated call returns the same task.
+    `license_type` AWS: EC2 provides (and bills) the Windows licence;
+    BYOL: the customer's own. `boot_mode`: legacy-bios or uefi.
     """
     resp = _call(
         "ec2",
@@ -314,6 +385,9 @@ def import_image(*, bucket: str, key: str, role_name: str, client_token: str, de
         ],
         RoleName=role_name,
         ClientToken=client_token,
+        BootMode=boot_mode,
+        LicenseType=license_type,
+        Platform=platform,
         TagSpecifications=tag_specifications("import-image-task", tags),
         **encryption_args("KmsKeyId"),
     )

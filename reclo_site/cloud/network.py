@@ -18,6 +18,16 @@ _DESCRIBE = {
     "subnet": ("describe_subnets", "Subnets", "SubnetId"),
     "internet-gateway": ("describe_internet_gateways", "InternetGateways", "InternetGatewayId"),
     "security-group": ("describe_security_groups", "SecurityGroups", "GroupId"),
+    "route-table": ("describe_route_tables", "RouteTables", "RouteTableId"),
+}
+# The filter that selects a resource of each kind by its id (a filter, unlike
+# the Ids parameters, answers an empty list rather than a NotFound error).
+_ID_FILTER = {
+    "vpc": "vpc-id",
+    "subnet": "subnet-id",
+    "internet-gateway": "internet-gateway-id",
+    "security-group": "group-id",
+    "route-table": "route-table-id",
 }
 
 # AWS codes meaning "that is already so": success for an idempotent call.
@@ -57,6 +67,13 @@ def find_tagged(kind: str, tags: dict) -> list[str]:
     operation, list_key, id_key = _DESCRIBE[kind]
     found = _call(operation, f"find {kind}", Filters=tag_filters(tags))
     return [item[id_key] for item in found.get(list_key, [])]
+
+
+def exists(kind: str, resource_id: str) -> bool:
+    """Whether the `kind` resource `resource_id` still exists (someone may have deleted it)."""
+    operation, list_key, id_key = _DESCRIBE[kind]
+    found = _call(operation, f"describe {resource_id}", Filters=[{"Name": _ID_FILTER[kind], "Values": [resource_id]}])
+    return any(item[id_key] == resource_id for item in found.get(list_key, []))
 
 
 def create_vpc(*, cidr: str, tags: dict) -> str:

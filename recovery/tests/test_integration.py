@@ -87,6 +87,10 @@ def test_a_worker_killed_mid_step_is_taken_over_and_nothing_is_made_twice(moto_s
     assert VpnGateway.objects.count() == 1
     # The snapshot the second worker finished holds the disk.
     assert imaging.snapshot_state(step.outputs["snapshot_id"])[0] == "completed"
+    disk = bytearray(len(top))
+    for index, data in imaging.snapshot_blocks(step.outputs["snapshot_id"]):
+        disk[index * imaging.EBS_BLOCK_SIZE : (index + 1) * imaging.EBS_BLOCK_SIZE] = data
+    assert bytes(disk) == top  # merged straight from the chain, across the kill
     assert step.outputs["changed_blocks"] == sum(
         1 for n in range(0, len(top), imaging.EBS_BLOCK_SIZE) if any(top[n : n + imaging.EBS_BLOCK_SIZE])
     )

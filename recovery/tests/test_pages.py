@@ -3,11 +3,12 @@
 import json
 import re
 import uuid
+from datetime import timedelta
 
 import pytest
 from django.urls import reverse
 
-from recovery import services
+from recovery import paths, services
 from recovery.models import Instance, Recovery
 
 from .factories import recovered_instance
@@ -30,6 +31,38 @@ def test_the_failover_form_offers_the_newest_verified_restore_point_and_sizes_wi
     assert "recommended" in page
     assert "$0.057" in page  # t3.medium with the gateway and two addresses, per hour
     assert "per hour" in page and "Fail over now" in page
+
+
+def test_the_failover_form_says_which_path_why_and_how_long(owner, server, chain, monkeypatch):
+    url = reverse("recovery:failover-start", args=[server.pk])
+    page = owner.get(url).content.decode()
+    assert "How the cloud copy is made: EBS direct" in page
+    assert "assumed: the server has sent no preflight report" in page and "legacy BIOS" in page
+    # An 8 MiB disk, no earlier failovers: the default rates, 3 minutes fixed and 6 s per GiB.
+    assert "Expected time until the server is ready: <strong>about 3 minutes</strong>" in page
+
+    monkeypatch.setattr(paths, "_preflight", lambda s: {"os": "windows", "boot_mode": "uefi"})
+    page = owner.get(url).content.decode()
+    assert "How the cloud copy is made: VM Import" in page
+    assert "Windows" in page and "UEFI mode (as its agent reported)" in page
+    assert "about 32 minutes" in page
+
+
+def test_expected_time_follows_the_measured_failovers():
+    gib = 1024**3
+    # Earlier failovers took 10 and 20 minutes for 10 GiB; the fixed part is 3 minutes.
+    measured = [(10 * gib, 600.0), (10 * gib, 1200.0), (10 * gib, 900.0)]
+    assert paths.expected_seconds("ebs_direct", 100 * gib, measured) == 180 + 72 * 100
+    assert paths.expected_seconds("ebs_direct", 100 * gib, []) == 180 + 6 * 100
+    assert paths.about(180 + 72 * 100) == "about 2 hours"
+
+
+def test_the_recovery_page_shows_the_measured_time_to_ready(owner, ready):
+    recovery, _ = ready
+    Recovery.objects.filter(pk=recovery.pk).update(finished=recovery.created + timedelta(seconds=125))
+    page = owner.get(reverse("recovery:detail", args=[recovery.pk])).content.decode()
+    assert "ready after 2 min 5 s" in page and "(measured)" in page
+    assert "EBS direct" in page and "expected about" in page
 
 
 def test_the_form_needs_a_confirmation(owner, server, chain):

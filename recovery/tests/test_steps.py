@@ -1,6 +1,7 @@
 """Each failover step against moto: what it makes, when it skips, how it fails, how it resumes."""
 
 import io
+import time
 from unittest import mock
 
 import pytest
@@ -9,9 +10,10 @@ from moto.ebs.models import ebs_backends
 from reclo_agent.vhd import ChainReader, VHDReader
 
 from backups.models import Backup
+from reclo_site import cloud
 from reclo_site.cloud import CloudPermanentError, compute, imaging, network, storage
 from reclo_site.cloud.compute import InstanceInfo
-from recovery import engine, services, steps
+from recovery import engine, paths, services, steps
 from recovery.models import Instance, Recovery, RecoveryNetwork, RecoveryStep, VpnGateway
 
 from .cloud_inventory import inventory
@@ -27,6 +29,12 @@ def recovery(chain, user):
     return services.recovery_start(user=user, backup_id=chain[0][-1].pk)
 
 
+@pytest.fixture
+def merged(chain, user):
+    """A failover by VM Import, the one path that still needs the merged disk in storage."""
+    return services.recovery_start(user=user, backup_id=chain[0][-1].pk, import_method="vm_import")
+
+
 def outputs(recovery, step):
     return RecoveryStep.objects.get(recovery=recovery, name=step).outputs
 
@@ -34,7 +42,8 @@ def outputs(recovery, step):
 # --- consolidating ------------------------------------------------------------------------------
 
 
-def test_consolidating_merges_the_chain_into_one_dynamic_vhd_in_storage(recovery, chain, drive):
+def test_consolidating_merges_the_chain_into_one_dynamic_vhd_in_storage(merged, chain, drive):
+    recovery = merged
     _backups, top = chain
     drive(recovery.pk, until="importing")
     out = outputs(recovery, "consolidating")
@@ -47,14 +56,26 @@ def test_consolidating_merges_the_chain_into_one_dynamic_vhd_in_storage(recovery
     assert storage.head_object(out["image_key"])["size"] == out["image_size"]
 
 
-def test_a_chain_written_over_after_verification_still_fails_over_to_the_verified_disk(recovery, chain, drive):
+def test_a_chain_written_over_after_verification_still_fails_over_to_the_verified_disk(merged, user, chain, drive):
     # The attack: the server's upload credentials write the full's key again
-    # with another valid disk. The failover must never build from it.
+    # with another valid disk. The failover must never build from it, by either path.
     backups, top = chain
     storage.put_object(backups[0].key, store_full(make_disk(8 * MiB, seed=66)).data)
-    drive(recovery.pk, until="importing")
-    merged = VHDReader(storage.ObjectReader(outputs(recovery, "consolidating")["image_key"]))
-    assert ChainReader([merged]).read(0, len(top)) == top
+    drive(merged.pk, until="importing")
+    disk = VHDReader(storage.ObjectReader(outputs(merged, "consolidating")["image_key"]))
+    assert ChainReader([disk]).read(0, len(top)) == top
+    Recovery.objects.filter(pk=merged.pk).update(status="failed")
+    recovery = services.recovery_start(user=user, backup_id=backups[-1].pk, import_method="ebs_direct")
+    drive(recovery.pk, until="launching")  # EBS direct, straight from the chain
+    assert snapshot_disk(outputs(recovery, "importing")["snapshot_id"], len(top)) == top
+
+
+def snapshot_disk(snapshot_id: str, size: int) -> bytes:
+    """A snapshot's disk read back through ListSnapshotBlocks and GetSnapshotBlock (moto implements both)."""
+    disk = bytearray(size)
+    for index, data in imaging.snapshot_blocks(snapshot_id):
+        disk[index * imaging.EBS_BLOCK_SIZE : (index + 1) * imaging.EBS_BLOCK_SIZE] = data
+    return bytes(disk)
 
 
 def test_a_chain_changed_under_its_etag_pin_fails_the_failover_with_the_reason(recovery, chain, drive):
@@ -67,10 +88,11 @@ def test_a_chain_changed_under_its_etag_pin_fails_the_failover_with_the_reason(r
     assert "not the one that was verified" in recovery.error
 
 
-def test_consolidating_is_skipped_when_the_merged_disk_exists(recovery, chain, user, drive):
+def test_consolidating_is_skipped_when_the_merged_disk_exists(merged, chain, user, drive):
+    recovery = merged
     drive(recovery.pk, until="importing")
     Recovery.objects.filter(pk=recovery.pk).update(status="failed")
-    again = services.recovery_start(user=user, backup_id=chain[0][-1].pk)
+    again = services.recovery_start(user=user, backup_id=chain[0][-1].pk, import_method="vm_import")
     with mock.patch.object(steps, "merge_chain", side_effect=AssertionError("merged again")):
         drive(again.pk, until="importing")
     step = again.steps.get(name="consolidating")
@@ -80,9 +102,11 @@ def test_consolidating_is_skipped_when_the_merged_disk_exists(recovery, chain, u
 
 def test_consolidating_an_earlier_restore_point_stops_at_it(chain, user, drive):
     backups, _ = chain
-    recovery = services.recovery_start(user=user, backup_id=backups[0].pk)
-    drive(recovery.pk, until="importing")
-    assert outputs(recovery, "consolidating")["layers"] == 1
+    for method in ("vm_import", "ebs_direct"):
+        recovery = services.recovery_start(user=user, backup_id=backups[0].pk, import_method=method)
+        drive(recovery.pk, until="importing")
+        assert outputs(recovery, "consolidating")["layers"] == 1
+        Recovery.objects.filter(pk=recovery.pk).update(status="failed")
 
 
 def test_consolidating_fails_with_401_when_a_layer_is_missing_from_storage(recovery, chain, drive):
@@ -108,7 +132,8 @@ def test_consolidating_fails_with_401_when_a_parent_is_no_longer_verified(recove
     assert "not verified" in recovery.error
 
 
-def test_consolidating_aborts_the_upload_a_dead_worker_left(recovery, drive):
+def test_consolidating_aborts_the_upload_a_dead_worker_left(merged, drive):
+    recovery = merged
     key = steps.merged_key(recovery)
     writer = storage.ObjectWriter(key)
     writer.write(b"x" * 100)  # a worker died after starting the upload
@@ -148,19 +173,58 @@ def test_ebs_direct_writes_the_disks_non_zero_blocks_and_registers_an_image(reco
     assert params["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"] == out["snapshot_id"]
     assert params["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"] == 1
     assert params["RootDeviceName"] == params["BlockDeviceMappings"][0]["DeviceName"]
+    # moto ignores both: what was sent is checked here. No preflight report: legacy BIOS.
+    assert (params["BootMode"], params["EnaSupport"]) == ("legacy-bios", True)
 
 
-def test_ebs_direct_writes_the_merged_disk_the_consolidation_wrote_not_what_replaced_it(recovery, chain, drive):
+def test_ebs_direct_registers_a_uefi_server_in_uefi_mode(recovery, drive, monkeypatch):
+    monkeypatch.setattr(paths, "_preflight", lambda server: {"boot_mode": "uefi", "kernel": "6.1.0-13-amd64"})
+    registered = []
+
+    def spy(params, **_):
+        registered.append(dict(params))
+
+    events = imaging.client("ec2").meta.events
+    events.register("provide-client-params.ec2.RegisterImage", spy)
+    try:
+        drive(recovery.pk, until="launching")
+    finally:
+        events.unregister("provide-client-params.ec2.RegisterImage", spy)
+    assert [(p["BootMode"], p["EnaSupport"]) for p in registered] == [("uefi", True)]
+
+
+def test_ebs_direct_merges_the_chain_straight_into_the_snapshot_with_no_copy(recovery, chain, drive, monkeypatch):
     _backups, top = chain
-    drive(recovery.pk, until="importing")
-    key = outputs(recovery, "consolidating")["image_key"]
-    storage.put_object(key, store_full(make_disk(8 * MiB, seed=66)).data)  # another disk, written over it
+    in_flight, peak = [0], [0]
+    real = imaging.put_snapshot_block
+
+    def counting(*args):
+        in_flight[0] += 1
+        peak[0] = max(peak[0], in_flight[0])
+        try:
+            time.sleep(0.01)  # long enough for the other writers to start theirs
+            return real(*args)
+        finally:
+            in_flight[0] -= 1
+
+    monkeypatch.setattr(imaging, "put_snapshot_block", counting)
     drive(recovery.pk, until="launching")
-    snapshot_id = outputs(recovery, "importing")["snapshot_id"]
-    blocks = ebs_backends[DEFAULT_ACCOUNT_ID]["us-east-1"].snapshots[snapshot_id].blocks
+    out = outputs(recovery, "importing")
+    assert outputs(recovery, "consolidating") == {"direct": True, "layers": 3}
+    # Read back through EBS direct's own read API (ListSnapshotBlocks, GetSnapshotBlock; moto implements both).
+    disk = bytearray(len(top))
     size = imaging.EBS_BLOCK_SIZE
-    written = b"".join(blocks[n].block_data if n in blocks else bytes(size) for n in range(len(top) // size))
-    assert written == top
+    indices = []
+    for index, data in imaging.snapshot_blocks(out["snapshot_id"]):
+        indices.append(index)
+        assert any(data), f"block {index} is all zeros: it should not have been written"
+        disk[index * size : (index + 1) * size] = data
+    assert bytes(disk) == top
+    assert len(indices) == out["changed_blocks"]
+    assert peak[0] > 1  # several PutSnapshotBlock in flight
+    with pytest.raises(cloud.ObjectNotFound):  # no merged object in S3, nor parts of one
+        storage.head_object(steps.merged_key(recovery))
+    assert storage.multipart_uploads(prefix=steps.IMAGES_PREFIX) == []
 
 
 def sent_params(service: str, operation: str) -> list:
@@ -186,24 +250,40 @@ def test_ebs_direct_snapshots_are_encrypted(recovery, drive, settings, kms_key):
     assert params.get("KmsKeyArn", "") == kms_key  # none: the account's default EBS key
 
 
-def test_ebs_direct_resumes_from_its_checkpoint(recovery, drive, monkeypatch):
+def test_ebs_direct_resumes_from_its_checkpoint(recovery, chain, drive, monkeypatch):
+    _backups, top = chain
     monkeypatch.setattr(steps, "CHECKPOINT_BLOCKS", 1)
-    real = imaging.put_snapshot_blocks
-    calls = []
+    per = 2 * MiB // imaging.EBS_BLOCK_SIZE
+    allocated = sorted({i // per for i in range(len(top) // imaging.EBS_BLOCK_SIZE) if any(_ebs(top, i))})
+    assert len(allocated) >= 3
+    victim = allocated[2]
+    real = imaging.put_snapshot_block
+    written, killed = [], []
 
-    def die_on_third_batch(snapshot_id, blocks, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
+    def die_in_third_batch(snapshot_id, index, data):
+        if index // per == victim and not killed:
+            killed.append(index)
             raise Killed("worker killed mid-write")
-        return real(snapshot_id, blocks, **kwargs)
+        real(snapshot_id, index, data)
+        written.append(index)
 
-    monkeypatch.setattr(imaging, "put_snapshot_blocks", die_on_third_batch)
+    monkeypatch.setattr(imaging, "put_snapshot_block", die_in_third_batch)
     with pytest.raises(Killed):
         drive(recovery.pk)
-    assert outputs(recovery, "importing")["next_block"] == 2
+    assert outputs(recovery, "importing")["next_block"] == victim
+    written.clear()
     drive(recovery.pk, until="launching")
-    assert len(calls) == 2 + 1 + 2  # after the kill, batches 3 and 4 only; 1 and 2 were not written again
+    # Only the blocks from the checkpoint on were written again.
+    assert written and min(written) // per >= victim
     assert inventory()["snapshots"] == 1
+    disk = bytearray(len(top))
+    for index, data in imaging.snapshot_blocks(outputs(recovery, "importing")["snapshot_id"]):
+        disk[index * imaging.EBS_BLOCK_SIZE : (index + 1) * imaging.EBS_BLOCK_SIZE] = data
+    assert bytes(disk) == top
+
+
+def _ebs(disk: bytes, index: int) -> bytes:
+    return disk[index * imaging.EBS_BLOCK_SIZE : (index + 1) * imaging.EBS_BLOCK_SIZE]
 
 
 def test_ebs_direct_fails_with_403_when_the_snapshot_fails(recovery, drive, monkeypatch):
@@ -260,6 +340,51 @@ def test_the_network_is_made_once_per_tenant_and_reused(recovery, user, other_us
     drive(services.recovery_start(user=other_user, backup_id=theirs[-1].pk).pk)
     assert inventory(tenant=other_user.pk)["vpcs"] == 1
     assert RecoveryNetwork.objects.get(user=user).vpc_id != RecoveryNetwork.objects.get(user=other_user).vpc_id
+
+
+def test_a_deleted_security_group_is_recreated_before_the_next_failover_uses_it(recovery, user, drive):
+    drive(recovery.pk)
+    net = RecoveryNetwork.objects.get(user=user)
+    old_group, old_vpc = net.server_group_id, net.vpc_id
+    ec2 = network.client("ec2")
+    ec2.delete_security_group(GroupId=old_group)  # deleted by hand in the console
+    assert not network.exists("security-group", old_group)
+    second_chain, _ = backup_chain(user=user, size=4 * MiB, incrementals=0, seed=7)
+    second = drive(services.recovery_start(user=user, backup_id=second_chain[-1].pk).pk)
+    assert second.status == "ready", second.error
+    net.refresh_from_db()
+    assert net.server_group_id != old_group and network.exists("security-group", net.server_group_id)
+    assert net.vpc_id == old_vpc  # the VPC was still there: kept
+    server = compute.describe_instance(outputs(second, "launching")["instance_id"])
+    groups = ec2.describe_instances(InstanceIds=[server.instance_id])["Reservations"][0]["Instances"][0]
+    assert [g["GroupId"] for g in groups["SecurityGroups"]] == [net.server_group_id]
+    # The rebuilt group lets the gateway in again.
+    assert any(
+        pair.get("GroupId") == net.gateway_group_id
+        for rule in network.ingress_rules(net.server_group_id)
+        for pair in rule.get("UserIdGroupPairs", [])
+    )
+
+
+def test_a_network_whose_vpc_is_gone_is_rebuilt_whole(recovery, user, drive):
+    vpc_id = "vpc-0123456789abcdef0"  # saved by an earlier failover; since deleted
+    RecoveryNetwork.objects.create(
+        user=user,
+        vpc_id=vpc_id,
+        igw_id="igw-0123456789abcdef0",
+        subnet_id="subnet-0123456789abcdef0",
+        route_table_id="rtb-0123456789abcdef0",
+        server_group_id="sg-0123456789abcdef0",
+        gateway_group_id="sg-0123456789abcdef1",
+        ready=True,
+    )
+    recovery = drive(recovery.pk)
+    assert recovery.status == "ready", recovery.error
+    net = RecoveryNetwork.objects.get(user=user)
+    assert net.ready and net.vpc_id != vpc_id
+    for field, kind in (("vpc_id", "vpc"), ("subnet_id", "subnet"), ("server_group_id", "security-group")):
+        assert network.exists(kind, getattr(net, field)), field
+    assert inventory(tenant=user.pk)["vpcs"] == 1
 
 
 def test_launching_waits_while_the_server_boots(recovery, drive, monkeypatch):
@@ -369,7 +494,7 @@ def test_every_step_delivered_twice_makes_one_of_everything(recovery, user):
 @pytest.mark.parametrize(
     ("module", "name", "nth"),
     [
-        (steps, "merge_chain", 1),
+        (imaging, "put_snapshot_block", 3),  # mid-write
         (imaging, "start_snapshot", 1),
         (imaging, "complete_snapshot", 1),
         (imaging, "register_image", 1),

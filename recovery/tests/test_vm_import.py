@@ -4,7 +4,7 @@ import pytest
 from botocore.stub import Stubber
 
 from reclo_site.cloud import clients, imaging
-from recovery import engine, services, steps
+from recovery import engine, paths, services, steps
 from recovery.models import Recovery, RecoveryStep
 
 pytestmark = pytest.mark.django_db
@@ -32,7 +32,7 @@ def ec2(monkeypatch):
         stubber.assert_no_pending_responses()
 
 
-def expect_import(ec2, recovery):
+def expect_import(ec2, recovery, *, boot_mode="legacy-bios", platform="Linux", license_type="AWS"):
     key = RecoveryStep.objects.get(recovery=recovery, name="consolidating").outputs["image_key"]
     description = f"ReClo failover of {recovery.server_name}"
     ec2.add_response(
@@ -45,6 +45,9 @@ def expect_import(ec2, recovery):
             ],
             "RoleName": "vmimport",
             "ClientToken": f"reclo-{recovery.pk}",
+            "BootMode": boot_mode,
+            "LicenseType": license_type,
+            "Platform": platform,
             # The imported image's snapshot is encrypted (AWS's default EBS key: no RECLO_KMS_KEY_ID).
             "Encrypted": True,
             "TagSpecifications": [
@@ -68,6 +71,18 @@ def expect_status(ec2, status, message="", progress=None, image_id=None):
     ec2.add_response(
         "describe_import_image_tasks", {"ImportImageTasks": [task]}, expected_params={"ImportTaskIds": [TASK]}
     )
+
+
+def test_a_windows_server_goes_by_vm_import_with_its_boot_mode_and_licence(chain, user, drive, ec2, monkeypatch, settings):  # noqa: E501
+    # moto implements no ImportImage: the Stubber checks BootMode, LicenseType and Platform as sent.
+    settings.RECLO_WINDOWS_LICENSE_TYPE = "BYOL"
+    monkeypatch.setattr(paths, "_preflight", lambda server: {"os": "windows", "boot_mode": "uefi"})
+    recovery = services.recovery_start(user=user, backup_id=chain[0][-1].pk)  # no method asked for
+    assert recovery.import_method == "vm_import"
+    drive(recovery.pk, until="importing")
+    expect_import(ec2, recovery, boot_mode="uefi", platform="Windows", license_type="BYOL")
+    expect_status(ec2, "completed", image_id=IMAGE)
+    assert engine.run_step(recovery.pk, "importing") == "done"
 
 
 def test_vm_import_is_polled_through_its_states_until_the_image_exists(recovery, ec2):
