@@ -88,7 +88,8 @@ def prepare(ctx: StepContext) -> Done:
     _note(drill, f"work folder {folder}", created=True)
     started = timezone.now()
     try:
-        reader = open_chain([open_seekable(storage.ObjectReader(b.key)) for b in chain])
+        # Each layer at exactly the version that was verified (a changed object is refused).
+        reader = open_chain([open_seekable(storage.ObjectReader(b.key, **b.pinned)) for b in chain])
         if reader.virtual_size != drill.backup.virtual_size:
             raise StepFailed(Code.SANDBOX_FAILED, "The chain's disk size does not match the restore point.")
         written = materialise_chain(_Beating(reader, ctx), raw)
@@ -98,6 +99,10 @@ def prepare(ctx: StepContext) -> Done:
         raise
     except cloud.ObjectNotFound as exc:
         raise StepFailed(Code.NO_RESTORABLE_BACKUP, "A restore point of the chain is missing from storage.") from exc
+    except storage.ObjectChanged as exc:
+        raise StepFailed(
+            Code.SANDBOX_FAILED, f"A restore point of the chain is not the version that was verified: {exc}"
+        ) from exc
     except VHDError as exc:
         raise StepFailed(Code.SANDBOX_FAILED, f"A restore point of the chain is damaged: {exc}") from exc
     seconds = (timezone.now() - started).total_seconds()

@@ -102,12 +102,11 @@ def backup_in_use(ids: list) -> str:
     """Why these restore points must not be deleted now, or "" when nothing uses them.
 
     A failover that is still running reads the chain up to its restore
-    point (and keeps its id). The recovery's link to the backup is
-    SET_NULL, so the database alone would let the row go: this asks. The
-    one place to add other users of a restore point (drills, when they
-    exist: a drill of one of `ids` that has not finished).
+    point (and keeps its id), and so does a drill that has not finished.
+    Their links to the backup are SET_NULL, so the database alone would let
+    the row go: this asks. The one place to add other users of a restore point.
     """
-    from recovery.models import Recovery  # recovery depends on backups, not the other way round
+    from recovery.models import Drill, Recovery  # recovery depends on backups, not the other way round
 
     running = (
         Recovery.objects.filter(status__in=Recovery.ACTIVE)
@@ -120,6 +119,17 @@ def backup_in_use(ids: list) -> str:
             f"A failover of {running.server_name} (started {running.created:%Y-%m-%d %H:%M} UTC, now "
             f"{running.get_status_display()}) is using this restore point; delete it once that failover is ready "
             "or has failed."
+        )
+    drill = (
+        Drill.objects.filter(status__in=Drill.ACTIVE)
+        .filter(models.Q(backup_id__in=ids) | models.Q(backup_ref__in=ids))
+        .order_by("created")
+        .first()
+    )
+    if drill is not None:
+        return (
+            f"A drill of {drill.server_name} (started {drill.created:%Y-%m-%d %H:%M} UTC, now "
+            f"{drill.get_status_display()}) is booting this restore point; delete it once the drill has finished."
         )
     return ""
 

@@ -267,3 +267,49 @@ def test_a_server_drilled_every_0_days_is_never_scheduled(user, chain):
     assert drill_services.drills_schedule() == []
     type(server).objects.filter(pk=server.pk).update(drill_every_days=None)  # empty: the default, 7 days
     assert len(drill_services.drills_schedule()) == 1
+
+
+def test_a_restore_point_a_running_drill_boots_cannot_be_deleted(user, chain):
+    from backups import services as backup_services
+    from reclo_site.errors import Code, ServiceError
+
+    backups, _ = chain
+    drill = drill_services.drill_start(user=user, backup_id=backups[-1].pk)
+    Drill.objects.filter(pk=drill.pk).update(status="booting")
+    with pytest.raises(ServiceError) as refused:
+        backup_services.backup_delete(user=user, backup_id=backups[-1].pk)
+    assert refused.value.code == Code.HAS_DEPENDENTS and "drill of front-desk" in refused.value.message
+    assert Backup.objects.filter(pk=backups[-1].pk).exists()
+    Drill.objects.filter(pk=drill.pk).update(status="failed")
+    backup_services.backup_delete(user=user, backup_id=backups[-1].pk)
+    assert not Backup.objects.filter(pk=backups[-1].pk, deleted_at__isnull=True).exists()
+
+
+def _pin(backups, *, versions: bool) -> None:
+    """Record what verification records: the version (versioned bucket) and the ETag."""
+    for backup in backups:
+        info = storage.head_object(backup.key)
+        Backup.objects.filter(pk=backup.pk).update(version_id=info["version_id"] if versions else "", etag=info["etag"])
+
+
+def _prepared(drill: Drill) -> dict:
+    return next(step for step in drill.steps.all() if step.name == "preparing").outputs
+
+
+def test_a_chain_written_over_after_verification_is_never_seen_by_a_drill(user, chain):
+    backups, _ = chain
+    _pin(backups, versions=True)
+    before = drive_drill(drill_services.drill_start(user=user, backup_id=backups[-1].pk).pk)
+    storage.put_object(backups[0].key, b"forged by ransomware")  # a new current version of the base
+    after = drive_drill(drill_services.drill_start(user=user, backup_id=backups[-1].pk).pk)
+    # The drill read the verified versions: the same disk, the same verdict, as before the forgery.
+    assert _prepared(after)["bytes_written"] == _prepared(before)["bytes_written"] > 0
+    assert after.error == before.error
+
+
+def test_a_drill_refuses_a_changed_object_where_only_its_etag_pins_it(user, chain):
+    backups, _ = chain
+    _pin(backups, versions=False)
+    storage.put_object(backups[0].key, b"forged by ransomware")
+    drill = drive_drill(drill_services.drill_start(user=user, backup_id=backups[-1].pk).pk)
+    assert drill.status == "failed" and "not the version that was verified" in drill.error
