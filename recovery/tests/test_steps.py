@@ -361,3 +361,33 @@ def test_the_merged_disk_is_read_back_through_ranged_reads_only(recovery, drive,
     for reader in opened:
         assert reader.requests >= 1
     assert isinstance(io.BytesIO(), io.BytesIO)
+
+
+def test_the_vpn_step_waits_for_the_gateways_first_report(recovery, user, drive, settings, client):
+    from recovery import vpn
+
+    settings.RECLO_VPN_GATEWAY_MUST_REPORT = True
+    from recovery import engine
+
+    drive(recovery.pk, until="provisioning_vpn")
+    Recovery.objects.filter(pk=recovery.pk).update(lease_until=None, lease_token=None)
+    engine.run_step(recovery.pk, "provisioning_vpn")
+    step = RecoveryStep.objects.get(recovery=recovery, name="provisioning_vpn")
+    assert step.status == "waiting" and "report" in step.detail
+    gateway = VpnGateway.objects.get(network__user=user)
+    response = client.post("/api/v1/vpn/gateway/peers", "", content_type="text/plain",
+                           HTTP_AUTHORIZATION=f"Gateway {vpn.decrypt(gateway.agent_token_enc)}")  # fmt: skip
+    assert response.status_code == 200
+    assert drive(recovery.pk).status == "ready"
+
+
+def test_a_gateway_that_never_reports_fails_the_step_with_407_and_its_console(recovery, user, drive, settings):
+    from datetime import timedelta
+
+    settings.RECLO_VPN_GATEWAY_MUST_REPORT = True
+    settings.RECLO_VPN_GATEWAY_REPORT_DEADLINE = timedelta(0)
+    recovery = drive(recovery.pk)
+    assert (recovery.status, recovery.error_code) == ("failed", 407)
+    gateway = VpnGateway.objects.get(network__user=user)
+    assert f"The VPN gateway {gateway.instance_id} did not report" in recovery.error
+    assert "console" in recovery.error

@@ -96,8 +96,9 @@ def test_another_tenants_devices_answer_404_412(api, other_api, user):
 
 def test_every_device_route_needs_a_token(anon_api, user):
     device = devices.device_create(user=user, name="PC")
+    one = f"/api/v1/vpn/devices/{device.pk}"
     calls = [("get", "/api/v1/vpn/devices"), ("post", "/api/v1/vpn/devices"),
-             ("get", f"/api/v1/vpn/devices/{device.pk}/config"), ("delete", f"/api/v1/vpn/devices/{device.pk}")]  # fmt: skip
+             ("get", f"{one}/config"), ("delete", one)]  # fmt: skip
     for method, url in calls:
         assert_error(getattr(anon_api, method)(url), 401, 102)
     anon_api.credentials(HTTP_AUTHORIZATION="Token not-a-real-token")
