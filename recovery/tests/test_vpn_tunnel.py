@@ -115,7 +115,7 @@ def socket_in(role: str) -> socket.socket:
                 if _libc.setns(handle.fileno(), 0x40000000) != 0:  # CLONE_NEWNET
                     raise OSError(ctypes.get_errno(), "setns")
             made["socket"] = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        except Exception as exc:  # reported below
+        except OSError as exc:  # reported below
             made["error"] = exc
 
     thread = threading.Thread(target=work)
