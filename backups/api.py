@@ -107,6 +107,18 @@ class ChainEntryOutput(serializers.Serializer):
     key = serializers.CharField()
     file_size = serializers.IntegerField()
     sha256 = serializers.CharField()
+    version_id = serializers.CharField(
+        allow_null=True, help_text="The S3 version that was verified: read exactly this one (VersionId)."
+    )
+    etag = serializers.CharField(
+        allow_null=True, help_text="Its ETag: send it as If-Match, so a changed object is refused."
+    )
+
+    def to_representation(self, backup) -> dict:
+        data = super().to_representation(backup)
+        data["version_id"] = backup.version_id or None
+        data["etag"] = backup.etag or None
+        return data
 
 
 class DownloadOutput(serializers.Serializer):
@@ -135,6 +147,14 @@ MessageOutput = inline_serializer("BackupMessageOutput", {"message": serializers
 DeleteOutput = inline_serializer(
     "BackupDeleteOutput",
     {"message": serializers.CharField(), "deleted": serializers.ListField(child=serializers.UUIDField())},
+)
+ScheduledDeleteOutput = inline_serializer(
+    "BackupScheduledDeleteOutput",
+    {
+        "message": serializers.CharField(),
+        "locked_until": serializers.DateTimeField(help_text="When the lock ends and the restore point is removed."),
+        "scheduled": serializers.ListField(child=serializers.UUIDField(), help_text="Hidden until then."),
+    },
 )
 
 
@@ -279,6 +299,7 @@ class BackupApi(APIView):
         ],
         responses={
             200: DeleteOutput,
+            202: ScheduledDeleteOutput,
             **error_responses(
                 Code.BAD_TOKEN,
                 Code.MALFORMED,
@@ -288,19 +309,44 @@ class BackupApi(APIView):
                 Code.HAS_DEPENDENTS,
             ),
         },
+        description="A restore point still under its retention lock cannot be removed yet: it is hidden at once "
+        "and removed when the lock ends (202 with `locked_until`); `.../undelete` brings it back until then.",
     )
     def delete(self, request, backup_id: uuid.UUID):
         raw = request.query_params.get("cascade", "false").lower()
         if raw not in ("true", "false", "1", "0"):
             raise ServiceError(Code.MALFORMED, "cascade must be true or false.", fields={"cascade": ["true or false."]})
         try:
-            deleted = services.backup_delete(user=request.user, backup_id=backup_id, cascade=raw in ("true", "1"))
+            done = services.backup_delete(user=request.user, backup_id=backup_id, cascade=raw in ("true", "1"))
         except DatabaseError as exc:
             # The contract's code for a delete that cannot read what to delete.
             raise ServiceError(
                 Code.DELETE_LOOKUP_FAILED, "Could not read the backup to delete; try again shortly."
             ) from exc
-        return Response({"message": f"Deleted {len(deleted)} backup(s).", "deleted": deleted})
+        if done.scheduled:
+            until = _DATETIME.to_representation(done.locked_until)
+            return Response(
+                {
+                    "message": f"{len(done.scheduled)} restore point(s) hidden; they are locked until {until} "
+                    "and removed then. Undelete brings them back until that time.",
+                    "locked_until": until,
+                    "scheduled": done.scheduled,
+                },
+                status=status.HTTP_202_ACCEPTED,
+            )
+        return Response({"message": f"Deleted {len(done.deleted)} backup(s).", "deleted": done.deleted})
+
+
+class BackupUndeleteApi(APIView):
+    @extend_schema(
+        operation_id="backups_undelete",
+        request=None,
+        responses={200: BackupDetailOutput, **error_responses(Code.BAD_TOKEN, Code.NO_BACKUP_TO_DELETE, Code.LOCKED)},
+    )
+    def post(self, request, backup_id: uuid.UUID):
+        backup = services.backup_undelete(user=request.user, backup_id=backup_id)
+        backup = selectors.backup_get(user=request.user, backup_id=backup.pk)
+        return Response({"message": "The restore point is back.", "backup": BackupOutput(backup).data})
 
 
 class UploadStartApi(APIView):

@@ -9,4 +9,5 @@ urlpatterns = [
     path("backups/uploads/<uuid:upload_id>/complete", api.UploadCompleteApi.as_view(), name="upload-complete"),
     path("backups/<uuid:backup_id>", api.BackupApi.as_view(), name="backup-detail"),
     path("backups/<uuid:backup_id>/download", api.BackupDownloadApi.as_view(), name="backup-download"),
+    path("backups/<uuid:backup_id>/undelete", api.BackupUndeleteApi.as_view(), name="backup-undelete"),
 ]

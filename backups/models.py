@@ -69,6 +69,19 @@ class Backup(models.Model):
     # Retention's claim while it merges this restore point into its full,
     # so two workers never merge the same one.
     merge_claimed_at = models.DateTimeField(null=True, blank=True)
+    # The S3 version (and its ETag) the verifier read: every later reader
+    # (restores, failovers, merges, the scrub) reads exactly that version, so
+    # bytes written over the key after verification are never seen. Empty on
+    # an unversioned bucket: then the ETag alone pins it (a changed object is
+    # refused).
+    version_id = models.CharField(max_length=1024, blank=True)
+    etag = models.CharField(max_length=128, blank=True)
+    # The verified version's S3 Object Lock retain-until date.
+    locked_until = models.DateTimeField(null=True, blank=True)
+    # Deleted by the owner while still locked: hidden from every list and
+    # reader, removed by `backups_purge` once the lock ends, until then
+    # restorable with undelete.
+    deleted_at = models.DateTimeField(null=True, blank=True, db_index=True)
     # A worker reading this object (verifying or scrubbing) renews this every
     # few seconds: a recent one means "in progress" (a duplicate delivery
     # skips it; it counts toward the tenant's concurrent verifications), a
@@ -95,6 +108,11 @@ class Backup(models.Model):
     def file_size_mb(self) -> float | None:
         return None if self.file_size is None else round(self.file_size / (1024 * 1024), 3)
 
+    @property
+    def pinned(self) -> dict:
+        """The reader arguments that read exactly the verified version (`version_id`, `etag`)."""
+        return {"version_id": self.version_id or None, "etag": self.etag or None}
+
 
 class AccountLimits(models.Model):
     """Per-account overrides of the backup limits; absent means the defaults."""
@@ -102,6 +120,8 @@ class AccountLimits(models.Model):
     user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="backup_limits")
     # Largest stored object (compressed) an upload may declare, in bytes.
     max_file_size = models.BigIntegerField(null=True, blank=True, help_text="Bytes; empty: RECLO_MAX_BACKUP_SIZE.")
+    # How long each verified restore point stays locked (S3 Object Lock).
+    lock_days = models.PositiveIntegerField(null=True, blank=True, help_text="Days; empty: RECLO_LOCK_DAYS.")
 
     class Meta:
         verbose_name_plural = "account limits"

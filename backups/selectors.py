@@ -32,8 +32,12 @@ HEALTH_ORDER = {"green": 0, "amber": 1, "red": 2}
 
 
 def backup_list(*, user, server: str | None = None):
-    """The user's backups, newest first, optionally of one server (by name)."""
-    qs = Backup.objects.filter(user=user).select_related("server").order_by("-date_created", "-pk")
+    """The user's backups, newest first, optionally of one server (by name); deleted ones are hidden."""
+    qs = (
+        Backup.objects.filter(user=user, deleted_at__isnull=True)
+        .select_related("server")
+        .order_by("-date_created", "-pk")
+    )
     if server is not None:
         # The server's id first (one indexed lookup): filtering on a known id
         # lets the planner walk the (server, date, id) index for the page
@@ -44,9 +48,9 @@ def backup_list(*, user, server: str | None = None):
 
 
 def backup_get(*, user, backup_id) -> Backup | None:
-    """One of the user's backups, or None (also for another tenant's id)."""
+    """One of the user's backups, or None (also for another tenant's id, or a deleted one)."""
     try:
-        return Backup.objects.select_related("server").get(user=user, pk=backup_id)
+        return Backup.objects.select_related("server").get(user=user, pk=backup_id, deleted_at__isnull=True)
     except Backup.DoesNotExist:
         return None
 
@@ -113,7 +117,7 @@ def disk_states(*, server_ids: list[int], now: datetime | None = None) -> dict[t
         return states
     stored = Q(status__in=[Backup.Status.VERIFIED, Backup.Status.VERIFYING])
     aggregates = (
-        Backup.objects.filter(server_id__in=server_ids)
+        Backup.objects.filter(server_id__in=server_ids, deleted_at__isnull=True)
         .values("server_id", "disk")
         .annotate(
             points=Count("pk", filter=Q(status=Backup.Status.VERIFIED)),
@@ -133,7 +137,7 @@ def disk_states(*, server_ids: list[int], now: datetime | None = None) -> dict[t
             newest_verified_at=row["newest_verified"],
         )
     recent = (
-        Backup.objects.filter(server_id__in=server_ids)
+        Backup.objects.filter(server_id__in=server_ids, deleted_at__isnull=True)
         .exclude(status=Backup.Status.PENDING)
         .annotate(rank=Window(RowNumber(), partition_by=[F("server_id"), F("disk")], order_by=F("date_created").desc()))
         .filter(rank__lte=INTERVAL_SAMPLE + 1)
@@ -226,7 +230,11 @@ def server_timeline(*, user, server_id: int) -> tuple[ServerOverview, list[DiskT
         chain.append(backup)
         chain_of[backup.pk] = chain
     timelines = [
-        DiskTimeline(state=states[server.pk, disk], chains=list(reversed(chains)))
+        # A disk whose restore points are all scheduled for removal has no figures.
+        DiskTimeline(
+            state=states.get((server.pk, disk)) or DiskState(server_id=server.pk, disk=disk),
+            chains=list(reversed(chains)),
+        )
         for disk, chains in sorted(chains_by_disk.items())
     ]
     overview = ServerOverview(server=server, disks=[t.state for t in timelines])
@@ -238,6 +246,6 @@ def backup_delete_preview(*, user, backup_id) -> tuple[Backup, list[Backup]] | N
     backup = backup_get(user=user, backup_id=backup_id)
     if backup is None:
         return None
-    rows = list(Backup.objects.filter(server_id=backup.server_id, disk=backup.disk))
+    rows = list(Backup.objects.filter(server_id=backup.server_id, disk=backup.disk, deleted_at__isnull=True))
     below = sorted((b for _, b in descendants_of(backup, rows)), key=lambda b: b.date_created, reverse=True)
     return backup, below

@@ -112,6 +112,12 @@ def objects_purge() -> int:
 
 
 @shared_task
+def backups_purge() -> int:
+    """Beat, hourly: remove deleted restore points whose retention lock has ended."""
+    return services.backups_purge()
+
+
+@shared_task
 def overdue_notify() -> int:
     """Beat: email owners whose servers stopped sending backups."""
     return services.overdue_notify()

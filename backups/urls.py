@@ -9,4 +9,5 @@ urlpatterns = [
     path("servers/add/", views.add_server, name="add-server"),
     path("servers/<int:server_id>/", views.server_detail, name="server-detail"),
     path("backups/<uuid:backup_id>/delete/", views.backup_delete, name="backup-delete"),
+    path("backups/<uuid:backup_id>/undelete/", views.backup_undelete, name="backup-undelete"),
 ]

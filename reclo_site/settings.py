@@ -307,6 +307,8 @@ CELERY_BEAT_SCHEDULE = {
     "backups-clean-up-uploads": {"task": "backups.tasks.uploads_clean_up", "schedule": crontab(minute=17)},
     # Delete objects that retention replaced, once no restore can still read them.
     "backups-purge-objects": {"task": "backups.tasks.objects_purge", "schedule": crontab(minute=37)},
+    # Restore points deleted while locked, once their lock has ended.
+    "backups-purge-deleted": {"task": "backups.tasks.backups_purge", "schedule": crontab(minute=41)},
     # Re-read a sample of stored backups (SHA-256 and VHD structure), Sunday night.
     "backups-scrub": {"task": "backups.tasks.backups_scrub", "schedule": crontab(minute=23, hour=3, day_of_week=0)},
     # Email owners whose servers stopped sending backups (twice the usual interval).
@@ -326,6 +328,15 @@ RECLO_BUCKET = env("RECLO_BUCKET", default="reclo-backups")
 # Lifetime of the STS credentials of an upload or a restore: at most 12 hours
 # (the contract); 1 hour when AWS caps it (role chaining, see cloud/credentials.py).
 RECLO_CREDENTIALS_TTL = timedelta(hours=env.float("RECLO_CREDENTIALS_TTL_HOURS", default=12))
+# Upload credentials are much shorter-lived: STS credentials cannot be
+# revoked, so this is how long a stolen set (or the agent itself, after its
+# upload is completed) could still write. The agent refreshes them while it
+# uploads (POST .../credentials), which stops once the upload is completed.
+RECLO_UPLOAD_CREDENTIALS_TTL = timedelta(hours=env.float("RECLO_UPLOAD_CREDENTIALS_TTL_HOURS", default=1))
+# Verified restore points are locked (S3 Object Lock, compliance mode) for this
+# many days unless the account's AccountLimits says otherwise: until then
+# nobody, the portal included, can delete or overwrite them.
+RECLO_LOCK_DAYS = env.int("RECLO_LOCK_DAYS", default=30)
 # Set: credentials come from AssumeRole on this role. Empty: GetFederationToken.
 RECLO_UPLOAD_ROLE_ARN = env("RECLO_UPLOAD_ROLE_ARN", default="")
 # Largest stored (compressed) backup an account may upload, unless its
@@ -354,6 +365,10 @@ RECLO_DEFAULT_BACKUP_INTERVAL = timedelta(hours=env.float("RECLO_DEFAULT_BACKUP_
 NUM_PROXIES = env.int("NUM_PROXIES", default=0)
 
 # --- Recovery (failover) ---------------------------------------------------------
+
+# The KMS key EBS snapshots and volumes of failovers are encrypted with; empty:
+# the account's default EBS key (aws/ebs).
+RECLO_KMS_KEY_ID = env("RECLO_KMS_KEY_ID", default="")
 
 
 def _local_vpn_key() -> str:

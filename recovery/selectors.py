@@ -64,7 +64,9 @@ def server_get(*, user, server_id: int) -> Server | None:
 
 def restore_points(*, server: Server):
     """The server's verified restore points, newest first (the fail-over form's choices)."""
-    return Backup.objects.filter(server=server, status=Backup.Status.VERIFIED).order_by("-date_created")
+    return Backup.objects.filter(server=server, status=Backup.Status.VERIFIED, deleted_at__isnull=True).order_by(
+        "-date_created"
+    )
 
 
 def restorable_backup(*, user, backup_id) -> Backup | None:
@@ -72,7 +74,11 @@ def restorable_backup(*, user, backup_id) -> Backup | None:
     pk = _as_uuid(backup_id)
     if pk is None:
         return None
-    return Backup.objects.filter(user=user, pk=pk, status=Backup.Status.VERIFIED).select_related("server").first()
+    return (
+        Backup.objects.filter(user=user, pk=pk, status=Backup.Status.VERIFIED, deleted_at__isnull=True)
+        .select_related("server")
+        .first()
+    )
 
 
 def backup_chain(backup: Backup) -> list[Backup]:
@@ -85,7 +91,7 @@ def backup_chain(backup: Backup) -> list[Backup]:
         parent = Backup.objects.filter(pk=current.parent_id).first() if current.parent_id else None
         if parent is None:
             raise ChainError("A restore point this one builds on is missing.")
-        if parent.status != Backup.Status.VERIFIED:
+        if parent.status != Backup.Status.VERIFIED or parent.deleted_at is not None:
             raise ChainError("A restore point this one builds on is not verified.")
         if (parent.user_id, parent.server_id, parent.disk) != (backup.user_id, backup.server_id, backup.disk):
             raise ChainError("The backup chain mixes servers or disks.")

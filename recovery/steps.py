@@ -97,7 +97,11 @@ def consolidate(ctx: StepContext) -> Done:
     except cloud.ObjectNotFound:
         existing = None
     if existing:
-        return Done({"image_key": key, "image_size": existing["size"]}, "The merged disk was already there.", True)
+        return Done(
+            {"image_key": key, "image_size": existing["size"], "image_version_id": existing["version_id"]},
+            "The merged disk was already there.",
+            True,
+        )
 
     if recovery.backup is None:
         raise StepFailed(Code.NO_RESTORABLE_BACKUP, "The restore point was deleted before its disk could be prepared.")
@@ -109,11 +113,14 @@ def consolidate(ctx: StepContext) -> Done:
     for stale_key, upload_id in storage.multipart_uploads(prefix=key, key=key):
         storage.abort_multipart_upload(stale_key, upload_id)
     try:
-        # Each layer is read nearly front to back: one streaming GET each.
-        layers = [VHDReader(open_seekable(streams.SequentialObjectReader(b.key))) for b in chain]
+        # Each layer is read nearly front to back: one streaming GET each,
+        # of exactly the version that was verified.
+        layers = [VHDReader(open_seekable(streams.SequentialObjectReader(b.key, **b.pinned))) for b in chain]
         reader = ChainReader(layers)
     except cloud.ObjectNotFound as exc:
         raise StepFailed(Code.NO_RESTORABLE_BACKUP, "A restore point of the chain is missing from storage.") from exc
+    except storage.ObjectChanged as exc:
+        raise StepFailed(Code.IMPORT_FAILED, _changed_message(exc)) from exc
     except VHDError as exc:
         raise StepFailed(Code.IMPORT_FAILED, f"A restore point of the chain is damaged: {exc}") from exc
     if reader.virtual_size != recovery.virtual_size:
@@ -125,11 +132,20 @@ def consolidate(ctx: StepContext) -> Done:
         progress = _ProgressWriter(out, ctx, bound)
         try:
             merge_chain(reader, progress)
+        except storage.ObjectChanged as exc:
+            raise StepFailed(Code.IMPORT_FAILED, _changed_message(exc)) from exc
         except VHDError as exc:
             raise StepFailed(Code.IMPORT_FAILED, f"A restore point of the chain is damaged: {exc}") from exc
     return Done(
-        {"image_key": key, "image_size": progress.written, "layers": len(chain)},
+        {"image_key": key, "image_size": progress.written, "layers": len(chain), "image_version_id": out.version_id},
         f"Merged {len(chain)} restore point(s) into one {progress.written // MiB} MiB disk.",
+    )
+
+
+def _changed_message(exc: Exception) -> str:
+    return (
+        "A restore point of the chain in storage is not the one that was verified (it was replaced since): "
+        f"refusing to build a server from it ({exc})."
     )
 
 
@@ -221,9 +237,14 @@ def _ebs_direct(ctx: StepContext) -> Done | Wait:
 
 
 def _write_snapshot_blocks(ctx: StepContext, snapshot_id: str) -> None:
-    key = ctx.previous("consolidating")["image_key"]
+    merged = ctx.previous("consolidating")
+    key = merged["image_key"]
     try:
-        reader = ChainReader([VHDReader(streams.SequentialObjectReader(key))])
+        # The version the consolidation wrote (older recoveries saved none).
+        pinned = streams.SequentialObjectReader(key, version_id=merged.get("image_version_id") or None)
+        reader = ChainReader([VHDReader(pinned)])
+    except storage.ObjectChanged as exc:
+        raise StepFailed(Code.IMPORT_FAILED, f"The merged disk changed in storage: {exc}") from exc
     except VHDError as exc:
         raise StepFailed(Code.IMPORT_FAILED, f"The merged disk is damaged: {exc}") from exc
     start = ctx.outputs.get("next_block", 0)

@@ -239,7 +239,8 @@ def test_verification_retries_on_throttled_reads_and_ends_verified(
 
     assert response.status_code == 202, response.json()
     assert s3_faults.injected["GetObject"] == SDK_TRIES
-    assert s3_faults.seen["HeadObject"] == 3  # complete, then the object reader of each of the two tries
+    # complete, then the object reader of each of the two tries, then the lock looking at the verified version
+    assert s3_faults.seen["HeadObject"] == 4
     backup = Backup.objects.get(pk=upload_id)
     assert backup.status == "verified", backup.failure
     assert storage.head_object(backup.key)["size"] == len(data)

@@ -361,8 +361,18 @@ class BackupRun:
             task.set_note(f"sent {human_bytes(uploader.sent_bytes)}")
         timings["upload"] = time.monotonic() - t0
         t0 = time.monotonic()
-        s3.call("complete_multipart_upload", Key=state["key"], UploadId=state["multipart_id"],
-                MultipartUpload={"Parts": parts})  # fmt: skip
+        try:
+            # If-None-Match: the upload credentials may only create the
+            # object, never replace one (their policy denies writes without
+            # it), so nothing can be swapped in after the portal checked it.
+            s3.call("complete_multipart_upload", Key=state["key"], UploadId=state["multipart_id"],
+                    MultipartUpload={"Parts": parts}, IfNoneMatch="*")  # fmt: skip
+        except StorageError as exc:
+            if exc.code != "PreconditionFailed":
+                raise
+            # Already stored: an earlier completion whose answer was lost.
+            # The portal's verification tells whether it is this one.
+            log.info("the object of upload %s is already stored; the portal will check it", state["upload_id"])
         timings["complete"] = time.monotonic() - t0
         return stored, uploader
 

@@ -33,11 +33,14 @@ from dataclasses import dataclass, field
 from .api import PortalClient
 from .errors import DiskError, NoSpace, UsageError, VerificationFailed
 from .progress import Reporter, human_bytes
-from .s3 import S3Access
+from .s3 import S3Access, StorageError
 from .s3stream import ObjectStream
 from .vhd import ChainReader, VHDError, VHDReader, open_seekable
 
 log = logging.getLogger(__name__)
+
+# What S3 answers when the pinned version (or ETag) of an object is not there.
+CHANGED_CODES = {"PreconditionFailed", "NoSuchVersion", "412"}
 
 MiB = 1024 * 1024
 WRITE_QUEUE = 8  # blocks waiting for the writer thread
@@ -216,12 +219,14 @@ def restore(
         streams: list[ObjectStream] = []
         try:
             for item in chain:
+                pinned = {"version_id": item.get("version_id") or None, "etag": item.get("etag") or None}
                 size = item.get("file_size")
                 if size is None:
-                    size = s3.call("head_object", Key=item["key"])["ContentLength"]
+                    head = {"VersionId": pinned["version_id"]} if pinned["version_id"] else {}
+                    size = s3.call("head_object", Key=item["key"], **head)["ContentLength"]
                 chunk, ahead = stream_plan(int(size), len(chain))
                 streams.append(ObjectStream(s3, item["key"], int(size), pool, chunk_size=chunk, ahead=ahead,
-                                            on_bytes=count))  # fmt: skip
+                                            on_bytes=count, **pinned))  # fmt: skip
             try:
                 reader = ChainReader([VHDReader(open_seekable(stream)) for stream in streams])
             except VHDError as exc:
@@ -241,6 +246,14 @@ def restore(
         except VHDError as exc:
             raise VerificationFailed(
                 f"Restore point {backup_id} is corrupt ({exc}); {target_path} must not be trusted."
+            ) from exc
+        except StorageError as exc:
+            if exc.code not in CHANGED_CODES:
+                raise
+            raise VerificationFailed(
+                f"An object of restore point {backup_id} in cloud storage is not the version the portal verified "
+                f"({exc.code}): it was replaced or removed since. Refusing to restore from it; {target_path} "
+                "must not be trusted."
             ) from exc
         finally:
             for stream in streams:

@@ -47,10 +47,20 @@ class ObjectStream(io.RawIOBase):
         ahead: int = 4,
         tail_size: int = MiB,
         on_bytes: Callable[[int], None] | None = None,
+        version_id: str | None = None,
+        etag: str | None = None,
     ) -> None:
         super().__init__()
         self._s3 = s3
         self.key = key
+        # Every GET reads the version the portal verified (and names its
+        # ETag): bytes written over the key later are never read, and an
+        # object that changed is refused (PreconditionFailed, NoSuchVersion).
+        self._pinned = {}
+        if version_id:
+            self._pinned["VersionId"] = version_id
+        if etag:
+            self._pinned["IfMatch"] = f'"{etag}"'
         self.size = size
         self._pool = pool
         self._chunk = chunk_size
@@ -82,7 +92,7 @@ class ObjectStream(io.RawIOBase):
             return b""
         with self._lock:
             self.requests += 1
-        resp = self._s3.call("get_object", Key=self.key, Range=f"bytes={start}-{end - 1}")
+        resp = self._s3.call("get_object", Key=self.key, Range=f"bytes={start}-{end - 1}", **self._pinned)
         try:
             data = resp["Body"].read()
         except Exception as exc:  # noqa: BLE001 - any transport failure mid-body

@@ -203,6 +203,26 @@ def test_credentials_near_expiry_are_renewed_during_the_upload(disk, tmp_path):
     assert portal.credential_calls >= 1
 
 
+def test_the_upload_never_replaces_an_object_already_at_its_key(portal, disk, tmp_path):
+    # The agent completes its upload with If-None-Match: * (its credentials'
+    # policy denies any other write on real S3), so an object already stored
+    # at the key is never replaced: here one appears between grant and
+    # completion, and it stays; the portal then finds it is not the agent's.
+    create = portal.create_upload
+
+    def create_then_occupy(**fields):
+        grant = create(**fields)
+        portal.s3.put_object(Bucket="reclo-agent-test", Key=grant["key"], Body=b"already here")
+        return grant
+
+    portal.create_upload = create_then_occupy
+    disk.write(make_image(4 * MiB))
+    with pytest.raises(VerificationFailed):
+        backup(portal, tmp_path / "state", disk.path)
+    (stored,) = [b for b in portal.backups.values()]
+    assert portal.s3.get_object(Bucket="reclo-agent-test", Key=stored["_key"])["Body"].read() == b"already here"
+
+
 def test_unreadable_or_odd_sources_are_disk_errors(portal, tmp_path):
     with pytest.raises(DiskError, match="no such file"):
         backup(portal, tmp_path / "state", str(tmp_path / "missing.img"))

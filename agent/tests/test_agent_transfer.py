@@ -53,6 +53,26 @@ def test_credentials_are_renewed_before_they_expire_not_after():
     assert access.client() is second  # fresh for another 12 hours
 
 
+def test_one_hour_upload_credentials_are_renewed_ten_minutes_before_they_expire():
+    # The portal's default for uploads (RECLO_UPLOAD_CREDENTIALS_TTL): 1 hour.
+    clock = Clock()
+    start = datetime.fromtimestamp(clock.now, UTC)
+    issued = []
+
+    def refresh():
+        issued.append(1)
+        return creds(datetime.fromtimestamp(clock.now, UTC) + timedelta(hours=1))
+
+    grant = {"bucket": "b", "region": "us-east-1", "endpoint_url": None,
+             "credentials": creds(start + timedelta(hours=1))}  # fmt: skip
+    access = S3Access(grant, refresh, clock=clock)
+    first = access.client()
+    clock.now += 49 * 60
+    assert access.client() is first and issued == []
+    clock.now += 2 * 60  # nine minutes left
+    assert access.client() is not first and issued == [1]
+
+
 def test_an_expired_token_error_renews_once_and_retries():
     calls = []
     grant = {"bucket": "b", "region": "us-east-1", "endpoint_url": None,

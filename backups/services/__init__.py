@@ -7,7 +7,18 @@ and notifications (overdue emails).
 """
 
 from .downloads import DownloadGrant, backup_download_grant, chain_of
-from .lifecycle import backup_delete, backup_fail, objects_purge, uploads_clean_up, verifications_requeue
+from .lifecycle import (
+    Deletion,
+    backup_delete,
+    backup_fail,
+    backup_in_use,
+    backup_undelete,
+    backups_purge,
+    lock_period,
+    objects_purge,
+    uploads_clean_up,
+    verifications_requeue,
+)
 from .notifications import overdue_notify
 from .retention import MergeFailed, backup_merge, retention_apply
 from .uploads import UploadGrant, backup_complete, backup_credentials_refresh, backup_start, max_file_size
@@ -22,6 +33,7 @@ from .verification import (
 )
 
 __all__ = [
+    "Deletion",
     "DownloadGrant",
     "MergeFailed",
     "UploadGrant",
@@ -31,13 +43,17 @@ __all__ = [
     "backup_delete",
     "backup_download_grant",
     "backup_fail",
+    "backup_in_use",
     "backup_merge",
     "backup_scrub",
     "backup_start",
+    "backup_undelete",
     "backup_verify",
+    "backups_purge",
     "backups_scrub_pick",
     "chain_mark_broken",
     "chain_of",
+    "lock_period",
     "max_file_size",
     "object_check",
     "objects_purge",

@@ -18,13 +18,15 @@ class DownloadGrant:
     credentials: credentials.TemporaryCredentials
 
 
+_CHAIN_FIELDS = ("id", "parent_id", "kind", "key", "file_size", "sha256", "status", "failure", "virtual_size",
+                 "version_id", "etag", "deleted_at")  # fmt: skip
+
+
 def chain_of(backup: Backup) -> list[Backup]:
     """`backup`'s chain, base first, in one query (parents are on the same disk)."""
     rows = {
         row.pk: row
-        for row in Backup.objects.filter(server_id=backup.server_id, disk=backup.disk).only(
-            "id", "parent_id", "kind", "key", "file_size", "sha256", "status", "failure", "virtual_size"
-        )
+        for row in Backup.objects.filter(server_id=backup.server_id, disk=backup.disk).only(*_CHAIN_FIELDS)
     }
     chain, current = [], rows.get(backup.pk, backup)
     while current is not None:
@@ -62,11 +64,15 @@ def read_policy(user_id: int, keys: list[str]) -> str:
 def backup_download_grant(*, user, backup_id) -> DownloadGrant:
     """Read-only credentials for every object of a restore point's chain.
 
-    NO_RESTORABLE_BACKUP for an unknown id, another tenant's, or a chain not verified yet;
+    Each chain entry names the version (and ETag) verification read; the
+    agent reads exactly that version, so bytes written over a key after
+    verification never reach a restored disk.
+
+    NO_RESTORABLE_BACKUP for an unknown id, another tenant's, a deleted one, or a chain not verified yet;
     VERIFICATION_FAILED when a restore point of the chain failed verification (with its
     reason); UPLOAD_CREDENTIALS_FAILED when STS fails. Idempotent: each call is a fresh grant.
     """
-    backup = Backup.objects.filter(user=user, pk=backup_id).first()
+    backup = Backup.objects.filter(user=user, pk=backup_id, deleted_at__isnull=True).first()
     if backup is None:
         raise ServiceError(Code.NO_RESTORABLE_BACKUP, "No restorable backup with that id.")
     chain = chain_of(backup)

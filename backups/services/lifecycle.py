@@ -7,6 +7,7 @@ purge job instead of being forgotten.
 """
 
 import logging
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -21,7 +22,7 @@ from reclo_site import cloud
 from reclo_site.cloud import storage
 from reclo_site.errors import Code, ServiceError
 
-from ..models import Backup, ObjectDeletion
+from ..models import AccountLimits, Backup, ObjectDeletion
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +39,37 @@ CLEAN_UP_BATCH = 200
 PURGE_BATCH = 500
 
 LIVE_STATUSES = (Backup.Status.PENDING, Backup.Status.VERIFYING, Backup.Status.VERIFIED)
+# A key whose lock date is unknown (S3 refused to delete a locked version) is
+# tried again this much later.
+LOCKED_RETRY = timedelta(days=1)
 
 
-def object_forget(key: str, *, reason: str, not_before: datetime | None = None) -> None:
-    """Delete an object now, or write it down for the purge job.
+def lock_period(user) -> timedelta:
+    """How long this account's verified restore points stay locked (RECLO_LOCK_DAYS unless overridden)."""
+    days = AccountLimits.objects.filter(user=user).values_list("lock_days", flat=True).first()
+    return timedelta(days=settings.RECLO_LOCK_DAYS if days is None else days)
+
+
+def object_forget(
+    key: str, *, reason: str, not_before: datetime | None = None, locked_until: datetime | None = None
+) -> None:
+    """Delete an object (every version of it) now, or write it down for the purge job.
 
     `not_before` in the future always defers: used while someone may still
     hold credentials for the key (an agent that can still write it, or a
-    restore that can still read it). Never raises for cloud failures.
+    restore that can still read it). A `locked_until` in the future defers
+    to then: S3 Object Lock refuses sooner. Never raises for cloud failures.
     """
     now = timezone.now()
+    if locked_until is not None and (not_before is None or not_before < locked_until):
+        not_before = locked_until
     if not_before is None or not_before <= now:
         try:
             storage.delete_object(key)
             return
+        except storage.ObjectLocked as exc:
+            log.info("%s is still locked; deferring its deletion: %s", key, exc)
+            not_before = now + LOCKED_RETRY
         except cloud.CloudError as exc:
             log.warning("deleting %s failed, deferring: %s", key, exc)
             not_before = now
@@ -75,19 +93,35 @@ def backup_fail(*, backup: Backup, reason: str, from_statuses=(Backup.Status.PEN
     )
     if changed:
         log.info("backup %s failed: %s", backup.pk, reason)
-        object_forget(backup.key, reason="failed verification")
+        object_forget(backup.key, reason="failed verification", locked_until=backup.locked_until)
         _after_writable(backup)
     return bool(changed)
 
 
-def _protected_elsewhere(ids: list) -> bool:
-    """Whether rows of other apps (a recovery, say) protect any of these backups."""
-    for rel in Backup._meta.related_objects:
-        if rel.related_model is Backup or rel.on_delete not in (models.PROTECT, models.RESTRICT):
-            continue
-        if rel.related_model._default_manager.filter(**{f"{rel.field.name}__in": ids}).exists():
-            return True
-    return False
+def backup_in_use(ids: list) -> str:
+    """Why these restore points must not be deleted now, or "" when nothing uses them.
+
+    A failover that is still running reads the chain up to its restore
+    point (and keeps its id). The recovery's link to the backup is
+    SET_NULL, so the database alone would let the row go: this asks. The
+    one place to add other users of a restore point (drills, when they
+    exist: a drill of one of `ids` that has not finished).
+    """
+    from recovery.models import Recovery  # recovery depends on backups, not the other way round
+
+    running = (
+        Recovery.objects.filter(status__in=Recovery.ACTIVE)
+        .filter(models.Q(backup_id__in=ids) | models.Q(backup_ref__in=ids))
+        .order_by("created")
+        .first()
+    )
+    if running is not None:
+        return (
+            f"A failover of {running.server_name} (started {running.created:%Y-%m-%d %H:%M} UTC, now "
+            f"{running.get_status_display()}) is using this restore point; delete it once that failover is ready "
+            "or has failed."
+        )
+    return ""
 
 
 def descendants_of(backup: Backup, rows: list[Backup]) -> list[tuple[int, Backup]]:
@@ -119,37 +153,55 @@ def failed_branches_drop(parent: Backup, *, keep=None) -> bool:
         return False
     later = timezone.now() + settings.RECLO_CREDENTIALS_TTL
     for _, backup in sorted(doomed, key=lambda item: -item[0]):
+        when = max(later, backup.locked_until) if backup.locked_until else later
         ObjectDeletion.objects.update_or_create(
-            key=backup.key, defaults={"not_before": later, "reason": "failed, below a retired restore point"}
+            key=backup.key, defaults={"not_before": when, "reason": "failed, below a retired restore point"}
         )
         backup.delete()
     return True
 
 
-def backup_delete(*, user, backup_id, cascade: bool = False) -> list:
+@dataclass
+class Deletion:
+    """What `backup_delete` did: removed now, or hidden until their lock ends."""
+
+    deleted: list = field(default_factory=list)
+    scheduled: list = field(default_factory=list)
+    locked_until: datetime | None = None
+
+
+def backup_delete(*, user, backup_id, cascade: bool = False) -> Deletion:
     """Delete a restore point (and with `cascade` its dependents, newest first).
 
     NO_BACKUP_TO_DELETE for an unknown id or another tenant's; HAS_DEPENDENTS when live restore points
     depend on it and `cascade` is false (failed dependents go along anyway:
-    nothing can be restored from them). The rows are first marked failed in
-    one transaction, so no new incremental can start on them and no
-    verification in flight can succeed on top of them; then each object is
-    deleted, then its row. A storage failure answers DELETE_FAILED and leaves the
-    remaining rows failed, so deleting again finishes the job.
+    nothing can be restored from them), or when a running failover uses it.
 
-    Returns the ids deleted. Idempotent in effect: repeating it after a DELETE_FAILED
-    continues where it stopped.
+    When any of them is still under its retention lock, nothing can remove
+    its object yet (not even the portal): they are all hidden at once
+    (`deleted_at`) and `backups_purge` removes them when their locks end;
+    `backup_undelete` brings them back until then. The result's
+    `scheduled` and `locked_until` say so.
+
+    Otherwise the rows are first marked failed in one transaction, so no
+    new incremental can start on them and no verification in flight can
+    succeed on top of them; then each object is deleted, then its row. A
+    storage failure answers DELETE_FAILED and leaves the remaining rows failed, so
+    deleting again finishes the job. Idempotent in effect: repeating it
+    after a DELETE_FAILED continues where it stopped; repeating it on a hidden one
+    answers the same schedule.
     """
     target = Backup.objects.filter(user=user, pk=backup_id).first()
     if target is None:
         raise ServiceError(Code.NO_BACKUP_TO_DELETE, "No backup with that id.")
+    now = timezone.now()
     with transaction.atomic():
         rows = list(Backup.objects.select_for_update().filter(server_id=target.server_id, disk=target.disk))
         target = next((row for row in rows if row.pk == target.pk), None)
         if target is None:
             raise ServiceError(Code.NO_BACKUP_TO_DELETE, "No backup with that id.")
         below = descendants_of(target, rows)
-        live = [b for _, b in below if b.status != Backup.Status.FAILED]
+        live = [b for _, b in below if b.status != Backup.Status.FAILED and b.deleted_at is None]
         if live and not cascade:
             raise ServiceError(
                 Code.HAS_DEPENDENTS,
@@ -160,26 +212,124 @@ def backup_delete(*, user, backup_id, cascade: bool = False) -> list:
         doomed = [b for _, b in sorted(below, key=lambda item: (-item[0], -item[1].date_created.timestamp()))]
         doomed.append(target)
         ids = [b.pk for b in doomed]
-        if _protected_elsewhere(ids):
-            raise ServiceError(
-                Code.HAS_DEPENDENTS, "A recovery uses this backup or one built on it; finish that recovery first."
-            )
+        in_use = backup_in_use(ids)
+        if in_use:
+            raise ServiceError(Code.HAS_DEPENDENTS, in_use)
+        locks = [b.locked_until for b in doomed if b.locked_until and b.locked_until > now]
+        if locks:
+            hide = [b.pk for b in doomed if b.deleted_at is None]
+            Backup.objects.filter(pk__in=hide).update(deleted_at=now)
+    if locks:
+        for backup in doomed:
+            if backup.pk in hide:
+                audit_record(AuditEvent.Kind.BACKUP_DELETED, user=user, server=target.server.name,
+                             disk=backup.disk, backup_id=str(backup.pk), backup_kind=backup.kind,
+                             scheduled=True)  # fmt: skip
+        return Deletion(scheduled=ids, locked_until=max(locks))
+    with transaction.atomic():
         Backup.objects.filter(pk__in=ids).exclude(status=Backup.Status.FAILED).update(
             status=Backup.Status.FAILED, failure="Being deleted at the owner's request."
         )
-    deleted = []
+    result = Deletion()
     for backup in doomed:
         try:
             storage.delete_object(backup.key)
+        except storage.ObjectLocked:
+            # Locked after its row was read (a verification that finished
+            # meanwhile): S3 keeps it, the purge job removes it later.
+            object_forget(backup.key, reason="deleted while it was being locked", not_before=now + LOCKED_RETRY)
         except cloud.CloudError as exc:
             log.warning("deleting backup %s: %s", backup.pk, exc)
             raise ServiceError(Code.DELETE_FAILED, "Storage did not delete the backup; try again.") from exc
         Backup.objects.filter(pk=backup.pk).delete()
         _after_writable(backup)
-        deleted.append(backup.pk)
+        result.deleted.append(backup.pk)
         audit_record(AuditEvent.Kind.BACKUP_DELETED, user=user, server=target.server.name, disk=backup.disk,
                      backup_id=str(backup.pk), backup_kind=backup.kind)  # fmt: skip
-    return deleted
+    return result
+
+
+def backup_undelete(*, user, backup_id) -> Backup:
+    """Bring back a restore point deleted while locked, with the hidden ones it builds on.
+
+    309 for an unknown id or another tenant's; 316 once its lock (or that of
+    a restore point it builds on) has ended, so it may already be gone from
+    storage, or when it was removed already. Idempotent: a restore point
+    that is not deleted is returned as it is.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        target = Backup.objects.select_for_update().filter(user=user, pk=backup_id).first()
+        if target is None:
+            removed = AuditEvent.objects.filter(
+                user=user, kind=AuditEvent.Kind.BACKUP_DELETED, details__backup_id=str(backup_id), details__purged=True
+            ).first()
+            if removed is not None:
+                raise ServiceError(
+                    Code.LOCKED,
+                    f"This restore point was removed on {removed.created:%Y-%m-%d %H:%M} UTC when its lock ended; "
+                    "it cannot be brought back.",
+                )
+            raise ServiceError(Code.NO_BACKUP_TO_DELETE, "No backup with that id.")
+        if target.deleted_at is None:
+            return target
+        same_disk = Backup.objects.select_for_update().filter(server_id=target.server_id, disk=target.disk)
+        rows = {b.pk: b for b in same_disk}
+        chain, current = [], target
+        while current is not None and current.deleted_at is not None:
+            chain.append(current)
+            current = rows.get(current.parent_id)
+        for point in chain:
+            if point.locked_until is None or point.locked_until <= now:
+                raise ServiceError(
+                    Code.LOCKED,
+                    f"The lock of {'this restore point' if point is target else 'a restore point it builds on'} "
+                    "has ended and it is being removed; it cannot be brought back.",
+                )
+        Backup.objects.filter(pk__in=[p.pk for p in chain]).update(deleted_at=None)
+    target.refresh_from_db()
+    return target
+
+
+def backups_purge(*, now: datetime | None = None) -> int:
+    """Beat job: remove hidden (deleted) restore points whose lock has ended.
+
+    Newest first: a restore point is removed only once nothing is built on
+    it any more, so one run removes a chain's tail and the next runs the
+    rest. Bounded batches; each removal is conditional, so overlapping
+    runs do no harm, and a storage failure leaves the row for the next run.
+    Returns the number removed.
+    """
+    now = now or timezone.now()
+    removed = 0
+    while removed < PURGE_BATCH:
+        due = list(
+            Backup.objects.filter(deleted_at__isnull=False)
+            .filter(models.Q(locked_until__isnull=True) | models.Q(locked_until__lte=now))
+            .filter(children__isnull=True)
+            .select_related("server", "user")
+            .order_by("-date_created")[: PURGE_BATCH - removed]
+        )
+        if not due:
+            break
+        progress = 0
+        for backup in due:
+            if backup_in_use([backup.pk]):
+                continue
+            try:
+                storage.delete_object(backup.key)
+            except cloud.CloudError as exc:
+                log.warning("purging backup %s: %s; next run retries", backup.pk, exc)
+                continue
+            gone = Backup.objects.filter(pk=backup.pk, deleted_at__isnull=False, children__isnull=True).delete()[0]
+            if gone:
+                removed += 1
+                progress += 1
+                audit_record(AuditEvent.Kind.BACKUP_DELETED, user=backup.user, server=backup.server.name,
+                             disk=backup.disk, backup_id=str(backup.pk), purged=True, address="beat")  # fmt: skip
+        if not progress:
+            break
+    return removed
 
 
 def uploads_clean_up(*, now: datetime | None = None) -> dict:
@@ -280,12 +430,24 @@ def objects_purge(*, now: datetime | None = None) -> int:
     in_use = set(
         Backup.objects.filter(key__in=[d.key for d in due], status__in=LIVE_STATUSES).values_list("key", flat=True)
     )
-    keys = [d.key for d in due if d.key not in in_use]
-    try:
-        storage.delete_objects(keys)
-    except cloud.CloudError as exc:
-        log.warning("purging %d objects: %s; next run retries", len(keys), exc)
-        ObjectDeletion.objects.filter(pk__in=[d.pk for d in due]).update(attempts=models.F("attempts") + 1)
-        return 0
-    ObjectDeletion.objects.filter(pk__in=[d.pk for d in due]).delete()
-    return len(keys)
+    done, purged = [], 0
+    for entry in due:
+        if entry.key in in_use:
+            done.append(entry.pk)
+            continue
+        try:
+            storage.delete_object(entry.key)
+        except storage.ObjectLocked as exc:
+            # Locked longer than the entry said (a restore point's lock was
+            # extended): try again once more of it has passed.
+            log.info("purging %s: still locked (%s)", entry.key, exc)
+            ObjectDeletion.objects.filter(pk=entry.pk).update(not_before=now + LOCKED_RETRY)
+            continue
+        except cloud.CloudError as exc:
+            log.warning("purging %s: %s; next run retries", entry.key, exc)
+            ObjectDeletion.objects.filter(pk=entry.pk).update(attempts=models.F("attempts") + 1)
+            continue
+        done.append(entry.pk)
+        purged += 1
+    ObjectDeletion.objects.filter(pk__in=done).delete()
+    return purged

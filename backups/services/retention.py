@@ -25,7 +25,7 @@ from reclo_site.cloud import storage
 
 from ..models import Backup, ObjectDeletion
 from ..naming import backup_key
-from .lifecycle import failed_branches_drop, object_forget
+from .lifecycle import backup_in_use, failed_branches_drop, lock_period, object_forget
 from .verification import object_check
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,9 @@ def retention_apply(*, server_id: int, disk: str) -> str:
     """
     keep = max(1, settings.RECLO_RETENTION_KEEP)
     verified = list(
-        Backup.objects.filter(server_id=server_id, disk=disk, status=Backup.Status.VERIFIED).order_by(
-            "date_created", "pk"
-        )
+        Backup.objects.filter(
+            server_id=server_id, disk=disk, status=Backup.Status.VERIFIED, deleted_at__isnull=True
+        ).order_by("date_created", "pk")
     )
     if len(verified) <= keep:
         return ""
@@ -59,7 +59,13 @@ def retention_apply(*, server_id: int, disk: str) -> str:
     if oldest.kind != Backup.Kind.FULL:
         log.warning("oldest verified restore point %s of %s/%s is not a full; skipping", oldest.pk, server_id, disk)
         return ""
+    # A hidden (deleted, still locked) child keeps its row until its lock
+    # ends: the full then waits, as it waits for one still verifying.
     children = list(Backup.objects.filter(parent=oldest).exclude(status=Backup.Status.FAILED))
+    if any(child.deleted_at for child in children):
+        return ""
+    if backup_in_use([oldest.pk]):
+        return ""  # a running failover reads this full by its id; the verdict after it re-runs this
     if not children:
         return "dropped" if _drop_full(oldest) else ""
     if len(children) != 1 or children[0].status != Backup.Status.VERIFIED:
@@ -74,15 +80,17 @@ def _drop_full(full: Backup) -> bool:
         if row is None or not failed_branches_drop(row):
             return False
         row.delete()
-        _defer_deletion(row.key, "fell out of the retention window")
+        _defer_deletion(row.key, "fell out of the retention window", row.locked_until)
     return True
 
 
-def _defer_deletion(key: str, reason: str) -> None:
-    # A restore granted before this change may still be reading the object.
-    ObjectDeletion.objects.update_or_create(
-        key=key, defaults={"not_before": timezone.now() + settings.RECLO_CREDENTIALS_TTL, "reason": reason}
-    )
+def _defer_deletion(key: str, reason: str, locked_until=None) -> None:
+    # A restore granted before this change may still be reading the object,
+    # and a locked one cannot be deleted before its lock ends anyway.
+    not_before = timezone.now() + settings.RECLO_CREDENTIALS_TTL
+    if locked_until is not None and locked_until > not_before:
+        not_before = locked_until
+    ObjectDeletion.objects.update_or_create(key=key, defaults={"not_before": not_before, "reason": reason})
 
 
 def backup_merge(*, base_id, child_id) -> Backup | None:
@@ -103,18 +111,29 @@ def backup_merge(*, base_id, child_id) -> Backup | None:
     if not claimed:
         return None
     base = Backup.objects.get(pk=base_id)
-    child = Backup.objects.select_related("server").get(pk=child_id)
+    child = Backup.objects.select_related("server", "user").get(pk=child_id)
     merged_key = backup_key(
         user_id=child.user_id, server=child.server.name, disk=child.disk, backup_id=child.pk, merged=True
     )
+    locked_until = None
     try:
-        size, digest = _write_merged(base, child, merged_key)
-        check = object_check(merged_key, kind=Backup.Kind.FULL, virtual_size=child.virtual_size)
+        size, digest, version_id = _write_merged(base, child, merged_key)
+        check = object_check(
+            merged_key, kind=Backup.Kind.FULL, virtual_size=child.virtual_size, version_id=version_id or None
+        )
         if check.size != size or check.sha256 != digest or check.info.unique_id != child.vhd_unique_id:
             raise MergeFailed(f"the merged full of {child.pk} did not verify")
-    except (vhd.VHDError, cloud.CloudError, MergeFailed) as exc:
+        if check.version_id:
+            # The merged full is a restore point like the upload it replaces:
+            # locked for the account's period, before the rows point at it.
+            locked_until = storage.lock_version(merged_key, check.version_id, now + lock_period(child.user))
+    except storage.ObjectChanged as exc:
         Backup.objects.filter(pk=child.pk, merge_claimed_at=now).update(merge_claimed_at=None)
         object_forget(merged_key, reason="merge abandoned")
+        raise MergeFailed(f"merging {base.pk} and {child.pk}: {exc}") from exc
+    except (vhd.VHDError, cloud.CloudError, MergeFailed) as exc:
+        Backup.objects.filter(pk=child.pk, merge_claimed_at=now).update(merge_claimed_at=None)
+        object_forget(merged_key, reason="merge abandoned", locked_until=locked_until)
         if isinstance(exc, vhd.VHDError):
             raise MergeFailed(f"merging {base.pk} and {child.pk}: {exc}") from exc
         raise
@@ -133,25 +152,38 @@ def backup_merge(*, base_id, child_id) -> Backup | None:
             and failed_branches_drop(b, keep=c)
         )
         if unchanged:
-            old_keys = [b.key, c.key]
+            old = [(b.key, b.locked_until), (c.key, c.locked_until)]
             c.kind, c.parent, c.key = Backup.Kind.FULL, None, merged_key
             c.file_size, c.sha256, c.merge_claimed_at, c.scrubbed_at = size, digest, None, None
-            c.save(update_fields=["kind", "parent", "key", "file_size", "sha256", "merge_claimed_at", "scrubbed_at"])
+            c.version_id, c.etag, c.locked_until = check.version_id, check.etag, locked_until
+            c.save(
+                update_fields=[
+                    *("kind", "parent", "key", "file_size", "sha256", "merge_claimed_at", "scrubbed_at"),
+                    *("version_id", "etag", "locked_until"),
+                ]
+            )
             b.delete()
-            for key in old_keys:
-                _defer_deletion(key, f"merged into {c.pk}")
+            for key, key_locked_until in old:
+                _defer_deletion(key, f"merged into {c.pk}", key_locked_until)
     if not unchanged:
         log.info("chain of %s changed during its merge; discarding the merged object", child.pk)
         Backup.objects.filter(pk=child.pk, merge_claimed_at=now).update(merge_claimed_at=None)
-        object_forget(merged_key, reason="merge discarded")
+        object_forget(merged_key, reason="merge discarded", locked_until=locked_until)
         return None
     log.info("merged %s into %s (%d bytes)", base.pk, c.pk, size)
     return c
 
 
-def _write_merged(base: Backup, child: Backup, key: str) -> tuple[int, str]:
-    """Stream the merged full of `base` + `child` into a new object; (size, sha256)."""
-    with storage.ObjectReader(base.key) as base_raw, storage.ObjectReader(child.key) as child_raw:
+def _write_merged(base: Backup, child: Backup, key: str) -> tuple[int, str, str]:
+    """Stream the merged full of `base` + `child` into a new object; (size, sha256, version id).
+
+    Both are read at their verified versions: bytes written over their keys
+    since are never merged (ObjectChanged when an unversioned one changed).
+    """
+    with (
+        storage.ObjectReader(base.key, **base.pinned) as base_raw,
+        storage.ObjectReader(child.key, **child.pinned) as child_raw,
+    ):
         chain = vhd.open_chain([vhd.open_seekable(base_raw), vhd.open_seekable(child_raw)])
         if chain.top.info.unique_id != child.vhd_unique_id:
             raise MergeFailed(f"the stored incremental {child.pk} is not the one that was verified")
@@ -161,4 +193,4 @@ def _write_merged(base: Backup, child: Backup, key: str) -> tuple[int, str]:
             writer = vhd.SeekableZstdWriter(out)
             with writer:
                 vhd.merge_chain(chain, writer)
-        return writer.compressed_size, writer.sha256()
+        return writer.compressed_size, writer.sha256(), out.version_id

@@ -32,6 +32,11 @@ class UploadGrant:
     credentials: credentials.TemporaryCredentials
 
 
+def _upload_ttl() -> int:
+    """Seconds upload credentials live (RECLO_UPLOAD_CREDENTIALS_TTL): short, since STS cannot revoke them."""
+    return int(settings.RECLO_UPLOAD_CREDENTIALS_TTL.total_seconds())
+
+
 def max_file_size(user) -> int:
     """The largest stored backup this account may upload, in bytes."""
     limit = AccountLimits.objects.filter(user=user).values_list("max_file_size", flat=True).first()
@@ -80,7 +85,7 @@ def _chain_parent(*, user, server: str, disk: str, kind: str, parent_id, virtual
     if parent_id is None:
         raise ServiceError(Code.BAD_CHAIN, "An incremental backup needs parent_id, the restore point it builds on.")
     parent = Backup.objects.select_related("server").filter(user=user, pk=parent_id).first()
-    if parent is None:
+    if parent is None or parent.deleted_at is not None:
         raise ServiceError(Code.BAD_CHAIN, "The parent backup does not exist.")
     if parent.status != Backup.Status.VERIFIED:
         raise ServiceError(Code.BAD_CHAIN, f"The parent backup is {parent.status}, not verified.")
@@ -93,6 +98,7 @@ def _chain_parent(*, user, server: str, disk: str, kind: str, parent_id, virtual
         )
     newest = (
         Backup.objects.filter(server_id=parent.server_id, disk=disk, status=Backup.Status.VERIFIED)
+        .filter(deleted_at__isnull=True)
         .order_by("-date_created", "-pk")
         .values_list("pk", flat=True)
         .first()
@@ -157,7 +163,9 @@ def backup_start(
     key = backup_key(user_id=user.pk, server=server, disk=disk, backup_id=backup_id)
     try:
         grant = credentials.issue(
-            policy=credentials.upload_policy(key), session_name=f"reclo-up-{user.pk}-{backup_id.hex}"
+            policy=credentials.upload_policy(key),
+            session_name=f"reclo-up-{user.pk}-{backup_id.hex}",
+            duration=_upload_ttl(),
         )
     except cloud.CloudError as exc:
         raise ServiceError(
@@ -169,7 +177,11 @@ def backup_start(
         _check_pending(user)
         if parent is not None:
             # The parent may have been deleted or superseded since it was checked.
-            locked = Backup.objects.select_for_update().filter(pk=parent.pk, status=Backup.Status.VERIFIED).first()
+            locked = (
+                Backup.objects.select_for_update()
+                .filter(pk=parent.pk, status=Backup.Status.VERIFIED, deleted_at__isnull=True)
+                .first()
+            )
             if locked is None:
                 raise ServiceError(Code.BAD_CHAIN, "The parent backup is no longer a verified restore point.")
         server_row, _ = Server.objects.get_or_create(user=user, name=server)
@@ -206,6 +218,11 @@ def _expired(backup: Backup) -> bool:
 def backup_credentials_refresh(*, user, upload_id) -> UploadGrant:
     """Fresh credentials for the same key, while the upload is pending (else NO_UPLOAD).
 
+    Refused once the upload is completed: from then on nothing may write
+    the key, and the last credentials handed out expire within
+    RECLO_UPLOAD_CREDENTIALS_TTL (their write-once condition already stops
+    them replacing the stored object).
+
     Idempotent in effect: each call grants another set for the same one key.
     """
     backup = _pending_upload(user, upload_id)
@@ -215,7 +232,9 @@ def backup_credentials_refresh(*, user, upload_id) -> UploadGrant:
         raise ServiceError(Code.NO_UPLOAD, "That upload has expired; start a new one.")
     try:
         grant = credentials.issue(
-            policy=credentials.upload_policy(backup.key), session_name=f"reclo-up-{user.pk}-{backup.pk.hex}"
+            policy=credentials.upload_policy(backup.key),
+            session_name=f"reclo-up-{user.pk}-{backup.pk.hex}",
+            duration=_upload_ttl(),
         )
     except cloud.CloudError as exc:
         raise ServiceError(

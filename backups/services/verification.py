@@ -25,7 +25,7 @@ from reclo_site import cloud
 from reclo_site.cloud import storage
 
 from ..models import Backup
-from .lifecycle import backup_fail, descendants_of
+from .lifecycle import backup_fail, descendants_of, lock_period
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,9 @@ class ObjectCheck:
     size: int
     sha256: str
     info: vhd.VHDInfo
+    # The version that was read (empty on an unversioned bucket) and its ETag.
+    version_id: str = ""
+    etag: str = ""
 
 
 def object_check(
@@ -45,9 +48,14 @@ def object_check(
     kind: str,
     virtual_size: int,
     parent_unique_id: uuid.UUID | None = None,
+    version_id: str | None = None,
+    etag: str | None = None,
     on_fetch: Callable[[], None] | None = None,
 ) -> ObjectCheck:
     """Read a stored restore point and check everything about it.
+
+    `version_id` / `etag` read exactly that version (a verified one); without
+    them the current version is read, and the check says which it was.
 
     The VHD's structure (footer and header checksums, disk type fits
     `kind`, parent id, virtual size, every BAT entry inside the data) is
@@ -63,7 +71,7 @@ def object_check(
     Raises VHDError for a bad file, ObjectNotFound / ObjectChanged /
     CloudUnavailable for storage trouble.
     """
-    with storage.ObjectReader(key, sha256=True, on_fetch=on_fetch) as raw:
+    with storage.ObjectReader(key, version_id=version_id, etag=etag, sha256=True, on_fetch=on_fetch) as raw:
         disk = vhd.open_seekable(raw)
         # Refused from the header alone: a BAT of more blocks than any real
         # writer declares (a few KB of zstd can declare 2 GiB of BAT).
@@ -81,7 +89,7 @@ def object_check(
             raise vhd.VHDError(f"the VHD is {info.file_size} bytes, far more than a {virtual_size}-byte disk needs")
         vhd.check_seekable(raw)
         digest = raw.sha256_hexdigest()
-        return ObjectCheck(size=raw.size, sha256=digest, info=info)
+        return ObjectCheck(size=raw.size, sha256=digest, info=info, version_id=raw.version_id, etag=raw.etag)
 
 
 def max_vhd_size(virtual_size: int) -> int:
@@ -141,17 +149,23 @@ def read_release(backup: Backup) -> None:
 
 def _problem(backup: Backup, *, parent_unique_id, on_fetch=None) -> tuple[ObjectCheck | None, str]:
     """Check `backup`'s object against its row: (check, "") or (None, reason)."""
+    pinned = bool(backup.version_id or backup.etag)
     try:
         check = object_check(
             backup.key,
             kind=backup.kind,
             virtual_size=backup.virtual_size,
             parent_unique_id=parent_unique_id,
+            **backup.pinned,
             on_fetch=on_fetch,
         )
     except cloud.ObjectNotFound:
+        if pinned:
+            return None, "The verified version of the object is not in storage."
         return None, "The object is not in storage."
     except storage.ObjectChanged:
+        if pinned:
+            return None, "The object in storage is not the version that was verified (it was replaced since)."
         return None, "The object was overwritten while it was being checked."
     except vhd.VHDError as exc:
         return None, f"Not a valid restore point: {exc}"
@@ -187,7 +201,7 @@ def backup_verify(*, backup_id) -> Backup | None:
     uploads cannot take every worker) or while another worker's heartbeat
     on this one is fresh.
     """
-    backup = Backup.objects.select_related("parent").filter(pk=backup_id).first()
+    backup = Backup.objects.select_related("parent", "user").filter(pk=backup_id).first()
     if backup is None or backup.status != Backup.Status.VERIFYING:
         return backup
     claim = read_claim(backup, status=Backup.Status.VERIFYING, limit=settings.RECLO_MAX_CONCURRENT_VERIFICATIONS)
@@ -220,6 +234,12 @@ def _verify(backup: Backup, heartbeat: Heartbeat) -> Backup:
         backup_fail(backup=backup, reason="The parent backup's VHD id is unknown.")
         return backup
     check, reason = _problem(backup, parent_unique_id=parent_unique_id, on_fetch=heartbeat)
+    locked_until = None
+    if not reason and check.version_id:
+        # Locked before the verdict is committed (no cloud call inside the
+        # transaction): a verified restore point is never unlocked. If the
+        # verdict then goes the other way, the deletion waits for the lock.
+        locked_until = storage.lock_version(backup.key, check.version_id, timezone.now() + lock_period(backup.user))
     if not reason:
         with transaction.atomic():
             row = Backup.objects.select_for_update().filter(pk=backup.pk, status=Backup.Status.VERIFYING).first()
@@ -227,9 +247,11 @@ def _verify(backup: Backup, heartbeat: Heartbeat) -> Backup:
                 return backup  # deleted, or another worker decided first
             if row.parent_id:
                 parent = Backup.objects.select_for_update().filter(pk=row.parent_id).first()
-                if parent is None or parent.status != Backup.Status.VERIFIED:
+                if parent is None or parent.status != Backup.Status.VERIFIED or parent.deleted_at is not None:
                     reason = "The parent backup stopped being a verified restore point during verification."
-                elif Backup.objects.filter(parent_id=row.parent_id, status=Backup.Status.VERIFIED).exists():
+                elif Backup.objects.filter(
+                    parent_id=row.parent_id, status=Backup.Status.VERIFIED, deleted_at__isnull=True
+                ).exists():
                     reason = "Another restore point built on the same parent was verified first."
             if not reason:
                 row.status = Backup.Status.VERIFIED
@@ -237,11 +259,18 @@ def _verify(backup: Backup, heartbeat: Heartbeat) -> Backup:
                 row.vhd_unique_id = check.info.unique_id
                 row.verified_at = timezone.now()
                 row.failure = ""
-                row.save(update_fields=["status", "sha256", "vhd_unique_id", "verified_at", "failure"])
+                row.version_id, row.etag, row.locked_until = check.version_id, check.etag, locked_until
+                row.save(
+                    update_fields=[
+                        *("status", "sha256", "vhd_unique_id", "verified_at", "failure"),
+                        *("version_id", "etag", "locked_until"),
+                    ]
+                )
                 transaction.on_commit(
                     lambda: tasks.enqueue(tasks.retention_apply, row.server_id, row.disk)  # noqa: B023 - runs once
                 )
                 return row
+    backup.locked_until = locked_until
     backup_fail(backup=backup, reason=reason, from_statuses=(Backup.Status.VERIFYING,))
     backup.refresh_from_db()
     return backup
@@ -250,8 +279,10 @@ def _verify(backup: Backup, heartbeat: Heartbeat) -> Backup:
 def backup_scrub(*, backup_id) -> str:
     """Re-read one verified restore point; mark its chain broken if it changed.
 
-    Returns "" when the object is sound, else the problem found. Storage
-    outages propagate for a retry. Idempotent.
+    Returns "" when the object is sound, else the problem found. A sound
+    restore point verified before versions were recorded gets the version
+    it was read at pinned and locked now. Storage outages propagate for a
+    retry. Idempotent.
     """
     backup = Backup.objects.select_related("parent", "server", "user").filter(pk=backup_id).first()
     if backup is None or backup.status != Backup.Status.VERIFIED:
@@ -270,7 +301,13 @@ def _scrub(backup: Backup, heartbeat: Heartbeat) -> str:
     check, problem = _problem(backup, parent_unique_id=parent_unique_id, on_fetch=heartbeat)
     if not problem and backup.vhd_unique_id and check.info.unique_id != backup.vhd_unique_id:
         problem = f"The VHD id changed from {backup.vhd_unique_id} to {check.info.unique_id}."
-    Backup.objects.filter(pk=backup.pk).update(scrubbed_at=timezone.now())
+    stamp = {"scrubbed_at": timezone.now()}
+    if not problem and not (backup.version_id or backup.etag):
+        stamp.update(version_id=check.version_id, etag=check.etag)
+        if check.version_id:
+            until = timezone.now() + lock_period(backup.user)
+            stamp["locked_until"] = storage.lock_version(backup.key, check.version_id, until)
+    Backup.objects.filter(pk=backup.pk).update(**stamp)
     if problem:
         chain_mark_broken(backup=backup, reason=problem)
     return problem
@@ -280,7 +317,7 @@ def backups_scrub_pick(*, sample: int | None = None) -> list:
     """Ids of the verified restore points to re-read this run: the least recently checked."""
     sample = settings.RECLO_SCRUB_SAMPLE if sample is None else sample
     return list(
-        Backup.objects.filter(status=Backup.Status.VERIFIED)
+        Backup.objects.filter(status=Backup.Status.VERIFIED, deleted_at__isnull=True)
         # Never checked first (PostgreSQL would put NULLs last by default).
         .order_by(F("scrubbed_at").asc(nulls_first=True), "verified_at")
         .values_list("pk", flat=True)[:sample]

@@ -42,8 +42,11 @@ class Disk:
         self.clock = when or self.clock + timedelta(hours=1)
         backup.date_created = self.clock
         backup.verified_at = self.clock if status == Backup.Status.VERIFIED else None
+        stored = storage.put_object(backup.key, data)
+        if status == Backup.Status.VERIFIED:
+            # What verification records: the version it read, so readers are pinned to it.
+            backup.version_id, backup.etag = stored["version_id"], stored["etag"]
         backup.save()
-        storage.put_object(backup.key, data)
         return backup
 
     def full(self, seed: int = 1, *, status=Backup.Status.VERIFIED, when=None) -> Backup:
@@ -69,12 +72,12 @@ def disk(user, aws):
 
 
 def stored_chain(backup: Backup) -> list[bytes]:
-    """The stored objects of a restore point's chain, base first, as S3 holds them now."""
+    """The stored objects of a restore point's chain, base first, as a restore reads them (the verified versions)."""
     from backups.services import chain_of
 
     objects = []
     for point in chain_of(backup):
-        with storage.ObjectReader(point.key) as reader:
+        with storage.ObjectReader(point.key, **point.pinned) as reader:
             objects.append(reader.read())
     return objects
 

@@ -264,6 +264,8 @@ class TestDownload:
             "key": chain[0].key,
             "file_size": chain[0].file_size,
             "sha256": chain[0].sha256,
+            "version_id": chain[0].version_id,
+            "etag": chain[0].etag,
         }
         assert (body["bucket"], body["region"], body["endpoint_url"]) == ("reclo-test", "us-east-1", None)
         policy = json.loads(sts_backends[DEFAULT_ACCOUNT_ID]["aws"].assumed_roles[-1].policy)
@@ -271,7 +273,7 @@ class TestDownload:
             {
                 "Sid": "ReadOneChain",
                 "Effect": "Allow",
-                "Action": ["s3:GetObject"],
+                "Action": ["s3:GetObject", "s3:GetObjectVersion"],
                 "Resource": [f"arn:aws:s3:::reclo-test/{chain[0].key}", f"arn:aws:s3:::reclo-test/{chain[1].key}"],
             }
         ]

@@ -52,7 +52,9 @@ class TestStart:
         assert set(body["credentials"]) == {"AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration"}
         assert body["credentials"]["Expiration"].endswith("Z")
         assert (backup.status, backup.kind, backup.user, backup.server.name) == ("pending", "full", user, "fileserver")
-        assert backup.credentials_expire > timezone.now() + timedelta(hours=11)
+        # Upload credentials live one hour (RECLO_UPLOAD_CREDENTIALS_TTL), not the 12 of a restore.
+        lifetime = backup.credentials_expire - timezone.now()
+        assert timedelta(minutes=55) < lifetime < timedelta(hours=1, minutes=1)
 
     def test_the_endpoint_is_the_local_emulator_when_there_is_one(self, api, moto_server):
         response = start(api)

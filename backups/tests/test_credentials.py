@@ -23,9 +23,40 @@ def test_the_upload_policy_writes_one_key_and_nothing_else():
                 "Effect": "Allow",
                 "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],
                 "Resource": f"arn:aws:s3:::reclo-test/{KEY}",
-            }
+            },
+            # Write-once: creating the object without If-None-Match: * is denied.
+            {
+                "Sid": "WriteItOnce",
+                "Effect": "Deny",
+                "Action": "s3:PutObject",
+                "Resource": f"arn:aws:s3:::reclo-test/{KEY}",
+                "Condition": {
+                    "Null": {"s3:if-none-match": "true"},
+                    "Bool": {"s3:ObjectCreationOperation": "true"},
+                },
+            },
+            {
+                "Sid": "OnlyIfAbsent",
+                "Effect": "Deny",
+                "Action": "s3:PutObject",
+                "Resource": f"arn:aws:s3:::reclo-test/{KEY}",
+                "Condition": {
+                    "StringNotEquals": {"s3:if-none-match": "*"},
+                    "Bool": {"s3:ObjectCreationOperation": "true"},
+                },
+            },
         ],
     }
+
+
+def test_the_write_once_denials_spare_the_multipart_calls_that_cannot_carry_the_header():
+    # CreateMultipartUpload and UploadPart authorize as s3:PutObject with
+    # s3:ObjectCreationOperation false; without that clause every multipart
+    # upload would be denied at its first part.
+    denials = [s for s in json.loads(credentials.upload_policy(KEY))["Statement"] if s["Effect"] == "Deny"]
+    assert denials and all(s["Condition"]["Bool"] == {"s3:ObjectCreationOperation": "true"} for s in denials)
+    # And nothing is denied that an agent's own abort needs.
+    assert all(s["Action"] == "s3:PutObject" for s in denials)
 
 
 def test_no_read_list_or_delete_action_is_granted_for_uploads():
@@ -41,7 +72,8 @@ def test_the_download_policy_reads_exactly_the_chain():
             {
                 "Sid": "ReadOneChain",
                 "Effect": "Allow",
-                "Action": ["s3:GetObject"],
+                # GetObjectVersion: the agent reads the verified version by its id.
+                "Action": ["s3:GetObject", "s3:GetObjectVersion"],
                 "Resource": [f"arn:aws:s3:::reclo-test/{k}" for k in keys],
             }
         ],

@@ -83,7 +83,8 @@ def test_no_name_widens_a_policy_or_escapes_the_prefix(server, disk, user_id):
 
     # The upload policy names exactly that key, and matches no other object.
     policy = json.loads(credentials.upload_policy(key))
-    (statement,) = policy["Statement"]
+    statement, *write_once = policy["Statement"]
+    assert all(s["Effect"] == "Deny" and s["Resource"] == ARN_PREFIX + key for s in write_once)
     assert statement["Resource"] == ARN_PREFIX + key
     assert statement["Action"] == ["s3:PutObject", "s3:AbortMultipartUpload"]
     others = [

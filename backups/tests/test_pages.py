@@ -154,6 +154,53 @@ class TestDeletePage:
         assert Backup.objects.count() == 3
 
 
+class TestDeletingUnderLock:
+    @pytest.fixture
+    def locked(self, user):
+        """A chain of three whose restore points are locked for another week."""
+        points = hourly(ServerFactory(user=user, name="fileserver"), last_ago=timedelta(minutes=5), count=3)
+        Backup.objects.update(locked_until=timezone.now() + timedelta(days=7))
+        return points
+
+    def test_the_delete_page_says_it_can_be_undone_until_the_lock_ends(self, owner, locked):
+        html = owner.get(f"/backups/{locked[-1].pk}/delete/").content.decode()
+        assert 'data-testid="lock-note"' in html and "you can undo the deletion until then" in html
+        assert "This cannot be undone." not in html
+
+    def test_deleting_schedules_it_and_the_server_page_offers_undo(self, owner, locked):
+        response = owner.post(f"/backups/{locked[0].pk}/delete/", {"dependents": "2"}, follow=True)
+        html = response.content.decode()
+        assert "3 restore point(s) of fileserver / sda are scheduled for removal" in html
+        assert html.count('data-testid="scheduled">scheduled for removal') == 3
+        assert html.count('data-testid="undo"') == 3 and "Delete…" not in html
+        assert Backup.objects.filter(deleted_at__isnull=False).count() == 3  # hidden, not gone
+
+    def test_undo_brings_it_back(self, owner, locked):
+        owner.post(f"/backups/{locked[0].pk}/delete/", {"dependents": "2"})
+        response = owner.post(f"/backups/{locked[-1].pk}/undelete/", follow=True)
+        html = response.content.decode()
+        assert response.redirect_chain[-1][0] == f"/servers/{locked[0].server_id}/"
+        assert "is back" in html
+        # It comes back with the restore points it builds on.
+        assert not Backup.objects.filter(deleted_at__isnull=False).exists()
+
+    def test_undo_after_the_lock_ended_says_why_not(self, owner, locked):
+        owner.post(f"/backups/{locked[-1].pk}/delete/", {"dependents": "0"})
+        Backup.objects.update(locked_until=timezone.now() - timedelta(minutes=1))
+        html = owner.post(f"/backups/{locked[-1].pk}/undelete/", follow=True).content.decode()
+        assert "has ended and it is being removed" in html
+
+    def test_an_outsider_cannot_undo_and_undo_is_a_post(self, owner, other_user, locked):
+        from django.test import Client
+
+        owner.post(f"/backups/{locked[-1].pk}/delete/", {"dependents": "0"})
+        outsider = Client()
+        outsider.force_login(other_user)
+        assert outsider.post(f"/backups/{locked[-1].pk}/undelete/").status_code == 404
+        assert owner.get(f"/backups/{locked[-1].pk}/undelete/").status_code == 405
+        assert Backup.objects.filter(deleted_at__isnull=False).count() == 1
+
+
 class TestAddServer:
     def test_it_shows_the_exact_agent_commands_for_this_portal(self, owner, user, settings):
         settings.SITE_URL = "https://reclo.example.com"

@@ -61,8 +61,14 @@ def test_merging_keeps_every_restore_point_in_the_window_restorable_bit_for_bit(
     assert deferred == replaced
     assert all(d.not_before > timezone.now() + timedelta(hours=11) for d in ObjectDeletion.objects.all())
     assert all(exists(k) for k in deferred)
-    assert services.objects_purge(now=timezone.now() + settings.RECLO_CREDENTIALS_TTL + timedelta(minutes=1)) == 4
-    assert not any(exists(k) for k in deferred)
+    # The first merged full was locked like any restore point: its deletion waits for the lock.
+    merged_once = chain[1].key.replace(".vhd.zst", ".merged.vhd.zst")
+    assert ObjectDeletion.objects.get(key=merged_once).not_before > timezone.now() + timedelta(days=29)
+    assert services.objects_purge(now=timezone.now() + settings.RECLO_CREDENTIALS_TTL + timedelta(minutes=1)) == 3
+    assert [k for k in deferred if exists(k)] == [merged_once]
+    # Even a purge that believes the lock is over cannot remove it early: S3 refuses.
+    assert services.objects_purge(now=timezone.now() + timedelta(days=31)) == 0
+    assert exists(merged_once) and ObjectDeletion.objects.filter(key=merged_once).exists()
     assert_restorable_bit_for_bit(disk, window)
 
     # The agent's next incremental builds on the newest point and verifies; retention merges again.
@@ -122,14 +128,30 @@ def test_a_chain_that_changes_during_the_merge_is_left_as_it_was(disk, monkeypat
     assert services.backup_merge(base_id=full.pk, child_id=child.pk) is None
     assert Backup.objects.get(pk=full.pk).status == "verified"
     assert Backup.objects.get(pk=child.pk).key == child.key
-    assert not exists(child.key.replace(".vhd.zst", ".merged.vhd.zst"))
+    # The discarded merged full was already locked: it goes when its lock ends.
+    discarded = ObjectDeletion.objects.get(key=child.key.replace(".vhd.zst", ".merged.vhd.zst"))
+    assert discarded.not_before > timezone.now() + timedelta(days=29)
 
 
-def test_a_damaged_source_fails_the_merge_and_changes_nothing(disk):
+def test_a_source_written_over_after_verification_is_never_merged(disk):
+    # The attack: the agent's upload credentials write the verified
+    # incremental's key again, with a valid VHD that would pass every check.
     full = disk.full()
     child = disk.incremental(2)
+    forged, _ = vhds.incremental(disk.raw[full.pk], vhds.changed(disk.raw[full.pk], 99), disk.info[full.pk])
+    storage.put_object(child.key, forged)
+    merged = services.backup_merge(base_id=full.pk, child_id=child.pk)
+    # The merge read the verified versions: the merged full is the disk as it was verified.
+    assert vhds.restored(stored_chain(merged)) == disk.raw[child.pk]
+
+
+def test_a_source_changed_under_its_etag_pin_fails_the_merge_and_changes_nothing(disk):
+    # A restore point verified on an unversioned bucket is pinned by its ETag only.
+    full = disk.full()
+    child = disk.incremental(2)
+    Backup.objects.filter(pk=full.pk).update(version_id="")
     storage.put_object(full.key, b"not a vhd any more")
-    with pytest.raises(services.MergeFailed):
+    with pytest.raises(services.MergeFailed, match="not the version that was verified"):
         services.backup_merge(base_id=full.pk, child_id=child.pk)
     child.refresh_from_db()
     assert (child.kind, child.parent_id, child.merge_claimed_at) == ("incremental", full.pk, None)

@@ -65,8 +65,31 @@ def test_it_hashes_what_it_reads_in_order_and_fetches_only_the_rest(blob):
         assert reader.requests == before + 1  # one streamed GET for the unread middle and the end
 
 
-def test_reading_an_object_that_changes_midway_fails(blob):
+def test_a_reader_keeps_reading_the_version_it_opened(blob):
     with storage.ObjectReader("backups/1/blob", chunk_size=MiB) as reader:
+        reader.read(10)
+        storage.put_object("backups/1/blob", b"replaced")
+        reader.seek(3 * MiB)
+        assert reader.read(MiB) == blob[3 * MiB : 4 * MiB]
+
+
+def test_a_reader_pinned_to_a_version_never_sees_what_was_written_later(blob):
+    first = storage.head_object("backups/1/blob")
+    storage.put_object("backups/1/blob", b"replaced")
+    with storage.ObjectReader("backups/1/blob", version_id=first["version_id"], etag=first["etag"]) as reader:
+        assert reader.read() == blob
+
+
+def test_a_reader_pinned_to_an_etag_refuses_another_object(blob):
+    first = storage.head_object("backups/1/blob")
+    storage.put_object("backups/1/blob", b"replaced")
+    with pytest.raises(storage.ObjectChanged, match="not the version that was verified"):
+        storage.ObjectReader("backups/1/blob", etag=first["etag"])
+
+
+def test_reading_an_object_that_changes_midway_fails_without_versions(blob):
+    with storage.ObjectReader("backups/1/blob", chunk_size=MiB) as reader:
+        reader.version_id = ""  # as on an unversioned bucket: only the ETag pins it
         reader.read(10)
         storage.put_object("backups/1/blob", b"replaced")
         reader.seek(3 * MiB)

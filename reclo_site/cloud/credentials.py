@@ -45,8 +45,10 @@ MAX_DURATION = 12 * 60 * 60
 # (not even the parts of its own upload: a resumed agent goes by its own
 # journal) or deletes.
 UPLOAD_ACTIONS = ("s3:PutObject", "s3:AbortMultipartUpload")
-# A restore reads whole objects and ranges of them (GetObject covers HEAD).
-DOWNLOAD_ACTIONS = ("s3:GetObject",)
+# A restore reads whole objects and ranges of them (GetObject covers HEAD);
+# reading a named version (the verified one, which the chain pins) is
+# s3:GetObjectVersion.
+DOWNLOAD_ACTIONS = ("s3:GetObject", "s3:GetObjectVersion")
 
 # Characters IAM gives a meaning inside a resource ARN: wildcards and policy
 # variables. Keys come from backups.naming, which never produces them; this
@@ -115,16 +117,47 @@ def _dump(policy: dict) -> str:
 
 
 def upload_policy(key: str) -> str:
-    """The session policy of an upload: write that one key, nothing else."""
+    """The session policy of an upload: write that one key, once, nothing else.
+
+    The second statement makes the key write-once: S3 denies a PutObject or
+    CompleteMultipartUpload that does not carry `If-None-Match: *`, and with
+    the header S3 refuses (412) to write over an object that exists. So once
+    the agent's object is stored, these credentials cannot replace it, even
+    in the hour they stay valid. `s3:ObjectCreationOperation` is true only
+    for the requests that create the object: CreateMultipartUpload and
+    UploadPart cannot carry the header and stay allowed (AWS, "Enforce
+    conditional writes on Amazon S3 buckets").
+
+    Real S3 enforces all of this; moto enforces no session policy at all (it
+    does honour If-None-Match when the client sends it), so the tests check
+    this document and the agent's headers separately. The versioned bucket
+    keeps the verified version whatever is written later anyway.
+    """
+    arn = object_arn(key)
     return _dump(
         {
             "Version": "2012-10-17",
             "Statement": [
+                {"Sid": "WriteOneBackup", "Effect": "Allow", "Action": list(UPLOAD_ACTIONS), "Resource": arn},
                 {
-                    "Sid": "WriteOneBackup",
-                    "Effect": "Allow",
-                    "Action": list(UPLOAD_ACTIONS),
-                    "Resource": object_arn(key),
+                    "Sid": "WriteItOnce",
+                    "Effect": "Deny",
+                    "Action": "s3:PutObject",
+                    "Resource": arn,
+                    "Condition": {
+                        "Null": {"s3:if-none-match": "true"},
+                        "Bool": {"s3:ObjectCreationOperation": "true"},
+                    },
+                },
+                {
+                    "Sid": "OnlyIfAbsent",
+                    "Effect": "Deny",
+                    "Action": "s3:PutObject",
+                    "Resource": arn,
+                    "Condition": {
+                        "StringNotEquals": {"s3:if-none-match": "*"},
+                        "Bool": {"s3:ObjectCreationOperation": "true"},
+                    },
                 },
             ],
         }

@@ -18,7 +18,7 @@ TRANSIENT_CODES = frozenset(
         "InsufficientInstanceCapacity",
     }
 )
-NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchUpload", "NoSuchBucket"})
+NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchUpload", "NoSuchBucket", "NoSuchVersion"})
 
 
 class CloudError(Exception):

@@ -22,8 +22,23 @@ MAX_PARTS = 10_000
 ABORT_INCOMPLETE_UPLOADS_DAYS = 2
 
 
+# Stored restore points are locked in COMPLIANCE mode, not GOVERNANCE: in
+# governance mode any identity holding s3:BypassGovernanceRetention (the
+# portal's own keys, if someone grants it; the account root) can still
+# delete a locked version by sending the bypass header, so stolen portal
+# credentials could wipe every backup. In compliance mode nobody can delete
+# a locked version or shorten its lock before the date, root included. The
+# price: a lock set by mistake cannot be undone, so the period is short
+# (30 days by default) and only ever extended by the portal.
+LOCK_MODE = "COMPLIANCE"
+
+
 class ObjectChanged(CloudPermanentError):
-    """The object was overwritten while we were reading it."""
+    """The object is not the version that was verified, or it was overwritten while being read."""
+
+
+class ObjectLocked(CloudPermanentError):
+    """S3 Object Lock keeps this version until its retain-until date: nobody may delete it sooner."""
 
 
 def bucket_name() -> str:
@@ -31,10 +46,16 @@ def bucket_name() -> str:
 
 
 def ensure_bucket() -> None:
-    """Create the backup bucket if missing: private, encrypted at rest. Idempotent."""
+    """Create the backup bucket if missing: private, encrypted, versioned, with Object Lock. Idempotent.
+
+    Object Lock needs versioning (S3 turns it on with the lock). No default
+    retention is set on the bucket: the portal locks each restore point's
+    verified version itself (`lock_version`), for the account's period, so
+    scratch objects (a failover's merged disk, markers) stay deletable.
+    """
     s3 = client("s3")
     name = bucket_name()
-    kwargs = {"Bucket": name}
+    kwargs = {"Bucket": name, "ObjectLockEnabledForBucket": True}
     if settings.AWS_REGION != "us-east-1":
         kwargs["CreateBucketConfiguration"] = {"LocationConstraint": settings.AWS_REGION}
     try:
@@ -43,6 +64,8 @@ def ensure_bucket() -> None:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") != "BucketAlreadyOwnedByYou":
                 raise
+        s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+        _ensure_object_lock(s3, name)
         s3.put_public_access_block(
             Bucket=name,
             PublicAccessBlockConfiguration={
@@ -81,53 +104,158 @@ def ensure_bucket() -> None:
         raise translate(exc, f"prepare bucket {name}") from exc
 
 
-def put_object(key: str, body: bytes, *, metadata: dict | None = None, tags: dict | None = None) -> None:
-    """Write a small object (markers, manifests)."""
+def _ensure_object_lock(s3, name: str) -> None:
+    try:
+        current = s3.get_object_lock_configuration(Bucket=name).get("ObjectLockConfiguration", {})
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") != "ObjectLockConfigurationNotFoundError":
+            raise
+        current = {}
+    if current.get("ObjectLockEnabled") == "Enabled":
+        return
+    # A bucket made before Object Lock was required: S3 enables it on a
+    # versioned bucket (moto only on an empty one, and then says so).
+    try:
+        s3.put_object_lock_configuration(Bucket=name, ObjectLockConfiguration={"ObjectLockEnabled": "Enabled"})
+    except ClientError as exc:
+        raise CloudPermanentError(
+            f"bucket {name} has no Object Lock and S3 refused to enable it "
+            f"({exc.response.get('Error', {}).get('Code')}); use a new bucket (RECLO_BUCKET)",
+            "ObjectLockNotEnabled",
+        ) from exc
+
+
+def pinned_args(version_id: str | None, etag: str | None) -> dict:
+    """The request parameters that pin a read to one version (and its ETag, for unversioned buckets)."""
+    args = {}
+    if version_id:
+        args["VersionId"] = version_id
+    if etag:
+        args["IfMatch"] = f'"{etag}"'
+    return args
+
+
+def read_error(exc: Exception, key: str, what: str) -> CloudError:
+    error = translate(exc, f"{what} {key}")
+    if error.code in ("PreconditionFailed", "412"):
+        return ObjectChanged(f"{key} in storage is not the version that was verified", error.code)
+    return error
+
+
+def put_object(key: str, body: bytes, *, metadata: dict | None = None, tags: dict | None = None) -> dict:
+    """Write a small object (markers, manifests, tests); returns its `version_id` and `etag`."""
     kwargs = {"Bucket": bucket_name(), "Key": key, "Body": body, "Metadata": metadata or {}}
     if tags:
         kwargs["Tagging"] = "&".join(f"{k}={v}" for k, v in tags.items())
     try:
-        client("s3").put_object(**kwargs)
+        resp = client("s3").put_object(**kwargs)
     except (ClientError, BotoCoreError) as exc:
         raise translate(exc, f"put {key}") from exc
+    return {"version_id": resp.get("VersionId") or "", "etag": resp.get("ETag", "").strip('"')}
 
 
-def head_object(key: str) -> dict:
-    """Size and metadata of an object; ObjectNotFound when it is missing."""
+def head_object(key: str, *, version_id: str | None = None, etag: str | None = None) -> dict:
+    """Size, ETag, version and lock of an object; ObjectNotFound when it (or that version) is missing.
+
+    With `version_id` it describes that version; with `etag` it raises
+    ObjectChanged unless the object still has it.
+    """
     try:
-        resp = client("s3").head_object(Bucket=bucket_name(), Key=key)
+        resp = client("s3").head_object(Bucket=bucket_name(), Key=key, **pinned_args(version_id, etag))
     except (ClientError, BotoCoreError) as exc:
-        raise translate(exc, f"head {key}") from exc
+        raise read_error(exc, key, "head") from exc
     return {
         "size": resp["ContentLength"],
         "etag": resp.get("ETag", "").strip('"'),
+        # "null" is S3's name for the one version of an unversioned object.
+        "version_id": "" if resp.get("VersionId") in (None, "null") else resp["VersionId"],
         "metadata": resp.get("Metadata", {}),
+        "locked_until": resp.get("ObjectLockRetainUntilDate"),
+        "lock_mode": resp.get("ObjectLockMode", ""),
     }
 
 
-def delete_object(key: str) -> None:
-    """Delete an object; deleting a missing one is not an error."""
+def lock_version(key: str, version_id: str, until: datetime) -> datetime:
+    """Lock one version until `until` (COMPLIANCE mode); returns the date it is locked until.
+
+    Only ever extends: a version already locked for longer keeps its date
+    (S3 refuses to shorten a compliance lock anyway; moto would allow it).
+    Idempotent.
+    """
+    if not version_id:
+        raise ValueError(f"locking {key} needs its version id (is the bucket versioned?)")
+    current = head_object(key, version_id=version_id)["locked_until"]
+    if current is not None and current >= until:
+        return current
     try:
-        client("s3").delete_object(Bucket=bucket_name(), Key=key)
+        client("s3").put_object_retention(
+            Bucket=bucket_name(),
+            Key=key,
+            VersionId=version_id,
+            Retention={"Mode": LOCK_MODE, "RetainUntilDate": until},
+        )
     except (ClientError, BotoCoreError) as exc:
-        raise translate(exc, f"delete {key}") from exc
+        raise translate(exc, f"lock {key}") from exc
+    return until
 
 
-def delete_objects(keys: list[str]) -> None:
-    """Delete several objects; missing ones are not an error. Raises on the first failure."""
-    s3 = client("s3")
-    for start in range(0, len(keys), 1000):  # DeleteObjects takes up to 1,000 keys
-        batch = keys[start : start + 1000]
+def _versions(s3, key: str) -> list[str]:
+    """Every version id of `key`, delete markers included ("null" for an unversioned object)."""
+    found = []
+    kwargs = {"Bucket": bucket_name(), "Prefix": key}
+    while True:
+        resp = s3.list_object_versions(**kwargs)
+        for entry in [*resp.get("Versions", []), *resp.get("DeleteMarkers", [])]:
+            if entry["Key"] == key:  # the prefix also matches longer keys
+                found.append(entry["VersionId"])
+        if not resp.get("IsTruncated"):
+            return found
+        kwargs["KeyMarker"] = resp["NextKeyMarker"]
+        kwargs["VersionIdMarker"] = resp["NextVersionIdMarker"]
+
+
+def _delete_versions(s3, pairs: list[tuple[str, str]]) -> None:
+    for start in range(0, len(pairs), 1000):  # DeleteObjects takes up to 1,000 entries
+        batch = pairs[start : start + 1000]
         try:
             resp = s3.delete_objects(
-                Bucket=bucket_name(), Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
+                Bucket=bucket_name(),
+                Delete={"Objects": [{"Key": k, "VersionId": v} for k, v in batch], "Quiet": True},
             )
         except (ClientError, BotoCoreError) as exc:
-            raise translate(exc, f"delete {len(batch)} objects") from exc
+            raise translate(exc, f"delete {len(batch)} object versions") from exc
         errors = resp.get("Errors") or []
         if errors:
             first = errors[0]
-            raise CloudUnavailable(f"delete {first.get('Key')}: {first.get('Code')} {first.get('Message', '')}")
+            message = f"delete {first.get('Key')}: {first.get('Code')} {first.get('Message', '')}"
+            if first.get("Code") == "AccessDenied":
+                # What S3 answers for a version under Object Lock.
+                raise ObjectLocked(message, "AccessDenied")
+            raise CloudUnavailable(message, str(first.get("Code", "")))
+
+
+def delete_object(key: str) -> None:
+    """Delete an object: every version of it, so nothing of it stays billed or readable.
+
+    A plain DeleteObject on a versioned bucket only adds a delete marker;
+    this removes the versions themselves. Deleting a missing object is not
+    an error; a version under Object Lock raises ObjectLocked (the others
+    are deleted).
+    """
+    delete_objects([key])
+
+
+def delete_objects(keys: list[str]) -> None:
+    """Delete every version of several objects; missing ones are not an error.
+
+    Raises ObjectLocked if a version is locked, CloudUnavailable on other failures.
+    """
+    s3 = client("s3")
+    try:
+        pairs = [(key, version) for key in keys for version in _versions(s3, key)]
+    except (ClientError, BotoCoreError) as exc:
+        raise translate(exc, f"list versions of {len(keys)} objects") from exc
+    _delete_versions(s3, pairs)
 
 
 def multipart_uploads(*, prefix: str, initiated_before: datetime | None = None, key: str | None = None) -> list:
@@ -195,9 +323,12 @@ class ObjectReader(SeekableObject):
     whole. Reads go in aligned chunks with a small cache, so the small reads
     of a parser cost one request per chunk.
 
-    Every GET names the ETag seen on opening (If-Match): an agent that still
-    holds upload credentials cannot swap the object halfway through a check
-    (that raises ObjectChanged).
+    Every GET names the version (and ETag, If-Match) seen on opening, so an
+    agent that still holds upload credentials cannot swap the object halfway
+    through a check. `version_id` / `etag` pin the reader to the version
+    verification recorded: a reader of a restore point reads exactly the
+    bytes that were verified, whatever was written over the key since, and
+    an unversioned object with another ETag raises ObjectChanged.
 
     With `sha256=True` the chunks fetched in order from the start are hashed
     as they pass, and `sha256_hexdigest()` reads only what was never fetched:
@@ -209,6 +340,8 @@ class ObjectReader(SeekableObject):
         self,
         key: str,
         *,
+        version_id: str | None = None,
+        etag: str | None = None,
         chunk_size: int = 8 * MiB,
         cache_chunks: int = 4,
         sha256: bool = False,
@@ -217,9 +350,10 @@ class ObjectReader(SeekableObject):
         super().__init__()
         self._on_fetch = on_fetch  # called after every GET: a long read's heartbeat
         self.key = key
-        info = head_object(key)
+        info = head_object(key, version_id=version_id, etag=etag)
         self.size = info["size"]
         self.etag = info["etag"]
+        self.version_id = info["version_id"]
         self._s3 = client("s3")
         self._chunk_size = chunk_size
         self._cache: OrderedDict[int, bytes] = OrderedDict()
@@ -266,13 +400,13 @@ class ObjectReader(SeekableObject):
         self.requests += 1
         try:
             resp = self._s3.get_object(
-                Bucket=bucket_name(), Key=self.key, Range=f"bytes={start}-{end - 1}", IfMatch=f'"{self.etag}"'
+                Bucket=bucket_name(),
+                Key=self.key,
+                Range=f"bytes={start}-{end - 1}",
+                **pinned_args(self.version_id, self.etag),
             )
         except (ClientError, BotoCoreError) as exc:
-            error = translate(exc, f"read {self.key}")
-            if error.code in ("PreconditionFailed", "412"):
-                raise ObjectChanged(f"{self.key} changed while it was being read", error.code) from exc
-            raise error from exc
+            raise read_error(exc, self.key, "read") from exc
         return resp["Body"]
 
     def sha256_hexdigest(self) -> str:
@@ -313,6 +447,7 @@ class ObjectWriter(io.RawIOBase):
         self._buffer = bytearray()
         self._parts: list[dict] = []
         self.size = 0
+        self.version_id = ""  # of the object written, once finished
         try:
             self._upload_id = self._s3.create_multipart_upload(Bucket=bucket_name(), Key=key)["UploadId"]
         except (ClientError, BotoCoreError) as exc:
@@ -355,11 +490,12 @@ class ObjectWriter(io.RawIOBase):
             self._send(bytes(self._buffer))
             self._buffer.clear()
         try:
-            self._s3.complete_multipart_upload(
+            resp = self._s3.complete_multipart_upload(
                 Bucket=bucket_name(), Key=self.key, UploadId=self._upload_id, MultipartUpload={"Parts": self._parts}
             )
         except (ClientError, BotoCoreError) as exc:
             raise translate(exc, f"complete upload of {self.key}") from exc
+        self.version_id = resp.get("VersionId") or ""
         self._done = True
         return self.size
 

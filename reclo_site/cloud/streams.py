@@ -23,25 +23,31 @@ from .errors import CloudError, CloudUnavailable, translate
 from .storage import (
     MAX_PARTS,
     MIN_PART_SIZE,
-    ObjectChanged,
     SeekableObject,
     abort_multipart_upload,
     bucket_name,
     head_object,
+    pinned_args,
+    read_error,
 )
 
 MiB = 1024 * 1024
 
 
 class SequentialObjectReader(SeekableObject):
-    """Read-only, seekable; one streaming GET at a time. Every GET names the ETag seen on opening."""
+    """Read-only, seekable; one streaming GET at a time.
 
-    def __init__(self, key: str, *, skip_limit: int = 8 * MiB):
+    Every GET names the version and ETag seen on opening; `version_id` and
+    `etag` pin it to a restore point's verified version (see ObjectReader).
+    """
+
+    def __init__(self, key: str, *, version_id: str | None = None, etag: str | None = None, skip_limit: int = 8 * MiB):
         super().__init__()
         self.key = key
-        info = head_object(key)
+        info = head_object(key, version_id=version_id, etag=etag)
         self.size = info["size"]
         self.etag = info["etag"]
+        self.version_id = info["version_id"]
         self._skip_limit = skip_limit
         self._pos = 0
         self._body = None
@@ -53,13 +59,13 @@ class SequentialObjectReader(SeekableObject):
         self.requests += 1
         try:
             resp = client("s3").get_object(
-                Bucket=bucket_name(), Key=self.key, Range=f"bytes={self._pos}-", IfMatch=f'"{self.etag}"'
+                Bucket=bucket_name(),
+                Key=self.key,
+                Range=f"bytes={self._pos}-",
+                **pinned_args(self.version_id, self.etag),
             )
         except (ClientError, BotoCoreError) as exc:
-            error = translate(exc, f"read {self.key}")
-            if error.code in ("PreconditionFailed", "412"):
-                raise ObjectChanged(f"{self.key} changed while it was being read", error.code) from exc
-            raise error from exc
+            raise read_error(exc, self.key, "read") from exc
         self._body = resp["Body"]
         self._body_pos = self._pos
 
@@ -129,6 +135,7 @@ class ParallelObjectWriter(io.RawIOBase):
         self._parts: list[dict] = []
         self._pool = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="s3-part")
         self.size = 0
+        self.version_id = ""  # of the object written, once finished
         self._done = False
         try:
             self._upload_id = client("s3").create_multipart_upload(Bucket=bucket_name(), Key=key)["UploadId"]
@@ -176,7 +183,7 @@ class ParallelObjectWriter(io.RawIOBase):
             self._parts.append(self._pending.pop(0).result())
         self._pool.shutdown()
         try:
-            client("s3").complete_multipart_upload(
+            resp = client("s3").complete_multipart_upload(
                 Bucket=bucket_name(),
                 Key=self.key,
                 UploadId=self._upload_id,
@@ -184,6 +191,7 @@ class ParallelObjectWriter(io.RawIOBase):
             )
         except (ClientError, BotoCoreError) as exc:
             raise translate(exc, f"complete upload of {self.key}") from exc
+        self.version_id = resp.get("VersionId") or ""
         self._done = True
         return self.size
 

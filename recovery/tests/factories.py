@@ -111,8 +111,8 @@ def backup_chain(
     for n, item in enumerate(stored):
         backup_id = uuid.uuid4()
         key = backup_key(user_id=user.pk, server=server.name, disk=disk_name, backup_id=backup_id)
-        if upload:
-            storage.put_object(key, item.data)
+        # The version verification would have recorded: readers are pinned to it.
+        stored_as = storage.put_object(key, item.data) if upload else {"version_id": "", "etag": ""}
         backups.append(
             Backup.objects.create(
                 id=backup_id,
@@ -131,6 +131,8 @@ def backup_chain(
                 date_created=now - timedelta(hours=len(stored) - n),
                 completed_at=now,
                 verified_at=now,
+                version_id=stored_as["version_id"],
+                etag=stored_as["etag"],
             )
         )
     return backups, bytes(disk)

@@ -15,7 +15,7 @@ from recovery import engine, services, steps
 from recovery.models import Instance, Recovery, RecoveryNetwork, RecoveryStep, VpnGateway
 
 from .cloud_inventory import inventory
-from .factories import MiB, backup_chain
+from .factories import MiB, backup_chain, make_disk, store_full
 
 pytestmark = pytest.mark.django_db
 
@@ -47,6 +47,26 @@ def test_consolidating_merges_the_chain_into_one_dynamic_vhd_in_storage(recovery
     assert storage.head_object(out["image_key"])["size"] == out["image_size"]
 
 
+def test_a_chain_written_over_after_verification_still_fails_over_to_the_verified_disk(recovery, chain, drive):
+    # The attack: the server's upload credentials write the full's key again
+    # with another valid disk. The failover must never build from it.
+    backups, top = chain
+    storage.put_object(backups[0].key, store_full(make_disk(8 * MiB, seed=66)).data)
+    drive(recovery.pk, until="importing")
+    merged = VHDReader(storage.ObjectReader(outputs(recovery, "consolidating")["image_key"]))
+    assert ChainReader([merged]).read(0, len(top)) == top
+
+
+def test_a_chain_changed_under_its_etag_pin_fails_the_failover_with_the_reason(recovery, chain, drive):
+    backups, _top = chain
+    Backup.objects.filter(pk=backups[1].pk).update(version_id="")  # verified on an unversioned bucket
+    storage.put_object(backups[1].key, b"tampered")
+    drive(recovery.pk)
+    recovery.refresh_from_db()
+    assert (recovery.status, recovery.error_code) == ("failed", 403)
+    assert "not the one that was verified" in recovery.error
+
+
 def test_consolidating_is_skipped_when_the_merged_disk_exists(recovery, chain, user, drive):
     drive(recovery.pk, until="importing")
     Recovery.objects.filter(pk=recovery.pk).update(status="failed")
@@ -73,7 +93,9 @@ def test_consolidating_fails_with_401_when_a_layer_is_missing_from_storage(recov
 
 
 def test_consolidating_fails_with_403_when_a_layer_is_damaged(recovery, chain, drive):
-    storage.put_object(chain[0][1].key, b"this is not seekable zstd at all" * 10)
+    # The verified version itself is bad (a verifier bug, say): the version the row pins.
+    stored = storage.put_object(chain[0][1].key, b"this is not seekable zstd at all" * 10)
+    Backup.objects.filter(pk=chain[0][1].pk).update(**stored)
     recovery = drive(recovery.pk)
     assert (recovery.status, recovery.error_code) == ("failed", 403)
     assert "damaged" in recovery.error
@@ -126,6 +148,42 @@ def test_ebs_direct_writes_the_disks_non_zero_blocks_and_registers_an_image(reco
     assert params["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"] == out["snapshot_id"]
     assert params["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"] == 1
     assert params["RootDeviceName"] == params["BlockDeviceMappings"][0]["DeviceName"]
+
+
+def test_ebs_direct_writes_the_merged_disk_the_consolidation_wrote_not_what_replaced_it(recovery, chain, drive):
+    _backups, top = chain
+    drive(recovery.pk, until="importing")
+    key = outputs(recovery, "consolidating")["image_key"]
+    storage.put_object(key, store_full(make_disk(8 * MiB, seed=66)).data)  # another disk, written over it
+    drive(recovery.pk, until="launching")
+    snapshot_id = outputs(recovery, "importing")["snapshot_id"]
+    blocks = ebs_backends[DEFAULT_ACCOUNT_ID]["us-east-1"].snapshots[snapshot_id].blocks
+    size = imaging.EBS_BLOCK_SIZE
+    written = b"".join(blocks[n].block_data if n in blocks else bytes(size) for n in range(len(top) // size))
+    assert written == top
+
+
+def sent_params(service: str, operation: str) -> list:
+    """The parameters our adapter sends to `operation` (moto ignores some of them, so we look at the request)."""
+    from reclo_site.cloud import clients
+
+    seen = []
+    clients.client(service).meta.events.register(
+        f"provide-client-params.{service}.{operation}", lambda params, **_: seen.append(dict(params))
+    )
+    return seen
+
+
+@pytest.mark.parametrize("kms_key", ["", "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"])
+def test_ebs_direct_snapshots_are_encrypted(recovery, drive, settings, kms_key):
+    # moto's StartSnapshot ignores Encrypted and KmsKeyArn (its own docstring
+    # says so), so the test checks what the adapter asks AWS for.
+    settings.RECLO_KMS_KEY_ID = kms_key
+    started = sent_params("ebs", "StartSnapshot")
+    drive(recovery.pk, until="launching")
+    (params,) = started
+    assert params["Encrypted"] is True
+    assert params.get("KmsKeyArn", "") == kms_key  # none: the account's default EBS key
 
 
 def test_ebs_direct_resumes_from_its_checkpoint(recovery, drive, monkeypatch):

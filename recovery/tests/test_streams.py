@@ -40,8 +40,15 @@ def test_short_skips_read_through_and_jumps_back_reopen(stored):
     assert reader.read(0) == b"" and reader.tell() == 4
 
 
-def test_an_object_overwritten_while_read_is_refused(stored):
+def test_an_object_overwritten_while_read_is_read_at_the_version_opened(stored):
     reader = streams.SequentialObjectReader("images/1/test.vhd")
+    storage.put_object("images/1/test.vhd", b"something else")
+    assert reader.read(10) == stored[:10]
+
+
+def test_an_object_pinned_to_its_etag_only_is_refused_once_overwritten(stored):
+    reader = streams.SequentialObjectReader("images/1/test.vhd")
+    reader.version_id = ""  # as on an unversioned bucket
     storage.put_object("images/1/test.vhd", b"something else")
     with pytest.raises(storage.ObjectChanged):
         reader.read(10)

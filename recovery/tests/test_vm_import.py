@@ -45,6 +45,8 @@ def expect_import(ec2, recovery):
             ],
             "RoleName": "vmimport",
             "ClientToken": f"reclo-{recovery.pk}",
+            # The imported image's snapshot is encrypted (AWS's default EBS key: no RECLO_KMS_KEY_ID).
+            "Encrypted": True,
             "TagSpecifications": [
                 {
                     "ResourceType": "import-image-task",

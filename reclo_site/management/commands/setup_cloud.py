@@ -1,4 +1,4 @@
-"""Create the backup bucket (private, encrypted) if it is missing."""
+"""Create the backup bucket (private, encrypted, versioned, with Object Lock) if it is missing."""
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
@@ -15,4 +15,6 @@ class Command(BaseCommand):
             storage.ensure_bucket()
         except cloud.CloudError as exc:
             raise CommandError(f"could not prepare bucket {settings.RECLO_BUCKET}: {exc}") from exc
-        self.stdout.write(f"bucket {settings.RECLO_BUCKET} ready (private, encrypted at rest)")
+        self.stdout.write(
+            f"bucket {settings.RECLO_BUCKET} ready (private, encrypted at rest, versioned, with Object Lock)"
+        )
