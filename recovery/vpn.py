@@ -157,7 +157,7 @@ def gateway_config(*, gateway_private_key: str, peers: list[Peer], vpc_cidr: str
 
 PEER_SYNC_SCRIPT = r"""#!/bin/bash
 # ReClo peer sync: report each peer's last handshake, apply the portal's peer list.
-# No `set -e`: every step says what failed; the timer tries again.
+# No errexit: every step says what failed; the timer tries again.
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 . /etc/reclo/gateway.env
 handshakes=$(wg show wg0 latest-handshakes 2>/dev/null)

@@ -15,6 +15,7 @@ from accounts.models import ApiToken, AuditEvent
 from backups.models import Backup, Server
 from backups.tests.factories import BackupFactory
 from reclo_site import testing
+from recovery import devices as vpn_devices
 from recovery import services as recovery_services
 from recovery.models import Instance, Recovery, VpnGateway
 from recovery.tests.factories import MiB, ServerFactory, backup_chain, drive_recovery
@@ -55,6 +56,7 @@ def owner_data(aws, user, token):
         "recovery_id": instance.recovery_id,
         "instance_id": instance.instance_id,
         "token_id": ApiToken.objects.get(user=user).pk,
+        "device_id": vpn_devices.device_create(user=user, name="Reception PC").pk,
     }
 
 
