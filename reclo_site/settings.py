@@ -458,7 +458,14 @@ RECLO_VPN_GATEWAY_AMI = env("RECLO_VPN_GATEWAY_AMI", default="")
 RECLO_VPN_GATEWAY_AMI_PARAMETER = env(
     "RECLO_VPN_GATEWAY_AMI_PARAMETER", default="/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
 )
-RECLO_VPN_GATEWAY_INSTANCE_TYPE = env("RECLO_VPN_GATEWAY_INSTANCE_TYPE", default="t3.nano")
+# t3.micro, not t3.nano: dnf is reported to be killed in a t3.nano's 512 MiB.
+RECLO_VPN_GATEWAY_INSTANCE_TYPE = env("RECLO_VPN_GATEWAY_INSTANCE_TYPE", default="t3.micro")
+# The VPN step waits this long for the gateway's peer-sync agent to call the
+# portal once, then fails (code 407) with the gateway's console output.
+# RECLO_VPN_GATEWAY_MUST_REPORT=false skips that wait: only for emulated
+# clouds (moto runs no user-data, so no gateway there ever reports).
+RECLO_VPN_GATEWAY_REPORT_DEADLINE = timedelta(minutes=env.int("RECLO_VPN_GATEWAY_REPORT_MINUTES", default=10))
+RECLO_VPN_GATEWAY_MUST_REPORT = env.bool("RECLO_VPN_GATEWAY_MUST_REPORT", default=True)
 # A step whose worker has not reported for this long is taken over by the
 # reconciler (the worker died); long steps report every few seconds.
 RECLO_RECOVERY_STALE_AFTER = timedelta(seconds=env.int("RECLO_RECOVERY_STALE_SECONDS", default=300))

@@ -92,6 +92,8 @@ def celery_worker(env_overrides: dict, *, concurrency: int = 1, queues: str | No
     from reclo_site.queues import recovery_queue_for
 
     env = dict(os.environ)
+    # moto runs no user-data: no VPN gateway there ever reports to the portal.
+    env["RECLO_VPN_GATEWAY_MUST_REPORT"] = "false"
     env.update(env_overrides)
     if queues is None:
         default = env.get("CELERY_TASK_DEFAULT_QUEUE") or "celery"

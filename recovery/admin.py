@@ -2,7 +2,7 @@
 
 from django.contrib import admin
 
-from .models import Instance, Recovery, RecoveryNetwork, RecoveryStep, VpnGateway
+from .models import Instance, Recovery, RecoveryNetwork, RecoveryStep, VpnDevice, VpnGateway
 
 
 class RecoveryStepInline(admin.TabularInline):
@@ -47,4 +47,10 @@ class RecoveryNetworkAdmin(admin.ModelAdmin):
 class VpnGatewayAdmin(admin.ModelAdmin):
     list_display = ("network", "instance_id", "public_ip", "state", "generation", "created")
     # The encrypted private keys are never shown, not even encrypted.
-    exclude = ("gateway_private_key_enc", "client_private_key_enc")
+    exclude = ("gateway_private_key_enc", "agent_token_enc", "agent_token_hash")
+
+
+@admin.register(VpnDevice)
+class VpnDeviceAdmin(admin.ModelAdmin):
+    list_display = ("name", "user", "address", "created", "last_handshake")
+    exclude = ("private_key_enc",)

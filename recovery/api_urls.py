@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import api
+from . import api, vpn_api
 
 urlpatterns = [
     path("recoveries", api.RecoveriesApi.as_view(), name="recoveries"),
@@ -10,6 +10,10 @@ urlpatterns = [
     path("instances/<str:instance_id>/start", api.InstanceStartApi.as_view(), name="instance-start"),
     path("instances/<str:instance_id>/stop", api.InstanceStopApi.as_view(), name="instance-stop"),
     path("instances/<str:instance_id>/vpn", api.InstanceVpnApi.as_view(), name="instance-vpn"),
+    path("vpn/devices", vpn_api.VpnDevicesApi.as_view(), name="vpn-devices"),
+    path("vpn/devices/<str:device_id>", vpn_api.VpnDeviceDetailApi.as_view(), name="vpn-device"),
+    path("vpn/devices/<str:device_id>/config", vpn_api.VpnDeviceConfigApi.as_view(), name="vpn-device-config"),
+    path("vpn/gateway/peers", vpn_api.GatewayPeersApi.as_view(), name="vpn-gateway-peers"),
 ]
 
 from . import drill_api  # noqa: E402 - drills after the failover routes

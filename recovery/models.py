@@ -134,6 +134,9 @@ class RecoveryNetwork(models.Model):
     route_table_id = models.CharField(max_length=32, blank=True)
     server_group_id = models.CharField(max_length=32, blank=True)
     gateway_group_id = models.CharField(max_length=32, blank=True)
+    # Put in every device's config as `DNS =` when set (a recovered domain
+    # controller's address, say), so `\\SERVER` names and logons resolve.
+    vpn_dns = models.CharField(max_length=255, blank=True)
     ready = models.BooleanField(default=False)
     lease_token = models.UUIDField(null=True, blank=True)
     lease_until = models.DateTimeField(null=True, blank=True)
@@ -146,9 +149,11 @@ class RecoveryNetwork(models.Model):
 class VpnGateway(models.Model):
     """The WireGuard gateway into a tenant's recovery network.
 
-    The portal makes both key pairs (X25519). Private keys are stored
-    encrypted with RECLO_VPN_KEYS (Fernet) and only decrypted to render the
-    gateway's user-data and the client's config; never logged. A released
+    The portal makes its key pair (X25519) and its peer-sync credential.
+    The private key and the credential are stored encrypted with
+    RECLO_VPN_KEYS (Fernet), so a retried launch renders the same user-data;
+    the credential is looked up by its SHA-256 (`agent_token_hash`).
+    `last_report` is the agent's last call. A released
     gateway (no instance left using it) gets fresh keys when it is needed
     again (`generation` keeps the ClientTokens of the old and new apart).
     """
@@ -169,8 +174,9 @@ class VpnGateway(models.Model):
     private_ip = models.CharField(max_length=45, blank=True)
     gateway_public_key = models.CharField(max_length=44)
     gateway_private_key_enc = models.TextField()
-    client_public_key = models.CharField(max_length=44)
-    client_private_key_enc = models.TextField()
+    agent_token_enc = models.TextField()
+    agent_token_hash = models.CharField(max_length=64, unique=True)
+    last_report = models.DateTimeField(null=True, blank=True)
     lease_token = models.UUIDField(null=True, blank=True)
     lease_until = models.DateTimeField(null=True, blank=True)
     created = models.DateTimeField(default=timezone.now)
@@ -178,6 +184,36 @@ class VpnGateway(models.Model):
 
     def __str__(self):
         return f"VPN gateway {self.instance_id or '(none)'} ({self.state})"
+
+
+class VpnDevice(models.Model):
+    """A PC, laptop or phone of the office with its own WireGuard key pair and tunnel address.
+
+    The private key is kept (encrypted with RECLO_VPN_KEYS, Fernet) rather
+    than shown once: the owner downloads the config or scans its QR code on
+    each device when needed, and the same device's config must come out
+    the same every time. A database dump alone does not yield it. Revoking
+    deletes the row; the gateway drops the peer at its next sync.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="vpn_devices")
+    name = models.CharField(max_length=63)
+    address = models.GenericIPAddressField(protocol="IPv4")
+    public_key = models.CharField(max_length=44)
+    private_key_enc = models.TextField()
+    created = models.DateTimeField(default=timezone.now)
+    last_handshake = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["created", "address"]
+        constraints = [
+            # Two devices added at once cannot get the same address: the insert loses and takes the next.
+            models.UniqueConstraint(fields=["user", "address"], name="vpn_device_unique_address"),
+        ]
+
+    def __str__(self):
+        return f"VPN device {self.name} ({self.address})"
 
 
 class Instance(models.Model):

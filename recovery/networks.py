@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from reclo_site.cloud import compute, network
 
-from . import vpn
+from . import devices, vpn
 from .models import Instance, Recovery, RecoveryNetwork, VpnGateway
 from .pipeline import Wait
 
@@ -158,12 +158,13 @@ def _still_there(net: RecoveryNetwork) -> bool:
 
 
 def _new_keys() -> dict:
-    gateway, client = vpn.generate_keypair(), vpn.generate_keypair()
+    gateway, token = vpn.generate_keypair(), vpn.new_agent_token()
     return {
         "gateway_public_key": gateway.public,
         "gateway_private_key_enc": vpn.encrypt(gateway.private),
-        "client_public_key": client.public,
-        "client_private_key_enc": vpn.encrypt(client.private),
+        "agent_token_enc": vpn.encrypt(token),
+        "agent_token_hash": vpn.hash_agent_token(token),
+        "last_report": None,
     }
 
 
@@ -224,8 +225,10 @@ def gateway_ensure(net: RecoveryNetwork) -> VpnGateway | Wait:
             else:
                 user_data = vpn.gateway_user_data(
                     gateway_private_key=vpn.decrypt(gateway.gateway_private_key_enc),
-                    client_public_key=gateway.client_public_key,
+                    peers=devices.peers(net.user_id),
                     vpc_cidr=settings.RECLO_RECOVERY_VPC_CIDR,
+                    agent_token=vpn.decrypt(gateway.agent_token_enc),
+                    portal_url=settings.SITE_URL,
                 )
                 info = compute.run_instance(
                     image_id=gateway_image(),
@@ -235,6 +238,7 @@ def gateway_ensure(net: RecoveryNetwork) -> VpnGateway | Wait:
                     client_token=f"reclo-{net.user_id}-vpn-{gateway.generation}",
                     tags=tags,
                     user_data=user_data,
+                    public_address=True,
                 )
             gateway.instance_id = info.instance_id
             VpnGateway.objects.filter(pk=gateway.pk).update(

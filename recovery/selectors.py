@@ -9,8 +9,8 @@ from django.utils import timezone
 
 from backups.models import Backup, Server
 
-from . import vpn
-from .models import Drill, Instance, Recovery, VpnGateway
+from . import devices
+from .models import Drill, Instance, Recovery
 
 # A chain longer than this is a bug or an attack, not a backup history.
 MAX_CHAIN = 1000
@@ -110,20 +110,17 @@ def backup_chain(backup: Backup) -> list[Backup]:
 
 
 def vpn_client_config(*, instance: Instance) -> str | None:
-    """The customer's WireGuard config for a recovered server; None until its VPN is ready."""
+    """The account's first device's WireGuard config (made on first use); None until the server's VPN is ready.
+
+    One config reaches every recovered server of the account (the tunnel
+    routes the whole recovery subnet).
+    """
     recovery = instance.recovery
     if recovery.status != Recovery.Status.READY or not instance.private_ip:
         return None
-    gateway = VpnGateway.objects.filter(network__user_id=instance.user_id, state=VpnGateway.State.READY).first()
-    if gateway is None or not gateway.public_ip:
+    if devices.ready_gateway(instance.user_id) is None:
         return None
-    return vpn.client_config(
-        client_private_key=vpn.decrypt(gateway.client_private_key_enc),
-        gateway_public_key=gateway.gateway_public_key,
-        endpoint=gateway.public_ip,
-        server_private_ip=instance.private_ip,
-        server_name=recovery.server_name,
-    )
+    return devices.device_config(device=devices.first_device(user=instance.user))
 
 
 def measured_failovers(*, method: str, limit: int = 20) -> list[tuple[int, float]]:

@@ -9,6 +9,7 @@ id, and only then creates, with a ClientToken where AWS takes one.
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from datetime import datetime
 
 from django.conf import settings
 from django.utils import timezone
@@ -443,8 +444,30 @@ def provision_vpn(ctx: StepContext) -> Done | Wait:
     if isinstance(result, Wait):
         return result
     gateway = result
+    if settings.RECLO_VPN_GATEWAY_MUST_REPORT and gateway.last_report is None:
+        return _await_gateway_report(ctx, gateway)
     ctx.save(gateway_instance_id=gateway.instance_id, gateway_public_ip=gateway.public_ip)
     return Done(
         {"gateway_instance_id": gateway.instance_id, "gateway_public_ip": gateway.public_ip},
         f"The VPN gateway answers at {gateway.public_ip}:51820.",
+    )
+
+
+def _await_gateway_report(ctx: StepContext, gateway) -> Wait:
+    """Wait for the gateway's agent to call the portal once: the proof that WireGuard came up on it."""
+    since = ctx.outputs.get("gateway_up_since")
+    if since is None or ctx.outputs.get("gateway_instance_id") != gateway.instance_id:
+        since = timezone.now().isoformat()
+        ctx.save(gateway_up_since=since, gateway_instance_id=gateway.instance_id)
+    if timezone.now() - datetime.fromisoformat(since) < settings.RECLO_VPN_GATEWAY_REPORT_DEADLINE:
+        return Wait(10, "Waiting for the VPN gateway to report in.")
+    try:
+        console = compute.console_output(gateway.instance_id) or "(empty)"
+    except cloud.CloudError as exc:
+        console = f"(unreadable: {exc})"
+    minutes = int(settings.RECLO_VPN_GATEWAY_REPORT_DEADLINE.total_seconds() // 60)
+    raise StepFailed(
+        Code.VPN_FAILED,
+        f"The VPN gateway {gateway.instance_id} did not report to the portal within {minutes} minutes. "
+        f"The end of its console:\n{console}",
     )

@@ -1,11 +1,15 @@
 from django.urls import path
 
-from . import views
+from . import views, vpn_views
 
 app_name = "recovery"
 
 urlpatterns = [
     path("instances/", views.instances, name="instances"),
+    path("vpn/", vpn_views.vpn_devices, name="vpn-devices"),
+    path("vpn/<uuid:device_id>.conf", vpn_views.vpn_device_config, name="vpn-device-config"),
+    path("vpn/<uuid:device_id>/qr.svg", vpn_views.vpn_device_qr, name="vpn-device-qr"),
+    path("vpn/<uuid:device_id>/revoke/", vpn_views.vpn_device_revoke, name="vpn-device-revoke"),
     path("servers/<int:server_id>/failover/", views.failover_start, name="failover-start"),
     path("servers/<int:server_id>/drill/", views.drill_start, name="drill-start"),
     path("drills/report/", views.contingency_report, name="contingency-report"),

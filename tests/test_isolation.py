@@ -19,6 +19,7 @@ from backups.models import Backup, Server
 from backups.tests.factories import BackupFactory
 from reclo_site import testing
 from reclo_site.cloud import storage
+from recovery import devices as vpn_devices
 from recovery import services as recovery_services
 from recovery.models import Drill, Instance, Recovery, VpnGateway
 from recovery.tests.factories import MiB, ServerFactory, backup_chain, drive_recovery
@@ -72,6 +73,7 @@ def owner_data(aws, user, token):
         "instance_id": instance.instance_id,
         "token_id": ApiToken.objects.get(user=user).pk,
         "drill_id": drill.pk,
+        "device_id": vpn_devices.device_create(user=user, name="Reception PC").pk,
     }
 
 

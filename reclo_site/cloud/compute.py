@@ -84,8 +84,12 @@ def run_instance(
     client_token: str,
     tags: dict,
     user_data: str | None = None,
+    public_address: bool = False,
 ) -> InstanceInfo:
     """Launch one instance. Idempotent on real AWS through `client_token`.
+
+    `public_address` gives it a public IPv4 address at launch (a VPN gateway
+    needs the internet for its packages before an Elastic IP is attached).
 
     `user_data` may hold secrets (a VPN gateway's private key): it is passed
     to AWS only, never logged, and botocore's logger is kept at WARNING.
@@ -95,18 +99,34 @@ def run_instance(
         "InstanceType": instance_type,
         "MinCount": 1,
         "MaxCount": 1,
-        "SubnetId": subnet_id,
-        "SecurityGroupIds": security_group_ids,
         "ClientToken": client_token,
         "TagSpecifications": tag_specifications("instance", tags) + tag_specifications("volume", tags),
         # IMDSv2 only: user-data (and with it the gateway's key) is not
         # readable through a simple SSRF on the instance.
         "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
     }
+    if public_address:
+        # A subnet and groups are then given on the interface, not beside it.
+        kwargs["NetworkInterfaces"] = [
+            {"DeviceIndex": 0, "SubnetId": subnet_id, "Groups": security_group_ids, "AssociatePublicIpAddress": True}
+        ]
+    else:
+        kwargs.update(SubnetId=subnet_id, SecurityGroupIds=security_group_ids)
     if user_data is not None:
         kwargs["UserData"] = user_data
     reservation = _call("run_instances", f"launch {instance_type} from {image_id}", **kwargs)
     return _info(reservation["Instances"][0])
+
+
+def console_output(instance_id: str, *, limit: int = 4000) -> str:
+    """The end of an instance's serial console (what its boot and user-data printed); "" if none yet."""
+    raw = _call("get_console_output", f"read the console of {instance_id}", InstanceId=instance_id, Latest=True)
+    text = raw.get("Output") or ""
+    try:  # base64 on the wire, and boto3 leaves it so
+        decoded = base64.b64decode(text, validate=True).decode("utf-8", "replace")
+    except ValueError:
+        decoded = text
+    return decoded[-limit:]
 
 
 def describe_instances(instance_ids: list[str]) -> dict[str, InstanceInfo]:

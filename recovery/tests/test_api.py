@@ -141,7 +141,12 @@ def test_the_vpn_config_is_a_plain_text_wireguard_file(api, ready):
     assert response["Content-Disposition"] == 'attachment; filename="reclo-front-des.conf"'
     assert response["Cache-Control"] == "no-store"
     text = response.content.decode()
-    assert text.count("PrivateKey = ") == 1 and f"AllowedIPs = {instance.private_ip}/32" in text
+    # The account's first device (made now): the whole recovery subnet, every server at once.
+    assert text.count("PrivateKey = ") == 1 and "AllowedIPs = 10.213.1.0/24\n" in text
+    assert instance.private_ip.startswith("10.213.1.")
+    listed = api.get("/api/v1/vpn/devices").json()["devices"]
+    assert [d["name"] for d in listed] == ["Office"]
+    assert api.get(f"/api/v1/instances/{instance.instance_id}/vpn").content == response.content
 
 
 def test_the_vpn_config_waits_for_the_failover(api, chain, user):

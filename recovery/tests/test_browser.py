@@ -98,7 +98,7 @@ def test_fail_over_follow_the_progress_and_download_the_vpn_config(
         config = tmp_path / "vpn.conf"
         download.save_as(config)
         text = config.read_text()
-        assert "[Interface]" in text and f"AllowedIPs = {instance.private_ip}/32" in text
+        assert "[Interface]" in text and "AllowedIPs = 10.213.1.0/24" in text
 
         page.click("nav >> text=Recovery")
         page.wait_for_selector(f"[data-instance={instance.instance_id}]")

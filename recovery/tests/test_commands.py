@@ -9,7 +9,7 @@ from django.core.management import call_command
 
 from reclo_site.cloud.clients import client
 from recovery import vpn
-from recovery.models import RecoveryNetwork, VpnGateway
+from recovery.models import RecoveryNetwork, VpnDevice, VpnGateway
 
 
 def test_setup_vmimport_creates_the_role_and_is_idempotent(aws, settings):
@@ -37,12 +37,17 @@ def test_rotate_vpn_keys_re_encrypts_with_the_first_key(settings, user):
         network=RecoveryNetwork.objects.create(user=user),
         gateway_public_key="g",
         gateway_private_key_enc=vpn.encrypt("gateway-secret"),
-        client_public_key="c",
-        client_private_key_enc=vpn.encrypt("client-secret"),
+        agent_token_enc=vpn.encrypt("agent-secret"),
+        agent_token_hash=vpn.hash_agent_token("agent-secret"),
+    )
+    device = VpnDevice.objects.create(
+        user=user, name="PC", address="10.214.0.2", public_key="d", private_key_enc=vpn.encrypt("device-secret")
     )
     settings.RECLO_VPN_KEYS = [new, old]
     call_command("rotate_vpn_keys", stdout=StringIO())
     settings.RECLO_VPN_KEYS = [new]
     gateway.refresh_from_db()
     assert vpn.decrypt(gateway.gateway_private_key_enc) == "gateway-secret"
-    assert vpn.decrypt(gateway.client_private_key_enc) == "client-secret"
+    assert vpn.decrypt(gateway.agent_token_enc) == "agent-secret"
+    device.refresh_from_db()
+    assert vpn.decrypt(device.private_key_enc) == "device-secret"

@@ -119,7 +119,7 @@ def test_the_vpn_file_downloads(owner, ready):
     _recovery, instance = ready
     response = owner.get(reverse("recovery:vpn-config", args=[instance.instance_id]))
     assert response["Content-Disposition"] == 'attachment; filename="reclo-front-des.conf"'
-    assert f"AllowedIPs = {instance.private_ip}/32" in response.content.decode()
+    assert "AllowedIPs = 10.213.1.0/24" in response.content.decode()
 
 
 def test_the_qr_code_is_an_svg(owner, ready):

@@ -429,8 +429,9 @@ def test_launching_fails_with_404_when_the_cloud_refuses_the_instance(recovery, 
 
 
 def test_the_vpn_gateway_is_configured_by_user_data_and_only_it_takes_wireguard(recovery, user, drive):
-    from recovery import vpn
+    from recovery import devices, vpn
 
+    device = devices.device_create(user=user, name="Reception PC")
     drive(recovery.pk)
     gateway = VpnGateway.objects.get(network__user=user)
     net = gateway.network
@@ -438,7 +439,9 @@ def test_the_vpn_gateway_is_configured_by_user_data_and_only_it_takes_wireguard(
     assert info.state == "running" and info.tags["reclo:role"] == "vpn-gateway"
     data = compute.user_data(gateway.instance_id)
     assert f"PrivateKey = {vpn.decrypt(gateway.gateway_private_key_enc)}" in data
-    assert f"PublicKey = {gateway.client_public_key}" in data
+    # The devices known at launch are peers from the start; later ones come through the peer sync.
+    assert f"PublicKey = {device.public_key}\nAllowedIPs = {device.address}/32\n" in data
+    assert vpn.hash_agent_token(data.split("RECLO_GATEWAY_TOKEN=")[1].split()[0]) == gateway.agent_token_hash
     assert vpn.public_key_of(vpn.decrypt(gateway.gateway_private_key_enc)) == gateway.gateway_public_key
     assert gateway.public_ip and gateway.state == "ready"
 
@@ -463,12 +466,12 @@ def test_provisioning_vpn_fails_with_407_when_the_gateway_cannot_be_made(recover
 def test_a_gateway_that_vanished_is_replaced_with_new_keys(recovery, user, drive):
     drive(recovery.pk)
     gateway = VpnGateway.objects.get()
-    old_instance, old_key = gateway.instance_id, gateway.client_public_key
+    old_instance, old_key = gateway.instance_id, gateway.gateway_public_key
     compute.terminate_instance(old_instance)
     second_chain, _ = backup_chain(user=user, size=4 * MiB, incrementals=0, seed=9)
     drive(services.recovery_start(user=user, backup_id=second_chain[-1].pk).pk)
     gateway.refresh_from_db()
-    assert gateway.instance_id != old_instance and gateway.client_public_key != old_key
+    assert gateway.instance_id != old_instance and gateway.gateway_public_key != old_key
     assert gateway.generation == 2
     assert inventory()["gateways"] == 1
 
@@ -541,3 +544,33 @@ def test_the_merged_disk_is_read_back_through_ranged_reads_only(recovery, drive,
     for reader in opened:
         assert reader.requests >= 1
     assert isinstance(io.BytesIO(), io.BytesIO)
+
+
+def test_the_vpn_step_waits_for_the_gateways_first_report(recovery, user, drive, settings, client):
+    from recovery import vpn
+
+    settings.RECLO_VPN_GATEWAY_MUST_REPORT = True
+    from recovery import engine
+
+    drive(recovery.pk, until="provisioning_vpn")
+    Recovery.objects.filter(pk=recovery.pk).update(lease_until=None, lease_token=None)
+    engine.run_step(recovery.pk, "provisioning_vpn")
+    step = RecoveryStep.objects.get(recovery=recovery, name="provisioning_vpn")
+    assert step.status == "waiting" and "report" in step.detail
+    gateway = VpnGateway.objects.get(network__user=user)
+    response = client.post("/api/v1/vpn/gateway/peers", "", content_type="text/plain",
+                           HTTP_AUTHORIZATION=f"Gateway {vpn.decrypt(gateway.agent_token_enc)}")  # fmt: skip
+    assert response.status_code == 200
+    assert drive(recovery.pk).status == "ready"
+
+
+def test_a_gateway_that_never_reports_fails_the_step_with_407_and_its_console(recovery, user, drive, settings):
+    from datetime import timedelta
+
+    settings.RECLO_VPN_GATEWAY_MUST_REPORT = True
+    settings.RECLO_VPN_GATEWAY_REPORT_DEADLINE = timedelta(0)
+    recovery = drive(recovery.pk)
+    assert (recovery.status, recovery.error_code) == ("failed", 407)
+    gateway = VpnGateway.objects.get(network__user=user)
+    assert f"The VPN gateway {gateway.instance_id} did not report" in recovery.error
+    assert "console" in recovery.error

@@ -1,0 +1,86 @@
+"""The VPN devices page: a browser adds a device, downloads its file and scans its QR code."""
+
+import subprocess
+
+import pytest
+from django.urls import reverse
+
+from reclo_site import testing
+from recovery import devices, networks
+from recovery.models import RecoveryNetwork, VpnDevice, VpnGateway
+from tests.browser import chromium_page
+
+from .test_browser import log_in, shot
+
+pytestmark = pytest.mark.django_db
+
+
+def _gateway_up(user):
+    net = RecoveryNetwork.objects.create(user=user, ready=True)
+    gateway = networks._gateway_row(net)
+    VpnGateway.objects.filter(pk=gateway.pk).update(state=VpnGateway.State.READY, public_ip="203.0.113.9")
+
+
+@pytest.mark.browser
+@pytest.mark.django_db(transaction=True)
+def test_add_a_device_download_its_file_and_scan_its_qr_code(live_server, user, password, tmp_path):
+    zbarimg = testing.require_tool("zbarimg")
+    _gateway_up(user)
+    with chromium_page() as page:
+        log_in(page, live_server, password)
+        page.goto(live_server.url + reverse("recovery:vpn-devices"))
+        page.fill("#device-name", "Reception PC")
+        page.click("[data-testid=add-device-submit]")
+        page.wait_for_selector("[data-testid=device]")
+        assert page.locator("[data-testid=last-handshake]").inner_text() == "never"
+        with page.expect_download() as info:
+            page.click("[data-testid=device-download]")
+        path = tmp_path / "device.conf"
+        info.value.save_as(path)
+        downloaded = path.read_text()
+        assert info.value.suggested_filename == "reclo-Reception.conf"
+        qr = page.locator("[data-testid=device-qr]")
+        qr.scroll_into_view_if_needed()
+        page.wait_for_function("document.querySelector('[data-testid=device-qr]').naturalWidth > 0")
+        qr.screenshot(path=str(tmp_path / "qr.png"))
+        for text in ("Windows", "macOS", "iPhone", "Android"):
+            assert text in page.content()
+        shot(page, "vpn-devices")
+    device = VpnDevice.objects.get(user=user)
+    assert downloaded == devices.device_config(device=device)
+    scanned = subprocess.run([zbarimg, "--raw", "-q", str(tmp_path / "qr.png")], capture_output=True, text=True)
+    assert scanned.returncode == 0, scanned.stderr
+    assert scanned.stdout.rstrip("\n") == downloaded.rstrip("\n")
+
+
+def test_revoking_asks_first_then_revokes(owner, user):
+    device = devices.device_create(user=user, name="Old laptop")
+    url = reverse("recovery:vpn-device-revoke", args=[device.pk])
+    page = owner.get(url)
+    assert page.status_code == 200 and b"Revoke Old laptop?" in page.content
+    assert VpnDevice.objects.filter(pk=device.pk).exists()
+    assert owner.post(url).status_code == 302
+    assert not VpnDevice.objects.filter(pk=device.pk).exists()
+
+
+def test_the_page_shows_only_the_owners_devices_and_refuses_others(owner, user, other_user):
+    _gateway_up(user)
+    mine = devices.device_create(user=user, name="Reception PC")
+    theirs = devices.device_create(user=other_user, name="Bob's phone")
+    page = owner.get(reverse("recovery:vpn-devices")).content.decode()
+    assert "Reception PC" in page and "Bob" not in page
+    for name in ("recovery:vpn-device-config", "recovery:vpn-device-qr", "recovery:vpn-device-revoke"):
+        assert owner.get(reverse(name, args=[theirs.pk])).status_code == 404
+    assert owner.get(reverse("recovery:vpn-device-config", args=[mine.pk])).status_code == 200
+    assert owner.post(reverse("recovery:vpn-device-revoke", args=[theirs.pk])).status_code == 404
+    assert VpnDevice.objects.filter(pk=theirs.pk).exists()
+
+
+def test_an_empty_name_gets_a_friendly_message(owner):
+    page = owner.post(reverse("recovery:vpn-devices"), {"name": "  "})
+    assert page.status_code == 200 and "Give the device a name" in page.content.decode()
+    assert not VpnDevice.objects.exists()
+
+
+def test_the_page_needs_a_login(client):
+    assert client.get(reverse("recovery:vpn-devices")).status_code == 302
