@@ -12,9 +12,7 @@ urlpatterns = [
     path("password/", views.PasswordChange.as_view(), name="password-change"),
     path("password/reset/", views.PasswordReset.as_view(), name="password-reset"),
     path("password/reset/sent/", views.PasswordResetSent.as_view(), name="password-reset-sent"),
-    path(
-        "password/reset/<uidb64>/<token>/", views.PasswordResetConfirm.as_view(), name="password-reset-confirm"
-    ),
+    path("password/reset/<uidb64>/<token>/", views.PasswordResetConfirm.as_view(), name="password-reset-confirm"),
     path("password/reset/done/", views.PasswordResetComplete.as_view(), name="password-reset-complete"),
     path("security/", views.security, name="security"),
     path("security/two-factor/", views.twofactor_setup, name="twofactor-setup"),

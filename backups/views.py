@@ -143,9 +143,7 @@ def server_revoke(request, server_id: int):
         raise Http404("No such server.")
     # The POST is the confirmation (CSRF-checked); a GET only shows what it would do.
     if request.method == "POST":
-        revoked = services.server_credentials_revoke(
-            user=request.user, server=server, address=client_address(request)
-        )
+        revoked = services.server_credentials_revoke(user=request.user, server=server, address=client_address(request))
         messages.success(
             request,
             f"Revoked {server.name}: {revoked} agent credential{'s' if revoked != 1 else ''} stopped working. "

@@ -389,24 +389,26 @@ def main() -> int:
           f"   hashlib SHA-256 of the file: {h['file_sha256']:,.0f} MiB/s"
           f"   ({h['file_scan'] / h['file_sha256']:.0%})")  # fmt: skip
     for name, what in (("mixed", "the image's first 256 MiB"), ("random", "256 MiB of random bytes")):
-        print(f"  in memory, {what}: 4 KiB page hashes {h[name + '_pages']:,.0f} MiB/s"
-              f" vs one SHA-256 {h[name + '_sha256']:,.0f} MiB/s ({h[name + '_pages'] / h[name + '_sha256']:.0%})")
+        print(
+            f"  in memory, {what}: 4 KiB page hashes {h[name + '_pages']:,.0f} MiB/s"
+            f" vs one SHA-256 {h[name + '_sha256']:,.0f} MiB/s ({h[name + '_pages'] / h[name + '_sha256']:.0%})"
+        )
     print()
     print(f"  {'':<34} {'reclo-agent':>16} {'restic':>16}")
-    row("full backup: time", f"{a_full_t:.1f} s", f"{r_full_t:.1f} s",
-        breakdown(a_full_t, a_full["timings"]))
+    row("full backup: time", f"{a_full_t:.1f} s", f"{r_full_t:.1f} s", breakdown(a_full_t, a_full["timings"]))
     row("full backup: stored", mb(a_full["file_size"]), mb(r_full_stored))
     print(f"  changed: {args.change:.0%} of the pages in scattered 4 KiB writes = {mb(changed)}")
-    row("incremental: time", f"{a_inc_t:.1f} s", f"{r_inc_t:.1f} s",
-        breakdown(a_inc_t, a_inc["timings"]))
+    row("incremental: time", f"{a_inc_t:.1f} s", f"{r_inc_t:.1f} s", breakdown(a_inc_t, a_inc["timings"]))
     row("incremental: uploaded", mb(a_inc["sent_bytes"]), mb(r_inc_stored),
         f"restic's own count, before compression: {mb(r_inc.get('data_added', 0))}")  # fmt: skip
     row("incremental / changed bytes", f"{a_inc['sent_bytes'] / changed:.2f}x", f"{r_inc_stored / changed:.1f}x",
         "target: agent within 1.5x")  # fmt: skip
     row("restore of the incremental: time", f"{a_restore_t:.1f} s", f"{r_restore_t:.1f} s",
         f"{mb(size)} disk; both byte-identical to the image")  # fmt: skip
-    print(f"  (the agent's restore includes {a_restore['timings']['fsync']:.1f} s of fsync of the restored disk;"
-          f" without network or fsync, from local copies of the objects, it takes {local_t:.1f} s)")
+    print(
+        f"  (the agent's restore includes {a_restore['timings']['fsync']:.1f} s of fsync of the restored disk;"
+        f" without network or fsync, from local copies of the objects, it takes {local_t:.1f} s)"
+    )
     print_reads(reads, size)
     return 0
 

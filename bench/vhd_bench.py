@@ -78,9 +78,25 @@ def main() -> int:
 
         timed("reclo_agent: raw -> dynamic VHD", size, ours)
         if qemu_img:
-            timed("qemu-img convert -O vpc (dynamic)", size, lambda: subprocess.run(
-                [qemu_img, "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=dynamic,force_size=on",
-                 str(raw), str(work / "qemu.vhd")], check=True))
+            timed(
+                "qemu-img convert -O vpc (dynamic)",
+                size,
+                lambda: subprocess.run(
+                    [
+                        qemu_img,
+                        "convert",
+                        "-f",
+                        "raw",
+                        "-O",
+                        "vpc",
+                        "-o",
+                        "subformat=dynamic,force_size=on",
+                        str(raw),
+                        str(work / "qemu.vhd"),
+                    ],
+                    check=True,
+                ),
+            )
         else:
             print("qemu-img not installed: no comparison")
 
@@ -111,8 +127,12 @@ def main() -> int:
 
         timed("reclo_agent: merge base + 2 incrementals", size, merge)
         if qemu_img:
-            same = subprocess.run([qemu_img, "compare", "-f", "vpc", str(work / "merged.vhd"), "-F", "raw",
-                                   str(raw)], check=False, capture_output=True, text=True)
+            same = subprocess.run(
+                [qemu_img, "compare", "-f", "vpc", str(work / "merged.vhd"), "-F", "raw", str(raw)],
+                check=False,
+                capture_output=True,
+                text=True,
+            )
             print(f"\nqemu-img compare merged.vhd disk.raw: {same.stdout.strip() or same.stderr.strip()}")
             if same.returncode:
                 return 1

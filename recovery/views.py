@@ -96,9 +96,7 @@ def failover_start(request, server_id: int):
     latest = form.fields["backup"].queryset.first()
     expected = (
         paths.about(
-            paths.expected_seconds(
-                path.method, latest.virtual_size, selectors.measured_failovers(method=path.method)
-            )
+            paths.expected_seconds(path.method, latest.virtual_size, selectors.measured_failovers(method=path.method))
         )
         if latest
         else ""

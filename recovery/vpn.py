@@ -209,7 +209,7 @@ def gateway_user_data(
         "#!/bin/bash\n",
         "# ReClo VPN gateway: WireGuard into this recovery network.\n",
         "umask 077\n",
-        "export PATH=\"$PATH:/usr/local/sbin:/usr/sbin:/sbin\"\n",
+        'export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"\n',
         'say() { echo "reclo-gateway: $*"; echo "reclo-gateway: $*" > /dev/console 2>/dev/null || true; }\n',
         # Backoff 5, 10, 20, 40, 60, 60... seconds (RECLO_RETRY_DELAY sets the first).
         "retry() {\n"
@@ -217,7 +217,7 @@ def gateway_user_data(
         '  until "$@"; do\n'
         '    if [ "$try" -ge "${RECLO_RETRIES:-10}" ]; then say "gave up after $try tries: $*"; return 1; fi\n'
         '    say "try $try failed, again in ${delay}s: $*"; sleep "$delay"\n'
-        "    try=$((try + 1)); delay=$((delay * 2)); [ \"$delay\" -gt 60 ] && delay=60\n"
+        '    try=$((try + 1)); delay=$((delay * 2)); [ "$delay" -gt 60 ] && delay=60\n'
         "  done\n"
         "}\n",
         "install_tools() { dnf install -y wireguard-tools iptables-nft || yum install -y wireguard-tools iptables; }\n",

@@ -201,4 +201,3 @@ class DigestReader:
         if len(data) != want:
             raise ValueError(f"block map ends inside block {index}")
         return data
-

@@ -466,10 +466,18 @@ def _common_options(*, suppress: bool) -> argparse.ArgumentParser:
 
 def _read_options(p: argparse.ArgumentParser) -> None:
     """How the disk is read: the freeze and the hooks (backup, and schedule install for every run)."""
-    p.add_argument("--freeze", action="store_true",
-                   help="freeze the disk's mounted file systems while it is read (small or quiet disks)")
-    p.add_argument("--freeze-limit", type=float, default=None, metavar="SECONDS",
-                   help=f"thaw and stop the backup if the read takes longer (default {DEFAULT_FREEZE_LIMIT:.0f})")
+    p.add_argument(
+        "--freeze",
+        action="store_true",
+        help="freeze the disk's mounted file systems while it is read (small or quiet disks)",
+    )
+    p.add_argument(
+        "--freeze-limit",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"thaw and stop the backup if the read takes longer (default {DEFAULT_FREEZE_LIMIT:.0f})",
+    )
     p.add_argument("--pre-hook", metavar="CMD", help="shell command run before the disk is read (a database dump)")
     p.add_argument("--post-hook", metavar="CMD", help="shell command run after the read; runs even if it failed")
 

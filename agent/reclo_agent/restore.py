@@ -202,7 +202,10 @@ def restore(
                   max_connections=DOWNLOAD_THREADS + 2)  # fmt: skip
     total_stored = sum(int(item.get("file_size") or 0) for item in chain)
     log.info(
-        "restoring backup %s: a chain of %d (%s stored) to %s", backup_id, len(chain), human_bytes(total_stored),
+        "restoring backup %s: a chain of %d (%s stored) to %s",
+        backup_id,
+        len(chain),
+        human_bytes(total_stored),
         target_path,
     )
     with ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="reclo-get") as pool:

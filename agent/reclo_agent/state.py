@@ -137,8 +137,7 @@ class StateLock:
             holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(self._fd)
             raise Busy(
-                f"Another reclo-agent backup is running (pid {holder}); wait for it to finish. "
-                f"(Lock: {self.path})"
+                f"Another reclo-agent backup is running (pid {holder}); wait for it to finish. (Lock: {self.path})"
             ) from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)

@@ -179,8 +179,16 @@ def test_merge_into_a_qemu_readable_vhd(kit, tmp_files, require_tool):
     out = io.BytesIO()
     merge_chain(open_chain([io.BytesIO(vhd) for vhd, _ in chain]), out)
     result = subprocess.run(
-        [qemu_img, "compare", "-f", "vpc", tmp_files("m.vhd", out.getvalue()), "-F", "raw",
-         tmp_files("m.raw", chain[-1][1])],
+        [
+            qemu_img,
+            "compare",
+            "-f",
+            "vpc",
+            tmp_files("m.vhd", out.getvalue()),
+            "-F",
+            "raw",
+            tmp_files("m.raw", chain[-1][1]),
+        ],
         check=False,
         capture_output=True,
         text=True,

@@ -68,7 +68,10 @@ def test_header_round_trip_with_parent():
     assert back.locators[:2] == locators
     assert back.locators[2].code == b"\0\0\0\0"
     assert (back.table_offset, back.max_table_entries, back.block_size, back.parent_unique_id) == (
-        1536, 7, 2 << 20, parent,
+        1536,
+        7,
+        2 << 20,
+        parent,
     )
 
 

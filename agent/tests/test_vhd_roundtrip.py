@@ -169,8 +169,18 @@ def test_we_read_what_qemu_img_writes(kit, tmp_files, tmp_path, require_tool):
     for subformat in ("dynamic", "fixed"):
         vhd_path = tmp_path / f"qemu-{subformat}.vhd"
         subprocess.run(
-            [qemu_img, "convert", "-f", "raw", "-O", "vpc", "-o", f"subformat={subformat},force_size=on",
-             raw_path, str(vhd_path)],
+            [
+                qemu_img,
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "vpc",
+                "-o",
+                f"subformat={subformat},force_size=on",
+                raw_path,
+                str(vhd_path),
+            ],
             check=True,
         )
         with open(vhd_path, "rb") as f:

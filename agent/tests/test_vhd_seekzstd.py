@@ -162,8 +162,10 @@ STORED = _small_stored()
 
 
 @settings(max_examples=300, deadline=None, database=None)
-@given(st.lists(st.tuples(st.integers(0, len(STORED) - 1), st.integers(0, 255)), min_size=1, max_size=4),
-       st.one_of(st.none(), st.integers(0, len(STORED))))
+@given(
+    st.lists(st.tuples(st.integers(0, len(STORED) - 1), st.integers(0, 255)), min_size=1, max_size=4),
+    st.one_of(st.none(), st.integers(0, len(STORED))),
+)
 def test_fuzz_stored_objects_raise_only_vhderror(flips, cut):
     data = bytearray(STORED)
     for at, value in flips:

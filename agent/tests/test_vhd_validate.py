@@ -53,8 +53,9 @@ def test_valid_files_pass(full, incremental):
     base = validate(io.BytesIO(full), expected_kind="full", virtual_size=SIZE)
     assert (base.disk_type, base.kind, base.parent_unique_id, base.block_size) == ("dynamic", "full", None, 2 * MIB)
     assert base.allocated_blocks == 2  # block 1 is all zeros
-    inc = validate(io.BytesIO(incremental), expected_kind="incremental", parent_unique_id=base.unique_id,
-                   virtual_size=SIZE)
+    inc = validate(
+        io.BytesIO(incremental), expected_kind="incremental", parent_unique_id=base.unique_id, virtual_size=SIZE
+    )
     assert (inc.disk_type, inc.kind, inc.parent_unique_id) == ("differencing", "incremental", base.unique_id)
 
 
@@ -135,9 +136,10 @@ def test_fixed_corruptions(kit):
 # raise VHDError -- never another exception, a hang or a huge allocation.
 # Small blocks keep the metadata a large part of each file.
 
+
 def _sample_files():
     rnd_disk = bytes(range(256)) * 64  # 16 KiB
-    disk = rnd_disk[:4096] + bytes(4096) + rnd_disk[:4096 + 1024]  # 4 KiB blocks, the last one partial
+    disk = rnd_disk[:4096] + bytes(4096) + rnd_disk[: 4096 + 1024]  # 4 KiB blocks, the last one partial
     dynamic = io.BytesIO()
     info = write_dynamic_from_raw(io.BytesIO(disk), dynamic, block_size=4096)
     differencing = io.BytesIO()

@@ -25,8 +25,7 @@ _CHAIN_FIELDS = ("id", "parent_id", "kind", "key", "file_size", "sha256", "statu
 def chain_of(backup: Backup) -> list[Backup]:
     """`backup`'s chain, base first, in one query (parents are on the same disk)."""
     rows = {
-        row.pk: row
-        for row in Backup.objects.filter(server_id=backup.server_id, disk=backup.disk).only(*_CHAIN_FIELDS)
+        row.pk: row for row in Backup.objects.filter(server_id=backup.server_id, disk=backup.disk).only(*_CHAIN_FIELDS)
     }
     chain, current = [], rows.get(backup.pk, backup)
     while current is not None:

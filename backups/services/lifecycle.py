@@ -417,9 +417,8 @@ def verifications_requeue(*, now: datetime | None = None) -> int:
     for backup_id, stamp in stuck.values_list("pk", "verify_queued_at")[:CLEAN_UP_BATCH]:
         # Conditional on the stamp read: two overlapping runs send it once.
         same_stamp = Q(verify_queued_at__isnull=True) if stamp is None else Q(verify_queued_at=stamp)
-        claimed = (
-            Backup.objects.filter(same_stamp, pk=backup_id, status=Backup.Status.VERIFYING)
-            .update(verify_queued_at=now)
+        claimed = Backup.objects.filter(same_stamp, pk=backup_id, status=Backup.Status.VERIFYING).update(
+            verify_queued_at=now
         )
         if claimed:
             tasks.enqueue(tasks.backup_verify, str(backup_id))

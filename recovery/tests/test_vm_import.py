@@ -73,7 +73,9 @@ def expect_status(ec2, status, message="", progress=None, image_id=None):
     )
 
 
-def test_a_windows_server_goes_by_vm_import_with_its_boot_mode_and_licence(chain, user, drive, ec2, monkeypatch, settings):  # noqa: E501
+def test_a_windows_server_goes_by_vm_import_with_its_boot_mode_and_licence(
+    chain, user, drive, ec2, monkeypatch, settings
+):  # noqa: E501
     # moto implements no ImportImage: the Stubber checks BootMode, LicenseType and Platform as sent.
     settings.RECLO_WINDOWS_LICENSE_TYPE = "BYOL"
     monkeypatch.setattr(paths, "_preflight", lambda server: {"os": "windows", "boot_mode": "uefi"})

@@ -110,7 +110,7 @@ def bitmap_size(block_size: int) -> int:
 
 def _check_cookie_and_checksum(raw: bytes, cookie: bytes, csum_at: int, what: str) -> None:
     if raw[: len(cookie)] != cookie:
-        raise VHDError(f"{what}: bad cookie {raw[:len(cookie)]!r}, expected {cookie!r}")
+        raise VHDError(f"{what}: bad cookie {raw[: len(cookie)]!r}, expected {cookie!r}")
     stored = int.from_bytes(raw[csum_at : csum_at + 4], "big")
     computed = checksum(raw[:csum_at] + raw[csum_at + 4 :])
     if stored != computed:
@@ -147,10 +147,23 @@ class Footer:
         cyl, heads, spt = self.geometry or chs_geometry(self.current_size)
         raw = bytearray(
             _FOOTER.pack(
-                FOOTER_COOKIE, self.features, self.format_version, self.data_offset,
-                self.timestamp, self.creator_app, self.creator_version,
-                self.creator_host_os, original, self.current_size, cyl, heads, spt,
-                self.disk_type, 0, self.unique_id.bytes, self.saved_state,
+                FOOTER_COOKIE,
+                self.features,
+                self.format_version,
+                self.data_offset,
+                self.timestamp,
+                self.creator_app,
+                self.creator_version,
+                self.creator_host_os,
+                original,
+                self.current_size,
+                cyl,
+                heads,
+                spt,
+                self.disk_type,
+                0,
+                self.unique_id.bytes,
+                self.saved_state,
             )
         )
         raw[_FOOTER_CHECKSUM_AT : _FOOTER_CHECKSUM_AT + 4] = checksum(raw).to_bytes(4, "big")
@@ -161,15 +174,40 @@ class Footer:
         if len(raw) != FOOTER_SIZE:
             raise VHDError(f"{what}: truncated ({len(raw)} of {FOOTER_SIZE} bytes)")
         _check_cookie_and_checksum(raw, FOOTER_COOKIE, _FOOTER_CHECKSUM_AT, what)
-        (_, features, version, data_offset, timestamp, app, app_version, host_os,
-         original, current, cyl, heads, spt, disk_type, _, uid, saved) = _FOOTER.unpack(raw)
+        (
+            _,
+            features,
+            version,
+            data_offset,
+            timestamp,
+            app,
+            app_version,
+            host_os,
+            original,
+            current,
+            cyl,
+            heads,
+            spt,
+            disk_type,
+            _,
+            uid,
+            saved,
+        ) = _FOOTER.unpack(raw)
         if version >> 16 != 1:
             raise VHDError(f"{what}: unsupported file format version {version:#010x}")
         return cls(
-            disk_type=disk_type, current_size=current, unique_id=uuid.UUID(bytes=uid),
-            timestamp=timestamp, data_offset=data_offset, original_size=original,
-            geometry=(cyl, heads, spt), creator_app=app, creator_version=app_version,
-            creator_host_os=host_os, features=features, format_version=version,
+            disk_type=disk_type,
+            current_size=current,
+            unique_id=uuid.UUID(bytes=uid),
+            timestamp=timestamp,
+            data_offset=data_offset,
+            original_size=original,
+            geometry=(cyl, heads, spt),
+            creator_app=app,
+            creator_version=app_version,
+            creator_host_os=host_os,
+            features=features,
+            format_version=version,
             saved_state=saved,
         )
 
@@ -224,14 +262,21 @@ class DynamicHeader:
             raise ValueError("a VHD header holds at most 8 parent locators")
         locators = list(self.locators) + [_EMPTY_LOCATOR] * (8 - len(self.locators))
         packed_locators = b"".join(
-            _LOCATOR.pack(loc.code, loc.data_space, loc.data_length, 0, loc.data_offset)
-            for loc in locators
+            _LOCATOR.pack(loc.code, loc.data_space, loc.data_length, 0, loc.data_offset) for loc in locators
         )
         raw = bytearray(
             _HEADER.pack(
-                HEADER_COOKIE, self.data_offset, self.table_offset, self.header_version,
-                self.max_table_entries, self.block_size, 0, self.parent_unique_id.bytes,
-                self.parent_timestamp, name, packed_locators,
+                HEADER_COOKIE,
+                self.data_offset,
+                self.table_offset,
+                self.header_version,
+                self.max_table_entries,
+                self.block_size,
+                0,
+                self.parent_unique_id.bytes,
+                self.parent_timestamp,
+                name,
+                packed_locators,
             )
         )
         raw[_HEADER_CHECKSUM_AT : _HEADER_CHECKSUM_AT + 4] = checksum(raw).to_bytes(4, "big")
@@ -243,8 +288,19 @@ class DynamicHeader:
         if len(raw) != HEADER_SIZE:
             raise VHDError(f"{what}: truncated ({len(raw)} of {HEADER_SIZE} bytes)")
         _check_cookie_and_checksum(raw, HEADER_COOKIE, _HEADER_CHECKSUM_AT, what)
-        (_, data_offset, table_offset, version, entries, block_size, _, parent_uid,
-         parent_ts, name, packed_locators) = _HEADER.unpack(raw)
+        (
+            _,
+            data_offset,
+            table_offset,
+            version,
+            entries,
+            block_size,
+            _,
+            parent_uid,
+            parent_ts,
+            name,
+            packed_locators,
+        ) = _HEADER.unpack(raw)
         if version != HEADER_VERSION:
             raise VHDError(f"{what}: unsupported header version {version:#010x}")
         locators = tuple(
@@ -252,9 +308,14 @@ class DynamicHeader:
             for code, space, length, _, offset in _LOCATOR.iter_unpack(packed_locators)
         )
         return cls(
-            table_offset=table_offset, max_table_entries=entries, block_size=block_size,
-            parent_unique_id=uuid.UUID(bytes=parent_uid), parent_timestamp=parent_ts,
-            parent_name=_decode_name(name), locators=locators, data_offset=data_offset,
+            table_offset=table_offset,
+            max_table_entries=entries,
+            block_size=block_size,
+            parent_unique_id=uuid.UUID(bytes=parent_uid),
+            parent_timestamp=parent_ts,
+            parent_name=_decode_name(name),
+            locators=locators,
+            data_offset=data_offset,
             header_version=version,
         )
 

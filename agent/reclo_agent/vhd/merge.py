@@ -19,16 +19,16 @@ def merge_chain(
 ) -> VHDInfo:
     """Write the disk at the top of ``chain`` as one dynamic VHD to ``out``.
 
-    Streams: ``out`` may be non-seekable (e.g. a
-    :class:`~reclo_agent.vhd.seekzstd.SeekableZstdWriter`), and memory stays
-    at a few blocks and BAT windows whatever the disk size (the allocated
-blocks are walked again rather than kept). Blocks that no layer
-    stores stay unallocated; blocks some layer stores are written even if
-    they resolve to zeros (finding those would take a second pass).
+        Streams: ``out`` may be non-seekable (e.g. a
+        :class:`~reclo_agent.vhd.seekzstd.SeekableZstdWriter`), and memory stays
+        at a few blocks and BAT windows whatever the disk size (the allocated
+    blocks are walked again rather than kept). Blocks that no layer
+        stores stay unallocated; blocks some layer stores are written even if
+        they resolve to zeros (finding those would take a second pass).
 
-    The result keeps the top layer's unique id and timestamp unless told
-    otherwise, so when retention merges the oldest restore points into the
-    base, the next incremental's parent id still names the merged base.
+        The result keeps the top layer's unique id and timestamp unless told
+        otherwise, so when retention merges the oldest restore points into the
+        base, the next incremental's parent id still names the merged base.
     """
     top = chain.top.info
     writer = VHDWriter(

@@ -101,9 +101,7 @@ class VHDReader:
         self.disk_type = DiskType(footer.disk_type)
         size = self.virtual_size = footer.current_size
         if size == 0 or size % SECTOR or size > MAX_VIRTUAL_SIZE:
-            raise VHDError(
-                f"virtual size {size} is not a positive multiple of {SECTOR} up to {MAX_VIRTUAL_SIZE}"
-            )
+            raise VHDError(f"virtual size {size} is not a positive multiple of {SECTOR} up to {MAX_VIRTUAL_SIZE}")
         self.header: DynamicHeader | None = None
         if self.disk_type == DiskType.FIXED:
             self._open_fixed()
@@ -166,9 +164,7 @@ class VHDReader:
                 f"{self._max_blocks} allowed (use larger blocks)"
             )
         if header.max_table_entries < blocks:
-            raise VHDError(
-                f"BAT has {header.max_table_entries} entries but the disk has {blocks} blocks"
-            )
+            raise VHDError(f"BAT has {header.max_table_entries} entries but the disk has {blocks} blocks")
         # Bound the BAT by the file before reading it: only then allocate.
         bat_end = header.table_offset + 4 * header.max_table_entries
         if bat_end > end:
@@ -181,8 +177,11 @@ class VHDReader:
         self._bat_entries = blocks
 
         # Everything in the file must be inside it and must not overlap.
-        regions = [(0, FOOTER_SIZE, "footer copy"), (FOOTER_SIZE, FOOTER_SIZE + HEADER_SIZE, "dynamic header"),
-                   (header.table_offset, bat_end, "BAT")]
+        regions = [
+            (0, FOOTER_SIZE, "footer copy"),
+            (FOOTER_SIZE, FOOTER_SIZE + HEADER_SIZE, "dynamic header"),
+            (header.table_offset, bat_end, "BAT"),
+        ]
         if self.disk_type == DiskType.DIFFERENCING:
             for n, loc in enumerate(header.locators):
                 if loc.code == PLATFORM_NONE:

@@ -44,8 +44,7 @@ def validate(
     info = VHDReader(fileobj, max_blocks=max_blocks).info
     if expected_kind is not None and info.disk_type != KIND_DISK_TYPES[expected_kind]:
         raise VHDError(
-            f"a {expected_kind} backup must be a {KIND_DISK_TYPES[expected_kind]} VHD, "
-            f"this one is {info.disk_type}"
+            f"a {expected_kind} backup must be a {KIND_DISK_TYPES[expected_kind]} VHD, this one is {info.disk_type}"
         )
     if parent_unique_id is not None and info.parent_unique_id != parent_unique_id:
         raise VHDError(

@@ -57,8 +57,7 @@ from .format import (
 def _check_size(size: int) -> None:
     if not 0 < size <= MAX_VIRTUAL_SIZE or size % SECTOR:
         raise ValueError(
-            f"disk size {size} must be a positive multiple of {SECTOR} "
-            f"and at most {MAX_VIRTUAL_SIZE} bytes"
+            f"disk size {size} must be a positive multiple of {SECTOR} and at most {MAX_VIRTUAL_SIZE} bytes"
         )
 
 
@@ -211,8 +210,7 @@ class VHDWriter:
             raise ValueError("write_block() on a closed VHDWriter")
         if index != self._next:
             raise ValueError(
-                f"block {index} written out of order or not announced in `allocated` "
-                f"(expected block {self._next})"
+                f"block {index} written out of order or not announced in `allocated` (expected block {self._next})"
             )
         in_disk = min(self.block_size, self.virtual_size - index * self.block_size)
         if len(data) not in (in_disk, self.block_size):
