@@ -108,29 +108,22 @@ def backup_in_use(ids: list) -> str:
     """
     from recovery.models import Drill, Recovery  # recovery depends on backups, not the other way round
 
-    running = (
-        Recovery.objects.filter(status__in=Recovery.ACTIVE)
-        .filter(models.Q(backup_id__in=ids) | models.Q(backup_ref__in=ids))
-        .order_by("created")
-        .first()
-    )
-    if running is not None:
-        return (
-            f"A failover of {running.server_name} (started {running.created:%Y-%m-%d %H:%M} UTC, now "
-            f"{running.get_status_display()}) is using this restore point; delete it once that failover is ready "
-            "or has failed."
+    users = [
+        (Recovery, "A failover", "is using this restore point; delete it once that failover is ready or has failed."),
+        (Drill, "A drill", "is booting this restore point; delete it once the drill has finished."),
+    ]
+    for model, what, advice in users:
+        run = (
+            model.objects.filter(status__in=model.ACTIVE)
+            .filter(models.Q(backup_id__in=ids) | models.Q(backup_ref__in=ids))
+            .order_by("created")
+            .first()
         )
-    drill = (
-        Drill.objects.filter(status__in=Drill.ACTIVE)
-        .filter(models.Q(backup_id__in=ids) | models.Q(backup_ref__in=ids))
-        .order_by("created")
-        .first()
-    )
-    if drill is not None:
-        return (
-            f"A drill of {drill.server_name} (started {drill.created:%Y-%m-%d %H:%M} UTC, now "
-            f"{drill.get_status_display()}) is booting this restore point; delete it once the drill has finished."
-        )
+        if run is not None:
+            return (
+                f"{what} of {run.server_name} (started {run.created:%Y-%m-%d %H:%M} UTC, now "
+                f"{run.get_status_display()}) {advice}"
+            )
     return ""
 
 
