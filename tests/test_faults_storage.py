@@ -304,21 +304,21 @@ def chain(aws, user):
         ("CompleteMultipartUpload", 503, "SlowDown"),
     ],
 )
-def test_consolidation_retries_on_5xx_and_the_failover_ends_ready(user, chain, s3_faults, operation, status, code):
+def test_consolidation_retries_on_5xx_and_writes_one_merged_disk(user, chain, s3_faults, operation, status, code):
+    # Only VM Import needs the merged disk in S3 (EBS direct writes the chain straight into the
+    # snapshot); moto has no VM Import, so this follows the failover up to the end of consolidating.
     backups, top = chain
-    recovery = services.recovery_start(user=user, backup_id=backups[-1].pk)
+    recovery = services.recovery_start(user=user, backup_id=backups[-1].pk, import_method="vm_import")
     s3_faults.fail(operation, times=SDK_TRIES, status=status, code=code)
 
     recovery = drive_recovery(recovery.pk)
 
-    assert recovery.status == "ready", recovery.error
     step = RecoveryStep.objects.get(recovery=recovery, name="consolidating")
     assert (step.status, step.attempts, step.retries) == ("done", 2, 0)
     assert s3_faults.injected[operation] == SDK_TRIES
-    # Nothing half-made: one merged disk, no parts left over, one of each in EC2.
+    # Nothing half-made: one merged disk, no parts left over.
     assert keys("images/") == [step.outputs["image_key"]]
     assert multipart_uploads() == []
-    assert inventory() == ONE_OF_EACH
     # Nothing lost: the chain is as it was.
     assert [b.status for b in Backup.objects.order_by("date_created")] == ["verified"] * 3
     assert all(storage.head_object(b.key)["size"] == b.file_size for b in backups)
@@ -328,7 +328,7 @@ def test_consolidation_retries_on_5xx_and_the_failover_ends_ready(user, chain, s
 @pytest.mark.usefixtures("quick_sdk_retries")
 def test_consolidation_fails_cleanly_with_a_reason_after_its_retry_budget(user, chain, s3_faults):
     backups, _ = chain
-    recovery = services.recovery_start(user=user, backup_id=backups[-1].pk)
+    recovery = services.recovery_start(user=user, backup_id=backups[-1].pk, import_method="vm_import")
     s3_faults.fail("UploadPart", status=500, code="InternalError")  # an outage that outlasts the budget
 
     recovery = drive_recovery(recovery.pk)
@@ -356,7 +356,7 @@ def test_consolidation_fails_cleanly_with_a_reason_after_its_retry_budget(user, 
 @pytest.mark.usefixtures("quick_sdk_retries")
 def test_parts_that_an_outage_kept_from_being_aborted_are_aborted_by_the_clean_up_job(user, chain, s3_faults):
     backups, _ = chain
-    recovery = services.recovery_start(user=user, backup_id=backups[-1].pk)
+    recovery = services.recovery_start(user=user, backup_id=backups[-1].pk, import_method="vm_import")
     # S3 refuses writes and aborts alike, for longer than the failover's budget.
     s3_faults.fail("UploadPart", status=503, code="ServiceUnavailable")
     s3_faults.fail("AbortMultipartUpload", status=503, code="ServiceUnavailable")
