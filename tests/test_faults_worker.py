@@ -139,11 +139,11 @@ def test_a_sigkilled_pool_process_is_replaced_and_its_verification_taken_over(wo
         verified(upload(api, seed=5), timeout=60)
         (idle,) = pool_processes(worker)
         os.kill(idle, signal.SIGKILL)
-        verified(upload(api, seed=4), timeout=30)
+        verified(upload(api, seed=4), timeout=120)
 
         slow_gets.next(1, 6.0)
         first = upload(api, seed=1)
-        testing.wait_until(lambda: reading(first), timeout=30, interval=0.05, what="the verification to start")
+        testing.wait_until(lambda: reading(first), timeout=120, interval=0.05, what="the verification to start")
         (victim,) = pool_processes(worker)
         os.kill(victim, signal.SIGKILL)
 
@@ -156,7 +156,7 @@ def test_a_sigkilled_pool_process_is_replaced_and_its_verification_taken_over(wo
 
         # And the next task runs.
         second = upload(api, seed=2)
-        verified(second, timeout=30)
+        verified(second, timeout=120)
 
 
 def test_a_killed_workers_verification_is_redelivered_after_the_visibility_timeout(worker_env, api, slow_gets):
@@ -164,7 +164,7 @@ def test_a_killed_workers_verification_is_redelivered_after_the_visibility_timeo
     with testing.celery_worker(env) as first_worker:
         slow_gets.next(1, 30.0)
         backup_id = upload(api, seed=3)
-        testing.wait_until(lambda: reading(backup_id), timeout=30, interval=0.05, what="the verification to start")
+        testing.wait_until(lambda: reading(backup_id), timeout=120, interval=0.05, what="the verification to start")
         os.killpg(first_worker.pid, signal.SIGKILL)
         first_worker.wait(timeout=10)
     assert Backup.objects.get(pk=backup_id).status == "verifying"  # unacknowledged in Redis, not lost
