@@ -180,12 +180,16 @@ class PortalClient:
     def upload_credentials(self, upload_id: str) -> dict:
         return self.request("POST", f"/backups/uploads/{upload_id}/credentials")["credentials"]
 
-    def complete_upload(self, upload_id: str, *, file_size: int, sha256: str) -> dict:
-        """The ``backup`` (its status ``verifying``, or final). Idempotent (docs/api.md, Uploading)."""
-        body = self.request(
-            "POST", f"/backups/uploads/{upload_id}/complete", json={"file_size": file_size, "sha256": sha256}
-        )
-        return body["backup"]
+    def complete_upload(self, upload_id: str, *, file_size: int, sha256: str, part_sha256: list | None = None) -> dict:
+        """The ``backup`` (its status ``verifying``, or final). Idempotent (docs/api.md, Uploading).
+
+        ``part_sha256``: the hex SHA-256 of each part of a multipart upload,
+        in order; with it the portal verifies without reading the whole object.
+        """
+        body = {"file_size": file_size, "sha256": sha256}
+        if part_sha256:
+            body["part_sha256"] = part_sha256
+        return self.request("POST", f"/backups/uploads/{upload_id}/complete", json=body)["backup"]
 
     def report_status(self, server: str, **fields) -> dict:
         """``POST /servers/{server}/status``: schedule, next_run, agent_version, preflight."""

@@ -6,8 +6,6 @@ then exactly what a killed process leaves. The end-to-end test at the
 repository root does the same with a real SIGKILL.
 """
 
-import json
-
 import pytest
 from agent_helpers import BUCKET, FakePortal, make_image, scatter_writes
 from moto import mock_aws
@@ -118,9 +116,9 @@ def test_a_killed_upload_resumes_and_sends_only_the_missing_parts(portal, tmp_pa
     assert sent_before == [1, 2, 3, 4]
     done = journal(state)
     assert sorted(done) == [1, 2, 3, 4]
-    record = json.loads((state / "uploads" / "srv1" / "sda.json").read_text())
-    assert record["phase"] == "uploading" and record["multipart_id"]
-    assert "SecretAccessKey" not in json.dumps(record)  # credentials are never stored
+    record = UploadState.load(state, "srv1", "sda")
+    assert record.record.phase == "uploading" and record.record.multipart_id
+    assert "SecretAccessKey" not in record.json_path.read_text()  # credentials are never stored
     monkeypatch.undo()
     monkeypatch.setattr("moto.s3.models.S3_UPLOAD_PART_MIN_SIZE", 1024)
 
@@ -131,7 +129,7 @@ def test_a_killed_upload_resumes_and_sends_only_the_missing_parts(portal, tmp_pa
     assert set(sent_after).isdisjoint({1, 2, 3, 4})
     assert result.sent_parts == len(sent_after) and len(sent_after) > 0
     # Same upload, not a new one.
-    assert result.backup_id == portal.uploads[record["upload_id"]]
+    assert result.backup_id == portal.uploads[record.record.upload_id]
     assert len(portal.backups) == 1
     assert_restores(portal, result.backup_id, tmp_path, image)
 
@@ -171,9 +169,9 @@ def test_a_multipart_upload_gone_from_storage_is_made_anew(portal, tmp_path, mon
     state = tmp_path / "state"
     kill_after(portal, monkeypatch, state, source, 2)
     assert sorted(journal(state)) == [1, 2]
-    record = json.loads((state / "uploads" / "srv1" / "sda.json").read_text())
+    record = UploadState.load(state, "srv1", "sda")
     # A lifecycle rule (AbortIncompleteMultipartUpload) or a clean-up got there first.
-    portal.s3.abort_multipart_upload(Bucket=BUCKET, Key=record["key"], UploadId=record["multipart_id"])
+    portal.s3.abort_multipart_upload(Bucket=BUCKET, Key=record.record.key, UploadId=record.record.multipart_id)
 
     no_such_upload_as_s3_answers(monkeypatch)
     sent_after = count_parts(monkeypatch)
@@ -181,7 +179,7 @@ def test_a_multipart_upload_gone_from_storage_is_made_anew(portal, tmp_path, mon
     assert result.status == "verified" and result.resumed
     assert result.skipped_parts == 0
     assert {1, 2} <= set(sent_after)  # journaled, but gone with the upload: sent again
-    assert result.backup_id == portal.uploads[record["upload_id"]]  # the same portal upload
+    assert result.backup_id == portal.uploads[record.record.upload_id]  # the same portal upload
     assert_restores(portal, result.backup_id, tmp_path, image)
 
 
@@ -201,9 +199,9 @@ def test_a_multipart_upload_gone_before_its_complete_is_made_anew(portal, tmp_pa
     with pytest.raises(Killed):
         run(portal, state, str(source))
     monkeypatch.setattr(s3_module.S3Access, "call", real_call)
-    record = json.loads((state / "uploads" / "srv1" / "sda.json").read_text())
+    record = UploadState.load(state, "srv1", "sda")
     every_part = sorted(journal(state))
-    portal.s3.abort_multipart_upload(Bucket=BUCKET, Key=record["key"], UploadId=record["multipart_id"])
+    portal.s3.abort_multipart_upload(Bucket=BUCKET, Key=record.record.key, UploadId=record.record.multipart_id)
     no_such_upload_as_s3_answers(monkeypatch)
 
     # Every part is journaled, so nothing is sent until CompleteMultipartUpload says the upload is gone.
@@ -275,14 +273,14 @@ def test_a_run_killed_while_waiting_for_the_verdict_finishes_without_uploading(p
     with pytest.raises(Killed):
         run(portal, state, str(source))
     record = UploadState.load(state, "srv1", "sda")
-    assert record["phase"] == "completed"
+    assert record.record.phase == "completed"
     assert MapStore(state).load("srv1", "sda")[0] is None  # not committed before the verdict
 
     portal.get_backup = real_get
-    portal.backups[record["backup_id"]]["status"] = "verified"
+    portal.backups[record.record.backup_id]["status"] = "verified"
     sent_after = count_parts(monkeypatch)
     result = run(portal, state, str(source))
-    assert result.backup_id == record["backup_id"] and result.status == "verified"
+    assert result.backup_id == record.record.backup_id and result.status == "verified"
     assert sent_after == []
     assert MapStore(state).load("srv1", "sda")[0].backup_id == result.backup_id
 
@@ -292,7 +290,7 @@ def test_an_expired_upload_starts_over(portal, tmp_path, monkeypatch):
     source.write_bytes(bytes(make_image(4 * MiB)))
     state = tmp_path / "state"
     kill_after(portal, monkeypatch, state, source, 2)
-    old_upload = UploadState.load(state, "srv1", "sda")["upload_id"]
+    old_upload = UploadState.load(state, "srv1", "sda").record.upload_id
     portal.backups[portal.uploads[old_upload]]["status"] = "failed"  # the clean-up job dropped it
 
     result = run(portal, state, str(source))
@@ -309,6 +307,6 @@ def test_full_requested_abandons_an_unfinished_incremental(portal, tmp_path, mon
     run(portal, state, str(source))
     source.write_bytes(bytes(scatter_writes(image, 200)[0]))
     kill_after(portal, monkeypatch, state, source, 1)
-    assert UploadState.load(state, "srv1", "sda")["kind"] == "incremental"
+    assert UploadState.load(state, "srv1", "sda").record.kind == "incremental"
     result = run(portal, state, str(source), full=True)
     assert result.kind == "full" and result.skipped_parts == 0
