@@ -222,6 +222,17 @@ class UploadStartInput(serializers.Serializer):
 class UploadCompleteInput(serializers.Serializer):
     file_size = StrictIntegerField(required=False, allow_null=True, default=None, min_value=1)
     sha256 = StrictCharField(required=False, allow_null=True, default=None, max_length=64, min_length=64)
+    part_sha256 = serializers.ListField(
+        child=StrictCharField(max_length=64, min_length=64),
+        required=False,
+        allow_null=True,
+        default=None,
+        min_length=1,
+        max_length=10_000,
+        help_text="Optional: the SHA-256 (hex) of each part of a multipart upload made with "
+        "ChecksumAlgorithm=SHA256, in part order. The verifier then compares them with the object's "
+        "composite checksum instead of reading the whole object.",
+    )
 
 
 def _valid(serializer_class, request) -> dict:

@@ -104,6 +104,9 @@ class Backup(models.Model):
     # Declared by the agent (at start or complete); checked against storage.
     file_size = models.BigIntegerField(null=True, blank=True)
     sha256 = models.CharField(max_length=64, blank=True)
+    # The S3 composite checksum the declared part checksums make ("<base64>-<parts>"):
+    # with it the verifier compares checksums instead of reading the whole object.
+    part_checksum = models.CharField(max_length=64, blank=True)
     # The VHD footer's unique id, read by the verifier; an incremental's
     # parent id must equal its parent's.
     vhd_unique_id = models.UUIDField(null=True, blank=True)

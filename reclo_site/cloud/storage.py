@@ -179,6 +179,38 @@ def head_object(key: str, *, version_id: str | None = None, etag: str | None = N
     }
 
 
+def object_checksum(key: str, *, version_id: str | None = None) -> dict:
+    """The SHA-256 checksum S3 keeps for an object (GetObjectAttributes); ObjectNotFound when it is missing.
+
+    `checksum_sha256`: the base64 checksum, "" when the object has none. For
+    a multipart upload made with ChecksumAlgorithm SHA256 it is composite:
+    the SHA-256 of the parts' SHA-256s, each part checked by S3 on arrival
+    (`checksum_type` "COMPOSITE"; AWS leaves out the "-<parts>" that HEAD
+    shows, and is dropped here if present). `parts`: the part count S3
+    reports, None when it does not say. Also `size`, `etag`, `version_id`.
+    """
+    args = {"VersionId": version_id} if version_id else {}
+    try:
+        resp = client("s3").get_object_attributes(
+            Bucket=bucket_name(),
+            Key=key,
+            ObjectAttributes=["ETag", "Checksum", "ObjectParts", "ObjectSize"],
+            MaxParts=1,
+            **args,
+        )
+    except (ClientError, BotoCoreError) as exc:
+        raise read_error(exc, key, "attributes of") from exc
+    checksum = resp.get("Checksum") or {}
+    return {
+        "checksum_sha256": (checksum.get("ChecksumSHA256") or "").split("-")[0],
+        "checksum_type": checksum.get("ChecksumType") or "",
+        "parts": (resp.get("ObjectParts") or {}).get("TotalPartsCount"),
+        "size": resp.get("ObjectSize"),
+        "etag": (resp.get("ETag") or "").strip('"'),
+        "version_id": "" if resp.get("VersionId") in (None, "null") else resp["VersionId"],
+    }
+
+
 def lock_version(key: str, version_id: str, until: datetime) -> datetime:
     """Lock one version until `until` (COMPLIANCE mode); returns the date it is locked until.
 
