@@ -26,7 +26,7 @@ from __future__ import annotations
 import heapq
 import sys
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import groupby, pairwise
 from typing import BinaryIO
 
@@ -281,6 +281,11 @@ class VHDReader:
     def size(self) -> int:
         return self.virtual_size
 
+    @property
+    def bitmap_size(self) -> int:
+        """Bytes of a stored block's sector bitmap (before its data)."""
+        return self._bitmap_size
+
     def block_length(self, index: int) -> int:
         """Bytes of block ``index`` inside the virtual disk (the last may be short)."""
         return min(self.block_size, self.virtual_size - index * self.block_size)
@@ -316,6 +321,41 @@ class VHDReader:
     def read(self, offset: int, length: int) -> bytes:
         """Bytes of this layer alone at ``offset`` of the virtual disk."""
         return ChainReader([self], _check=False).read(offset, length)
+
+
+def stack_block(layers: Iterable, block_size: int, length: int) -> bytes:
+    """One block of a chain from its layers' stored blocks: ``(bitmap, data)``, top layer first.
+
+    ``data`` may be a callable returning the data (read only when the layer
+    has a sector still needed). A sector comes from the topmost layer whose
+    bitmap has it; sectors no layer has are zeros. Returns ``length`` bytes.
+    """
+    nsect_block = block_size // SECTOR
+    nsect = length // SECTOR
+    # Sectors still needed, as an integer whose top bit is sector 0.
+    need = ((1 << nsect) - 1) << (nsect_block - nsect)
+    out: bytes | bytearray | None = None
+    for layer_bitmap, data in layers:
+        have = bitmap.to_int(layer_bitmap, nsect_block)
+        take = need & have
+        if take:
+            if callable(data):
+                data = data()
+            if out is None and take == need:
+                out = data  # the whole block from one layer: no copying
+            else:
+                if out is None:
+                    out = bytearray(block_size)
+                take_map = bitmap.from_int(take, nsect_block, -(-nsect_block // 8))
+                for start, count in bitmap.set_runs(take_map, nsect_block):
+                    lo, hi = start * SECTOR, (start + count) * SECTOR
+                    out[lo:hi] = data[lo:hi]
+        need &= ~have
+        if not need:
+            break
+    if out is None:
+        return bytes(length)
+    return out[:length] if isinstance(out, bytes) and len(out) == length else bytes(out[:length])
 
 
 class ChainReader:
@@ -380,32 +420,14 @@ class ChainReader:
         """Block ``index`` of the virtual disk (the last one may be short)."""
         if self._cache and self._cache[0] == index:
             return self._cache[1]
-        length = self.layers[-1].block_length(index)
-        nsect = length // SECTOR
-        # Sectors still needed, as an integer whose top bit is sector 0.
-        need = ((1 << nsect) - 1) << (self._nsect - nsect)
-        out: bytes | bytearray | None = None
-        for layer in reversed(self.layers):
-            layer_bitmap = layer.read_bitmap(index)
-            if layer_bitmap is None:
-                continue
-            have = bitmap.to_int(layer_bitmap, self._nsect)
-            take = need & have
-            if take:
-                data = layer.read_block_data(index)
-                if out is None and take == need:
-                    out = data  # the whole block from one layer: no copying
-                else:
-                    if out is None:
-                        out = bytearray(self.block_size)
-                    take_map = bitmap.from_int(take, self._nsect, -(-self._nsect // 8))
-                    for start, count in bitmap.set_runs(take_map, self._nsect):
-                        lo, hi = start * SECTOR, (start + count) * SECTOR
-                        out[lo:hi] = data[lo:hi]
-            need &= ~have
-            if not need:
-                break
-        block = bytes(length) if out is None else bytes(out[:length])
+
+        def stored():  # top layer first; each layer's data read only if needed
+            for layer in reversed(self.layers):
+                layer_bitmap = layer.read_bitmap(index)
+                if layer_bitmap is not None:
+                    yield layer_bitmap, lambda layer=layer: layer.read_block_data(index)
+
+        block = stack_block(stored(), self.block_size, self.layers[-1].block_length(index))
         self._cache = (index, block)
         return block
 

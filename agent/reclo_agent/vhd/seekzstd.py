@@ -300,6 +300,33 @@ def open_seekable(fileobj: BinaryIO) -> SeekableReader:
         return SeekableReader(fileobj, "r")
 
 
+def read_seek_table(fileobj: BinaryIO) -> tuple[array, array]:
+    """Where each frame starts, compressed and decompressed: two arrays of ``frames + 1`` offsets.
+
+    Reads only the seek table at the end; raises :class:`VHDError` if it is
+    missing or does not fit the stream.
+    """
+    size = fileobj.seek(0, 2)
+    if size < 17:
+        raise VHDError(f"not a seekable zstd stream: {size} bytes is too small for a seek table")
+    frames, descriptor, magic = _SEEK_FOOTER.unpack(read_at(fileobj, size - 9, 9, "seek table footer"))
+    if magic != SEEKABLE_MAGIC or descriptor & 0x7C:
+        raise VHDError("not a seekable zstd stream: no valid seek table at the end")
+    entry = 12 if descriptor & 0x80 else 8
+    table_size = 17 + frames * entry
+    if table_size > size:
+        raise VHDError(f"seek table of {frames} frames does not fit in the {size}-byte stream")
+    raw = read_at(fileobj, size - table_size + 8, frames * entry, "seek table")
+    c_offsets, d_offsets = array("Q", [0]), array("Q", [0])
+    for n in range(frames):
+        c_size, d_size = struct.unpack_from("<II", raw, n * entry)
+        c_offsets.append(c_offsets[-1] + c_size)
+        d_offsets.append(d_offsets[-1] + d_size)
+    if c_offsets[-1] != size - table_size:
+        raise VHDError("the seek table does not cover the frames")
+    return c_offsets, d_offsets
+
+
 def check_seekable(fileobj: BinaryIO, *, chunk_size: int = 1 << 20) -> int:
     """Decompress every frame and check it against the seek table.
 
