@@ -61,14 +61,13 @@ from .freeze import DEFAULT_LIMIT
 from .hooks import Hooks
 from .progress import Reporter, human_bytes
 from .s3 import S3Access, StorageError
-from .scan import Scan
+from .scan import Scan, pack
 from .source import Source
 from .state import StateLock, UploadRecord, UploadState
 from .throttle import TokenBucket
 from .uploader import PartUploader, choose_part_size, in_flight_for
-from .vhd import ParentInfo, SeekableZstdWriter, VHDWriter
+from .vhd import ParentInfo
 from .vhd.format import DEFAULT_BLOCK_SIZE, bitmap_size, vhd_timestamp
-from .vhd.seekzstd import DEFAULT_LEVEL, compress_frame
 
 log = logging.getLogger(__name__)
 
@@ -424,28 +423,18 @@ class BackupRun:
         if decision.kind == "incremental":
             meta = decision.parent
             parent = ParentInfo(uuid.UUID(meta.vhd_unique_id), meta.vhd_timestamp, meta.file_name)
-        zstd = SeekableZstdWriter(out, level=DEFAULT_LEVEL)
-        writer = VHDWriter(zstd, rec.virtual_size, None, parent=parent, block_size=DEFAULT_BLOCK_SIZE,
-                           unique_id=uuid.UUID(rec.vhd_unique_id), timestamp=rec.vhd_timestamp)  # fmt: skip
-
-        def pack(index: int, data: bytes, sectors: bytes | None) -> bytes:  # in the pool's threads
-            return compress_frame(writer.block_payload(index, data, sectors), DEFAULT_LEVEL)
-
-        scan = Scan(
+        log.debug("reading %s (%d bytes)", src.path, src.size)
+        return pack(
             src,
+            out,
             self.maps.pending_path(opt.server, opt.disk, "next"),
             page_size=rec.page_size,
+            unique_id=uuid.UUID(rec.vhd_unique_id),
+            timestamp=rec.vhd_timestamp,
+            parent=parent,
             old_map=self.maps.digests_path(decision.parent) if decision.parent else None,
-            pack=pack,
+            on_block=lambda stream, disk: marks.append((stream, disk)),
         )
-        log.debug("reading %s (%d bytes)", src.path, src.size)
-        for block in scan:
-            if block.store:
-                writer.add_compressed_block(block.index, block.frame)
-            marks.append((zstd.compressed_size, block.index * DEFAULT_BLOCK_SIZE + block.length))
-        writer.close()
-        zstd.close()
-        return scan, (zstd.compressed_size, zstd.sha256())
 
     # --- complete and wait -----------------------------------------------------------
 

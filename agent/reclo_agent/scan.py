@@ -34,8 +34,9 @@ from pathlib import Path
 
 from .blockmap import DIGEST_SIZE, DigestReader, changed_pages, page_digests
 from .source import Source
-from .vhd import make_bitmap
+from .vhd import ParentInfo, SeekableZstdWriter, VHDWriter, make_bitmap
 from .vhd.format import DEFAULT_BLOCK_SIZE, SECTOR, bitmap_size
+from .vhd.seekzstd import DEFAULT_LEVEL, compress_frame
 
 log = logging.getLogger(__name__)
 
@@ -181,3 +182,41 @@ class Scan:
             else:
                 runs.append((start, count))
         return make_bitmap(runs, self._bitmap_bytes), changed
+
+
+def pack(
+    source: Source,
+    out,
+    pending_map: Path,
+    *,
+    page_size: int,
+    unique_id,
+    timestamp: int,
+    parent: ParentInfo | None = None,
+    old_map: Path | None = None,
+    on_block: Callable[[int, int], None] | None = None,
+) -> tuple[Scan, tuple[int, str]]:
+    """The one pass into a stored restore point: ``source`` as seekable zstd of a VHD, into ``out``.
+
+    A dynamic VHD, or a differencing one on ``parent`` with ``old_map``
+    (the parent's block map), BAT after the data. ``on_block(stream bytes,
+    disk bytes)`` after each block: how much of the stream holds how much
+    of the disk. Returns the pass (its counts) and the stored object's
+    (size, SHA-256).
+    """
+    zstd = SeekableZstdWriter(out, level=DEFAULT_LEVEL)
+    writer = VHDWriter(zstd, source.size, None, parent=parent, block_size=DEFAULT_BLOCK_SIZE,
+                       unique_id=unique_id, timestamp=timestamp)  # fmt: skip
+
+    def compress(index: int, data: bytes, sectors: bytes | None) -> bytes:  # in the pool's threads
+        return compress_frame(writer.block_payload(index, data, sectors), DEFAULT_LEVEL)
+
+    scan = Scan(source, pending_map, page_size=page_size, old_map=old_map, pack=compress)
+    for block in scan:
+        if block.store:
+            writer.add_compressed_block(block.index, block.frame)
+        if on_block:
+            on_block(zstd.compressed_size, block.index * DEFAULT_BLOCK_SIZE + block.length)
+    writer.close()
+    zstd.close()
+    return scan, (zstd.compressed_size, zstd.sha256())
