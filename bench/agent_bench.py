@@ -333,6 +333,9 @@ def bench_reads(image: Path, work: Path) -> dict | None:
 
 def print_reads(reads: dict | None, size: int) -> None:
     print()
+    if reads is None and "--no-reads" in sys.argv:
+        print("disk reads: skipped (--no-reads)")
+        return
     if reads is None:
         print("disk reads: skipped (needs root and losetup to put the image on a loop device)")
         return
@@ -366,6 +369,7 @@ def main() -> int:
     parser.add_argument("--change", type=float, default=0.01, help="fraction of 4 KiB pages rewritten")
     parser.add_argument("--keep", help="work in this folder and keep it")
     parser.add_argument("--reads-only", action="store_true", help="only the disk reads (step 5)")
+    parser.add_argument("--no-reads", action="store_true", help="skip the disk reads (step 5)")
     args = parser.parse_args()
     work = Path(args.keep or tempfile.mkdtemp(prefix="reclo-agent-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -374,7 +378,7 @@ def main() -> int:
         image = work / "disk.img"
         print(f"image: {mb(size)} (40% random, 30% zero, 30% text) in {work}", flush=True)
         make_raw(image, size)
-        reads = bench_reads(image, work)
+        reads = None if args.no_reads else bench_reads(image, work)
         if args.reads_only:
             print_reads(reads, size)
             return 0

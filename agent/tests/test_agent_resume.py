@@ -6,8 +6,13 @@ then exactly what a killed process leaves. The end-to-end test at the
 repository root does the same with a real SIGKILL.
 """
 
+import signal
+import threading
+
+import boto3
 import pytest
 from agent_helpers import BUCKET, FakePortal, make_image, scatter_writes
+from botocore.stub import Stubber
 from moto import mock_aws
 from moto.s3.exceptions import NoSuchUpload
 from moto.s3.models import S3Backend
@@ -310,3 +315,104 @@ def test_full_requested_abandons_an_unfinished_incremental(portal, tmp_path, mon
     assert UploadState.load(state, "srv1", "sda").record.kind == "incremental"
     result = run(portal, state, str(source), full=True)
     assert result.kind == "full" and result.skipped_parts == 0
+
+
+def test_ctrl_c_does_not_wait_for_the_parts_in_flight(portal, tmp_path, monkeypatch):
+    """Ctrl-C while a part is stuck on a slow link: the run ends at once, and the resume sends that part."""
+    image = make_image(6 * MiB, seed=8)
+    source = tmp_path / "disk.img"
+    source.write_bytes(bytes(image))
+    state = tmp_path / "state"
+    stuck, release = threading.Event(), threading.Event()
+    real_call = s3_module.S3Access.call
+
+    def call(self, operation, **kwargs):
+        if operation == "upload_part" and kwargs["PartNumber"] == 3:
+            stuck.set()
+            release.wait(60)  # a link that never answers (until the test lets go)
+            raise Killed()
+        return real_call(self, operation, **kwargs)
+
+    def ctrl_c() -> None:  # the terminal's Ctrl-C: SIGINT to the main thread, once the part is stuck
+        if stuck.wait(60):
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    monkeypatch.setattr(s3_module.S3Access, "call", call)
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(portal, state, str(source), max_in_flight=2)
+        # The run returned while part 3 was still in flight: nobody waited for it.
+        assert not release.is_set() and stuck.is_set()
+        assert 3 not in journal(state)
+    finally:
+        release.set()
+    monkeypatch.undo()
+    monkeypatch.setattr("moto.s3.models.S3_UPLOAD_PART_MIN_SIZE", 1024)
+    sent = count_parts(monkeypatch)
+    result = run(portal, state, str(source))
+    assert result.status == "verified" and 3 in sent
+    assert_restores(portal, result.backup_id, tmp_path, image)
+
+
+def test_the_progress_counts_what_storage_acknowledged(portal, tmp_path, monkeypatch):
+    """The bar reaches a disk position only once the parts holding it are acknowledged."""
+    image = make_image(6 * MiB, seed=9)
+    source = tmp_path / "disk.img"
+    source.write_bytes(bytes(image))
+    seen = []
+    real_call = s3_module.S3Access.call
+
+    class Watched(Reporter):
+        def task(self, description, total):
+            task = super().task(description, total)
+            if description == "backing up":
+                self.watched = task
+            return task
+
+    reporter = Watched(quiet=True)
+
+    def call(self, operation, **kwargs):
+        if operation == "upload_part":
+            seen.append(reporter.watched.done)  # before this part is acknowledged
+        return real_call(self, operation, **kwargs)
+
+    monkeypatch.setattr(s3_module.S3Access, "call", call)
+    options = BackupOptions(str(source), "srv1", "sda", poll_interval=0.01, part_size=PART, max_in_flight=1)
+    result = BackupRun(portal, tmp_path / "state", options, reporter).run()
+    assert result.status == "verified"
+    assert seen[0] == 0  # nothing counted before the first part is acknowledged, though blocks were read
+    assert seen == sorted(seen) and seen[-1] < len(image)
+    assert reporter.watched.done == len(image)
+
+
+def test_a_part_storage_refuses_fails_the_run_and_is_not_journaled(portal, tmp_path, monkeypatch):
+    """S3 refuses a part whose bytes do not match its ChecksumSHA256 (BadDigest); moto checks no
+    checksums, so S3's answer comes from botocore's Stubber (as the AWS documentation gives it)."""
+    image = bytearray(2 * MiB)
+    image[4096:8192] = b"a page of data " * 273 + b"x"  # compresses to one part
+    source = tmp_path / "disk.img"
+    source.write_bytes(bytes(image))
+    stubbed = boto3.client("s3", region_name="us-east-1")
+    stubber = Stubber(stubbed)
+    stubber.add_client_error(
+        "upload_part", "BadDigest", "The SHA256 you specified did not match the calculated checksum.", 400
+    )
+    stubber.activate()
+    real_client = s3_module.S3Access.client
+
+    class Mixed:
+        """UploadPart answered by the stub, everything else by moto."""
+
+        def __init__(self, real):
+            self._real = real
+
+        def __getattr__(self, name):
+            return getattr(stubbed if name == "upload_part" else self._real, name)
+
+    monkeypatch.setattr(s3_module.S3Access, "client", lambda self: Mixed(real_client(self)))
+    with pytest.raises(s3_module.StorageError) as caught:
+        run(portal, tmp_path / "state", str(source))
+    assert caught.value.code == "BadDigest"
+    assert journal(tmp_path / "state") == {}
+    stubber.assert_no_pending_responses()
