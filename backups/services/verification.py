@@ -89,26 +89,31 @@ def object_check(
     CloudUnavailable for storage trouble.
     """
     with storage.ObjectReader(key, version_id=version_id, etag=etag, sha256=True, on_fetch=on_fetch) as raw:
-        if raw.storage_class != storage.STANDARD:
-            raise cloud.ObjectArchived(f"{key} is {raw.storage_class}", "InvalidObjectState", raw.storage_class)
-        disk = vhd.open_seekable(raw)
-        # Refused from the header alone: a BAT of more blocks than any real
-        # writer declares (a few KB of zstd can declare 2 GiB of BAT).
-        info = vhd.validate(
-            disk,
-            expected_kind=kind,
-            parent_unique_id=parent_unique_id,
-            virtual_size=virtual_size,
-            max_blocks=settings.RECLO_VERIFY_MAX_BLOCKS,
-        )
-        # A VHD is never much bigger than its disk (bitmaps and tables add
-        # well under 1%). Refuse a larger one before decompressing it all:
-        # a few kilobytes of zstd can claim terabytes of zeros.
-        if info.file_size > max_vhd_size(virtual_size):
-            raise vhd.VHDError(f"the VHD is {info.file_size} bytes, far more than a {virtual_size}-byte disk needs")
+        info = _structure(raw, kind=kind, virtual_size=virtual_size, parent_unique_id=parent_unique_id)
         vhd.check_seekable(raw)
         digest = raw.sha256_hexdigest()
         return ObjectCheck(size=raw.size, sha256=digest, info=info, version_id=raw.version_id, etag=raw.etag)
+
+
+def _structure(raw, *, kind: str, virtual_size: int, parent_unique_id) -> vhd.VHDInfo:
+    """The storage class, then the VHD's structure through the seek table (metadata reads only)."""
+    if raw.storage_class != storage.STANDARD:
+        raise cloud.ObjectArchived(f"{raw.key} is {raw.storage_class}", "InvalidObjectState", raw.storage_class)
+    # Refused from the header alone: a BAT of more blocks than any real
+    # writer declares (a few KB of zstd can declare 2 GiB of BAT).
+    info = vhd.validate(
+        vhd.open_seekable(raw),
+        expected_kind=kind,
+        parent_unique_id=parent_unique_id,
+        virtual_size=virtual_size,
+        max_blocks=settings.RECLO_VERIFY_MAX_BLOCKS,
+    )
+    # A VHD is never much bigger than its disk (bitmaps and tables add
+    # well under 1%). Refuse a larger one before decompressing it all:
+    # a few kilobytes of zstd can claim terabytes of zeros.
+    if info.file_size > max_vhd_size(virtual_size):
+        raise vhd.VHDError(f"the VHD is {info.file_size} bytes, far more than a {virtual_size}-byte disk needs")
+    return info
 
 
 def object_check_by_checksum(
@@ -131,8 +136,6 @@ def object_check_by_checksum(
     what :func:`object_check` raises for storage trouble.
     """
     with storage.ObjectReader(key, chunk_size=MiB, cache_chunks=8, on_fetch=on_fetch) as raw:
-        if raw.storage_class != storage.STANDARD:
-            raise cloud.ObjectArchived(f"{key} is {raw.storage_class}", "InvalidObjectState", raw.storage_class)
         attributes = storage.object_checksum(key, version_id=raw.version_id or None)
         if attributes["etag"] and raw.etag and attributes["etag"] != raw.etag:
             raise storage.ObjectChanged(f"{key} changed while it was being checked", "ETagChanged")
@@ -148,16 +151,7 @@ def object_check_by_checksum(
             raise vhd.VHDError(f"the object has {attributes['parts']} parts in storage; {parts} were declared")
         if raw.size != file_size:
             raise vhd.VHDError(f"the stored object is {raw.size} bytes; {file_size} were declared")
-        disk = vhd.open_seekable(raw)
-        info = vhd.validate(
-            disk,
-            expected_kind=kind,
-            parent_unique_id=parent_unique_id,
-            virtual_size=virtual_size,
-            max_blocks=settings.RECLO_VERIFY_MAX_BLOCKS,
-        )
-        if info.file_size > max_vhd_size(virtual_size):
-            raise vhd.VHDError(f"the VHD is {info.file_size} bytes, far more than a {virtual_size}-byte disk needs")
+        info = _structure(raw, kind=kind, virtual_size=virtual_size, parent_unique_id=parent_unique_id)
         return ObjectCheck(size=raw.size, sha256=sha256, info=info, version_id=raw.version_id, etag=raw.etag)
 
 
