@@ -42,7 +42,7 @@ import sys
 import uuid
 from array import array
 from collections.abc import Callable, Iterable, Iterator
-from typing import BinaryIO, Self
+from typing import Self
 
 from . import bitmap
 from .format import (
@@ -67,6 +67,7 @@ from .format import (
     bitmap_size,
     vhd_timestamp,
 )
+from .streams import Readable, Writable
 
 
 def _check_size(size: int) -> None:
@@ -99,7 +100,7 @@ class VHDWriter:
 
     def __init__(
         self,
-        out: BinaryIO,
+        out: Writable,
         virtual_size: int,
         allocated: Iterable[int] | Callable[[], Iterator[int]] | None,
         *,
@@ -348,7 +349,7 @@ class VHDWriter:
             self.close()
 
 
-def _read_exactly(src: BinaryIO, n: int) -> bytes:
+def _read_exactly(src: Readable, n: int) -> bytes:
     """``n`` bytes from ``src`` (looping over short reads), or fail."""
     chunks, left = [], n
     while left:
@@ -360,7 +361,7 @@ def _read_exactly(src: BinaryIO, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def _source_size(src: BinaryIO, size: int | None) -> int:
+def _source_size(src: Readable, size: int | None) -> int:
     if size is None:
         size = src.seek(0, 2)
         src.seek(0)
@@ -368,7 +369,7 @@ def _source_size(src: BinaryIO, size: int | None) -> int:
     return size
 
 
-def scan_allocated(src: BinaryIO, size: int, block_size: int = DEFAULT_BLOCK_SIZE) -> array:
+def scan_allocated(src: Readable, size: int, block_size: int = DEFAULT_BLOCK_SIZE) -> array:
     """Indices of the blocks of a raw disk image that are not all zeros.
 
     Reads ``src`` from its current position; the caller seeks back. Returns
@@ -384,8 +385,8 @@ def scan_allocated(src: BinaryIO, size: int, block_size: int = DEFAULT_BLOCK_SIZ
 
 
 def write_dynamic_from_raw(
-    src: BinaryIO,
-    out: BinaryIO,
+    src: Readable,
+    out: Writable,
     *,
     size: int | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
@@ -408,8 +409,8 @@ def write_dynamic_from_raw(
 
 
 def write_fixed(
-    src: BinaryIO,
-    out: BinaryIO,
+    src: Readable,
+    out: Writable,
     *,
     size: int | None = None,
     unique_id: uuid.UUID | None = None,
