@@ -59,7 +59,9 @@ def test_the_systemd_calendar_the_cron_fields_and_the_next_run_agree(every):
         ["systemd-analyze", "calendar", "--iterations=4", slot.calendar(), "--base-time", runs[0].astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")],
         capture_output=True, text=True, env={"TZ": "UTC", "PATH": "/usr/bin:/bin"}, check=True,
     ).stdout  # fmt: skip
-    theirs = [line.split(": ", 1)[1].split()[1:3] for line in out.splitlines() if "Next elapse" in line or "Iter." in line]
+    theirs = [
+        line.split(": ", 1)[1].split()[1:3] for line in out.splitlines() if "Next elapse" in line or "Iter." in line
+    ]
     ours = [r.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S").split() for r in [*runs[1:], slot.next_after(runs[3])]]
     assert theirs == ours
     minute, hour = slot.cron().split()[:2]
@@ -95,9 +97,10 @@ def test_with_a_running_cron_install_succeeds_and_status_follows_the_daemon(cfg,
 
     cron_daemon.stop()
     assert cli.main(["schedule", "status", "--root", str(root)]) == 9
-    assert "NOT RUNNING" in capsys.readouterr().out and "no cron daemon" in schedule.status(
-        state_dir=cfg.parent / "state", root=root
-    ).problem
+    assert (
+        "NOT RUNNING" in capsys.readouterr().out
+        and "no cron daemon" in schedule.status(state_dir=cfg.parent / "state", root=root).problem
+    )
 
 
 def test_systemd_under_a_fake_root_is_refused_after_enabling_it_offline(cfg, root, disk, capsys):
