@@ -55,8 +55,9 @@ def test_the_systemd_calendar_the_cron_fields_and_the_next_run_agree(every):
     assert all(b - a == timedelta(seconds=slot.every) for a, b in zip(runs, runs[1:], strict=False))
     assert timedelta(0) < runs[0] - now <= timedelta(seconds=slot.every)
     # systemd itself reads the calendar: its next elapses are ours.
+    base = runs[0].astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     out = subprocess.run(
-        ["systemd-analyze", "calendar", "--iterations=4", slot.calendar(), "--base-time", runs[0].astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")],
+        ["systemd-analyze", "calendar", "--iterations=4", slot.calendar(), "--base-time", base],
         capture_output=True, text=True, env={"TZ": "UTC", "PATH": "/usr/bin:/bin"}, check=True,
     ).stdout  # fmt: skip
     theirs = [
