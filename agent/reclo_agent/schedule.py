@@ -239,9 +239,21 @@ def _process_name(pid: int) -> str:
     return "" if rest.split()[:1] == ["Z"] else name
 
 
+ENV_LAUNCHER = "RECLO_AGENT_LAUNCHER"
+
+
 def agent_command(config_path: Path) -> list[str]:
-    """How the timer starts this agent: the same Python, the same config, absolute paths."""
-    return [str(Path(sys.executable).absolute()), "-m", "reclo_agent", "--config", str(Path(config_path).resolve())]
+    """How the timer starts this agent, the same config, by absolute paths.
+
+    The portal's installer runs the agent through a launcher script (its
+    libraries are not on Python's path) and names it in RECLO_AGENT_LAUNCHER;
+    otherwise the same Python with ``-m reclo_agent``.
+    """
+    config = ["--config", str(Path(config_path).resolve())]
+    launcher = os.environ.get(ENV_LAUNCHER, "")
+    if launcher and os.path.isabs(launcher) and os.access(launcher, os.X_OK):
+        return [launcher, *config]
+    return [str(Path(sys.executable).absolute()), "-m", "reclo_agent", *config]
 
 
 def absolute_source(source: str) -> str:

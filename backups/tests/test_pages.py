@@ -226,8 +226,8 @@ class TestAddServer:
         assert EnrollmentKey.objects.get(server__user=user, server__name="front-desk").key_hash == hash_token(key)
         assert f"curl -fsSL https://reclo.example.com/agent/install.sh | sudo sh -s -- --key {key}" in html
         assert f"reclo-agent enroll --portal https://reclo.example.com --key {key}" in html
-        assert "reclo-agent backup /dev/sda --disk sda" in html and "--server" not in html.split("Check and")[0]
-        assert "reclo-agent schedule install --every 1h" in html and "pip install ./agent" in html
+        assert "reclo-agent backup /dev/sda" in html and "--server" not in html.split("Check and")[0]
+        assert "sudo /opt/reclo-agent/bin/reclo-agent-uninstall" in html and "pip install" not in html
         # Shown once: the server page never shows it again.
         server = Server.objects.get(user=user, name="front-desk")
         assert key not in owner.get(f"/servers/{server.pk}/").content.decode()
