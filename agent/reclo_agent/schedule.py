@@ -52,6 +52,7 @@ UNIT = "reclo-agent-backup"
 TIMER = f"{UNIT}.timer"
 BEGIN, END = "# BEGIN reclo-agent (managed by `reclo-agent schedule`)", "# END reclo-agent"
 CRON_NAMES = {"cron", "crond"}
+NO_CRON = "no cron daemon is running (Debian/Ubuntu: apt-get install cron, then start it)"
 _EVERY_RE = re.compile(r"^\s*(\d+)\s*(m|min|h|d)\s*$", re.IGNORECASE)
 
 
@@ -445,7 +446,7 @@ def cron_state(system: System) -> tuple[bool, str]:
     if BEGIN not in _cron_text(system):
         return False, "the cron entry is missing"
     if not system.cron_running():
-        return False, "no cron daemon is running (Debian/Ubuntu: apt-get install cron; systemctl start cron)"
+        return False, NO_CRON
     return True, ""
 
 
@@ -488,6 +489,9 @@ def install(
     # Reinstalling (an upgrade) keeps the slot, so the next run does not move.
     slot = Slot(**kept) if kept.get("every") == seconds else Slot.pick(seconds)
     command = agent_command(config_path)
+    if method == "cron" and not system.cron_running():
+        # Nothing written: a cron entry no daemon reads is a schedule that lies.
+        raise ScheduleError(f"Backups were not scheduled: {NO_CRON}. Nothing was installed.")
     if method == "systemd":
         where = install_systemd(system, command, slot)
         runs, why = system.timer_state()
