@@ -21,29 +21,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 
 from backups.models import Backup, Server
 from reclo_site import testing
 
-from .browser import chromium_page
+from .browser import chromium_page, sign_in
+from .test_agent_e2e import cloud  # noqa: F401 - the fixture: moto's server on a loopback port
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 SHOTS = os.environ.get("RECLO_SCREENSHOTS", "")
-
-
-@pytest.fixture
-def cloud(settings):
-    server = ThreadedMotoServer("127.0.0.1", 0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    settings.AWS_ENDPOINT_URL = f"http://{host}:{port}"
-    from reclo_site.cloud import storage
-
-    storage.ensure_bucket()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -73,8 +60,8 @@ def files_under(*folders: Path):
                 yield path
 
 
-def test_paste_one_line_from_add_a_server_to_a_verified_first_backup(live_server, user, settings, cloud, fake_root,
-                                                                     tmp_path):  # fmt: skip
+@pytest.mark.usefixtures("cloud")
+def test_paste_one_line_from_add_a_server_to_a_verified_first_backup(live_server, user, settings, fake_root, tmp_path):
     for tool in ("curl", "sudo", "sh", "tar"):
         testing.require_tool(tool)
     testing.agent_bundle()
@@ -82,11 +69,7 @@ def test_paste_one_line_from_add_a_server_to_a_verified_first_backup(live_server
     prefix, image = tmp_path / "opt" / "reclo-agent", tmp_path / "disk.img"
     image.write_bytes(os.urandom(3 * 1024 * 1024) + bytes(5 * 1024 * 1024))
     with chromium_page() as page:
-        page.goto(f"{live_server.url}/accounts/login/")
-        page.fill("#id_email", user.email)
-        page.fill("#id_password", testing.PASSWORD)
-        page.click("button[type=submit]")
-        page.wait_for_selector("text=Your servers")
+        sign_in(page, live_server.url, user.email, testing.PASSWORD)
         page.click("nav >> text=Add a server")
         page.fill("#id_name", "front-desk")
         page.click("text=Make an enrollment key")

@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from tests.browser import chromium_page
+from tests.browser import chromium_page, sign_in
 
 from .factories import BackupFactory, ServerFactory
 
@@ -39,11 +39,7 @@ def test_the_dashboard_shows_no_schedule_on_schedule_and_late(live_server, user,
         server = ServerFactory(user=user, name=name, agent_version="0.1.0", **report)
         BackupFactory(server=server, date_created=report.get("status_at", now - timedelta(minutes=5)))
     with chromium_page(viewport=(1100, 900)) as page:
-        page.goto(f"{live_server.url}/accounts/login/")
-        page.fill("#id_email", user.email)
-        page.fill("#id_password", password)
-        page.click("button[type=submit]")
-        page.wait_for_selector("text=Your servers")
+        sign_in(page, live_server.url, user.email, password)
         cards = page.locator("[data-testid=server]")
         seen = {
             cards.nth(i).locator("h2").inner_text(): (
