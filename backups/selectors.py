@@ -97,15 +97,15 @@ def disk_states(
             uploading=bool(row["uploading"]),
             newest_verified_at=row["newest_verified"],
         )
-    newest = (
+    newest_rows = (
         Backup.objects.filter(server_id__in=server_ids, deleted_at__isnull=True)
         .exclude(status=Backup.Status.PENDING)
         .annotate(rank=Window(RowNumber(), partition_by=[F("server_id"), F("disk")], order_by=F("date_created").desc()))
         .filter(rank=1)
         .values("id", "server_id", "disk", "kind", "status", "date_created", "file_size", "failure")
     )
-    for row in newest:
-        states[row["server_id"], row["disk"]].newest = row
+    for newest in newest_rows:
+        states[newest["server_id"], newest["disk"]].newest = dict(newest)
     if servers is None:
         servers = list(Server.objects.filter(pk__in=server_ids))
     schedules = {s.pk: schedule_health(s, now) for s in servers}
@@ -156,10 +156,10 @@ class ServerOverview:
 
 def server_overview(*, user, name: str | None = None) -> list[ServerOverview]:
     """The dashboard: each server of the user (or the one of that name) with its disks' figures and health."""
-    servers = Server.objects.filter(user=user).order_by("name")
+    query = Server.objects.filter(user=user).order_by("name")
     if name is not None:
-        servers = servers.filter(name=name)
-    servers = list(servers)
+        query = query.filter(name=name)
+    servers = list(query)
     states = disk_states(server_ids=[s.pk for s in servers], servers=servers)
     by_server: dict[int, list[DiskState]] = {}
     for state in states.values():

@@ -491,7 +491,8 @@ def _print_schedule(cfg: config.Config, root: str | None) -> int:
     if not state.jobs:
         print("schedule:   none (reclo-agent schedule install --every 1h SOURCE)")
     elif state.runs:
-        print(f"schedule:   every {state.every} via {state.method}, next run {_when(state.next_run)}: "
+        when = _when(state.next_run) if state.next_run else "unknown (install the schedule again)"
+        print(f"schedule:   every {state.every} via {state.method}, next run {when}: "
               + ", ".join(f"{j.source} ({j.server}/{j.disk})" for j in state.jobs))  # fmt: skip
     else:
         print(f"schedule:   NOT RUNNING: every {state.every} via {state.method} is recorded, but {state.problem}. "

@@ -264,7 +264,8 @@ def absolute_source(source: str) -> str:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
-        raise DiskError(f"Cannot read {path}: {exc.strerror.lower()}; a scheduled backup of it would fail.") from exc
+        why = (exc.strerror or str(exc)).lower()
+        raise DiskError(f"Cannot read {path}: {why}; a scheduled backup of it would fail.") from exc
     os.close(fd)
     return str(path)
 
