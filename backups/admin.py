@@ -5,7 +5,7 @@ from .models import AccountLimits, Backup, ObjectDeletion, Server
 
 @admin.register(Server)
 class ServerAdmin(admin.ModelAdmin):
-    list_display = ("name", "user", "created", "overdue_notified_at")
+    list_display = ("name", "user", "created", "schedule", "status_at")
     search_fields = ("name", "user__email")
 
 

@@ -30,7 +30,9 @@ _DATETIME = serializers.DateTimeField()
 class DiskOutput(serializers.Serializer):
     disk = serializers.CharField()
     health = serializers.ChoiceField(choices=["green", "amber", "red"])
-    health_detail = serializers.CharField(help_text="The health in words: on schedule, late, backups missing, ...")
+    health_detail = serializers.CharField(
+        help_text="The health in words: on schedule, late, agent silent, no schedule installed, ..."
+    )
     restore_points = serializers.IntegerField(help_text="Verified restore points of this disk.")
     stored_bytes = serializers.IntegerField()
     last_backup = serializers.DateTimeField(
@@ -46,8 +48,9 @@ class ServerOutput(serializers.Serializer):
     )
     health = serializers.ChoiceField(
         choices=["green", "amber", "red"],
-        help_text="The worst of the disks': green on schedule, amber late or first backup running, red missing or "
-        "failed (red also with no restore point at all).",
+        help_text="The worst of the agent's schedule and the disks': green on schedule; amber no schedule installed, "
+        "late or first backup running; red agent silent, failed or no restore point at all. From what the agent "
+        "reports (POST /api/v1/servers/{server}/status), never from the gaps between restore points.",
     )
     health_detail = serializers.CharField(help_text="The health in words.")
     schedule = serializers.JSONField(
@@ -83,7 +86,9 @@ def _server_body(overview, credentials: int, consistency: str | None) -> dict:
     schedule = None
     if server.status_at is not None:
         schedule = {"every": server.schedule or None, "next_run": when(server.next_run) if server.next_run else None,
-                    "reported": when(server.status_at)}  # fmt: skip
+                    "reported": when(server.status_at),
+                    "last_run": when(server.last_run_at) if server.last_run_at else None,
+                    "last_result": server.last_result or None}  # fmt: skip
     bootability = None
     if server.preflight:
         bootability = {"preflight": server.preflight, "checked": when(server.preflight_at)}

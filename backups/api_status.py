@@ -1,4 +1,4 @@
-"""`POST /api/v1/servers/{server}/status`: the agent reports its schedule, version and preflight."""
+"""`POST /api/v1/servers/{server}/status`: the agent reports its schedule, last run, version and preflight."""
 
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers
@@ -42,6 +42,12 @@ class ServerStatusInput(serializers.Serializer):
                                help_text="The agent's interval, e.g. 1h; null: no schedule.")  # fmt: skip
     next_run = serializers.DateTimeField(required=False, allow_null=True, default=None)
     agent_version = StrictCharField(max_length=40, required=False, allow_blank=True, default="")
+    last_run_at = serializers.DateTimeField(required=False, allow_null=True, default=None,
+                                            help_text="When the last scheduled run ended; null: none yet.")  # fmt: skip
+    last_result = serializers.ChoiceField(choices=["ok", "failed"], required=False, allow_null=True, default=None,
+                                          help_text="How the last scheduled run ended.")  # fmt: skip
+    last_message = StrictCharField(max_length=500, required=False, allow_blank=True, default="",
+                                   help_text="Why the last scheduled run failed, in the agent's words.")  # fmt: skip
     preflight = PreflightInput(required=False, allow_null=True, default=None,
                                help_text="The bootability preflight (Linux agents); null keeps the last.")  # fmt: skip
 

@@ -13,8 +13,9 @@ class Server(models.Model):
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="servers")
     name = models.CharField(max_length=63)
     created = models.DateTimeField(default=timezone.now)
-    # When the owner was last told that backups stopped arriving (no repeat mails).
-    overdue_notified_at = models.DateTimeField(null=True, blank=True)
+    # The report (its status_at) whose late or silent agent the owner was last
+    # emailed about: one email per incident, a new report ends the incident.
+    alerted_report_at = models.DateTimeField(null=True, blank=True)
     # The host name the agent gave when it last enrolled (shown to the owner).
     hostname = models.CharField(max_length=255, blank=True)
     # Owner settings (PATCH /api/v1/servers/{server}).
@@ -29,6 +30,10 @@ class Server(models.Model):
     agent_version = models.CharField(max_length=40, blank=True)
     schedule = models.CharField(max_length=40, blank=True, help_text="The agent's interval, e.g. 1h; empty: none.")
     next_run = models.DateTimeField(null=True, blank=True)
+    # The last scheduled run as the agent reported it: when, "ok" or "failed", and why.
+    last_run_at = models.DateTimeField(null=True, blank=True)
+    last_result = models.CharField(max_length=10, blank=True)
+    last_message = models.CharField(max_length=500, blank=True)
     # The agent's bootability preflight: {"ok", "boot_mode", "kernel", "checks": [{name, status, detail, fix}]}.
     preflight = models.JSONField(null=True, blank=True)
     preflight_at = models.DateTimeField(null=True, blank=True)

@@ -119,5 +119,5 @@ def backups_purge() -> int:
 
 @shared_task
 def overdue_notify() -> int:
-    """Beat: email owners whose servers stopped sending backups."""
+    """Beat: email owners whose agent is late or silent (once per incident)."""
     return services.overdue_notify()

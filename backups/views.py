@@ -123,11 +123,10 @@ def add_server(request):
             form.add_error("name", exc.message)
     portal, email = shlex.quote(settings.SITE_URL), shlex.quote(request.user.email)
     commands = {
-        "install": "python3 -m venv /opt/reclo-agent\n/opt/reclo-agent/bin/pip install ./agent\n"
-        "ln -s /opt/reclo-agent/bin/reclo-agent /usr/local/bin/reclo-agent",
+        "uninstall": "sudo /opt/reclo-agent/bin/reclo-agent-uninstall",
         "login": f"reclo-agent login --portal {portal} --email {email}",
-        "backup": "reclo-agent backup /dev/sda --disk sda",
-        "schedule": "reclo-agent schedule install --every 1h",
+        "backup": "reclo-agent backup /dev/sda",
+        "schedule": "reclo-agent status",
         "check": "reclo-agent list\nreclo-agent restore BACKUP_ID /dev/sdb",
     }
     context = {"form": form, "grant": grant, "commands": commands, "site_url": settings.SITE_URL}

@@ -418,8 +418,8 @@ RECLO_MAX_CONCURRENT_VERIFICATIONS = env.int("RECLO_MAX_CONCURRENT_VERIFICATIONS
 RECLO_VERIFY_STALE_AFTER = timedelta(seconds=env.int("RECLO_VERIFY_STALE_SECONDS", default=180))
 # Stored backups the weekly scrub re-reads per run.
 RECLO_SCRUB_SAMPLE = env.int("RECLO_SCRUB_SAMPLE", default=50)
-# The backup interval assumed until a disk has restore points enough to show its own.
-RECLO_DEFAULT_BACKUP_INTERVAL = timedelta(hours=env.float("RECLO_DEFAULT_BACKUP_INTERVAL_HOURS", default=24))
+# Where `manage.py build_agent` puts the agent bundle the portal serves (never checked in).
+RECLO_AGENT_BUNDLE_DIR = Path(env("RECLO_AGENT_BUNDLE_DIR", default=str(VAR_DIR / "agent")))
 
 # How many reverse proxies in front of the portal append to X-Forwarded-For.
 NUM_PROXIES = env.int("NUM_PROXIES", default=0)

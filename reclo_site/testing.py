@@ -5,6 +5,7 @@ as its own process. Locally they are skipped when those services are not
 configured; under CI=true a missing service fails the run instead.
 """
 
+import functools
 import os
 import shutil
 import signal
@@ -174,3 +175,14 @@ def moto_server(settings):
     finally:
         moto_api_backend.reset()
         server.stop()
+
+
+@functools.cache
+def agent_bundle() -> Path:
+    """The agent bundle the portal serves, built once per test run (`manage.py build_agent` does the same).
+
+    Rebuilt only when the agent's source changed; no wheels for other Pythons (the tests run this one).
+    """
+    from reclo_site import agent_bundle as bundles
+
+    return bundles.build(native_wheels=False)[0]

@@ -36,3 +36,12 @@ def chromium_page(viewport=(1280, 900)):
             # connection of their own; left open, the test database stays busy.
             connection.close()
             browser.close()
+
+
+def sign_in(page, portal: str, email: str, password: str) -> None:
+    """Sign in on the portal's login page and wait for the dashboard."""
+    page.goto(f"{portal}/accounts/login/")
+    page.fill("#id_email", email)
+    page.fill("#id_password", password)
+    page.click("button[type=submit]")
+    page.wait_for_selector("text=Your servers")

@@ -78,7 +78,7 @@ class FakePortal:
     def get_backup(self, backup_id: str) -> dict:
         self._check("get")
         if backup_id not in self.backups:
-            raise PortalError("No such backup.", code=401, status=404)
+            raise PortalError("No such backup.", code=105, status=404)  # as the portal answers
         return self._public(self.backups[backup_id])
 
     def create_upload(self, **fields) -> dict:

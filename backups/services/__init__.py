@@ -3,7 +3,7 @@
 Split by flow: uploads (start, credentials, complete), verification (the
 worker's verdict, the scrub), downloads (restore grants), lifecycle
 (failing, deleting, clean-up jobs), retention (merging old restore points)
-and notifications (overdue emails).
+and notifications (late and silent agents).
 """
 
 from .downloads import DownloadGrant, backup_download_grant
