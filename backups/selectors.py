@@ -225,7 +225,10 @@ def server_timeline(*, user, server_id: int) -> tuple[ServerOverview, list[DiskT
     states = disk_states(server_ids=[server.pk])
     chains_by_disk: dict[str, list[list[Backup]]] = {}
     chain_of: dict = {}
+    by_pk = {backup.pk: backup for backup in backups}
     for backup in backups:
+        if backup.parent_id in by_pk:
+            backup.parent = by_pk[backup.parent_id]  # cached: the page says "changes since <its parent>"
         chain = chain_of.get(backup.parent_id) if backup.parent_id else None
         if chain is None:
             chain = []

@@ -34,6 +34,7 @@ from reclo_agent.vhd import VHDError, open_chain, open_seekable
 from reclo_site import cloud
 from reclo_site.cloud import storage
 from reclo_site.errors import Code
+from reclo_site.localtime import user_zone
 
 from . import drill_report, selectors
 from .engine import LostClaim, StepContext
@@ -277,7 +278,8 @@ def notify_failure(drill: Drill) -> None:
         return
     context = {"drill": drill, "portal_url": settings.SITE_URL.rstrip("/")}
     subject = f"ReClo: the drill of {drill.server_name} failed"
-    body = render_to_string("recovery/email/drill_failed.txt", context)
+    with timezone.override(user_zone(drill.user)):  # the owner's local times
+        body = render_to_string("recovery/email/drill_failed.txt", context)
     try:
         send_mail(subject, body, None, [drill.user.email])
     except OSError as exc:  # the mail server is down: the page and the dashboard still show it

@@ -1,18 +1,13 @@
 """Telling owners when their servers stop sending backups."""
 
-import logging
 from datetime import datetime
 
-from django.conf import settings
-from django.core.mail import send_mail
 from django.db.models import Q
-from django.urls import reverse
 from django.utils import timezone
-from django.utils.timesince import timesince
+
+from accounts import notify
 
 from ..models import Server
-
-log = logging.getLogger(__name__)
 
 BATCH = 500
 
@@ -57,22 +52,5 @@ def overdue_notify(*, now: datetime | None = None) -> int:
 
 
 def _send(server: Server, disks: list, now: datetime) -> bool:
-    lines = [
-        f"- {d.disk}: last restore point {timesince(d.newest_verified_at, now)} ago (usually every {d.interval_words})"
-        for d in disks
-    ]
-    body = (
-        f"ReClo has not received backups of {server.name} for longer than twice their usual interval:\n\n"
-        + "\n".join(lines)
-        + "\n\nCheck that the server is running and that its agent can reach ReClo "
-        "(`reclo-agent list` on the server shows what it last sent).\n\n"
-        f"{settings.SITE_URL}{reverse('backups:server-detail', args=[server.pk])}\n"
-    )
-    try:
-        send_mail(
-            f"ReClo: backups of {server.name} are missing", body, settings.DEFAULT_FROM_EMAIL, [server.user.email]
-        )
-    except Exception:  # noqa: BLE001 - try again on the next run
-        log.exception("could not email %s about %s", server.user.email, server.name)
-        return False
-    return True
+    """The overdue email (templates/backups/email/overdue.txt); False when it could not be sent."""
+    return notify.owner_email(server.user, "backups/email/overdue", {"server": server, "disks": disks, "now": now})

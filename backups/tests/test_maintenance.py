@@ -1,5 +1,6 @@
 """Beat jobs: upload clean-up, deferred deletions, overdue emails, and the schedule itself."""
 
+import zoneinfo
 from datetime import timedelta
 
 import pytest
@@ -110,13 +111,22 @@ class TestOverdueEmails:
         assert services.overdue_notify() == 1
         (mail,) = mailoutbox
         assert mail.to == [user.email] and "fileserver" in mail.subject
-        assert "sda: last restore point 3\xa0hours ago (usually every 1 hour)" in mail.body
+        assert "- sda: the newest restore point is from " in mail.body
+        assert "(3\xa0hours ago; usually one every 1 hour)" in mail.body
         assert services.overdue_notify() == 0
         # A new backup ends the silence; the next silence is told again.
         now = timezone.now()
         BackupFactory(server=hourly, date_created=now + timedelta(minutes=30))
         assert services.overdue_notify(now=now + timedelta(hours=1)) == 0
         assert services.overdue_notify(now=now + timedelta(hours=3)) == 1
+
+    def test_the_email_gives_the_time_in_the_owners_zone(self, hourly, user, mailoutbox):
+        user.time_zone = "Asia/Kolkata"  # UTC+05:30 all year, abbreviated IST
+        user.save(update_fields=["time_zone"])
+        newest = hourly.backups.order_by("-date_created").first().date_created
+        services.overdue_notify()
+        local = newest.astimezone(zoneinfo.ZoneInfo("Asia/Kolkata"))
+        assert f"from {local:%-d %b %Y, %H:%M} IST" in mailoutbox[0].body
 
     def test_a_server_on_schedule_is_not_mentioned(self, user, mailoutbox):
         server = ServerFactory(user=user)
@@ -138,12 +148,12 @@ class TestOverdueEmails:
         assert services.overdue_notify() == 0
 
     def test_a_failed_send_is_tried_again(self, hourly, mailoutbox, monkeypatch):
-        from backups.services import notifications
+        from accounts import notify
 
         def broken(*args, **kwargs):
             raise OSError("smtp down")
 
-        monkeypatch.setattr(notifications, "send_mail", broken)
+        monkeypatch.setattr(notify, "send_mail", broken)
         assert services.overdue_notify() == 0
         assert Server.objects.get().overdue_notified_at is None
         monkeypatch.undo()

@@ -3,11 +3,12 @@
 import json
 import re
 import uuid
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 import pytest
 from django.urls import reverse
 
+from reclo_site.localtime import when
 from recovery import paths, services
 from recovery.models import Instance, Recovery
 
@@ -145,7 +146,7 @@ def test_the_instances_page_lists_state_uptime_actions_and_the_cleanup_date(owne
     assert reverse("recovery:instance-action", args=[running.instance_id, "stop"]) in page
     assert reverse("recovery:instance-action", args=[stopped.instance_id, "start"]) in page
     assert reverse("recovery:instance-action", args=[stopped.instance_id, "terminate"]) in page
-    assert f"terminated on {stopped.cleanup_at:%Y-%m-%d}" in page
+    assert f"terminated on {when(stopped.cleanup_at, UTC)}" in page
 
 
 @pytest.mark.parametrize("action", ["stop", "terminate"])
