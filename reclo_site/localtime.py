@@ -32,8 +32,8 @@ def when(value: datetime | None, zone=None, *, seconds: bool = False) -> str:
     The zone's abbreviation names it; where a zone has none (many print an
     offset such as "+04"), the offset is written "UTC+04".
     """
-    if value is None:
-        return ""
+    if not isinstance(value, datetime):  # None, or a template's empty string for a missing value
+        return "" if not value else str(value)
     local = timezone.localtime(value, zone) if timezone.is_aware(value) else value
     fmt = "%-d %b %Y, %H:%M:%S" if seconds else "%-d %b %Y, %H:%M"
     abbreviation = local.strftime("%Z") or "UTC"
