@@ -6,7 +6,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404
-from django.shortcuts import redirect, render
+from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
@@ -158,9 +158,7 @@ def server_revoke(request, server_id: int):
 @twofactor.require_recent_otp
 def server_remove(request, server_id: int):
     """Confirm, then remove a server with no restore points (and its credentials)."""
-    server = Server.objects.filter(user=request.user, pk=server_id).first()
-    if server is None:
-        raise Http404("No such server.")
+    server = get_object_or_404(Server, user=request.user, pk=server_id)
     has_points = server.backups.exists()
     if request.method == "POST" and not has_points:
         try:
