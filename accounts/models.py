@@ -10,6 +10,9 @@ class User(AbstractUser):
     """A ReClo customer. Logs in with email; the email is unique (case-insensitive)."""
 
     email = models.EmailField("email address", unique=True)
+    # An IANA zone name (the browser's, detected at sign-up; changeable in
+    # Security settings). Pages and emails show times in it; the API stays UTC.
+    time_zone = models.CharField(max_length=64, default="UTC")
 
     class Meta:
         constraints = [
@@ -85,7 +88,11 @@ class AuditEvent(models.Model):
         TOKEN_REVOKED = "token.revoked", "API token revoked"
         UPLOAD_CREDENTIALS = "upload.credentials", "Upload credentials issued"
         BACKUP_DELETED = "backup.deleted", "Backup deleted"
+        BACKUP_VERIFIED = "backup.verified", "Backup finished"
+        BACKUP_FAILED = "backup.failed", "Backup failed"
         FAILOVER_STARTED = "failover.started", "Failover started"
+        FAILOVER_READY = "failover.ready", "Failover ready"
+        FAILOVER_FAILED = "failover.failed", "Failover failed"
         INSTANCE_STARTED = "instance.started", "Instance started"
         INSTANCE_STOPPED = "instance.stopped", "Instance stopped"
         INSTANCE_TERMINATED = "instance.terminated", "Instance terminated"
@@ -93,6 +100,8 @@ class AuditEvent(models.Model):
         SERVER_ENROLLED = "server.enrolled", "Server enrolled"
         ENROLLMENT_FAILED = "enrollment.failed", "Failed enrollment"
         SERVER_REVOKED = "server.revoked", "Server credentials revoked"
+        SERVER_REMOVED = "server.removed", "Server removed"
+        TIME_ZONE_CHANGED = "account.time_zone", "Time zone changed"
         PASSWORD_CHANGED = "password.changed", "Password changed"
         PASSWORD_RESET_REQUESTED = "password.reset_requested", "Password reset asked for"
         PASSWORD_RESET = "password.reset", "Password reset"

@@ -185,6 +185,10 @@ def server_timeline(*, user, server_id: int) -> tuple[ServerOverview, list[DiskT
     backups = list(server.backups.order_by("-date_created", "-pk")[:TIMELINE_LIMIT])
     backups.reverse()
     states = disk_states(server_ids=[server.pk], servers=[server])
+    by_pk = {backup.pk: backup for backup in backups}
+    for backup in backups:
+        if backup.parent_id in by_pk:
+            backup.parent = by_pk[backup.parent_id]  # cached: the page says "changes since <its parent>"
     chains_by_disk = group_into_chains(backups)
     timelines = [
         # A disk whose restore points are all scheduled for removal has no figures.

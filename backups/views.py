@@ -6,7 +6,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404
-from django.shortcuts import redirect, render
+from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
@@ -151,3 +151,20 @@ def server_revoke(request, server_id: int):
         return redirect("backups:server-detail", server_id=server.pk)
     agents = selectors.server_credential_counts(server_ids=[server.pk]).get(server.pk, 0)
     return render(request, "backups/server_revoke.html", {"server": server, "agents": agents})
+
+
+@login_required
+@twofactor.require_recent_otp
+def server_remove(request, server_id: int):
+    """Confirm, then remove a server with no restore points (and its credentials)."""
+    server = get_object_or_404(Server, user=request.user, pk=server_id)
+    has_points = server.backups.exists()
+    if request.method == "POST" and not has_points:
+        try:
+            services.server_remove(user=request.user, server=server, address=client_address(request))
+        except ServiceError as exc:
+            messages.error(request, exc.message)
+            return redirect("backups:server-detail", server_id=server.pk)
+        messages.success(request, f"Removed {server.name}.")
+        return redirect("backups:dashboard")
+    return render(request, "backups/server_remove.html", {"server": server, "has_points": has_points})

@@ -28,7 +28,7 @@ UTC = zoneinfo.ZoneInfo("UTC")
 
 
 def owner_zone(drill: Drill) -> zoneinfo.ZoneInfo:
-    """The owner's time zone (the portal's TIME_ZONE until accounts carry their own)."""
+    """The owner's time zone (User.time_zone; the portal's TIME_ZONE for an account without one)."""
     name = getattr(drill.user, "time_zone", "") or settings.TIME_ZONE
     try:
         return zoneinfo.ZoneInfo(name)

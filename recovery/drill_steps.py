@@ -25,12 +25,11 @@ import threading
 from pathlib import Path
 
 from django.conf import settings
-from django.core.mail import send_mail
 from django.db import transaction
-from django.template.loader import render_to_string
 from django.utils import timezone
 from reclo_agent.vhd import VHDError, open_chain, open_seekable
 
+from accounts import notify
 from backups import chains
 from reclo_site import cloud
 from reclo_site.cloud import storage
@@ -273,16 +272,11 @@ def teardown(drill_id, status: str) -> None:
 
 
 def notify_failure(drill: Drill) -> None:
-    """Email the owner that a drill failed and why (from templates/recovery/email/drill_failed.txt)."""
-    if not drill.user.email:
-        return
-    context = {"drill": drill, "portal_url": settings.SITE_URL.rstrip("/")}
-    subject = f"ReClo: the drill of {drill.server_name} failed"
-    body = render_to_string("recovery/email/drill_failed.txt", context)
-    try:
-        send_mail(subject, body, None, [drill.user.email])
-    except OSError as exc:  # the mail server is down: the page and the dashboard still show it
-        log.warning("drill %s: could not email the owner (%s)", drill.pk, exc)
+    """Email the owner that a drill failed and why (templates/recovery/email/drill_failed*.txt)."""
+    # A mail server that is down is logged; the page and the dashboard still show the failure.
+    notify.owner_email(
+        drill.user, "recovery/email/drill_failed", {"drill": drill, "portal_url": settings.SITE_URL.rstrip("/")}
+    )
 
 
 def _note(drill: Drill, what: str, *, created: bool) -> None:

@@ -52,6 +52,7 @@ FAILOVER = Pipeline(
     queued="queued",
     succeeded="ready",
     failed="failed",
+    on_exit="recovery.notify.failover_finished",  # the owner's email: ready, or failed and why
     select_related=("backup", "server", "user"),
     lease_setting="RECLO_RECOVERY_STALE_AFTER",
 )

@@ -13,8 +13,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 
 
 @contextmanager
-def chromium_page(viewport=(1280, 900)):
-    """A fresh Chromium page; skips locally (fails in CI) without Chromium or Playwright."""
+def chromium_page(viewport=(1280, 900), timezone_id=None):
+    """A fresh Chromium page; skips locally (fails in CI) without Chromium or Playwright.
+
+    `timezone_id` (an IANA name) is the zone the page's JavaScript sees.
+    """
     if not os.path.exists(CHROMIUM):
         testing.require_tool("chromium")
     try:
@@ -29,7 +32,10 @@ def chromium_page(viewport=(1280, 900)):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]}, accept_downloads=True)
+            extra = {"timezone_id": timezone_id} if timezone_id else {}
+            context = browser.new_context(
+                viewport={"width": viewport[0], "height": viewport[1]}, accept_downloads=True, **extra
+            )
             yield context.new_page()
         finally:
             # ORM calls made in Playwright's event-loop context opened a

@@ -27,6 +27,7 @@ from .servers import (
     server_credentials_revoke,
     server_enroll,
     server_get,
+    server_remove,
     server_update,
 )
 from .uploads import UploadGrant, backup_complete, backup_credentials_refresh, backup_start, max_file_size
@@ -71,6 +72,7 @@ __all__ = [
     "server_credentials_revoke",
     "server_enroll",
     "server_get",
+    "server_remove",
     "server_update",
     "uploads_clean_up",
     "verification_deferred",

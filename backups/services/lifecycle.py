@@ -16,6 +16,7 @@ from django.db.models import Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from accounts import notify
 from accounts.audit import audit_record
 from accounts.models import AuditEvent
 from reclo_site import cloud
@@ -216,6 +217,7 @@ def backup_delete(*, user, backup_id, cascade: bool = False) -> Deletion:
                 audit_record(AuditEvent.Kind.BACKUP_DELETED, user=user, server=target.server.name,
                              disk=backup.disk, backup_id=str(backup.pk), backup_kind=backup.kind,
                              scheduled=True)  # fmt: skip
+        _tell_owner_deleted(user, target, doomed, locked_until=max(locks))
         return Deletion(scheduled=ids, locked_until=max(locks))
     with transaction.atomic():
         Backup.objects.filter(pk__in=ids).exclude(status=Backup.Status.FAILED).update(
@@ -237,7 +239,23 @@ def backup_delete(*, user, backup_id, cascade: bool = False) -> Deletion:
         result.deleted.append(backup.pk)
         audit_record(AuditEvent.Kind.BACKUP_DELETED, user=user, server=target.server.name, disk=backup.disk,
                      backup_id=str(backup.pk), backup_kind=backup.kind)  # fmt: skip
+    _tell_owner_deleted(user, target, doomed)
     return result
+
+
+def _tell_owner_deleted(user, target: Backup, doomed: list, locked_until=None) -> None:
+    """One email per deletion (a token that deletes restore points is worth knowing about)."""
+    notify.owner_email(
+        user,
+        "backups/email/restore_point_deleted",
+        {
+            "server": target.server,
+            "disk": target.disk,
+            "backups": sorted(doomed, key=lambda b: b.date_created),
+            "count": len(doomed),
+            "locked_until": locked_until,
+        },
+    )
 
 
 def backup_undelete(*, user, backup_id) -> Backup:

@@ -1,18 +1,14 @@
 """Telling owners when a server's agent is late or silent (backups.health)."""
 
-import logging
 from datetime import datetime
 
-from django.conf import settings
-from django.core.mail import send_mail
 from django.db.models import F, Q
-from django.urls import reverse
 from django.utils import timezone
+
+from accounts import notify
 
 from ..health import schedule_health
 from ..models import Server
-
-log = logging.getLogger(__name__)
 
 BATCH = 500
 ALERT_KINDS = ("late", "silent")
@@ -59,19 +55,5 @@ def overdue_notify(*, now: datetime | None = None) -> int:
 
 
 def _send(server: Server, health) -> bool:
-    subject = {
-        "late": f"ReClo: the backup of {server.name} is late",
-        "silent": f"ReClo: the agent on {server.name} has gone silent",
-    }[health.kind]
-    body = (
-        f"{health.detail}\n\n"
-        "On the server, `reclo-agent status` says whether its schedule runs and how the last backup went. "
-        "You get this email once; the next one only if it happens again after the agent reports.\n\n"
-        f"{settings.SITE_URL}{reverse('backups:server-detail', args=[server.pk])}\n"
-    )
-    try:
-        send_mail(subject, body, settings.DEFAULT_FROM_EMAIL, [server.user.email])
-    except Exception:  # noqa: BLE001 - try again on the next run
-        log.exception("could not email %s about %s", server.user.email, server.name)
-        return False
-    return True
+    """The late or silent email (templates/backups/email/overdue.txt); False when it could not be sent."""
+    return notify.owner_email(server.user, "backups/email/overdue", {"server": server, "health": health})

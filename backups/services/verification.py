@@ -27,13 +27,14 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.mail import send_mail
 from django.db import transaction
 from django.db.models import F
-from django.urls import reverse
 from django.utils import timezone
 from reclo_agent import vhd
 
+from accounts import notify
+from accounts.audit import audit_record
+from accounts.models import AuditEvent
 from reclo_site import cloud
 from reclo_site.cloud import storage
 
@@ -362,6 +363,8 @@ def _verify(backup: Backup, heartbeat: Heartbeat) -> Backup:
                         *("version_id", "etag", "locked_until"),
                     ]
                 )
+                # The activity log's "Backup of frontdesk finished: 660 KB of changes".
+                _audit_outcome(row, AuditEvent.Kind.BACKUP_VERIFIED)
                 transaction.on_commit(
                     lambda: tasks.enqueue(tasks.retention_apply, row.server_id, row.disk)  # noqa: B023 - runs once
                 )
@@ -369,7 +372,14 @@ def _verify(backup: Backup, heartbeat: Heartbeat) -> Backup:
     backup.locked_until = locked_until
     backup_fail(backup=backup, reason=reason, from_statuses=(Backup.Status.VERIFYING,))
     backup.refresh_from_db()
+    if backup.status == Backup.Status.FAILED:
+        _audit_outcome(backup, AuditEvent.Kind.BACKUP_FAILED, reason=reason[:300])
     return backup
+
+
+def _audit_outcome(backup: Backup, kind: str, **details) -> None:
+    audit_record(kind, user=backup.user, address="worker", server=backup.server.name, disk=backup.disk,
+                 backup_id=str(backup.pk), backup_kind=backup.kind, file_size=backup.file_size, **details)  # fmt: skip
 
 
 def backup_scrub(*, backup_id) -> str:
@@ -444,25 +454,7 @@ def chain_mark_broken(*, backup: Backup, reason: str) -> list:
 
 
 def _tell_owner_chain_broken(backup: Backup, reason: str, dependents: int) -> None:
-    when = timezone.localtime(backup.date_created).strftime("%Y-%m-%d %H:%M %Z")
-    if dependents:
-        plural = "s" if dependents != 1 else ""
-        lost = f"That restore point and the {dependents} newer restore point{plural} built on it"
-    else:
-        lost = "That restore point"
-    body = (
-        f"ReClo re-read the restore point of {backup.server.name} / {backup.disk} from {when} "
-        f"and found a problem: {reason}\n\n"
-        f"{lost} can no longer be restored. The next backup must be a full one (the agent makes "
-        "one by itself when its next incremental is refused; or run `reclo-agent backup SOURCE --full`).\n\n"
-        f"{settings.SITE_URL}{reverse('backups:server-detail', args=[backup.server_id])}\n"
+    # A mail that fails is logged by owner_email; the marking stands and the page shows it too.
+    notify.owner_email(
+        backup.user, "backups/email/chain_broken", {"backup": backup, "reason": reason, "dependents": dependents}
     )
-    try:
-        send_mail(
-            f"ReClo: a backup of {backup.server.name} is damaged",
-            body,
-            settings.DEFAULT_FROM_EMAIL,
-            [backup.user.email],
-        )
-    except Exception:  # noqa: BLE001 - the marking stands; the page shows it too
-        log.exception("could not email %s about the broken chain", backup.user.email)

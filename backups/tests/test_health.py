@@ -154,7 +154,7 @@ class TestEmails:
         assert services.overdue_notify(now=T0 + timedelta(hours=3)) == 0 and mailoutbox == []
 
     def test_a_failed_send_is_tried_again(self, agent, mailoutbox, monkeypatch):
-        from backups.services import notifications
+        from accounts import notify
 
         with time_machine.travel(T0, tick=False):
             agent(**hourly_report(T0))
@@ -162,7 +162,7 @@ class TestEmails:
         def broken(*args, **kwargs):
             raise OSError("smtp down")
 
-        monkeypatch.setattr(notifications, "send_mail", broken)
+        monkeypatch.setattr(notify, "send_mail", broken)
         assert services.overdue_notify(now=T0 + timedelta(hours=3)) == 0
         assert Server.objects.get(name="fileserver").alerted_report_at is None
         monkeypatch.undo()

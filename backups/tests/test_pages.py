@@ -94,7 +94,7 @@ class TestServerPage:
         assert html.count('data-testid="restore-point"') == 6
         # Newest chain first; in each chain the full first.
         assert html.index(str(second[0].pk)) < html.index(str(second[1].pk)) < html.index(str(first[0].pk))
-        assert "Chain from the full backup of" in html
+        assert "Full copy of" in html and "and the changes since" in html
         assert "footer checksum mismatch" in html
         assert f'href="/backups/{first[0].pk}/delete/"' in html
 

@@ -2,13 +2,14 @@
 the dashboard's warning, the Test failover button, the screenshot and the PDF."""
 
 import io
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 import pytest
 from django.utils import timezone
 from PIL import Image
 
 from reclo_site.cloud import storage
+from reclo_site.localtime import when
 from recovery import drill_report
 from recovery.models import Drill
 
@@ -72,7 +73,7 @@ def test_restore_points_show_boot_verified_or_the_drill_failure(owner, chain):
     passed = finished_drill(backups[-1], passed=True, screenshot=True)
     page = owner.get(f"/servers/{backups[0].server_id}/").content.decode()
     assert page.count('data-testid="boot-verified"') == 1
-    assert f"boot-verified on {passed.finished:%Y-%m-%d %H:%M} UTC" in page
+    assert f"boot-verified on {when(passed.finished, UTC)}" in page  # the owner's zone: UTC here
     assert page.count('data-testid="drill-failed"') == 1 and "VFS: Unable to mount root fs" in page
     assert "measured RTO <strong>42 s</strong>" in page  # the last drill, with its screenshot
     assert f"/recovery/drills/{passed.pk}/screenshot.png" in page

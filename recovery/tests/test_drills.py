@@ -170,7 +170,8 @@ def test_a_failover_cancels_the_running_drill_and_tears_it_down(user, chain, dja
     assert (drill.status, drill.error) == ("failed", "Cancelled: a failover of front-desk started.")
     assert drill.torn_down is not None and not folder.exists()
     assert [r["removed"] is not None for r in drill.resources] == [True]
-    assert mail.outbox == []  # a cancelled drill says nothing about the restore point
+    # A cancelled drill says nothing about the restore point (the failover's own alert may be there).
+    assert [m.subject for m in mail.outbox if "drill" in m.subject] == []
     # The worker that held the drill's lease has lost it: its next go claims nothing.
     assert engine.run_step(drill.pk, "preparing", pipeline=DRILL) == "not claimed"
 
