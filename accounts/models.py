@@ -84,6 +84,7 @@ class AuditEvent(models.Model):
         TOKEN_REVOKED = "token.revoked", "API token revoked"
         UPLOAD_CREDENTIALS = "upload.credentials", "Upload credentials issued"
         BACKUP_DELETED = "backup.deleted", "Backup deleted"
+        FILES_DOWNLOADED = "files.downloaded", "Files downloaded from a restore point"
         FAILOVER_STARTED = "failover.started", "Failover started"
         INSTANCE_STARTED = "instance.started", "Instance started"
         INSTANCE_STOPPED = "instance.stopped", "Instance stopped"

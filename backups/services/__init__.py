@@ -19,6 +19,7 @@ from .lifecycle import (
     uploads_clean_up,
     verifications_requeue,
 )
+from .files import FileDownload, files_browse, files_download, files_job_run
 from .notifications import overdue_notify
 from .retention import MergeFailed, backup_merge, retention_apply
 from .servers import (
@@ -44,6 +45,7 @@ __all__ = [
     "Deletion",
     "DownloadGrant",
     "EnrollmentGrant",
+    "FileDownload",
     "MergeFailed",
     "UploadGrant",
     "VerificationDeferred",
@@ -58,6 +60,9 @@ __all__ = [
     "backup_start",
     "backup_undelete",
     "backup_verify",
+    "files_browse",
+    "files_download",
+    "files_job_run",
     "backups_purge",
     "backups_scrub_pick",
     "chain_mark_broken",
