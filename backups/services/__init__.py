@@ -7,6 +7,7 @@ and notifications (overdue emails).
 """
 
 from .downloads import DownloadGrant, backup_download_grant, chain_of
+from .files import FileDownload, files_browse, files_download, files_job_run
 from .lifecycle import (
     Deletion,
     backup_delete,
@@ -19,7 +20,6 @@ from .lifecycle import (
     uploads_clean_up,
     verifications_requeue,
 )
-from .files import FileDownload, files_browse, files_download, files_job_run
 from .notifications import overdue_notify
 from .retention import MergeFailed, backup_merge, retention_apply
 from .servers import (

@@ -366,7 +366,7 @@ def files_download(*, user, backup_id, partition: int, path: str, request=None) 
     kind = head["kind"]
     size = head["size"] if kind == "file" else None
     audit_record(AuditEvent.Kind.FILES_DOWNLOADED, user=user, request=request, backup_id=str(backup_id),
-                 partition=partition, path=command["path"], kind=kind, size=size)  # fmt: skip
+                 partition=partition, path=command["path"], what=kind, size=size)  # fmt: skip
     return FileDownload(
         name=name + (".zip" if kind == "zip" else ""),
         kind=kind,
