@@ -211,7 +211,15 @@ FS_NAMES = {0x80: "ext2", 0x100: "ext3", 0x2000: "ext4", 0x1: "ntfs", 0x2: "fat1
 
 
 def partitions(disk: RemoteDisk, image) -> list[dict]:
-    """The data partitions of the disk (MBR or GPT), numbered from 1, each with its file system.
+    """The data partitions of the disk (MBR or GPT), numbered from 1, each with its file system."""
+    found = partition_table(disk, image)
+    for part in found:
+        part["filesystem"] = detect(disk, image, part["offset"], part["size"])
+    return found
+
+
+def partition_table(disk: RemoteDisk, image) -> list[dict]:
+    """The data partitions, numbered from 1 (`partition`, `offset`, `size`, `label`).
 
     A disk with no partition table is one partition: the whole disk.
     """
@@ -228,7 +236,6 @@ def partitions(disk: RemoteDisk, image) -> list[dict]:
         found = [{"offset": 0, "size": disk.size, "label": ""}]
     for number, part in enumerate(found, start=1):
         part["partition"] = number
-        part["filesystem"] = detect(disk, image, part["offset"], part["size"])
     return found
 
 
@@ -382,11 +389,10 @@ class XfsFS:
 
 def open_fs(disk: RemoteDisk, image, number: int):
     """The file system of partition ``number``; 314 when there is no such partition, 315 when unreadable."""
-    parts = partitions(disk, image)
-    part = next((p for p in parts if p["partition"] == number), None)
+    part = next((p for p in partition_table(disk, image) if p["partition"] == number), None)
     if part is None:
         raise ParseError(NO_SUCH_PATH, f"This restore point has no partition {number}.")
-    name = part["filesystem"]
+    name = detect(disk, image, part["offset"], part["size"])
     try:
         if name == "xfs":
             return XfsFS(disk, part["offset"], part["size"])

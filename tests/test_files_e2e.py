@@ -82,7 +82,9 @@ def backed_up(agent, tmp_path, table: str) -> list[str]:
         backup_id, kind = agent("backup", str(source), "--server", "office", "--disk", table, "--plain").split()
         assert kind == ("full" if version == 1 else "incremental")
         testing.wait_until(
-            lambda: Backup.objects.get(pk=backup_id).status in ("verified", "failed"), timeout=180, what="verification"
+            lambda b=backup_id: Backup.objects.get(pk=b).status in ("verified", "failed"),
+            timeout=180,
+            what="verification",
         )
         assert Backup.objects.get(pk=backup_id).status == "verified", Backup.objects.get(pk=backup_id).failure
         ids.append(backup_id)
@@ -117,7 +119,8 @@ def test_browse_and_take_back_files_of_real_disks(stack, tmp_path, table):
             assert set(found) == set(want)
             assert (DELETED in found) == (version == 1)  # in the full's listing, not in the incremental's
             for path, data in want.items():  # through the API...
-                resp = client.get(f"/api/v1/backups/{backup_id}/files/content", {"partition": partition, "path": "/" + path})  # fmt: skip
+                query = {"partition": partition, "path": "/" + path}
+                resp = client.get(f"/api/v1/backups/{backup_id}/files/content", query)
                 assert resp.status_code == 200 and b"".join(resp.streaming_content) == data, path
             # ...and through the agent: every file of the root, and the docs folder (a zip) with its files.
             root_files = [f"{partition}:/{p}" for p in want if "/" not in p]
