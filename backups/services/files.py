@@ -213,7 +213,7 @@ def _child_error(stderr: bytes) -> dict | None:
 def open_chain_reader(chain: list[Backup], creds: credentials.TemporaryCredentials) -> BlockCache:
     """The chain's disk, read through credentials that reach these objects only, at their verified versions."""
     s3 = storage.scoped_client(creds)
-    layers = [VHDReader(open_seekable(storage.ObjectReader(p.key, **p.pinned, s3=s3, chunk_size=4 * 1024 * 1024)))
+    layers = [VHDReader(open_seekable(storage.ObjectReader(p.key, **p.pinned, s3=s3)))
               for p in chain]  # fmt: skip
     return BlockCache(ChainReader(layers))
 
