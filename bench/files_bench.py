@@ -1,4 +1,4 @@
-"""The file browser's reads: list a folder of 10,000 files, download a 100 MiB file, from a restore point in the emulator.
+"""The file browser's reads from a restore point in the emulator: list 10,000 files, download 100 MiB.
 
 Builds (once, cached beside the test images) an ext4 file system in a GPT
 table holding ``/many`` (10,000 small files) and ``/big.bin`` (100 MiB of
