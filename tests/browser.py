@@ -36,3 +36,11 @@ def chromium_page(viewport=(1280, 900)):
             # connection of their own; left open, the test database stays busy.
             connection.close()
             browser.close()
+
+
+def shot(page, name):
+    """A full-page screenshot `name`.png in $RECLO_SCREENSHOTS, when it is set (to look at new pages)."""
+    folder = os.environ.get("RECLO_SCREENSHOTS", "")
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        page.screenshot(path=os.path.join(folder, f"{name}.png"), full_page=True)

@@ -1,7 +1,5 @@
 """A real browser browses a restore point to a file and downloads it; and the same pages at phone width."""
 
-import os
-
 import pytest
 
 from backups.models import Backup
@@ -10,18 +8,9 @@ from backups.tests.conftest import Disk
 from reclo_site import testing
 from reclo_site.testing_fsimages import expected_files, fs_disks
 
-from .browser import chromium_page
+from .browser import chromium_page, shot
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
-
-SHOTS = os.environ.get("RECLO_SCREENSHOTS", "")
-
-
-def shot(page, name):
-    if SHOTS:
-        os.makedirs(SHOTS, exist_ok=True)
-        page.screenshot(path=os.path.join(SHOTS, f"{name}.png"), full_page=True)
-
 
 @pytest.fixture
 def restore_point(user, aws):

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from django.core.cache import cache
+from kombu.exceptions import OperationalError as BrokerError
 from reclo_agent.vhd import ChainReader, VHDError, VHDReader, open_seekable
 
 from accounts.audit import audit_record
@@ -307,7 +308,12 @@ def _start(*, user, backup_id, command: dict) -> str:
 
     _restorable(user_id=user.pk, backup_id=backup_id)  # a quick 404 before any worker is asked
     job = uuid.uuid4().hex
-    files_job.delay(job, user.pk, str(backup_id), command)
+    try:
+        files_job.delay(job, user.pk, str(backup_id), command)
+    except (BrokerError, OSError) as exc:
+        raise ServiceError(
+            Code.FILESYSTEM_UNREADABLE, "The restore point cannot be read right now; try again shortly."
+        ) from exc
     return job
 
 
