@@ -12,6 +12,7 @@ from .browser import chromium_page, shot
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
+
 @pytest.fixture
 def restore_point(user, aws):
     raw = fs_disks()["mbr-2"].read_bytes()
