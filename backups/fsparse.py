@@ -261,6 +261,12 @@ def _iso(ns: int | None) -> str | None:
     return datetime.fromtimestamp(ns / 1e9, UTC).isoformat().replace("+00:00", "Z")
 
 
+# The names TSK gives exFAT's special root entries (tsk_exfatfs.h): metadata, not files (on disk those
+# entries have no name). An owner's own file of exactly such a name in the root would be hidden too.
+EXFAT_SPECIAL = {b"$EMPTY_VOLUME_LABEL", b"$VOLUME_GUID", b"$ALLOC_BITMAP", b"$UPCASE_TABLE", b"$TEX_FAT",
+                 b"$ACCESS_CONTROL_TABLE"}  # fmt: skip
+
+
 class TskFS:
     """ext2-4, NTFS, FAT and exFAT through The Sleuth Kit."""
 
@@ -279,6 +285,8 @@ class TskFS:
             return True
         if self.name.startswith(("fat", "exfat")) and raw.endswith(b"(Volume Label Entry)"):
             return True  # TSK shows a FAT volume label as a file of that name
+        if self.name == "exfat" and at_root and raw in EXFAT_SPECIAL:
+            return True
         if raw.startswith(b"$") and (addr >= self._last - 3 or (self.name == "ntfs" and at_root and addr < 64)):
             return True
         return False

@@ -202,6 +202,49 @@ def fs_disks() -> dict[str, Path]:
     return paths
 
 
+def _exfat(tree: Path, out: Path, mib: int) -> None:
+    # exFAT has no user-space writer that works on a file: exfat-fuse needs a block device, so the image is
+    # attached to a loop device (made and detached here) and filled through the FUSE driver.
+    _run(["truncate", "-s", f"{mib}M", str(out)])
+    _run(["mkfs.exfat", "-L", "data", str(out)])
+    loop = subprocess.run(["losetup", "-f", "--show", str(out)], check=True, capture_output=True, text=True)
+    device = loop.stdout.strip()
+    mnt = Path(tempfile.mkdtemp(prefix="reclo-files-exfat-"))
+    try:
+        _run(["mount.exfat-fuse", device, str(mnt)])
+        try:
+            _run(["cp", "-r", "--preserve=timestamps", *[str(p) for p in sorted(tree.iterdir())], str(mnt)])
+        finally:
+            _run(["fusermount", "-u", str(mnt)])
+    finally:
+        mnt.rmdir()
+        _run(["losetup", "-d", device])
+
+
+def exfat_disk() -> Path:
+    """A GPT disk with one exFAT partition holding TREE_V1 (cached; needs root for the loop device)."""
+    for tool in ("mkfs.exfat", "mount.exfat-fuse", "losetup", "fusermount", "sfdisk"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"building the exFAT image needs {tool}")
+    key = hashlib.sha256(json.dumps([RECIPE, "exfat", TREE_V1]).encode()).hexdigest()[:16]
+    folder = cache_root() / key
+    path = folder / "exfat-1.img"
+    if path.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            return path
+        with tempfile.TemporaryDirectory(prefix="reclo-files-build-") as tmp:
+            work = Path(tmp)
+            write_tree(work / "tree", TREE_V1, 1)
+            _exfat(work / "tree", work / "exfat.img", 24)
+            _disk(work / "disk.img", "gpt", [(work / "exfat.img", "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7")])
+            os.replace(work / "disk.img", path)
+    return path
+
+
 # What each partition of the disks holds.
 LAYOUT = {"gpt": {1: "ext4", 2: "xfs"}, "mbr": {1: "fat32", 2: "ntfs"}}
 

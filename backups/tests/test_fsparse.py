@@ -13,7 +13,7 @@ import pytest
 
 from backups.services import files
 from reclo_site.errors import Code, ServiceError
-from reclo_site.testing_fsimages import DELETED, LAYOUT, expected_files, fs_disks
+from reclo_site.testing_fsimages import DELETED, LAYOUT, exfat_disk, expected_files, fs_disks
 
 
 class LocalDisk:
@@ -158,3 +158,15 @@ def test_the_child_has_no_credentials_in_its_environment(disks, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "portal-secret")
     head, _ = ask(LocalDisk(disks["gpt-1"]), {"op": "partitions"})
     assert head["limits"]["memory_limit"] == 1024 * 1024 * 1024
+
+
+def test_exfat_reads_back_every_file(tmp_path):
+    disk = LocalDisk(exfat_disk())
+    head, _ = ask(disk, {"op": "partitions"})
+    assert [(p["partition"], p["filesystem"]) for p in head["partitions"]] == [(1, "exfat")]
+    want = expected_files(1)
+    found = walk(disk, 1)
+    assert set(found) == set(want)
+    for path, data in want.items():
+        assert ask(disk, {"op": "read", "partition": 1, "path": "/" + path})[1] == data, path
+    assert abs(_epoch(found["docs/scan.bin"]["modified"]) - 1_650_000_000) <= 2
