@@ -84,6 +84,7 @@ class FilesApi(APIView):
         responses={200: FilesOutput, **error_responses(*ERRORS)},
     )
     def get(self, request, backup_id: uuid.UUID):
+        services.files_check(user=request.user, backup_id=backup_id)
         partition, path = _query(request, need_partition=False)
         found = services.files_browse(user=request.user, backup_id=backup_id, partition=partition, path=path)
         if partition is None:
@@ -107,6 +108,7 @@ class FileContentApi(APIView):
         },
     )
     def get(self, request, backup_id: uuid.UUID):
+        services.files_check(user=request.user, backup_id=backup_id)
         partition, path = _query(request, need_partition=True)
         download = services.files_download(
             user=request.user, backup_id=backup_id, partition=partition, path=path, request=request

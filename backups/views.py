@@ -207,9 +207,11 @@ def backup_files(request, backup_id):
 @login_required
 def backup_file_download(request, backup_id):
     """A file, or a folder as a zip, streamed (audit-logged by the service)."""
+    if selectors.backup_get(user=request.user, backup_id=backup_id) is None:
+        raise Http404("No such restore point.")
     partition, path = _place(request)
-    if partition is None:
-        raise Http404("No such partition.")
+    if partition is None:  # nothing to download: the partitions to choose from
+        return redirect("backups:backup-files", backup_id=backup_id)
     try:
         download = services.files_download(
             user=request.user, backup_id=backup_id, partition=partition, path=path, request=request

@@ -7,7 +7,7 @@ and notifications (overdue emails).
 """
 
 from .downloads import DownloadGrant, backup_download_grant, chain_of
-from .files import FileDownload, files_browse, files_download, files_job_run
+from .files import FileDownload, files_browse, files_check, files_download, files_job_run
 from .lifecycle import (
     Deletion,
     backup_delete,
@@ -61,6 +61,7 @@ __all__ = [
     "backup_undelete",
     "backup_verify",
     "files_browse",
+    "files_check",
     "files_download",
     "files_job_run",
     "backups_purge",

@@ -233,6 +233,14 @@ def _restorable(*, user_id: int, backup_id) -> list[Backup]:
     return chain
 
 
+def files_check(*, user, backup_id) -> None:
+    """NOT_FOUND unless `backup_id` is the user's restore point, NO_RESTORABLE_BACKUP unless its chain is verified.
+
+    Views call it before looking at the query, so another tenant's id answers 404 whatever else is wrong.
+    """
+    _restorable(user_id=user.pk, backup_id=backup_id)
+
+
 def files_job_run(*, job: str, user_id: int, backup_id: str, command: dict, eager: bool = False) -> None:
     """The worker's half of a browse or a download: answers into the shared cache under `job`.
 
