@@ -6,7 +6,7 @@ worker's verdict, the scrub), downloads (restore grants), lifecycle
 and notifications (overdue emails).
 """
 
-from .downloads import DownloadGrant, backup_download_grant, chain_of
+from .downloads import DownloadGrant, backup_download_grant
 from .files import FileDownload, files_browse, files_check, files_download, files_job_run
 from .lifecycle import (
     Deletion,
@@ -67,7 +67,6 @@ __all__ = [
     "backups_purge",
     "backups_scrub_pick",
     "chain_mark_broken",
-    "chain_of",
     "enrollment_key_create",
     "lock_period",
     "max_file_size",

@@ -46,7 +46,8 @@ from reclo_site.errors import Code, ServiceError
 
 from .. import fsparse
 from ..models import Backup
-from .downloads import chain_of, read_policy
+from ..chains import chain_of
+from .downloads import read_policy
 
 log = logging.getLogger(__name__)
 
