@@ -45,8 +45,8 @@ from reclo_site.cloud import credentials, storage
 from reclo_site.errors import Code, ServiceError
 
 from .. import fsparse
-from ..models import Backup
 from ..chains import chain_of
+from ..models import Backup
 from .downloads import read_policy
 
 log = logging.getLogger(__name__)
