@@ -90,6 +90,7 @@ class AuditEvent(models.Model):
         BACKUP_DELETED = "backup.deleted", "Backup deleted"
         BACKUP_VERIFIED = "backup.verified", "Backup finished"
         BACKUP_FAILED = "backup.failed", "Backup failed"
+        FILES_DOWNLOADED = "files.downloaded", "Files downloaded from a restore point"
         FAILOVER_STARTED = "failover.started", "Failover started"
         FAILOVER_READY = "failover.ready", "Failover ready"
         FAILOVER_FAILED = "failover.failed", "Failover failed"

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import api, api_servers, api_status
+from . import api, api_files, api_servers, api_status
 
 urlpatterns = [
     path("backups", api.BackupListApi.as_view(), name="backup-list"),
@@ -9,6 +9,8 @@ urlpatterns = [
     path("backups/uploads/<uuid:upload_id>/complete", api.UploadCompleteApi.as_view(), name="upload-complete"),
     path("backups/<uuid:backup_id>", api.BackupDetailApi.as_view(), name="backup-detail"),
     path("backups/<uuid:backup_id>/download", api.BackupDownloadApi.as_view(), name="backup-download"),
+    path("backups/<uuid:backup_id>/files", api_files.FilesApi.as_view(), name="backup-files"),
+    path("backups/<uuid:backup_id>/files/content", api_files.FileContentApi.as_view(), name="backup-file-content"),
     path("backups/<uuid:backup_id>/undelete", api.BackupUndeleteApi.as_view(), name="backup-undelete"),
     path("servers", api_servers.ServerListApi.as_view(), name="server-list"),
     path("servers/<str:server>", api_servers.ServerDetailApi.as_view(), name="server-detail"),

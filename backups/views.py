@@ -1,6 +1,8 @@
 """Backup pages: the dashboard, a server's restore points, deleting one, adding and revoking a server."""
 
 import shlex
+from datetime import datetime
+from urllib.parse import quote
 
 from django.conf import settings
 from django.contrib import messages
@@ -17,6 +19,7 @@ from reclo_site.http import client_address
 from recovery import selectors as drill_selectors
 
 from . import selectors, services
+from .api_files import file_response
 from .forms import AddServerForm, BackupDeleteForm
 from .models import Server
 
@@ -168,3 +171,69 @@ def server_remove(request, server_id: int):
         messages.success(request, f"Removed {server.name}.")
         return redirect("backups:dashboard")
     return render(request, "backups/server_remove.html", {"server": server, "has_points": has_points})
+def _place(request) -> tuple[int | None, str]:
+    raw = request.GET.get("partition", "")
+    partition = int(raw) if raw.isascii() and raw.isdigit() and 1 <= int(raw) <= 128 else None
+    path = request.GET.get("path") or "/"
+    if not path.startswith("/") or len(path) > 4096 or "\x00" in path:
+        path = "/"
+    return partition, path
+
+
+def _crumbs(path: str) -> list[tuple[str, str]]:
+    """(name, path) of each folder from the root down to `path`."""
+    crumbs, at = [], ""
+    for part in [p for p in path.split("/") if p]:
+        at += "/" + part
+        crumbs.append((part, at))
+    return crumbs
+
+
+@login_required
+def backup_files(request, backup_id):
+    """Browse files: a restore point's partitions, then its folders (read by a worker, see services.files)."""
+    backup = selectors.backup_get(user=request.user, backup_id=backup_id)
+    if backup is None or backup.deleted_at is not None:
+        raise Http404("No such restore point.")
+    partition, path = _place(request)
+    query = request.GET.get("q", "").strip()[:200]
+    context = {"backup": backup, "partition": partition, "path": path, "query": query, "crumbs": _crumbs(path)}
+    try:
+        found = services.files_browse(user=request.user, backup_id=backup.pk, partition=partition, path=path)
+    except ServiceError as exc:
+        context["error"] = exc.message
+        return render(request, "backups/files.html", context, status=exc.code.http_status)
+    if partition is None:
+        context["partitions"] = found["partitions"]
+    else:
+        entries = found["entries"]
+        for e in entries:
+            e["modified_at"] = datetime.fromisoformat(e["modified"].replace("Z", "+00:00")) if e["modified"] else None
+            e["path"] = path.rstrip("/") + "/" + e["name"]
+        context["total"] = len(entries)
+        if query:
+            entries = [e for e in entries if query.casefold() in e["name"].casefold()]
+        context["entries"] = entries
+        context["filesystem"] = found["filesystem"]
+    return render(request, "backups/files.html", context)
+
+
+@login_required
+def backup_file_download(request, backup_id):
+    """A file, or a folder as a zip, streamed (audit-logged by the service)."""
+    if selectors.backup_get(user=request.user, backup_id=backup_id) is None:
+        raise Http404("No such restore point.")
+    partition, path = _place(request)
+    if partition is None:  # nothing to download: the partitions to choose from
+        return redirect("backups:backup-files", backup_id=backup_id)
+    try:
+        download = services.files_download(
+            user=request.user, backup_id=backup_id, partition=partition, path=path, request=request
+        )
+    except ServiceError as exc:
+        if exc.code in (Code.NOT_FOUND, Code.NO_RESTORABLE_BACKUP):
+            raise Http404(exc.message) from exc
+        messages.error(request, exc.message)
+        parent = path.rsplit("/", 1)[0] or "/"
+        return redirect(f"{request.path.rsplit('download/', 1)[0]}?partition={partition}&path={quote(parent)}")
+    return file_response(download)

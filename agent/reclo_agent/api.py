@@ -196,6 +196,23 @@ class PortalClient:
         """``POST /servers/{server}/status``: schedule, next_run, agent_version, preflight."""
         return self.request("POST", f"/servers/{server}/status", json=fields)
 
+    def files(self, backup_id: str, partition: int | None = None, path: str = "/") -> dict:
+        """``partitions`` without a partition, else ``entries`` of the folder ``path`` (docs/api.md)."""
+        params = None if partition is None else {"partition": partition, "path": path}
+        return self.request("GET", f"/backups/{backup_id}/files", params=params)
+
+    def file_content(self, backup_id: str, partition: int, path: str) -> requests.Response:
+        """The streamed answer of ``files/content`` (a file, or a folder as a zip); errors raise as ``request``."""
+        url = self._url(f"/backups/{backup_id}/files/content")
+        try:
+            resp = self._session.get(url, params={"partition": partition, "path": path}, stream=True, timeout=TIMEOUT)
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            raise Unreachable(f"Cannot reach the portal at {self.portal} ({type(exc).__name__}).") from exc
+        if not resp.ok:
+            with resp:
+                self._decode(resp)
+        return resp
+
     def download(self, backup_id: str) -> dict:
         """``chain`` (base first), ``bucket, region, endpoint_url, credentials``."""
         return self.request("POST", f"/backups/{backup_id}/download")

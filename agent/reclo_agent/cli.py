@@ -31,7 +31,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from . import __version__, config, names, preflight, schedule
+from . import __version__, config, files, names, preflight, schedule
 from .api import PortalClient, normalize_portal_url
 from .backup import BackupOptions, BackupRun
 from .blockmap import PAGE_SIZES, MapStore
@@ -450,6 +450,28 @@ def _tell_portal(cfg: config.Config, servers) -> None:
         return
     for server in dict.fromkeys(servers):
         _report_status(client, cfg, server, preflight_run=False)
+def cmd_files(args) -> int:
+    client = _client(_load_config(args))
+    place = files.parse_place(args.path)
+    body = client.files(args.backup_id, place.partition, place.path)
+    if args.json:
+        print(json.dumps(body.get("partitions", body.get("entries")), indent=2))
+        return EXIT_OK
+    for line in files.listing_lines(body):
+        print(line)
+    return EXIT_OK
+
+
+def cmd_restore_files(args) -> int:
+    client = _client(_load_config(args))
+    places = [files.parse_place(p) for p in args.paths]
+    done = files.restore_files(client, args.backup_id, places, args.to)
+    if args.json:
+        print(json.dumps(done))
+        return EXIT_OK
+    for d in done:
+        print(f"Restored {d['path']} to {d['written']} ({d['files']} file(s), {human_bytes(d['bytes'])}).")
+    return EXIT_OK
 
 
 def cmd_schedule(args) -> int:
@@ -629,6 +651,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing file or a block device")
     p.add_argument("--json", action="store_true", help="print the result as JSON (sizes, timings)")
     p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("files", parents=[common], help="list a restore point's partitions, or a folder's files")
+    p.add_argument("backup_id", metavar="BACKUP_ID")
+    p.add_argument("path", metavar="PATH", nargs="?", help="PARTITION:/folder, e.g. 1:/home (none: the partitions)")
+    p.add_argument("--json", action="store_true", help="the API's partitions or entries as JSON")
+    p.set_defaults(func=cmd_files)
+
+    p = sub.add_parser("restore-files", parents=[common], help="take files or folders back from a restore point")
+    p.add_argument("backup_id", metavar="BACKUP_ID")
+    p.add_argument("paths", metavar="PATH", nargs="+", help="PARTITION:/path of a file or a folder")
+    p.add_argument("--to", required=True, metavar="DIR", help="the folder to write them into")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
+    p.set_defaults(func=cmd_restore_files)
 
     p = sub.add_parser("schedule", parents=[common], help="install or remove recurring backups")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -7,6 +7,7 @@ and notifications (late and silent agents).
 """
 
 from .downloads import DownloadGrant, backup_download_grant
+from .files import FileDownload, files_browse, files_check, files_download, files_job_run
 from .lifecycle import (
     Deletion,
     backup_delete,
@@ -45,6 +46,7 @@ __all__ = [
     "Deletion",
     "DownloadGrant",
     "EnrollmentGrant",
+    "FileDownload",
     "MergeFailed",
     "UploadGrant",
     "VerificationDeferred",
@@ -59,6 +61,10 @@ __all__ = [
     "backup_start",
     "backup_undelete",
     "backup_verify",
+    "files_browse",
+    "files_check",
+    "files_download",
+    "files_job_run",
     "backups_purge",
     "backups_scrub_pick",
     "chain_mark_broken",

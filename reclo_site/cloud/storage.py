@@ -155,10 +155,13 @@ def _call(operation: str, what: str, **kwargs) -> dict:
         raise translate(exc, what) from exc
 
 
-def read_call(operation: str, key: str, what: str, **kwargs) -> dict:
-    """A read of `key` (GetObject, HeadObject): a pinned version that changed raises ObjectChanged."""
+def read_call(operation: str, key: str, what: str, *, s3=None, **kwargs) -> dict:
+    """A read of `key` (GetObject, HeadObject): a pinned version that changed raises ObjectChanged.
+
+    `s3`: a client of narrower credentials (`scoped_client`) instead of the portal's own.
+    """
     try:
-        return getattr(client("s3"), operation)(Bucket=bucket_name(), Key=key, **kwargs)
+        return getattr(s3 or client("s3"), operation)(Bucket=bucket_name(), Key=key, **kwargs)
     except (ClientError, BotoCoreError) as exc:
         raise read_error(exc, key, what) from exc
 
@@ -172,13 +175,14 @@ def put_object(key: str, body: bytes, *, metadata: dict | None = None, tags: dic
     return {"version_id": resp.get("VersionId") or "", "etag": resp.get("ETag", "").strip('"')}
 
 
-def head_object(key: str, *, version_id: str | None = None, etag: str | None = None) -> dict:
+def head_object(key: str, *, version_id: str | None = None, etag: str | None = None, s3=None) -> dict:
     """Size, ETag, version, lock and storage class of an object; ObjectNotFound when it (or that version) is missing.
 
     With `version_id` it describes that version; with `etag` it raises
-    ObjectChanged unless the object still has it.
+    ObjectChanged unless the object still has it. `s3`: a client of
+    narrower credentials (`scoped_client`) instead of the portal's own.
     """
-    resp = read_call("head_object", key, "head", **pinned_args(version_id, etag))
+    resp = read_call("head_object", key, "head", s3=s3, **pinned_args(version_id, etag))
     return {
         "size": resp["ContentLength"],
         "etag": resp.get("ETag", "").strip('"'),
@@ -389,11 +393,13 @@ class ObjectReader(SeekableObject):
         cache_chunks: int = 4,
         sha256: bool = False,
         on_fetch: Callable[[], None] | None = None,
+        s3=None,
     ):
         super().__init__()
         self._on_fetch = on_fetch  # called after every GET: a long read's heartbeat
         self.key = key
-        info = head_object(key, version_id=version_id, etag=etag)
+        self._s3 = s3 or client("s3")
+        info = head_object(key, version_id=version_id, etag=etag, s3=self._s3)
         self.size = info["size"]
         self.etag = info["etag"]
         self.version_id = info["version_id"]
@@ -442,8 +448,9 @@ class ObjectReader(SeekableObject):
         """The body stream of bytes [start, end)."""
         self.requests += 1
         resp = read_call(
-            "get_object", self.key, "read", Range=f"bytes={start}-{end - 1}", **pinned_args(self.version_id, self.etag)
-        )
+            "get_object", self.key, "read", s3=self._s3, Range=f"bytes={start}-{end - 1}",
+            **pinned_args(self.version_id, self.etag),
+        )  # fmt: skip
         return resp["Body"]
 
     def sha256_hexdigest(self) -> str:
@@ -461,6 +468,20 @@ class ObjectReader(SeekableObject):
             if self._hashed != self.size:
                 raise CloudUnavailable(f"read {self.key}: stream ended at {self._hashed} of {self.size}", "ShortRead")
         return self._hash.hexdigest()
+
+
+def scoped_client(creds):
+    """An S3 client acting with temporary credentials (a `credentials.TemporaryCredentials`), not the portal's own.
+
+    Pass it as `s3=` to `ObjectReader`: a reader for one chain then can read
+    that chain's objects and nothing else, whatever asks it to.
+    """
+    return client(
+        "s3",
+        aws_access_key_id=creds.access_key_id,
+        aws_secret_access_key=creds.secret_access_key,
+        aws_session_token=creds.session_token,
+    )
 
 
 class ObjectWriter(io.RawIOBase):
