@@ -59,6 +59,7 @@ def drill_facts(drill: Drill) -> dict:
         }
         for s in drill.steps.all()
     ]
+    booted = next((s.outputs for s in drill.steps.all() if s.name == "booting"), None) or {}
     return {
         "drill_id": str(drill.pk),
         "server": drill.server_name,
@@ -73,13 +74,20 @@ def drill_facts(drill: Drill) -> dict:
         "rto_seconds": None if drill.rto_seconds is None else round(drill.rto_seconds, 1),
         "steps": steps,
         "checks": drill.checks,
+        # What the sandbox could not check, and why (the aws one cannot probe a port: nothing reaches it).
+        "not_checked": (booted.get("verdict") or {}).get("details", {}).get("not_checked", ""),
         "error": drill.error,
         "console_excerpt": drill.console_excerpt,
         "resources": drill.resources,
         # The local sandbox runs on ReClo's own worker: nothing is billed.
         "cost": {"amount": "0.00", "currency": "USD", "note": "Local sandbox on ReClo's worker: no cloud charges."}
         if drill.sandbox == Drill.Sandbox.LOCAL
-        else {"amount": None, "currency": "USD", "note": "Not measured."},
+        else {
+            "amount": None,
+            "currency": "USD",
+            "note": "Not measured: AWS bills the instance's minutes, the EBS snapshot and its direct API calls; "
+            f"they carry the tag reclo:drill=drill-{drill.pk} on the bill.",
+        },
     }
 
 
@@ -169,7 +177,8 @@ def render_pdf(drill: Drill, facts: dict | None = None) -> bytes:
         Paragraph("Checks", styles["Heading2"]),
         _grid(
             [["Check", "Result", "Evidence"]]
-            + [[c["name"], "passed" if c["passed"] else "FAILED", c["detail"]] for c in facts["checks"]],
+            + [[c["name"], "passed" if c["passed"] else "FAILED", c["detail"]] for c in facts["checks"]]
+            + ([["Not checked", "-", facts["not_checked"]]] if facts.get("not_checked") else []),
             styles,
             header=True,
         ),

@@ -36,7 +36,7 @@ from backups.models import AccountLimits
 from reclo_site import testing
 from reclo_site.celery import app as celery_app
 from reclo_site.cloud import clients, compute, network
-from recovery import drill_services, tasks
+from recovery import drill_report, drill_services, tasks
 from recovery.models import Drill, DrillStep
 from recovery.sandbox import BootRequest
 from recovery.sandbox.aws import STATUS_CHECK, AwsSandbox
@@ -181,6 +181,8 @@ def test_a_drill_boots_the_image_in_an_isolated_subnet_passes_and_leaves_nothing
         assert (shot.format, shot.size) == ("PNG", (64, 48))
     # Everything the drill made is gone, and its record says so.
     assert drill_inventory() == NOTHING
+    facts = drill_report.drill_facts(drill)
+    assert facts["sandbox"] == "aws" and "reclo:drill=drill-" in facts["cost"]["note"]
     made = [r["what"] for r in drill.resources]
     assert any(w.startswith("instance i-") for w in made) and any(w.startswith("VPC vpc-") for w in made)
     assert all(r["removed"] for r in drill.resources)
@@ -220,6 +222,16 @@ def test_without_a_preflight_the_image_boots_in_legacy_bios_mode(aws_drills):
     drill = drilled(aws_drills)
     assert drill.status == "passed", drill.error
     assert ext.calls["RegisterImage"][0]["BootMode"] == "legacy-bios"
+
+
+# moto and EC2Extension: the port the server asks to probe cannot be reached in the isolated subnet; the report says so.
+def test_a_probe_port_is_reported_as_not_checked_in_the_aws_sandbox(aws_drills):
+    EC2Extension()
+    drill = drilled(aws_drills, drill_probe_port=3389)
+    assert drill.status == "passed" and drill.probe_port == 3389
+    assert "port" not in " ".join(c["name"] for c in drill.checks)
+    facts = drill_report.drill_facts(drill)
+    assert facts["not_checked"].startswith("port 3389: nothing may reach the isolated subnet")
 
 
 # moto: a teardown that AWS could not finish (the instance would not terminate in time) is finished by the sweep.
