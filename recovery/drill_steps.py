@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import threading
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -104,23 +105,12 @@ def prepare(ctx: StepContext) -> Done:
     _note(drill, f"work folder {folder}", created=True)
     started = timezone.now()
     try:
-        # Each layer at exactly the version that was verified (a changed object is refused).
-        reader = open_chain([open_seekable(storage.ObjectReader(b.key, **b.pinned)) for b in chain])
-        if reader.virtual_size != drill.backup.virtual_size:
-            raise StepFailed(Code.SANDBOX_FAILED, "The chain's disk size does not match the restore point.")
-        written = materialise_chain(_Beating(reader, ctx), raw)
+        with _chain_reader(drill, chain) as reader:
+            written = materialise_chain(_Beating(reader, ctx), raw)
     except LostClaim:
         # Cancelled or taken over: the partial disk must not outlive the teardown.
         raw.unlink(missing_ok=True)
         raise
-    except cloud.ObjectNotFound as exc:
-        raise StepFailed(Code.NO_RESTORABLE_BACKUP, "A restore point of the chain is missing from storage.") from exc
-    except storage.ObjectChanged as exc:
-        raise StepFailed(
-            Code.SANDBOX_FAILED, f"A restore point of the chain is not the version that was verified: {exc}"
-        ) from exc
-    except VHDError as exc:
-        raise StepFailed(Code.SANDBOX_FAILED, f"A restore point of the chain is damaged: {exc}") from exc
     seconds = (timezone.now() - started).total_seconds()
     return Done(
         {"disk": str(raw), "bytes_written": written, "layers": len(chain), "seconds": seconds},
@@ -135,20 +125,37 @@ def _prepare_image(ctx: StepContext, chain: list) -> Done:
     _note(drill, f"EBS snapshot and image {image_name(request.label)}", created=True)
     started = timezone.now()
     try:
+        with _chain_reader(drill, chain) as reader:
+            per = reader.block_size // imaging.EBS_BLOCK_SIZE
+            # The failover's cut of VHD blocks into EBS's 512 KiB ones (zero pieces are never written).
+            pieces = (p for index, data in _Beating(reader, ctx).iter_blocks() for p in _ebs_pieces(index, data, per))
+            image_id = sandbox.prepare(
+                pieces,
+                virtual_size=reader.virtual_size,
+                request=request,
+                description=f"ReClo drill of {drill.server_name}, restore point {drill.backup_ref}",
+            )
+    except SandboxError as exc:
+        raise StepFailed(Code.SANDBOX_FAILED, str(exc)) from exc
+    seconds = (timezone.now() - started).total_seconds()
+    return Done(
+        {"image_id": image_id, "layers": len(chain), "seconds": seconds},
+        f"Read {len(chain)} restore point(s) into image {image_id}.",
+    )
+
+
+@contextmanager
+def _chain_reader(drill: Drill, chain: list):
+    """The restore point's disk through the chain reader, each layer at exactly its verified version.
+
+    What goes wrong reading it (a missing, changed or damaged layer) ends
+    the step as StepFailed with words for the owner.
+    """
+    try:
         reader = open_chain([open_seekable(storage.ObjectReader(b.key, **b.pinned)) for b in chain])
         if reader.virtual_size != drill.backup.virtual_size:
             raise StepFailed(Code.SANDBOX_FAILED, "The chain's disk size does not match the restore point.")
-        per = reader.block_size // imaging.EBS_BLOCK_SIZE
-        # The failover's cut of VHD blocks into EBS's 512 KiB ones (zero pieces are never written).
-        pieces = (p for index, data in _Beating(reader, ctx).iter_blocks() for p in _ebs_pieces(index, data, per))
-        image_id = sandbox.prepare(
-            pieces,
-            virtual_size=reader.virtual_size,
-            request=request,
-            description=f"ReClo drill of {drill.server_name}, restore point {drill.backup_ref}",
-        )
-    except SandboxError as exc:
-        raise StepFailed(Code.SANDBOX_FAILED, str(exc)) from exc
+        yield reader
     except cloud.ObjectNotFound as exc:
         raise StepFailed(Code.NO_RESTORABLE_BACKUP, "A restore point of the chain is missing from storage.") from exc
     except storage.ObjectChanged as exc:
@@ -157,11 +164,6 @@ def _prepare_image(ctx: StepContext, chain: list) -> Done:
         ) from exc
     except VHDError as exc:
         raise StepFailed(Code.SANDBOX_FAILED, f"A restore point of the chain is damaged: {exc}") from exc
-    seconds = (timezone.now() - started).total_seconds()
-    return Done(
-        {"image_id": image_id, "layers": len(chain), "seconds": seconds},
-        f"Read {len(chain)} restore point(s) into image {image_id}.",
-    )
 
 
 class _Beating:
