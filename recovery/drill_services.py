@@ -127,7 +127,9 @@ def drill_cancel_for_server(*, server: Server, reason: str) -> list[str]:
 def _teardown(drill_id) -> None:
     from .drill_steps import teardown  # the handlers import the sandbox; services stay light
 
-    teardown(drill_id, "cancelled")
+    # Runs in the request that starts the failover: an aws instance is not
+    # waited for (reconcile_drills' sweep deletes its network once it is gone).
+    teardown(drill_id, "cancelled", wait_for_cloud=False)
 
 
 def drills_schedule(*, now=None, limit: int | None = None) -> list[str]:

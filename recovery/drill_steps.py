@@ -317,12 +317,14 @@ def check(ctx: StepContext) -> Done:
 # --- teardown (on every exit) -----------------------------------------------------------------
 
 
-def teardown(drill_id, status: str) -> None:
+def teardown(drill_id, status: str, *, wait_for_cloud: bool = True) -> None:
     """Remove whatever the drill left (guest, disk, work folder, AWS resources) and tell the owner of a failure.
 
     Idempotent. If AWS would not delete everything now (an instance slow to
     terminate, AWS unreachable), the drill's resources stay marked as not
     removed and `sweep_aws` (every reconcile) runs the teardown again.
+    `wait_for_cloud=False` (a web request cancelling the drill) terminates
+    the instance without waiting for it and leaves the rest to that sweep.
     """
     removed = stop_guest(drill_id)
     folder = work_dir(drill_id)
@@ -332,7 +334,10 @@ def teardown(drill_id, status: str) -> None:
     cloud_left = False
     if Drill.objects.filter(pk=drill_id, sandbox=Drill.Sandbox.AWS).exists():
         try:
-            removed += make_sandbox(Drill.Sandbox.AWS).destroy(sandbox_label(drill_id))
+            sandbox = make_sandbox(Drill.Sandbox.AWS)
+            if not wait_for_cloud:
+                sandbox.terminate_wait = 0
+            removed += sandbox.destroy(sandbox_label(drill_id))
         except cloud.CloudError as exc:
             log.warning("drill %s: its AWS resources are not all deleted yet (%s)", drill_id, exc)
             cloud_left = True

@@ -36,7 +36,8 @@ from backups.models import AccountLimits
 from reclo_site import testing
 from reclo_site.celery import app as celery_app
 from reclo_site.cloud import clients, compute, network
-from recovery import drill_report, drill_services, tasks
+from recovery import drill_report, drill_services, engine, services, tasks
+from recovery.drills import DRILL
 from recovery.models import Drill, DrillStep
 from recovery.sandbox import BootRequest
 from recovery.sandbox.aws import STATUS_CHECK, AwsSandbox
@@ -245,6 +246,21 @@ def test_an_interrupted_teardown_is_finished_by_the_reconcilers_sweep(aws_drills
     del ext.fail["TerminateInstances"]
     tasks.reconcile_drills()
     drill.refresh_from_db()
+    assert drill_inventory() == NOTHING and all(r["removed"] for r in drill.resources)
+
+
+# moto: a failover of the server cancels the drill; its teardown (in the request, not waiting on AWS) deletes the image.
+def test_a_failover_cancels_an_aws_drill_and_its_image_and_snapshot_go(aws_drills, django_capture_on_commit_callbacks):
+    EC2Extension()
+    server = ServerFactory(user=aws_drills, name="front-desk")
+    backups, _ = backup_chain(user=aws_drills, server=server, size=4 * MiB, incrementals=0)
+    drill = drill_services.drill_start(user=aws_drills, backup_id=backups[-1].pk)
+    assert engine.run_step(drill.pk, "preparing", pipeline=DRILL) == "done"
+    assert (drill_inventory()["images"], drill_inventory()["snapshots"]) == (1, 1)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.recovery_start(user=aws_drills, backup_id=backups[-1].pk)
+    drill.refresh_from_db()
+    assert drill.status == "failed" and drill.error.startswith("Cancelled: a failover")
     assert drill_inventory() == NOTHING and all(r["removed"] for r in drill.resources)
 
 
