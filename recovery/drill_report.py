@@ -161,7 +161,12 @@ def render_pdf(drill: Drill, facts: dict | None = None) -> bytes:
                     "Measured RTO",
                     "-" if facts["rto_seconds"] is None else f"{facts['rto_seconds']} s (click to answer)",
                 ],
-                ["Cost", f"{facts['cost']['amount'] or '-'} {facts['cost']['currency']}: {facts['cost']['note']}"],
+                [
+                    "Cost",
+                    f"{facts['cost']['amount']} {facts['cost']['currency']}: {facts['cost']['note']}"
+                    if facts["cost"]["amount"] is not None
+                    else facts["cost"]["note"],
+                ],
             ]
             + ([["Reason", facts["error"]]] if facts["error"] else []),
             styles,

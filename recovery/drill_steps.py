@@ -42,7 +42,7 @@ from .engine import LostClaim, StepContext
 from .models import Drill
 from .pipeline import Done, StepFailed
 from .sandbox import BootRequest, LocalSandbox, SandboxError, materialise_chain
-from .sandbox.aws import AwsSandbox, image_name
+from .sandbox.aws import DRILL_TAG, AwsSandbox, image_name
 from .steps import _ebs_pieces
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,9 @@ def _prepare_image(ctx: StepContext, chain: list) -> Done:
     drill = ctx.run
     sandbox = make_sandbox(drill.sandbox, drill)
     request = boot_request(drill)
-    _note(drill, f"EBS snapshot and image {image_name(request.label)}", created=True)
+    # Noted before AWS names them, so a worker killed half-way still leaves them on the record.
+    placeholder = f"EBS snapshot and image {image_name(request.label)}"
+    _note(drill, placeholder, created=True)
     started = timezone.now()
     try:
         with _chain_reader(drill, chain) as reader:
@@ -137,6 +139,10 @@ def _prepare_image(ctx: StepContext, chain: list) -> Done:
             )
     except SandboxError as exc:
         raise StepFailed(Code.SANDBOX_FAILED, str(exc)) from exc
+    when = next((r["created"] for r in Drill.objects.get(pk=drill.pk).resources if r["what"] == placeholder), None)
+    for snapshot in imaging.find_snapshots({DRILL_TAG: request.label}):
+        _note(drill, f"snapshot {snapshot['snapshot_id']}", created=True, when=when, replaces=placeholder)
+    _note(drill, f"image {image_id}", created=True, when=when, replaces=placeholder)
     seconds = (timezone.now() - started).total_seconds()
     return Done(
         {"image_id": image_id, "layers": len(chain), "seconds": seconds},
@@ -227,8 +233,8 @@ def boot(ctx: StepContext) -> Done:
     if "error" in outcome:
         raise StepFailed(Code.SANDBOX_FAILED, outcome["error"])
     verdict = outcome["verdict"]
-    for what in verdict.details.get("resources", []):
-        _note(drill, what, created=True)
+    for made in verdict.details.get("resources", []):
+        _note(drill, made["what"], created=True, when=made["created"])
     facts = verdict.as_dict()
     return Done({"verdict": facts}, "The sandbox gave its verdict." if verdict.passed else verdict.reason[:200])
 
@@ -399,11 +405,17 @@ def notify_failure(drill: Drill) -> None:
         log.warning("drill %s: could not email the owner (%s)", drill.pk, exc)
 
 
-def _note(drill: Drill, what: str, *, created: bool) -> None:
-    """Add a resource the drill made to its record (once), so the teardown and the report list it."""
+def _note(drill: Drill, what: str, *, created: bool, when: str | None = None, replaces: str = "") -> None:
+    """Add a resource the drill made to its record (once), so the teardown and the report list it.
+
+    `when` is when it was made (ISO 8601; now if not given); `replaces`
+    names a placeholder entry (noted before the ids were known) it takes the
+    place of.
+    """
     with transaction.atomic():
         row = Drill.objects.select_for_update().get(pk=drill.pk)
-        if any(r["what"] == what for r in row.resources):
-            return
-        row.resources = [*row.resources, {"what": what, "created": timezone.now().isoformat(), "removed": None}]
+        kept = [r for r in row.resources if not (replaces and r["what"] == replaces)]
+        if not any(r["what"] == what for r in kept):
+            kept.append({"what": what, "created": when or timezone.now().isoformat(), "removed": None})
+        row.resources = kept
         row.save(update_fields=["resources"])

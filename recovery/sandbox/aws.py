@@ -39,6 +39,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 
 from reclo_site.cloud import CloudError, compute, imaging, network
 
@@ -184,17 +185,17 @@ class AwsSandbox(Sandbox):
         deadline = time.time() + request.time_limit + TEARDOWN_GRACE
         evidence = request.evidence_dir
         evidence.mkdir(parents=True, exist_ok=True)
-        created: list[str] = []
+        created: list[dict] = []  # {what, created}: for the drill's record of what it made
         try:
             try:
                 # What an earlier try of this run left (a worker killed mid-boot).
                 self.destroy(label, keep_image=True)
                 vpc_id = network.create_vpc(cidr=CIDR, tags=self._tags(label, "drill-vpc", deadline))
-                created.append(f"VPC {vpc_id}")
+                created.append(_made(f"VPC {vpc_id}"))
                 subnet_id = network.create_subnet(
                     vpc_id=vpc_id, cidr=CIDR, tags=self._tags(label, "drill-subnet", deadline)
                 )
-                created.append(f"subnet {subnet_id}")
+                created.append(_made(f"subnet {subnet_id}"))
                 group_id = network.create_security_group(
                     vpc_id=vpc_id,
                     name=f"reclo-{label}",
@@ -202,7 +203,7 @@ class AwsSandbox(Sandbox):
                     tags=self._tags(label, "drill-group", deadline),
                 )
                 network.deny_all_egress(group_id)
-                created.append(f"security group {group_id}")
+                created.append(_made(f"security group {group_id}"))
                 info = compute.run_instance(
                     image_id=image_id,
                     instance_type=self.instance_type,
@@ -213,7 +214,7 @@ class AwsSandbox(Sandbox):
                     client_token=f"reclo-{label}-{uuid.uuid4().hex[:8]}",
                     tags=self._tags(label, "drill-server", deadline),
                 )
-                created.append(f"instance {info.instance_id}")
+                created.append(_made(f"instance {info.instance_id}"))
             except CloudError as exc:
                 raise SandboxError(f"The aws sandbox could not be started: {exc}") from exc
             powered_on = time.monotonic()
@@ -347,6 +348,10 @@ class AwsSandbox(Sandbox):
         for label in sorted(labels):
             removed += self.destroy(label)
         return removed
+
+
+def _made(what: str) -> dict:
+    return {"what": what, "created": datetime.now(UTC).isoformat()}
 
 
 def _expired(tags: dict, now: float) -> bool:

@@ -185,7 +185,9 @@ def test_a_drill_boots_the_image_in_an_isolated_subnet_passes_and_leaves_nothing
     facts = drill_report.drill_facts(drill)
     assert facts["sandbox"] == "aws" and "reclo:drill=drill-" in facts["cost"]["note"]
     made = [r["what"] for r in drill.resources]
-    assert any(w.startswith("instance i-") for w in made) and any(w.startswith("VPC vpc-") for w in made)
+    for kind in ("image ami-", "snapshot snap-", "VPC vpc-", "subnet subnet-", "security group sg-", "instance i-"):
+        assert sum(w.startswith(kind) for w in made) == 1, (kind, made)
+    assert not any(w.startswith("EBS snapshot and image") for w in made)  # the placeholder took the ids' place
     assert all(r["removed"] for r in drill.resources)
 
 
