@@ -136,6 +136,7 @@ def _prepare_image(ctx: StepContext, chain: list) -> Done:
                 virtual_size=reader.virtual_size,
                 request=request,
                 description=f"ReClo drill of {drill.server_name}, restore point {drill.backup_ref}",
+                heartbeat=lambda: ctx.heartbeat("The cloud is making the drill's image."),
             )
     except SandboxError as exc:
         raise StepFailed(Code.SANDBOX_FAILED, str(exc)) from exc

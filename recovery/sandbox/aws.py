@@ -110,22 +110,23 @@ class AwsSandbox(Sandbox):
         virtual_size: int,
         request: BootRequest,
         description: str,
-        on_block: Callable[[int], None] | None = None,
+        heartbeat: Callable[[], None] | None = None,
     ) -> str:
         """Write ``(index, 512 KiB)`` EBS blocks into a new snapshot and register it as an image; its id.
 
         Resumable: the image is found by its name and the snapshot by its
         tag before anything is created (the StartSnapshot ClientToken covers a
         retried call on AWS); blocks of a snapshot still pending are simply
-        written again (rewriting a block is harmless). ``on_block`` is called
-        for each block written (a step's heartbeat). The image lives until
+        written again (rewriting a block is harmless). ``heartbeat`` is
+        called while AWS seals the snapshot and registers the image (a step
+        renewing its lease; ``blocks`` may renew it as it is read). The image lives until
         :meth:`destroy` of the label (or :meth:`reap` a day later).
         """
         label = request.label
         name = image_name(label)
         found = imaging.find_image(name)
         if found:
-            return self._image_ready(found["image_id"])
+            return self._image_ready(found["image_id"], heartbeat)
         deadline = time.time() + IMAGE_LIFETIME
         gib = imaging.volume_gib(virtual_size)
         snapshots = imaging.find_snapshots({DRILL_TAG: label, "reclo:role": "drill-disk"})
@@ -142,9 +143,11 @@ class AwsSandbox(Sandbox):
                     description=description,
                 )
             )
-            written = imaging.put_snapshot_blocks(snapshot_id, blocks, on_done=on_block)
+            written = imaging.put_snapshot_blocks(snapshot_id, blocks)
             imaging.complete_snapshot(snapshot_id, changed_blocks=written)
-        self._wait(lambda: imaging.snapshot_state(snapshot_id)[0] != "pending", "the snapshot to complete", 3600)
+        self._wait(
+            lambda: imaging.snapshot_state(snapshot_id)[0] != "pending", "the snapshot to complete", 3600, heartbeat
+        )
         state, message = imaging.snapshot_state(snapshot_id)
         if state != "completed":
             raise SandboxError(f"The disk snapshot failed ({state}): {message or 'no reason given'}.")
@@ -159,20 +162,22 @@ class AwsSandbox(Sandbox):
         )
         # moto drops RegisterImage's tags; on AWS tagging again changes nothing.
         network.tag_resources([image_id], tags)
-        return self._image_ready(image_id)
+        return self._image_ready(image_id, heartbeat)
 
-    def _image_ready(self, image_id: str) -> str:
-        self._wait(lambda: imaging.image_state(image_id)[0] != "pending", "the image to be registered", 1800)
+    def _image_ready(self, image_id: str, heartbeat=None) -> str:
+        self._wait(lambda: imaging.image_state(image_id)[0] != "pending", "the image to be registered", 1800, heartbeat)
         state, reason = imaging.image_state(image_id)
         if state != "available":
             raise SandboxError(f"The image could not be created ({state}): {reason or 'no reason given'}.")
         return image_id
 
-    def _wait(self, done: Callable[[], bool], what: str, timeout: float) -> None:
+    def _wait(self, done: Callable[[], bool], what: str, timeout: float, heartbeat=None) -> None:
         until = time.monotonic() + timeout
         while not done():
             if time.monotonic() >= until:
                 raise SandboxError(f"Gave up waiting for {what} after {timeout:.0f} s.")
+            if heartbeat:
+                heartbeat()
             time.sleep(self.poll)
 
     # -- one boot ----------------------------------------------------------

@@ -35,7 +35,7 @@ from PIL import Image
 from backups.models import AccountLimits
 from reclo_site import testing
 from reclo_site.celery import app as celery_app
-from reclo_site.cloud import clients, compute, network
+from reclo_site.cloud import clients, compute, imaging, network
 from recovery import drill_report, drill_services, engine, services, tasks
 from recovery.drills import DRILL
 from recovery.models import Drill, DrillStep
@@ -264,6 +264,25 @@ def test_a_failover_cancels_an_aws_drill_and_its_image_and_snapshot_go(aws_drill
     drill.refresh_from_db()
     assert drill.status == "failed" and drill.error.startswith("Cancelled: a failover")
     assert drill_inventory() == NOTHING and all(r["removed"] for r in drill.resources)
+
+
+# moto: a preparing step run again (its worker died after RegisterImage) finds the image by its name.
+def test_preparing_again_finds_the_image_and_makes_nothing_twice(aws, tmp_path):
+    ext = EC2Extension()
+    sandbox = AwsSandbox(poll=0.01)
+    request = BootRequest(evidence_dir=tmp_path, boot_mode="uefi", label="drill-again")
+    block = bytes(range(256)) * 2048  # one 512 KiB EBS block
+
+    def prepare():
+        return sandbox.prepare([(3, block)], virtual_size=8 * MiB, request=request, description="test")
+
+    first = prepare()
+    assert prepare() == first
+    assert len(ext.calls["StartSnapshot"]) == 1 and len(ext.calls["RegisterImage"]) == 1
+    assert (drill_inventory()["images"], drill_inventory()["snapshots"]) == (1, 1)
+    (snapshot,) = imaging.find_snapshots({"reclo:drill": "drill-again"})
+    assert sandbox.destroy("drill-again") == [f"image {first}", f"snapshot {snapshot['snapshot_id']}"]
+    assert drill_inventory() == NOTHING
 
 
 # moto: resources of a run whose worker and drill teardown both vanished go once their deadline tag passes.
