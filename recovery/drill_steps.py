@@ -33,11 +33,12 @@ from django.template.loader import render_to_string
 from django.utils import timezone
 from reclo_agent.vhd import VHDError, open_chain, open_seekable
 
+from backups import chains
 from reclo_site import cloud
 from reclo_site.cloud import imaging, storage
 from reclo_site.errors import Code
 
-from . import drill_report, paths, selectors
+from . import drill_report, paths
 from .engine import LostClaim, StepContext
 from .models import Drill
 from .pipeline import Done, StepFailed
@@ -91,8 +92,8 @@ def prepare(ctx: StepContext) -> Done:
     if drill.backup is None:
         raise StepFailed(Code.NO_RESTORABLE_BACKUP, "The restore point was deleted before the drill could start.")
     try:
-        chain = selectors.backup_chain(drill.backup)
-    except selectors.ChainError as exc:
+        chain = chains.restorable_chain(drill.backup)
+    except chains.ChainError as exc:
         raise StepFailed(Code.NO_RESTORABLE_BACKUP, str(exc)) from exc
     if drill.sandbox == Drill.Sandbox.AWS:
         return _prepare_image(ctx, chain)
@@ -375,7 +376,7 @@ def teardown(drill_id, status: str, *, wait_for_cloud: bool = True) -> None:
 def sweep_aws() -> list[str]:
     """Finish the aws teardowns that AWS refused earlier, and delete what killed runs left past their deadline.
 
-    Called by every `reconcile_drills`; cheap when no drill used AWS.
+    Called by every `drills_reconcile`; cheap when no drill used AWS.
     Returns what was done, in words.
     """
     if not Drill.objects.filter(sandbox=Drill.Sandbox.AWS).exists():

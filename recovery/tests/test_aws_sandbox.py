@@ -246,7 +246,7 @@ def test_an_interrupted_teardown_is_finished_by_the_reconcilers_sweep(aws_drills
     assert drill_inventory()["instances"] == 1
     assert any(not r["removed"] for r in drill.resources)
     del ext.fail["TerminateInstances"]
-    tasks.reconcile_drills()
+    tasks.drills_reconcile()
     drill.refresh_from_db()
     assert drill_inventory() == NOTHING and all(r["removed"] for r in drill.resources)
 
@@ -411,7 +411,7 @@ def test_a_worker_killed_mid_boot_leaves_nothing_behind(user, settings, tmp_path
             def finished_or_nudge():
                 drill.refresh_from_db()
                 if drill.status not in Drill.FINISHED or drill.torn_down is None:
-                    tasks.reconcile_drills.delay()
+                    tasks.drills_reconcile.delay()
                     return False
                 return True
 
