@@ -161,7 +161,7 @@ def _chain_reader(drill: Drill, chain: list):
     """
     try:
         reader = open_chain([open_seekable(storage.ObjectReader(b.key, **b.pinned)) for b in chain])
-        if reader.virtual_size != drill.backup.virtual_size:
+        if reader.virtual_size != chain[-1].virtual_size:  # the chain's top is the restore point
             raise StepFailed(Code.SANDBOX_FAILED, "The chain's disk size does not match the restore point.")
         yield reader
     except cloud.ObjectNotFound as exc:

@@ -40,6 +40,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from pathlib import Path
 
 from reclo_site.cloud import CloudError, compute, imaging, network
 
@@ -372,7 +373,7 @@ def _console(instance_id: str) -> str:
     return compute.console_output(instance_id, limit=64 * 1024)
 
 
-def _screenshot(instance_id: str, evidence) -> object | None:
+def _screenshot(instance_id: str, evidence: Path) -> Path | None:
     """The instance's screen as ``screenshot.png`` in ``evidence``; None when AWS gives none."""
     try:
         jpeg = compute.console_screenshot(instance_id)
