@@ -25,7 +25,7 @@ class BackupAdmin(admin.ModelAdmin):
 
 @admin.register(AccountLimits)
 class AccountLimitsAdmin(admin.ModelAdmin):
-    list_display = ("user", "max_file_size")
+    list_display = ("user", "max_file_size", "lock_days", "drill_sandbox")
     search_fields = ("user__email",)
 
 

@@ -184,6 +184,14 @@ class AccountLimits(models.Model):
     max_file_size = models.BigIntegerField(null=True, blank=True, help_text="Bytes; empty: RECLO_MAX_BACKUP_SIZE.")
     # How long each verified restore point stays locked (S3 Object Lock).
     lock_days = models.PositiveIntegerField(null=True, blank=True, help_text="Days; empty: RECLO_LOCK_DAYS.")
+    # Where this account's drills boot: "local" (QEMU on ReClo's worker, free)
+    # or "aws" (an isolated subnet in ReClo's AWS account, billed per drill).
+    drill_sandbox = models.CharField(
+        max_length=8,
+        blank=True,
+        choices=[("local", "Local (QEMU on the worker)"), ("aws", "AWS (an isolated subnet)")],
+        help_text="Empty: RECLO_DRILL_SANDBOX.",
+    )
 
     class Meta:
         verbose_name_plural = "account limits"

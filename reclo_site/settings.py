@@ -484,7 +484,9 @@ RECLO_RECOVERY_STALE_AFTER = timedelta(seconds=env.int("RECLO_RECOVERY_STALE_SEC
 RECLO_STOPPED_INSTANCE_LIFETIME = timedelta(days=env.int("RECLO_STOPPED_INSTANCE_DAYS", default=14))
 
 # Drills (test failovers). `local` boots the restore point in QEMU on the
-# worker; `aws` (an isolated subnet) is not built yet and answers code 411.
+# worker (free; the default, and what `make run` and the tests use); `aws`
+# launches its EC2 image in an isolated subnet (billed). An account's own
+# choice (AccountLimits.drill_sandbox, in the admin) overrides this.
 RECLO_DRILL_SANDBOX = env("RECLO_DRILL_SANDBOX", default="local")
 # Power-on to "server answers" may take this long before the drill fails.
 RECLO_DRILL_TIME_LIMIT = env.float("RECLO_DRILL_TIME_LIMIT", default=600.0)
@@ -496,3 +498,7 @@ RECLO_DRILL_STALE_AFTER = timedelta(seconds=env.int("RECLO_DRILL_STALE_SECONDS",
 RECLO_DRILL_EVERY_DAYS = env.int("RECLO_DRILL_EVERY_DAYS", default=7)
 # Scheduled drills started per beat run, at most (the rest wait for the next).
 RECLO_DRILL_SCHEDULE_BATCH = env.int("RECLO_DRILL_SCHEDULE_BATCH", default=20)
+# The aws sandbox: what a drill's image is launched as, and how often it looks
+# at the console and the status checks (seconds).
+RECLO_DRILL_INSTANCE_TYPE = env("RECLO_DRILL_INSTANCE_TYPE", default="t3.small")
+RECLO_DRILL_AWS_POLL = env.float("RECLO_DRILL_AWS_POLL", default=5.0)

@@ -16,7 +16,7 @@ from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
 from backups import chains
-from backups.models import Backup, Server
+from backups.models import AccountLimits, Backup, Server
 from reclo_site.errors import Code, ServiceError
 
 from . import engine, selectors
@@ -38,6 +38,18 @@ def drill_interval(server: Server) -> timedelta | None:
     return timedelta(days=days) if days else None
 
 
+def drill_sandbox(user) -> str:
+    """Where `user`'s drills boot: their account's `AccountLimits.drill_sandbox`, else RECLO_DRILL_SANDBOX.
+
+    `local` (the default, and what `make run` and the tests use) boots on
+    ReClo's worker in QEMU; `aws` in an isolated subnet of ReClo's AWS
+    account, as a failover would, at the cost of an instance and a snapshot
+    per drill. The operator picks per account (Django admin, account limits).
+    """
+    chosen = AccountLimits.objects.filter(user=user).values_list("drill_sandbox", flat=True).first()
+    return chosen or settings.RECLO_DRILL_SANDBOX
+
+
 def drill_start(*, user, backup_id, probe_port: int | None = None, trigger: str = Drill.Trigger.API) -> Drill:
     """Queue a drill of a verified restore point of `user`'s.
 
@@ -55,8 +67,8 @@ def drill_start(*, user, backup_id, probe_port: int | None = None, trigger: str 
         chains.restorable_chain(backup)
     except chains.ChainError as exc:
         raise ServiceError(Code.NO_RESTORABLE_BACKUP, f"That restore point cannot be drilled: {exc}") from exc
-    sandbox = settings.RECLO_DRILL_SANDBOX
-    if sandbox != Drill.Sandbox.LOCAL:
+    sandbox = drill_sandbox(user)
+    if sandbox not in Drill.Sandbox.values:
         raise ServiceError(Code.SANDBOX_FAILED, f"The {sandbox} drill sandbox is not available on this portal.")
     server = backup.server
     if probe_port is None:
@@ -117,7 +129,9 @@ def drill_cancel_for_server(*, server: Server, reason: str) -> list[str]:
 def _teardown(drill_id) -> None:
     from .drill_steps import teardown  # the handlers import the sandbox; services stay light
 
-    teardown(drill_id, "cancelled")
+    # Runs in the request that starts the failover: an aws instance is not
+    # waited for (drills_reconcile' sweep deletes its network once it is gone).
+    teardown(drill_id, "cancelled", wait_for_cloud=False)
 
 
 def drills_schedule(*, now=None, limit: int | None = None) -> list[str]:

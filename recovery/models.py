@@ -284,7 +284,8 @@ class Drill(models.Model):
     `checks` are the verdict's checks (`[{name, passed, detail}]`);
     `rto_seconds` is from the click (`created`) to "server answers";
     `resources` lists what the sandbox made and when each was removed;
-    `torn_down` is set once the teardown ran.
+    `torn_down` is set once the teardown ran; `evidence` names the stored
+    (and locked) versions of its screenshot, console log, PDF and JSON.
     """
 
     Status = models.TextChoices("Status", DRILL.status_choices(), module=__name__, qualname="Drill.Status")  # type: ignore[call-overload]
@@ -325,6 +326,9 @@ class Drill(models.Model):
     console_excerpt = models.TextField(blank=True)
     screenshot_key = models.CharField(max_length=512, blank=True)
     report_key = models.CharField(max_length=512, blank=True)
+    # What is stored with the account's backups, each version locked like a
+    # restore point: {name: {key, version_id, etag, locked_until}}.
+    evidence = models.JSONField(default=dict, blank=True)
     resources = models.JSONField(default=list, blank=True)
     torn_down = models.DateTimeField(null=True, blank=True)
 

@@ -71,8 +71,12 @@ def drill_step_run(drill_id: str, step: str) -> str:
 
 @shared_task
 def drills_reconcile() -> int:
-    """Re-enqueue drill steps whose worker died or whose message was lost."""
-    return engine.reconcile(pipeline=DRILL)
+    """Re-enqueue drill steps whose worker died or whose message was lost; finish interrupted aws teardowns."""
+    from .drill_steps import sweep_aws  # the handlers import the sandboxes; keep the task module light
+
+    count = engine.reconcile(pipeline=DRILL)
+    sweep_aws()
+    return count
 
 
 @shared_task

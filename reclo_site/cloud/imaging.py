@@ -90,6 +90,14 @@ def find_snapshots(tags: dict) -> list[dict]:
     return [{"snapshot_id": s["SnapshotId"], "state": s.get("State", "")} for s in resp.get("Snapshots", [])]
 
 
+def tagged_snapshots(key: str) -> list[tuple[str, dict]]:
+    """`(snapshot id, tags)` of our snapshots carrying tag `key` (any value)."""
+    resp = _call(
+        "ec2", "describe_snapshots", "find snapshots", OwnerIds=["self"], Filters=[{"Name": "tag-key", "Values": [key]}]
+    )
+    return [(s["SnapshotId"], {t["Key"]: t["Value"] for t in s.get("Tags", [])}) for s in resp.get("Snapshots", [])]
+
+
 def snapshot_state(snapshot_id: str) -> tuple[str, str]:
     """(state, message) of a snapshot: pending, completed, error."""
     resp = _call("ec2", "describe_snapshots", f"describe {snapshot_id}", SnapshotIds=[snapshot_id])

@@ -422,21 +422,13 @@ class LocalSandbox(Sandbox):
             raw = b""
         console_path = evidence / "console.log"
         console_path.write_bytes(raw)
-        failed = [c for c in checks if not c.passed]
-        return Verdict(
-            passed=not failed,
-            checks=checks,
-            reason=failed[0].detail if failed else "",
+        return Verdict.judged(
+            checks,
             console_excerpt=judge.excerpt(text, match),
             console_path=console_path,
             screenshot_path=screenshot,
-            timings={
-                "prepare": round(powered_on - started, 3),
-                "boot": round(boot_seconds, 3),
-                "checks": round(checked - booted, 3),
-                "total": round(checked - started, 3),
-            },
-            answered_after=round(answered_after, 3) if answered_after is not None else None,
+            moments=(started, powered_on, booted, checked),
+            answered_after=answered_after,
             sandbox=self.name,
             details={
                 "accel": self.accel,
