@@ -10,7 +10,7 @@ from celery import shared_task
 
 from reclo_site.cloud import CloudUnavailable
 
-from . import drill_services, engine, services
+from . import drill_services, engine, services, vpn_watch
 from .drills import DRILL
 from .failover import FAILOVER
 
@@ -54,6 +54,12 @@ def sync_instances() -> int:
 @shared_task
 def free_instances() -> list[str]:
     return services.instances_free()
+
+
+@shared_task
+def watch_vpn_gateways() -> int:
+    """Email owners whose VPN gateway stopped reporting, and when it is back."""
+    return vpn_watch.gateways_watch()
 
 
 # --- Drills ---------------------------------------------------------------------------------
