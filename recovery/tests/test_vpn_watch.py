@@ -213,3 +213,31 @@ def test_a_failover_reusing_a_silent_gateway_waits_for_it_to_report_again(client
     assert step.status == "waiting" and "report" in step.detail
     report(client, gw)
     assert drive_recovery(second.pk).status == "ready"
+
+
+def test_a_gateway_that_never_reports_fails_the_vpn_step_at_its_deadline_with_407_and_its_console(
+    chain, user, clock, settings
+):
+    from recovery import engine
+
+    settings.RECLO_VPN_GATEWAY_MUST_REPORT = True  # the default; the test settings turn it off for moto
+    recovery = drive_recovery(
+        services.recovery_start(user=user, backup_id=chain[0][-1].pk).pk, until="provisioning_vpn"
+    )
+
+    def go():
+        Recovery.objects.filter(pk=recovery.pk).update(lease_until=None, lease_token=None)
+        engine.run_step(recovery.pk, "provisioning_vpn")
+        return Recovery.objects.get(pk=recovery.pk)
+
+    assert go().status == "provisioning_vpn"
+    clock.shift(timedelta(minutes=9, seconds=50))
+    assert go().status == "provisioning_vpn"  # within the 10 minutes: still waiting
+    assert RecoveryStep.objects.get(recovery=recovery, name="provisioning_vpn").status == "waiting"
+    clock.shift(timedelta(seconds=20))
+    failed = go()
+    assert (failed.status, failed.error_code) == ("failed", 407)
+    gw = VpnGateway.objects.get(network__user=user)
+    assert failed.error.startswith(f"The VPN gateway {gw.instance_id} did not report to the portal within 10 minutes.")
+    # What the gateway's console said (moto's sample boot log stands in for the user-data's lines).
+    assert "Enabling fast FPU save and restore... done." in failed.error
