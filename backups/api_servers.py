@@ -14,7 +14,8 @@ from rest_framework.views import APIView
 
 from reclo_site.api.fields import StrictCharField
 from reclo_site.api.schema import error_responses
-from reclo_site.errors import Code, ServiceError
+from reclo_site.api.validation import valid_body
+from reclo_site.errors import Code
 from reclo_site.http import client_address
 
 from . import selectors, services
@@ -191,14 +192,6 @@ class EnrollInput(serializers.Serializer):
     hostname = StrictCharField(required=False, default="", allow_blank=True, max_length=HOSTNAME_MAX)
 
 
-def _valid(serializer_class, request) -> dict:
-    if not isinstance(request.data, dict):
-        raise ServiceError(Code.MALFORMED, "The body must be a JSON object.")
-    serializer = serializer_class(data=request.data)
-    serializer.is_valid(raise_exception=True)
-    return serializer.validated_data
-
-
 # --- views -----------------------------------------------------------------------
 
 
@@ -213,7 +206,7 @@ class ServerListApi(APIView):
         return Response({"message": f"{len(servers)} server(s).", "servers": servers})
 
 
-class ServerApi(APIView):
+class ServerDetailApi(APIView):
     @extend_schema(
         operation_id="servers_detail",
         tags=["servers"],
@@ -234,7 +227,7 @@ class ServerApi(APIView):
     )
     def patch(self, request, server: str):
         row = services.server_get(user=request.user, name=server)
-        data = _valid(ServerUpdateInput, request)
+        data = valid_body(ServerUpdateInput, request)
         services.server_update(user=request.user, server=row, **data)
         return Response({"message": f"Server {server} updated.", "server": _servers(request.user, server)[0]})
 
@@ -272,7 +265,7 @@ class EnrollApi(APIView):
     )
     def post(self, request):
         address = client_address(request)
-        data = _valid(EnrollInput, request)
+        data = valid_body(EnrollInput, request)
         server, token, raw = services.server_enroll(key=data["key"], hostname=data["hostname"], address=address)
         body = {
             "message": f"Enrolled as server {server.name}.",

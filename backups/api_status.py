@@ -8,7 +8,7 @@ from rest_framework.views import APIView
 from accounts.permissions import server_credential_may, server_in_url
 from reclo_site.api.fields import StrictCharField
 from reclo_site.api.schema import error_responses
-from reclo_site.errors import Code, ServiceError
+from reclo_site.api.validation import valid_body
 
 from .services.status import server_status_record
 
@@ -33,7 +33,8 @@ class PreflightInput(serializers.Serializer):
     ok = StrictBooleanField(required=False, help_text="Recomputed by the portal: no check failed.")
     boot_mode = serializers.ChoiceField(choices=["bios", "uefi"], required=False, allow_null=True, default=None)
     kernel = StrictCharField(max_length=200, required=False, allow_null=True, default=None)
-    checks = PreflightCheckInput(many=True, max_length=30)
+    # many=True makes a ListSerializer, which takes max_length (django-stubs types the child).
+    checks = PreflightCheckInput(many=True, max_length=30)  # type: ignore[call-arg]
 
 
 class ServerStatusInput(serializers.Serializer):
@@ -66,16 +67,12 @@ class ServerStatusApi(APIView):
         responses={200: ServerStatusOutput, **error_responses(102, 104, 105)},
     )
     def post(self, request, server: str):
-        if not isinstance(request.data, dict):
-            raise ServiceError(Code.MALFORMED, "The body must be a JSON object.")
-        serializer = ServerStatusInput(data=request.data)
-        serializer.is_valid(raise_exception=True)
-        row = server_status_record(user=request.user, server=server, **serializer.validated_data)
+        row = server_status_record(user=request.user, server=server, **valid_body(ServerStatusInput, request))
         return Response(
             {
                 "message": "Status recorded.",
                 "server": row.name,
-                "status_at": serializers.DateTimeField().to_representation(row.status_at),
+                "status_at": serializers.DateTimeField().to_representation(row.status_at) if row.status_at else None,
                 "preflight_ok": row.preflight["ok"] if row.preflight else None,
             }
         )

@@ -15,8 +15,8 @@ from django.db.models import Count, F, Max, OuterRef, Q, Subquery, Sum, Window
 from django.db.models.functions import RowNumber
 from django.utils import timezone
 
+from .chains import descendants_of, group_into_chains
 from .models import Backup, Server
-from .services.lifecycle import descendants_of
 
 # How many recent restore points of a disk set its usual interval.
 INTERVAL_SAMPLE = 10
@@ -223,15 +223,7 @@ def server_timeline(*, user, server_id: int) -> tuple[ServerOverview, list[DiskT
     backups = list(server.backups.order_by("-date_created", "-pk")[:TIMELINE_LIMIT])
     backups.reverse()
     states = disk_states(server_ids=[server.pk])
-    chains_by_disk: dict[str, list[list[Backup]]] = {}
-    chain_of: dict = {}
-    for backup in backups:
-        chain = chain_of.get(backup.parent_id) if backup.parent_id else None
-        if chain is None:
-            chain = []
-            chains_by_disk.setdefault(backup.disk, []).append(chain)
-        chain.append(backup)
-        chain_of[backup.pk] = chain
+    chains_by_disk = group_into_chains(backups)
     timelines = [
         # A disk whose restore points are all scheduled for removal has no figures.
         DiskTimeline(

@@ -45,7 +45,7 @@ def server_detail(request, server_id: int):
     for timeline in timelines:
         for chain in timeline.chains:
             for backup in chain:
-                backup.newest_drill = drills.by_backup.get(backup.pk)
+                backup.newest_drill = drills.by_backup.get(backup.pk)  # type: ignore[attr-defined]  # for the template
     context = {
         "overview": overview,
         "server": overview.server,

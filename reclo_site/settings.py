@@ -351,7 +351,7 @@ CELERY_TASK_ROUTES = ("reclo_site.queues.route_task",)
 # so two overlapping runs do no harm.
 CELERY_BEAT_SCHEDULE = {
     # Deactivate agent tokens older than 60 days since issue or renewal.
-    "expire-tokens": {"task": "accounts.tasks.expire_tokens", "schedule": crontab(minute=7)},
+    "expire-tokens": {"task": "accounts.tasks.tokens_expire", "schedule": crontab(minute=7)},
     # Abort multipart uploads and drop pending uploads whose credentials have
     # expired; re-enqueue verifications that a lost worker left behind.
     "backups-clean-up-uploads": {"task": "backups.tasks.uploads_clean_up", "schedule": crontab(minute=17)},
@@ -365,6 +365,18 @@ CELERY_BEAT_SCHEDULE = {
     "backups-overdue": {"task": "backups.tasks.overdue_notify", "schedule": crontab(minute="*/15")},
     # Re-enqueue verifications no live worker is on (a worker killed mid-check).
     "backups-requeue-verifications": {"task": "backups.tasks.verifications_requeue", "schedule": 120.0},
+    # Re-enqueue failover steps whose worker died or whose message was lost.
+    "recovery-reconcile-failover-steps": {"task": "recovery.tasks.failovers_reconcile", "schedule": 60.0},
+    # Record instance states changed outside the portal (stopped in the console, ...).
+    "recovery-sync-instances": {"task": "recovery.tasks.instances_sync", "schedule": crontab(minute="*/5")},
+    # Terminate ReClo's recovery instances stopped for more than 14 days.
+    "recovery-free-instances": {"task": "recovery.tasks.instances_free", "schedule": crontab(minute=47)},
+    # Re-enqueue drill steps whose worker died (the drill then ends and is torn down).
+    "recovery-reconcile-drills": {"task": "recovery.tasks.drills_reconcile", "schedule": 60.0},
+    # Start the drills that servers' drill intervals make due.
+    "recovery-schedule-drills": {"task": "recovery.tasks.drills_schedule", "schedule": crontab(minute="*/15")},
+    # Email owners whose VPN gateway stopped reporting (and when it is back).
+    "recovery-watch-vpn-gateways": {"task": "recovery.tasks.gateways_watch", "schedule": 60.0},
 }
 
 # --- Cloud (AWS; moto's server mode locally) ------------------------------------
@@ -488,18 +500,3 @@ RECLO_DRILL_STALE_AFTER = timedelta(seconds=env.int("RECLO_DRILL_STALE_SECONDS",
 RECLO_DRILL_EVERY_DAYS = env.int("RECLO_DRILL_EVERY_DAYS", default=7)
 # Scheduled drills started per beat run, at most (the rest wait for the next).
 RECLO_DRILL_SCHEDULE_BATCH = env.int("RECLO_DRILL_SCHEDULE_BATCH", default=20)
-
-CELERY_BEAT_SCHEDULE |= {
-    # Re-enqueue failover steps whose worker died or whose message was lost.
-    "recovery-reconcile-failover-steps": {"task": "recovery.tasks.reconcile_recoveries", "schedule": 60.0},
-    # Record instance states changed outside the portal (stopped in the console, ...).
-    "recovery-sync-instances": {"task": "recovery.tasks.sync_instances", "schedule": crontab(minute="*/5")},
-    # Terminate ReClo's recovery instances stopped for more than 14 days.
-    "recovery-free-instances": {"task": "recovery.tasks.free_instances", "schedule": crontab(minute=47)},
-    # Re-enqueue drill steps whose worker died (the drill then ends and is torn down).
-    "recovery-reconcile-drills": {"task": "recovery.tasks.reconcile_drills", "schedule": 60.0},
-    # Start the drills that servers' drill intervals make due.
-    "recovery-schedule-drills": {"task": "recovery.tasks.schedule_drills", "schedule": crontab(minute="*/15")},
-    # Email owners whose VPN gateway stopped reporting (and when it is back).
-    "recovery-watch-vpn-gateways": {"task": "recovery.tasks.watch_vpn_gateways", "schedule": 60.0},
-}

@@ -79,7 +79,7 @@ def test_database_url(connection) -> str:
     return f"postgres://{auth}{params.get('HOST') or '127.0.0.1'}{port}/{params['NAME']}"
 
 
-test_database_url.__test__ = False  # not a test, despite its name
+test_database_url.__test__ = False  # type: ignore[attr-defined]  # not a test, despite its name
 
 
 @contextmanager

@@ -6,6 +6,7 @@ and its teardown (after commit) stops the guest; the worker booting it
 notices at its next heartbeat and stops too.
 """
 
+import functools
 import logging
 from datetime import timedelta
 
@@ -14,6 +15,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
+from backups import chains
 from backups.models import Backup, Server
 from reclo_site.errors import Code, ServiceError
 
@@ -50,8 +52,8 @@ def drill_start(*, user, backup_id, probe_port: int | None = None, trigger: str 
     if backup is None:
         raise ServiceError(Code.NO_RESTORABLE_BACKUP, "No restorable (verified) backup of yours has that id.")
     try:
-        selectors.backup_chain(backup)
-    except selectors.ChainError as exc:
+        chains.restorable_chain(backup)
+    except chains.ChainError as exc:
         raise ServiceError(Code.NO_RESTORABLE_BACKUP, f"That restore point cannot be drilled: {exc}") from exc
     sandbox = settings.RECLO_DRILL_SANDBOX
     if sandbox != Drill.Sandbox.LOCAL:
@@ -107,7 +109,7 @@ def drill_cancel_for_server(*, server: Server, reason: str) -> list[str]:
                     status="failed", finished=now, error=reason
                 )
                 # The cancelled drill is the failover's doing, not a failed restore point: no email.
-                transaction.on_commit(lambda d=drill_id: _teardown(d))
+                transaction.on_commit(functools.partial(_teardown, drill_id))
                 cancelled.append(str(drill_id))
     return cancelled
 
@@ -133,7 +135,7 @@ def drills_schedule(*, now=None, limit: int | None = None) -> list[str]:
         .exclude(Exists(Drill.objects.filter(server=OuterRef("pk"), status__in=Drill.ACTIVE)))
         .order_by("pk")
     )
-    started = []
+    started: list[str] = []
     for server in servers.iterator():
         if len(started) >= limit:
             break
@@ -144,6 +146,8 @@ def drills_schedule(*, now=None, limit: int | None = None) -> list[str]:
         if last is not None and last > now - interval:
             continue
         newest = Backup.objects.filter(server=server, status=Backup.Status.VERIFIED).order_by("-date_created").first()
+        if newest is None:
+            continue  # the query above only finds servers with a verified restore point; it may be gone since
         try:
             drill = drill_start(user=server.user, backup_id=newest.pk, trigger=Drill.Trigger.SCHEDULE)
         except ServiceError as exc:

@@ -31,11 +31,12 @@ from django.template.loader import render_to_string
 from django.utils import timezone
 from reclo_agent.vhd import VHDError, open_chain, open_seekable
 
+from backups import chains
 from reclo_site import cloud
 from reclo_site.cloud import storage
 from reclo_site.errors import Code
 
-from . import drill_report, selectors
+from . import drill_report
 from .engine import LostClaim, StepContext
 from .models import Drill
 from .pipeline import Done, StepFailed
@@ -76,8 +77,8 @@ def prepare(ctx: StepContext) -> Done:
     if drill.backup is None:
         raise StepFailed(Code.NO_RESTORABLE_BACKUP, "The restore point was deleted before the drill could start.")
     try:
-        chain = selectors.backup_chain(drill.backup)
-    except selectors.ChainError as exc:
+        chain = chains.restorable_chain(drill.backup)
+    except chains.ChainError as exc:
         raise StepFailed(Code.NO_RESTORABLE_BACKUP, str(exc)) from exc
     folder = work_dir(drill.pk)
     folder.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ class FailoverForm(forms.Form):
     def __init__(self, *args, server, **kwargs):
         super().__init__(*args, **kwargs)
         points = selectors.restore_points(server=server)
+        self.points = points  # the choices, for the page's figures
         self.fields["backup"].queryset = points
         newest = points.first()
         self.recommended = sizes.size_for_disk(newest.virtual_size if newest else 0)

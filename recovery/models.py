@@ -23,7 +23,8 @@ class Recovery(models.Model):
     """
 
     # queued, the steps of `FAILOVER_STEPS` in order, ready, failed.
-    Status = models.TextChoices("Status", FAILOVER.status_choices(), module=__name__, qualname="Recovery.Status")
+    # django-stubs types only the two-argument functional form.
+    Status = models.TextChoices("Status", FAILOVER.status_choices(), module=__name__, qualname="Recovery.Status")  # type: ignore[call-overload]
 
     class ImportMethod(models.TextChoices):
         EBS_DIRECT = "ebs_direct", "EBS direct"
@@ -89,18 +90,21 @@ class Recovery(models.Model):
         return (self.finished or timezone.now()) - self.created
 
 
-class RecoveryStep(models.Model):
-    """One step of a recovery: when it ran, how often, and what it made (`outputs`: cloud ids)."""
+class PipelineStep(models.Model):
+    """One step of a run of a pipeline (a failover or a drill): when it ran, how often, what it made.
+
+    The fields the engine (`recovery.engine`) reads and writes; each
+    pipeline's step model adds the foreign key to its run.
+    """
 
     class Status(models.TextChoices):
         PENDING = "pending"
         RUNNING = "running"
-        WAITING = "waiting"  # on AWS (an import, an instance booting); a task re-checks later
+        WAITING = "waiting"  # on AWS (an import, an instance booting) or a guest; a task re-checks later
         DONE = "done"
         SKIPPED = "skipped"  # nothing to do (the merged disk already existed)
         FAILED = "failed"
 
-    recovery = models.ForeignKey(Recovery, on_delete=models.CASCADE, related_name="steps")
     name = models.CharField(max_length=20)
     position = models.PositiveSmallIntegerField()
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
@@ -112,16 +116,25 @@ class RecoveryStep(models.Model):
     retries = models.PositiveIntegerField(default=0)
     # Seconds spent waiting on AWS (import tasks, instance states), for the benchmark.
     waited = models.FloatField(default=0)
-    outputs = models.JSONField(default=dict, blank=True)
+    outputs = models.JSONField(default=dict, blank=True)  # what it made (cloud ids, figures)
     detail = models.CharField(max_length=200, blank=True)
     error = models.TextField(blank=True)
 
     class Meta:
+        abstract = True
         ordering = ["position"]
-        constraints = [models.UniqueConstraint(fields=["recovery", "name"], name="recovery_step_unique")]
 
     def __str__(self):
         return f"{self.name} ({self.status})"
+
+
+class RecoveryStep(PipelineStep):
+    """One step of a failover."""
+
+    recovery = models.ForeignKey(Recovery, on_delete=models.CASCADE, related_name="steps")
+
+    class Meta(PipelineStep.Meta):
+        constraints = [models.UniqueConstraint(fields=["recovery", "name"], name="recovery_step_unique")]
 
 
 class RecoveryNetwork(models.Model):
@@ -264,7 +277,7 @@ class Instance(models.Model):
 
     @property
     def cleanup_at(self):
-        """When `free_instances` will terminate this instance if it stays stopped."""
+        """When `instances_free` will terminate this instance if it stays stopped."""
         if self.state not in (self.State.STOPPING, self.State.STOPPED) or self.stopped_at is None:
             return None
         return self.stopped_at + settings.RECLO_STOPPED_INSTANCE_LIFETIME
@@ -286,7 +299,7 @@ class Drill(models.Model):
     `torn_down` is set once the teardown ran.
     """
 
-    Status = models.TextChoices("Status", DRILL.status_choices(), module=__name__, qualname="Drill.Status")
+    Status = models.TextChoices("Status", DRILL.status_choices(), module=__name__, qualname="Drill.Status")  # type: ignore[call-overload]
 
     class Sandbox(models.TextChoices):
         LOCAL = "local", "Local (QEMU on the worker)"
@@ -363,28 +376,10 @@ class Drill(models.Model):
         return self.created - self.backup_created
 
 
-class DrillStep(models.Model):
-    """One step of a drill (the fields the engine needs; see `recovery.pipeline.Pipeline`)."""
-
-    Status = RecoveryStep.Status
+class DrillStep(PipelineStep):
+    """One step of a drill."""
 
     drill = models.ForeignKey(Drill, on_delete=models.CASCADE, related_name="steps")
-    name = models.CharField(max_length=20)
-    position = models.PositiveSmallIntegerField()
-    status = models.CharField(max_length=10, choices=RecoveryStep.Status.choices, default="pending")
-    started = models.DateTimeField(null=True, blank=True)
-    finished = models.DateTimeField(null=True, blank=True)
-    deadline = models.DateTimeField(null=True, blank=True)
-    attempts = models.PositiveIntegerField(default=0)
-    retries = models.PositiveIntegerField(default=0)
-    waited = models.FloatField(default=0)
-    outputs = models.JSONField(default=dict, blank=True)
-    detail = models.CharField(max_length=200, blank=True)
-    error = models.TextField(blank=True)
 
-    class Meta:
-        ordering = ["position"]
+    class Meta(PipelineStep.Meta):
         constraints = [models.UniqueConstraint(fields=["drill", "name"], name="drill_step_unique")]
-
-    def __str__(self):
-        return f"{self.name} ({self.status})"

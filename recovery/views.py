@@ -93,7 +93,7 @@ def failover_start(request, server_id: int):
         raise Http404("No such server.")
     form = FailoverForm(request.POST or None, server=server)
     path = paths.image_path(server)
-    latest = form.fields["backup"].queryset.first()
+    latest = form.points.first()
     expected = (
         paths.about(
             paths.expected_seconds(path.method, latest.virtual_size, selectors.measured_failovers(method=path.method))
@@ -119,7 +119,7 @@ def failover_start(request, server_id: int):
         {
             "server": server,
             "form": form,
-            "has_points": form.fields["backup"].queryset.exists(),
+            "has_points": form.points.exists(),
             "path": path,
             "expected": expected,
             "extras": {

@@ -105,7 +105,7 @@ class Tunnel:
 
     @classmethod
     def from_settings(cls) -> "Tunnel":
-        return cls(ipaddress.ip_network(settings.RECLO_VPN_TUNNEL_CIDR))
+        return cls(ipaddress.IPv4Network(settings.RECLO_VPN_TUNNEL_CIDR))
 
     @property
     def gateway(self) -> str:

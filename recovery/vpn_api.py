@@ -18,6 +18,7 @@ from rest_framework.views import APIView
 
 from reclo_site.api.fields import StrictCharField
 from reclo_site.api.schema import error_responses
+from reclo_site.api.validation import valid_body
 from reclo_site.errors import Code, ServiceError
 
 from . import devices, vpn_watch
@@ -60,7 +61,7 @@ def _config_response(device) -> HttpResponse:
     return response
 
 
-class VpnDevicesApi(APIView):
+class VpnDeviceListApi(APIView):
     @extend_schema(
         operation_id="vpn_devices_list",
         tags=["vpn"],
@@ -102,11 +103,7 @@ class VpnDevicesApi(APIView):
         },
     )
     def post(self, request):
-        if not isinstance(request.data, dict):
-            raise ServiceError(Code.MALFORMED, "The body must be a JSON object.")
-        data = DeviceInput(data=request.data)
-        data.is_valid(raise_exception=True)
-        device = devices.device_create(user=request.user, name=data.validated_data["name"])
+        device = devices.device_create(user=request.user, name=valid_body(DeviceInput, request)["name"])
         return Response(
             {"message": f"Device {device.name} added.", "device": DeviceOutput(device).data},
             status=status.HTTP_201_CREATED,
@@ -143,7 +140,7 @@ class VpnDeviceConfigApi(APIView):
         return _config_response(devices.device_get(user=request.user, device_id=device_id))
 
 
-class GatewayPeersApi(APIView):
+class GatewayPeerListApi(APIView):
     """The gateway agent's one call: it posts `wg show wg0 latest-handshakes`, gets its [Peer] sections."""
 
     authentication_classes = []

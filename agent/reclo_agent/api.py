@@ -164,7 +164,8 @@ class PortalClient:
 
     def iter_backups(self, server: str | None = None) -> Iterator[dict]:
         """Every backup (newest first), following the pagination's ``next``."""
-        path, params = "/backups", ({"server": server} if server else None)
+        path: str | None = "/backups"
+        params = {"server": server} if server else None
         while path:
             body = self.request("GET", path, params=params)
             yield from body.get("backups") or []

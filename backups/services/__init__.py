@@ -6,7 +6,7 @@ worker's verdict, the scrub), downloads (restore grants), lifecycle
 and notifications (overdue emails).
 """
 
-from .downloads import DownloadGrant, backup_download_grant, chain_of
+from .downloads import DownloadGrant, backup_download_grant
 from .lifecycle import (
     Deletion,
     backup_delete,
@@ -61,7 +61,6 @@ __all__ = [
     "backups_purge",
     "backups_scrub_pick",
     "chain_mark_broken",
-    "chain_of",
     "enrollment_key_create",
     "lock_period",
     "max_file_size",

@@ -43,7 +43,8 @@ def overdue_notify(*, now: datetime | None = None) -> int:
             )
             if not overdue or not server.user.is_active:
                 continue
-            newest = max(d.newest_verified_at for d in overdue)
+            # An overdue disk has a newest verified time: it is what it is overdue from.
+            newest = max(d.newest_verified_at for d in overdue if d.newest_verified_at is not None)
             previous = server.overdue_notified_at
             if previous is not None and previous >= newest:
                 continue  # already told about this silence

@@ -116,7 +116,7 @@ def server_enroll(*, key: str, hostname: str = "", address: str = "") -> tuple[S
             )
             == 1
         )
-        if claimed and row.server.user.is_active:
+        if row is not None and claimed and row.server.user.is_active:
             server = row.server
             if hostname:
                 Server.objects.filter(pk=server.pk).update(hostname=hostname)

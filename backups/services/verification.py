@@ -24,8 +24,9 @@ from reclo_agent import vhd
 from reclo_site import cloud
 from reclo_site.cloud import storage
 
+from ..chains import descendants_of
 from ..models import Backup
-from .lifecycle import backup_fail, descendants_of, lock_period
+from .lifecycle import backup_fail, lock_period
 
 log = logging.getLogger(__name__)
 

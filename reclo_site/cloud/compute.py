@@ -264,6 +264,30 @@ def associate_address(*, allocation_id: str, instance_id: str) -> None:
     )
 
 
+def instance_find_or_run(lookup: dict, **run_kwargs) -> InstanceInfo:
+    """The live instance tagged `lookup`, else a new one from `run_instance(**run_kwargs)`.
+
+    The tags find an instance a killed worker started; `client_token` in
+    `run_kwargs` makes a retried launch return the same one.
+    """
+    found = find_instances(lookup)
+    return found[0] if found else run_instance(**run_kwargs)
+
+
+def address_attach(*, allocation_id: str, lookup: dict, tags: dict, instance_id: str) -> tuple[str, str]:
+    """Give the instance an Elastic IP: `allocation_id` if known, else the one tagged `lookup`, else a new one.
+
+    Returns (allocation id, public address); idempotent, so a step that
+    died half-way can run it again.
+    """
+    if not allocation_id:
+        found = find_addresses(lookup)
+        allocation_id = (found[0] if found else allocate_address(tags=tags)).allocation_id
+    associate_address(allocation_id=allocation_id, instance_id=instance_id)
+    address = describe_address(allocation_id)
+    return allocation_id, address.public_ip if address else ""
+
+
 def release_address(allocation_id: str) -> None:
     """Disassociate (if needed) and release an Elastic IP. Idempotent.
 

@@ -18,7 +18,7 @@ import base64
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -186,7 +186,7 @@ def put_snapshot_blocks(
 
     written = 0
     with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="ebs-put") as pool:
-        pending = set()
+        pending: set[Future] = set()
         try:
             for index, data in blocks:
                 if len(pending) >= in_flight:

@@ -136,8 +136,8 @@ def test_the_contingency_report_shows_only_the_tenants_own_drills(outsider, chai
 def test_drill_tasks_run_on_the_failover_queue_not_the_uploads_one():
     from reclo_site.queues import route_task
 
-    assert route_task("recovery.tasks.drill_run_step", (), {}, {}) == {"queue": "recovery"}
-    assert route_task("recovery.tasks.reconcile_drills", (), {}, {}) == {"queue": "recovery"}
+    assert route_task("recovery.tasks.drill_step_run", (), {}, {}) == {"queue": "recovery"}
+    assert route_task("recovery.tasks.drills_reconcile", (), {}, {}) == {"queue": "recovery"}
 
 
 def test_the_backup_object_says_bootable_from_its_newest_drill_and_the_api_gives_the_report(api, chain):

@@ -108,7 +108,7 @@ def test_a_silent_gateway_is_emailed_once_per_incident_and_once_when_back(client
     clock.shift(timedelta(minutes=2))
     assert vpn_watch.gateways_watch() == 0  # still within the margin
     clock.shift(timedelta(minutes=2))
-    assert tasks.watch_vpn_gateways.delay().get() == 1  # the beat job, through Celery
+    assert tasks.gateways_watch.delay().get() == 1  # the beat job, through Celery
     assert [m.subject for m in mail.outbox] == ["ReClo: your office VPN is down"]
     body = mail.outbox[0].body
     assert "has not reported to ReClo since 2026-03-02 09:00 UTC (4\xa0minutes ago)" in body

@@ -28,7 +28,6 @@ import sys
 from array import array
 from collections.abc import Iterator, Sequence
 from itertools import groupby, pairwise
-from typing import BinaryIO
 
 from . import bitmap
 from .errors import VHDError
@@ -50,6 +49,7 @@ from .format import (
     VHDInfo,
     bitmap_size,
 )
+from .streams import Readable
 
 # BAT entries read at once: 256 KiB of BAT, 32 GiB of disk at 2 MiB blocks.
 BAT_WINDOW = 64 * 1024
@@ -59,7 +59,7 @@ _UNALLOCATED_RUN = b"\xff" * (4 * _BAT_RUN)
 _UNALLOCATED_WINDOW = b"\xff" * (4 * BAT_WINDOW)  # compared with memcmp, far faster than counting
 
 
-def read_at(f: BinaryIO, offset: int, n: int, what: str) -> bytes:
+def read_at(f: Readable, offset: int, n: int, what: str) -> bytes:
     """Exactly ``n`` bytes at ``offset`` (looping over short reads)."""
     f.seek(offset)
     chunks, left = [], n
@@ -81,7 +81,7 @@ class VHDReader:
     block's raw parts.
     """
 
-    def __init__(self, f: BinaryIO, *, max_blocks: int | None = None) -> None:
+    def __init__(self, f: Readable, *, max_blocks: int | None = None) -> None:
         """Open and check ``f``; ``max_blocks`` refuses a header declaring more blocks.
 
         The limit is checked from the header alone, before the BAT is read:
@@ -111,7 +111,7 @@ class VHDReader:
         self._sectors_per_block = self.block_size // SECTOR
         self._full_bitmap = bitmap.full_bitmap(self._sectors_per_block, self._bitmap_size)
         header = self.header
-        differencing = self.disk_type == DiskType.DIFFERENCING
+        differencing = header is not None and self.disk_type == DiskType.DIFFERENCING
         self.info = VHDInfo(
             disk_type=DISK_TYPE_NAMES[self.disk_type],
             unique_id=footer.unique_id,
@@ -120,9 +120,9 @@ class VHDReader:
             allocated_blocks=self.allocated_count,
             timestamp=footer.timestamp,
             file_size=self.file_size,
-            parent_unique_id=header.parent_unique_id if differencing else None,
-            parent_timestamp=header.parent_timestamp if differencing else None,
-            parent_name=header.parent_name if differencing else None,
+            parent_unique_id=header.parent_unique_id if header is not None and differencing else None,
+            parent_timestamp=header.parent_timestamp if header is not None and differencing else None,
+            parent_name=header.parent_name if header is not None and differencing else None,
         )
 
     def _open_fixed(self) -> None:
@@ -396,7 +396,8 @@ class ChainReader:
                 if out is None and take == need:
                     out = data  # the whole block from one layer: no copying
                 else:
-                    if out is None:
+                    # (A whole block taken from one layer above ends the loop, so out is None here.)
+                    if not isinstance(out, bytearray):
                         out = bytearray(self.block_size)
                     take_map = bitmap.from_int(take, self._nsect, -(-self._nsect // 8))
                     for start, count in bitmap.set_runs(take_map, self._nsect):
@@ -434,6 +435,6 @@ class ChainReader:
         return b"".join(parts)
 
 
-def open_chain(files: Sequence[BinaryIO]) -> ChainReader:
+def open_chain(files: Sequence[Readable]) -> ChainReader:
     """A :class:`ChainReader` over file objects, base first."""
     return ChainReader([VHDReader(f) for f in files])

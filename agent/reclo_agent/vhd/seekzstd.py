@@ -22,13 +22,14 @@ import hashlib
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple, cast
 
 import pyzstd
 
 from .errors import VHDError
 from .format import DEFAULT_BLOCK_SIZE
 from .reader import read_at
+from .streams import Readable, Writable
 
 DEFAULT_LEVEL = 3
 SKIPPABLE_MAGIC = 0x184D2A5E  # the seek table is skippable frame 0xE
@@ -40,7 +41,7 @@ _CORRUPT = (pyzstd.ZstdError, pyzstd.SeekableFormatError, EOFError)
 class _CountingSink:
     """Writes everything to ``dst``, counting and hashing it."""
 
-    def __init__(self, dst: BinaryIO) -> None:
+    def __init__(self, dst: Writable) -> None:
         self._dst = dst
         self.size = 0
         self.sha256 = hashlib.sha256()
@@ -73,11 +74,14 @@ class SeekableZstdWriter(pyzstd.SeekableZstdFile):
     """
 
     def __init__(
-        self, dst: BinaryIO, *, level: int = DEFAULT_LEVEL, max_frame_size: int = 2 * DEFAULT_BLOCK_SIZE
+        self, dst: Writable, *, level: int = DEFAULT_LEVEL, max_frame_size: int = 2 * DEFAULT_BLOCK_SIZE
     ) -> None:
         self._sink = _CountingSink(dst)
         options = {pyzstd.CParameter.compressionLevel: level, pyzstd.CParameter.checksumFlag: 1}
-        super().__init__(self._sink, "w", level_or_option=options, max_frame_content_size=max_frame_size)
+        # pyzstd takes any object with write(); its stubs name only BinaryIO and int option keys.
+        super().__init__(
+            cast(BinaryIO, self._sink), "w", level_or_option=cast(dict, options), max_frame_content_size=max_frame_size
+        )
 
     def end_frame(self) -> None:
         """End the current frame (no-op if nothing was written since)."""
@@ -101,7 +105,7 @@ class Stored(NamedTuple):
 
 
 def compress_seekable(
-    src: BinaryIO, dst: BinaryIO, frame_size: int = DEFAULT_BLOCK_SIZE, *, level: int = DEFAULT_LEVEL
+    src: Readable, dst: Writable, frame_size: int = DEFAULT_BLOCK_SIZE, *, level: int = DEFAULT_LEVEL
 ) -> Stored:
     """Compress all of ``src`` (read sequentially) into ``dst`` as seekable zstd.
 
@@ -148,7 +152,7 @@ class SeekableReader(pyzstd.SeekableZstdFile):
             return super().seek(offset, whence)
 
 
-def open_seekable(fileobj: BinaryIO) -> SeekableReader:
+def open_seekable(fileobj: Readable) -> SeekableReader:
     """Open a stored object (any readable, seekable binary file object).
 
     Only the seek table is read on opening; each read then fetches and
@@ -156,10 +160,10 @@ def open_seekable(fileobj: BinaryIO) -> SeekableReader:
     object. Raises :class:`VHDError` if there is no valid seek table.
     """
     with _corrupt_as_vhderror():
-        return SeekableReader(fileobj, "r")
+        return SeekableReader(cast(BinaryIO, fileobj), "r")  # any object with read/seek/tell
 
 
-def check_seekable(fileobj: BinaryIO, *, chunk_size: int = 1 << 20) -> int:
+def check_seekable(fileobj: Readable, *, chunk_size: int = 1 << 20) -> int:
     """Decompress every frame and check it against the seek table.
 
     The VHD validator reads only the metadata; this proves that all the data
@@ -203,7 +207,7 @@ def check_seekable(fileobj: BinaryIO, *, chunk_size: int = 1 << 20) -> int:
     return total
 
 
-def _check_frame(f: BinaryIO, offset: int, c_size: int, d_size: int, frame: int, chunk_size: int) -> None:
+def _check_frame(f: Readable, offset: int, c_size: int, d_size: int, frame: int, chunk_size: int) -> None:
     decompressor = pyzstd.ZstdDecompressor()
     produced = 0
     done = 0

@@ -27,7 +27,7 @@ import sys
 import uuid
 from array import array
 from collections.abc import Callable, Iterable, Iterator
-from typing import BinaryIO, Self
+from typing import Self
 
 from . import bitmap
 from .format import (
@@ -52,6 +52,7 @@ from .format import (
     bitmap_size,
     vhd_timestamp,
 )
+from .streams import Readable, Writable
 
 
 def _check_size(size: int) -> None:
@@ -82,9 +83,9 @@ class VHDWriter:
 
     def __init__(
         self,
-        out: BinaryIO,
+        out: Writable,
         virtual_size: int,
-        allocated: Iterable[int],
+        allocated: Iterable[int] | Callable[[], Iterator[int]],
         *,
         parent: ParentInfo | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
@@ -273,7 +274,7 @@ class VHDWriter:
             self.close()
 
 
-def _read_exactly(src: BinaryIO, n: int) -> bytes:
+def _read_exactly(src: Readable, n: int) -> bytes:
     """``n`` bytes from ``src`` (looping over short reads), or fail."""
     chunks, left = [], n
     while left:
@@ -285,7 +286,7 @@ def _read_exactly(src: BinaryIO, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def _source_size(src: BinaryIO, size: int | None) -> int:
+def _source_size(src: Readable, size: int | None) -> int:
     if size is None:
         size = src.seek(0, 2)
         src.seek(0)
@@ -293,7 +294,7 @@ def _source_size(src: BinaryIO, size: int | None) -> int:
     return size
 
 
-def scan_allocated(src: BinaryIO, size: int, block_size: int = DEFAULT_BLOCK_SIZE) -> array:
+def scan_allocated(src: Readable, size: int, block_size: int = DEFAULT_BLOCK_SIZE) -> array:
     """Indices of the blocks of a raw disk image that are not all zeros.
 
     Reads ``src`` from its current position; the caller seeks back. Returns
@@ -309,8 +310,8 @@ def scan_allocated(src: BinaryIO, size: int, block_size: int = DEFAULT_BLOCK_SIZ
 
 
 def write_dynamic_from_raw(
-    src: BinaryIO,
-    out: BinaryIO,
+    src: Readable,
+    out: Writable,
     *,
     size: int | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
@@ -333,8 +334,8 @@ def write_dynamic_from_raw(
 
 
 def write_fixed(
-    src: BinaryIO,
-    out: BinaryIO,
+    src: Readable,
+    out: Writable,
     *,
     size: int | None = None,
     unique_id: uuid.UUID | None = None,
