@@ -376,6 +376,8 @@ CELERY_BEAT_SCHEDULE = {
     "recovery-reconcile-drills": {"task": "recovery.tasks.drills_reconcile", "schedule": 60.0},
     # Start the drills that servers' drill intervals make due.
     "recovery-schedule-drills": {"task": "recovery.tasks.drills_schedule", "schedule": crontab(minute="*/15")},
+    # Email owners whose VPN gateway stopped reporting (and when it is back).
+    "recovery-watch-vpn-gateways": {"task": "recovery.tasks.gateways_watch", "schedule": 60.0},
 }
 
 # --- Cloud (AWS; moto's server mode locally) ------------------------------------
@@ -477,6 +479,9 @@ RECLO_VPN_GATEWAY_INSTANCE_TYPE = env("RECLO_VPN_GATEWAY_INSTANCE_TYPE", default
 # clouds (moto runs no user-data, so no gateway there ever reports).
 RECLO_VPN_GATEWAY_REPORT_DEADLINE = timedelta(minutes=env.int("RECLO_VPN_GATEWAY_REPORT_MINUTES", default=10))
 RECLO_VPN_GATEWAY_MUST_REPORT = env.bool("RECLO_VPN_GATEWAY_MUST_REPORT", default=True)
+# The gateway's agent reports every 30 seconds; after this long without a
+# report the pages and the API say "VPN down" and the owner is emailed.
+RECLO_VPN_GATEWAY_DOWN_AFTER = timedelta(minutes=env.int("RECLO_VPN_GATEWAY_DOWN_MINUTES", default=3))
 # A step whose worker has not reported for this long is taken over by the
 # reconciler (the worker died); long steps report every few seconds.
 RECLO_RECOVERY_STALE_AFTER = timedelta(seconds=env.int("RECLO_RECOVERY_STALE_SECONDS", default=300))

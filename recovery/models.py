@@ -140,6 +140,11 @@ class RecoveryStep(PipelineStep):
 class RecoveryNetwork(models.Model):
     """A tenant's recovery network (VPC, subnet, internet route, security groups), made once and reused."""
 
+    class VpnDns(models.TextChoices):
+        SERVER = "server", "the recovered server"
+        CUSTOM = "custom", "addresses or names the owner gives"
+        NONE = "none", "none"
+
     user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="recovery_network")
     vpc_id = models.CharField(max_length=32, blank=True)
     igw_id = models.CharField(max_length=32, blank=True)
@@ -147,8 +152,11 @@ class RecoveryNetwork(models.Model):
     route_table_id = models.CharField(max_length=32, blank=True)
     server_group_id = models.CharField(max_length=32, blank=True)
     gateway_group_id = models.CharField(max_length=32, blank=True)
-    # Put in every device's config as `DNS =` when set (a recovered domain
-    # controller's address, say), so `\\SERVER` names and logons resolve.
+    # What goes in every device's config as `DNS =`, so `\\SERVER` names and
+    # domain logons resolve: by default the recovered server's address (a
+    # small office's server is usually its DNS), else the owner's `vpn_dns`
+    # (DNS server addresses and search domains, comma-separated), or nothing.
+    vpn_dns_mode = models.CharField(max_length=8, choices=VpnDns.choices, default=VpnDns.SERVER)
     vpn_dns = models.CharField(max_length=255, blank=True)
     ready = models.BooleanField(default=False)
     lease_token = models.UUIDField(null=True, blank=True)
@@ -166,7 +174,10 @@ class VpnGateway(models.Model):
     The private key and the credential are stored encrypted with
     RECLO_VPN_KEYS (Fernet), so a retried launch renders the same user-data;
     the credential is looked up by its SHA-256 (`agent_token_hash`).
-    `last_report` is the agent's last call. A released
+    `last_report` is the agent's last call; `down_since` (the last report
+    before a silence) is set when the watcher, a beat job, finds the reports
+    stopped and tells the owner, and cleared when they are back: one email
+    each way per incident. A released
     gateway (no instance left using it) gets fresh keys when it is needed
     again (`generation` keeps the ClientTokens of the old and new apart).
     """
@@ -190,6 +201,7 @@ class VpnGateway(models.Model):
     agent_token_enc = models.TextField()
     agent_token_hash = models.CharField(max_length=64, unique=True)
     last_report = models.DateTimeField(null=True, blank=True)
+    down_since = models.DateTimeField(null=True, blank=True)
     lease_token = models.UUIDField(null=True, blank=True)
     lease_until = models.DateTimeField(null=True, blank=True)
     created = models.DateTimeField(default=timezone.now)

@@ -186,6 +186,9 @@ def _renew_generation(gateway: VpnGateway) -> None:
         "public_ip": "",
         "private_ip": "",
         "released": None,
+        # A new instance: it has not reported yet, and the old one's outage is over.
+        "last_report": None,
+        "down_since": None,
     }
     VpnGateway.objects.filter(pk=gateway.pk, generation=gateway.generation).update(**fields)
     gateway.refresh_from_db()

@@ -21,7 +21,7 @@ from reclo_site import cloud
 from reclo_site.cloud import compute, imaging, storage, streams
 from reclo_site.errors import Code
 
-from . import networks, paths
+from . import networks, paths, vpn_watch
 from .engine import StepContext
 from .models import Instance, Recovery
 from .pipeline import Done, StepFailed, Wait
@@ -441,7 +441,8 @@ def provision_vpn(ctx: StepContext) -> Done | Wait:
     if isinstance(result, Wait):
         return result
     gateway = result
-    if settings.RECLO_VPN_GATEWAY_MUST_REPORT and gateway.last_report is None:
+    # A gateway reused from an earlier failover must be reporting now, too.
+    if settings.RECLO_VPN_GATEWAY_MUST_REPORT and vpn_watch.health_of(gateway).status != "up":
         return _await_gateway_report(ctx, gateway)
     ctx.save(gateway_instance_id=gateway.instance_id, gateway_public_ip=gateway.public_ip)
     return Done(

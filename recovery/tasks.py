@@ -10,7 +10,7 @@ from celery import shared_task
 
 from reclo_site.cloud import CloudUnavailable
 
-from . import drill_services, engine, services
+from . import drill_services, engine, services, vpn_watch
 from .drills import DRILL
 from .failover import FAILOVER
 
@@ -54,6 +54,12 @@ def instances_sync() -> int:
 @shared_task
 def instances_free() -> list[str]:
     return services.instances_free()
+
+
+@shared_task
+def gateways_watch() -> int:
+    """Email owners whose VPN gateway stopped reporting, and when it is back."""
+    return vpn_watch.gateways_watch()
 
 
 # --- Drills ---------------------------------------------------------------------------------

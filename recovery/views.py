@@ -16,7 +16,7 @@ from django.views.decorators.http import require_GET, require_http_methods
 from accounts import twofactor
 from reclo_site.errors import ServiceError
 
-from . import drill_report, drill_services, paths, selectors, services, sizes
+from . import drill_report, drill_services, paths, selectors, services, sizes, vpn_watch
 from .api import vpn_file_name
 from .drill_api import report_response
 from .drills import DRILL_STEPS
@@ -184,6 +184,7 @@ def recovery_detail(request, recovery_id):
             "measured": _minutes_seconds(recovery.elapsed.total_seconds()),
             "instance": instance,
             "vpn_ready": vpn_ready,
+            "vpn_health": vpn_watch.gateway_health(request.user.pk) if vpn_ready else None,
             "vpn_file": vpn_file_name(instance) if instance else "",
         },
     )

@@ -21,7 +21,7 @@ from reclo_site.api.schema import error_responses
 from reclo_site.api.validation import valid_body
 from reclo_site.errors import Code, ServiceError
 
-from . import devices
+from . import devices, vpn_watch
 
 MAX_REPORT_BYTES = 256 * 1024
 
@@ -34,6 +34,20 @@ class DeviceOutput(serializers.Serializer):
     last_handshake = serializers.DateTimeField(
         allow_null=True, help_text="The gateway's last handshake with this device, as its agent last reported."
     )
+
+
+class GatewayOutput(serializers.Serializer):
+    status = serializers.ChoiceField(
+        ["none", "starting", "up", "down"],
+        help_text="`down`: the gateway has not reported for RECLO_VPN_GATEWAY_DOWN_MINUTES (3 by default).",
+    )
+    message = serializers.CharField(help_text="The same in plain words, as the VPN page says it.")
+    last_report = serializers.DateTimeField(allow_null=True, help_text="The gateway agent's last call.")
+
+
+class DnsOutput(serializers.Serializer):
+    mode = serializers.ChoiceField(["server", "custom", "none"])
+    entries = serializers.CharField(help_text="The configs' `DNS =` line (empty: none).")
 
 
 class DeviceInput(serializers.Serializer):
@@ -53,14 +67,29 @@ class VpnDeviceListApi(APIView):
         tags=["vpn"],
         responses={
             200: inline_serializer(
-                "VpnDeviceListOutput", {"message": serializers.CharField(), "devices": DeviceOutput(many=True)}
+                "VpnDeviceListOutput",
+                {
+                    "message": serializers.CharField(),
+                    "devices": DeviceOutput(many=True),
+                    "gateway": GatewayOutput(),
+                    "dns": DnsOutput(),
+                },
             ),
             **error_responses(Code.BAD_TOKEN),
         },
     )
     def get(self, request):
         found = devices.device_list(user=request.user)
-        return Response({"message": "Your VPN devices.", "devices": DeviceOutput(found, many=True).data})
+        health = vpn_watch.gateway_health(request.user.pk)
+        dns = devices.dns_get(user_id=request.user.pk)
+        return Response(
+            {
+                "message": "Your VPN devices.",
+                "devices": DeviceOutput(found, many=True).data,
+                "gateway": GatewayOutput(health).data,
+                "dns": {"mode": dns.mode, "entries": dns.entries},
+            }
+        )
 
     @extend_schema(
         operation_id="vpn_devices_add",
