@@ -171,6 +171,8 @@ def server_remove(request, server_id: int):
         messages.success(request, f"Removed {server.name}.")
         return redirect("backups:dashboard")
     return render(request, "backups/server_remove.html", {"server": server, "has_points": has_points})
+
+
 def _place(request) -> tuple[int | None, str]:
     raw = request.GET.get("partition", "")
     partition = int(raw) if raw.isascii() and raw.isdigit() and 1 <= int(raw) <= 128 else None

@@ -51,6 +51,8 @@ def sign_in(page, portal: str, email: str, password: str) -> None:
     page.fill("#id_password", password)
     page.click("button[type=submit]")
     page.wait_for_selector("text=Your servers")
+
+
 def shot(page, name):
     """A full-page screenshot `name`.png in $RECLO_SCREENSHOTS, when it is set (to look at new pages)."""
     folder = os.environ.get("RECLO_SCREENSHOTS", "")

@@ -450,6 +450,8 @@ def _tell_portal(cfg: config.Config, servers) -> None:
         return
     for server in dict.fromkeys(servers):
         _report_status(client, cfg, server, preflight_run=False)
+
+
 def cmd_files(args) -> int:
     client = _client(_load_config(args))
     place = files.parse_place(args.path)

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('backups', '0007_consistency_server_status'),
+        ("backups", "0009_agent_health"),
     ]
 
     operations = [

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('accounts', '0004_auth_events'),
+        ("accounts", "0005_files_downloaded"),
     ]
 
     operations = [

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('recovery', '0003_vpn_devices'),
+        ("recovery", "0004_drill_evidence"),
     ]
 
     operations = [
