@@ -182,6 +182,26 @@ def _seek_table_at(fileobj: BinaryIO) -> tuple[int, int, int]:
     return frames, entry, table_at
 
 
+def _seek_entries(fileobj: BinaryIO, chunk_size: int) -> tuple[int, Iterator[tuple[int, int, int]]]:
+    """Where the seek table starts, and its entries as ``(frame, compressed size, decompressed size)``.
+
+    The entries are read ``chunk_size`` bytes of table at a time, so a table
+    claiming millions of frames costs no more memory than that.
+    """
+    frames, entry, table_at = _seek_table_at(fileobj)
+
+    def entries() -> Iterator[tuple[int, int, int]]:
+        batch = max(1, chunk_size // entry)
+        for first in range(0, frames, batch):
+            count = min(batch, frames - first)
+            raw = read_at(fileobj, table_at + 8 + first * entry, count * entry, "seek table")
+            for n in range(count):
+                c_size, d_size = struct.unpack_from("<II", raw, n * entry)
+                yield first + n, c_size, d_size
+
+    return table_at, entries()
+
+
 class SeekTable(NamedTuple):
     """Where each frame of a stored object is: ``c_offsets[i]`` in the object, ``d_offsets[i]`` decompressed.
 
@@ -208,16 +228,11 @@ def read_seek_table(fileobj: BinaryIO, *, chunk_size: int = 1 << 20) -> SeekTabl
     private. Raises :class:`VHDError` when the table is not well formed or
     describes more bytes than the stream holds.
     """
-    frames, entry, table_at = _seek_table_at(fileobj)
+    table_at, entries = _seek_entries(fileobj, chunk_size)
     c_offsets, d_offsets = array("q", [0]), array("q", [0])
-    batch = max(1, chunk_size // entry)
-    for first in range(0, frames, batch):
-        count = min(batch, frames - first)
-        raw = read_at(fileobj, table_at + 8 + first * entry, count * entry, "seek table")
-        for n in range(count):
-            c_size, d_size = struct.unpack_from("<II", raw, n * entry)
-            c_offsets.append(c_offsets[-1] + c_size)
-            d_offsets.append(d_offsets[-1] + d_size)
+    for _frame, c_size, d_size in entries:
+        c_offsets.append(c_offsets[-1] + c_size)
+        d_offsets.append(d_offsets[-1] + d_size)
     if c_offsets[-1] != table_at:
         raise VHDError(f"seek table covers {c_offsets[-1]} bytes of {table_at} bytes of frames")
     return SeekTable(c_offsets, d_offsets)
@@ -242,20 +257,14 @@ def check_seekable(fileobj: BinaryIO, *, chunk_size: int = 1 << 20) -> int:
     ``chunk_size`` whatever a (possibly hostile) frame claims. Returns the
     decompressed size; raises :class:`VHDError`.
     """
-    frames, entry, table_at = _seek_table_at(fileobj)
+    table_at, entries = _seek_entries(fileobj, chunk_size)
     position = total = 0
-    batch = max(1, chunk_size // entry)
-    for first in range(0, frames, batch):
-        count = min(batch, frames - first)
-        raw = read_at(fileobj, table_at + 8 + first * entry, count * entry, "seek table")
-        for n in range(count):
-            c_size, d_size = struct.unpack_from("<II", raw, n * entry)
-            frame = first + n
-            if position + c_size > table_at:
-                raise VHDError(f"seek table frame {frame} reaches past the data")
-            _check_frame(fileobj, position, c_size, d_size, frame, chunk_size)
-            position += c_size
-            total += d_size
+    for frame, c_size, d_size in entries:
+        if position + c_size > table_at:
+            raise VHDError(f"seek table frame {frame} reaches past the data")
+        _check_frame(fileobj, position, c_size, d_size, frame, chunk_size)
+        position += c_size
+        total += d_size
     if position != table_at:
         raise VHDError(f"seek table covers {position} bytes of {table_at} bytes of frames")
     return total
