@@ -237,7 +237,11 @@ def main() -> int:
         return 0
     finally:
         moto.terminate()
-        moto.wait(timeout=10)
+        try:
+            moto.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            moto.kill()
+            moto.wait()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -304,7 +308,13 @@ def run(args, size_mib: int, work: Path, profile: Path | None = None):
     # S3 (the real consolidating step, as VM Import still uses it), then that
     # object read back and written into a snapshot (what EBS direct did before).
     baseline = services.recovery_start(user=user, backup_id=backups[-1].pk, import_method="vm_import")
-    merge_seconds, _ = timed(lambda: engine.run_step(baseline.pk, "consolidating"))
+
+    def consolidate():
+        # As a worker would: again after a transient error (moto's server answers some 500s under load).
+        while engine.run_step(baseline.pk, "consolidating") == "retrying":
+            Recovery.objects.filter(pk=baseline.pk).update(due_at=None)
+
+    merge_seconds, _ = timed(consolidate)
     merged = baseline.steps.get(name="consolidating").outputs
     copy_seconds, (copied, copy_snapshot) = timed(lambda: two_copy_snapshot(merged["image_key"], size))
     Recovery.objects.filter(pk=baseline.pk).update(status="failed", finished=timezone.now())
