@@ -34,6 +34,10 @@ from .storage import (
 MiB = 1024 * 1024
 
 
+class _StreamBroke(CloudUnavailable):
+    """A GET's body stopped short: the connection dropped or timed out mid-stream."""
+
+
 class SequentialObjectReader(SeekableObject):
     """Read-only, seekable; one streaming GET at a time.
 
@@ -98,7 +102,8 @@ class SequentialObjectReader(SeekableObject):
             data = self._body.read(n)
         except BotoCoreError as exc:
             self._close_body()
-            raise translate(exc, f"read {self.key}") from exc
+            error = translate(exc, f"read {self.key}")
+            raise _StreamBroke(str(error), error.code) from exc
         self._body_pos += len(data)
         return data
 
@@ -110,9 +115,10 @@ class SequentialObjectReader(SeekableObject):
         for attempt in range(self._retries + 1):
             try:
                 return self._readinto(view, wanted)
-            except CloudUnavailable:
+            except _StreamBroke:
                 # The stream broke (or ended early): the next try opens a new
-                # GET where this one stopped, as S3's own SDKs do.
+                # GET where this one stopped, as S3's own SDKs do. (A GET
+                # refused outright is not retried here: botocore already did.)
                 self._close_body()
                 if attempt == self._retries:
                     raise
@@ -130,7 +136,7 @@ class SequentialObjectReader(SeekableObject):
         while done < wanted:
             data = self._stream_read(wanted - done)
             if not data:
-                raise CloudUnavailable(f"read {self.key}: stream ended at {self._body_pos} of {self.size}", "ShortRead")
+                raise _StreamBroke(f"read {self.key}: stream ended at {self._body_pos} of {self.size}", "ShortRead")
             view[done : done + len(data)] = data
             done += len(data)
         self._pos += done

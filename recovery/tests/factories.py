@@ -204,21 +204,34 @@ def drive_recovery(recovery_id, *, max_goes: int = 50, until: str | None = None)
 
 
 class SnapshotWrites:
-    """The EBS block writes moto (in this process) receives, in order; `hold()` stops them until `release()`."""
+    """The EBS block writes moto (in this process) receives, in order; `hold_after(n)` stops those after the nth."""
 
     def __init__(self):
         self.indices: list[int] = []
-        self._open = threading.Event()
-        self._open.set()
+        self._lock = threading.Lock()
+        self._admitted = 0
+        self._limit: int | None = None
+        self._released = threading.Event()
 
-    def hold(self) -> None:
-        self._open.clear()
+    def hold_after(self, count: int) -> None:
+        """Writes after the first `count` wait (in moto) until `release()`: no race with a fast writer."""
+        with self._lock:
+            self._limit = count
 
     def release(self) -> None:
-        self._open.set()
+        with self._lock:
+            self._limit = None
+        self._released.set()
 
     def passed(self) -> int:
         return len(self.indices)
+
+    def admit(self) -> None:
+        with self._lock:
+            self._admitted += 1
+            held = self._limit is not None and self._admitted > self._limit
+        if held:
+            self._released.wait(timeout=300)
 
 
 def slow_snapshot_writes(monkeypatch, delay: float = 0.03) -> SnapshotWrites:
@@ -234,7 +247,7 @@ def slow_snapshot_writes(monkeypatch, delay: float = 0.03) -> SnapshotWrites:
 
     def slow_put(self, *args, **kwargs):
         time.sleep(delay)
-        writes._open.wait(timeout=300)
+        writes.admit()
         writes.indices.append(kwargs["block_index"] if "block_index" in kwargs else args[1])
         return real_put(self, *args, **kwargs)
 

@@ -56,19 +56,19 @@ def test_a_worker_killed_mid_step_is_taken_over_and_nothing_is_made_twice(moto_s
     def importing() -> dict:
         return RecoveryStep.objects.get(recovery__user=user, name="importing").__dict__
 
+    # Kill the worker while it writes the disk into the snapshot: the
+    # snapshot exists, its id is saved, the blocks are half written and a
+    # checkpoint says which. moto holds the writes after the first 20 until
+    # then, so the kill cannot come too late.
+    writes.hold_after(20)
     with testing.celery_worker(env) as first:
         recovery = services.recovery_start(user=user, backup_id=backups[-1].pk)
-        # Kill the worker while it writes the disk into the snapshot: the
-        # snapshot exists, its id is saved, the blocks are half written and
-        # a checkpoint says which. (moto holds the writes after the first 20
-        # until then, so the kill cannot come too late.)
         testing.wait_until(
             lambda: importing()["outputs"].get("snapshot_id") and writes.passed() >= 20,
             timeout=90,
-            interval=0.02,
+            interval=0.05,
             what="the import to start writing blocks",
         )
-        writes.hold()
         testing.wait_until(
             lambda: any(span[2] > span[0] for span in importing()["outputs"].get("spans", [])),
             timeout=60,
