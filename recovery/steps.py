@@ -7,8 +7,7 @@ id, and only then creates, with a ClientToken where AWS takes one.
 """
 
 import logging
-import threading
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from array import array
 from datetime import datetime
 
 from django.conf import settings
@@ -21,7 +20,7 @@ from reclo_site import cloud
 from reclo_site.cloud import compute, imaging, storage, streams
 from reclo_site.errors import Code
 
-from . import networks, paths, vpn_watch
+from . import networks, paths, snapshot_write, vpn_watch
 from .engine import StepContext
 from .models import Instance, Recovery
 from .pipeline import Done, StepFailed, Wait
@@ -33,11 +32,7 @@ MiB = 1024 * 1024
 IMAGE_POLL = 10.0
 IMPORT_POLL = 30.0
 INSTANCE_POLL = 5.0
-# EBS direct writes are checkpointed every this many VHD blocks (128 MiB).
-CHECKPOINT_BLOCKS = 64
-# Threads that read the chain and write snapshot blocks at once (each its own reads and writes).
-WRITERS = 16
-# Ranged reads of a layer: a 2 MiB block compresses to well under this.
+# Ranged reads of a layer by `open_chain`: a 2 MiB block compresses to well under this.
 CHAIN_CHUNK = 4 * MiB
 
 
@@ -188,16 +183,6 @@ def _image_ready(ctx: StepContext, image_id: str) -> Done | Wait:
     raise StepFailed(Code.IMPORT_FAILED, f"The image could not be created ({state}): {reason or 'no reason given'}.")
 
 
-def _ebs_pieces(index: int, data: bytes, per: int):
-    """(EBS block index, 512 KiB) of the non-zero parts of VHD block `index` (unwritten EBS blocks read as zeros)."""
-    size = imaging.EBS_BLOCK_SIZE
-    zero = bytes(size)
-    for part in range(per):
-        piece = data[part * size : (part + 1) * size]
-        if piece and piece != zero[: len(piece)]:
-            yield index * per + part, piece.ljust(size, b"\0")
-
-
 def open_chain(layers: list[tuple[str, dict]]) -> ChainReader:
     """The chain's disk from `(key, pinned reader arguments)`, base first, read by ranged GETs of its zstd frames."""
     files = [storage.ObjectReader(key, chunk_size=CHAIN_CHUNK, **pinned) for key, pinned in layers]
@@ -260,78 +245,43 @@ def _ebs_direct(ctx: StepContext) -> Done | Wait:
 
 
 def _write_snapshot_blocks(ctx: StepContext, snapshot_id: str) -> None:
-    """Merge the chain straight into the snapshot: one pass, no merged copy anywhere.
+    """Merge the chain straight into the snapshot: one pass, no merged copy anywhere (`recovery.snapshot_write`).
 
-    The allocated blocks (from the layers' BATs, no data read) go in
-    checkpoint batches; each batch is cut into contiguous runs, one per
-    thread, and each thread has its own chain reader (file objects are not
-    thread-safe), reads its run by ranged GETs and writes the non-zero
-    512 KiB pieces with PutSnapshotBlock. So `WRITERS` reads and writes are
-    in flight at once. After a batch its end is saved: a worker killed
-    mid-batch resumes there and rewrites at most one batch (harmless).
+    The spans and their checkpoints are saved in the step's outputs, so a
+    worker killed mid-write (even by SIGKILL) is followed by one that writes
+    into the same snapshot from the checkpoints on.
     """
     # Each layer read at exactly the version that was verified.
     layers = [(backup.key, backup.pinned) for backup in _chain_or_fail(ctx.recovery)]
-    local = threading.local()
-    opened: list[ChainReader] = []
-
-    def chain() -> ChainReader:
-        if not hasattr(local, "chain"):
-            local.chain = open_chain(layers)
-            opened.append(local.chain)
-        return local.chain
-
     try:
-        reader = chain()
+        chain, shared = snapshot_write.open_layers(layers)
     except cloud.ObjectNotFound as exc:
         raise StepFailed(Code.NO_RESTORABLE_BACKUP, "A restore point of the chain is missing from storage.") from exc
     except storage.ObjectChanged as exc:
         raise StepFailed(Code.IMPORT_FAILED, _changed_message(exc)) from exc
     except VHDError as exc:
         raise StepFailed(Code.IMPORT_FAILED, f"A restore point of the chain is damaged: {exc}") from exc
-    if reader.virtual_size != ctx.recovery.virtual_size:
+    if chain.virtual_size != ctx.recovery.virtual_size:
         raise StepFailed(Code.IMPORT_FAILED, "The chain's disk size does not match the restore point.")
-    per = reader.block_size // imaging.EBS_BLOCK_SIZE
-    start = ctx.outputs.get("next_block", 0)
-    written = ctx.outputs.get("changed_blocks", 0)
-    total = reader.block_count
-    todo = [index for index in reader.allocated_blocks() if index >= start]
-
-    def write_run(run: list[int]) -> int:
-        count = 0
-        source = chain()
-        for index in run:
-            for ebs_index, piece in _ebs_pieces(index, source.read_block(index), per):
-                imaging.put_snapshot_block(snapshot_id, ebs_index, piece)
-                count += 1
-        return count
-
-    ctx.heartbeat(f"Writing {len(todo)} stored block(s) of the disk.", force=True)
+    spans = ctx.outputs.get("spans")
+    if spans is None:
+        allocated = array("q", chain.allocated_blocks())
+        spans = snapshot_write.plan_spans(allocated, chain.block_count)
+        ctx.save(spans=spans)
+        ctx.heartbeat(f"Writing {len(allocated)} stored block(s) of the disk.", force=True)
     try:
-        with ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="ebs-write") as pool:
-            for first in range(0, len(todo), CHECKPOINT_BLOCKS):
-                batch = todo[first : first + CHECKPOINT_BLOCKS]
-                step = -(-len(batch) // WRITERS)
-                futures = [pool.submit(write_run, batch[i : i + step]) for i in range(0, len(batch), step)]
-                try:
-                    for future in as_completed(futures):
-                        written += future.result()
-                        ctx.heartbeat(f"Writing the disk: {batch[0] * 100 // total}% done.")
-                except storage.ObjectChanged as exc:
-                    raise StepFailed(Code.IMPORT_FAILED, _changed_message(exc)) from exc
-                except VHDError as exc:
-                    raise StepFailed(Code.IMPORT_FAILED, f"A restore point of the chain is damaged: {exc}") from exc
-                finally:
-                    for future in futures:
-                        future.cancel()
-                next_block = todo[first + CHECKPOINT_BLOCKS] if first + CHECKPOINT_BLOCKS < len(todo) else total
-                ctx.save(next_block=next_block, changed_blocks=written)
-    finally:
-        for opened_chain in opened:
-            for layer in opened_chain.layers:
-                close = getattr(layer._f, "close", None)  # the S3 readers opened above
-                if close is not None:
-                    close()
+        written = snapshot_write.write_chain(
+            snapshot_id,
+            chain,
+            shared,
+            spans,
+            save=lambda saved: ctx.save(spans=saved, changed_blocks=sum(span[3] for span in saved)),
+            heartbeat=ctx.heartbeat,
+        )
+    except storage.ObjectChanged as exc:
+        raise StepFailed(Code.IMPORT_FAILED, _changed_message(exc)) from exc
+    except VHDError as exc:
+        raise StepFailed(Code.IMPORT_FAILED, f"A restore point of the chain is damaged: {exc}") from exc
     ctx.save(blocks_written=True, changed_blocks=written)
 
 

@@ -16,9 +16,11 @@ from reclo_agent.vhd import (
     VHDWriter,
     check_seekable,
     compress_seekable,
+    decompress_frame,
     merge_chain,
     open_chain,
     open_seekable,
+    read_seek_table,
     validate,
     validate_stored,
     write_dynamic_from_raw,
@@ -197,3 +199,46 @@ def test_validate_stored_checks_frames_and_vhd(kit):
     validate(open_seekable(io.BytesIO(bad)))
     with pytest.raises(VHDError):
         validate_stored(io.BytesIO(bad))
+
+
+def test_the_seek_table_locates_every_frame_and_each_decompresses_alone(kit):
+    disk = kit.make_disk(SIZE, seed=9)
+    out = io.BytesIO()
+    with SeekableZstdWriter(out) as stored:
+        write_dynamic_from_raw(io.BytesIO(disk), stored)
+    blob = out.getvalue()
+    table = read_seek_table(io.BytesIO(blob))
+    frames = len(table.c_offsets) - 1
+    assert frames == pyzstd.SeekableZstdFile(io.BytesIO(blob)).seek_table_info[0]
+    parts = [
+        decompress_frame(blob[table.c_offsets[i] : table.c_offsets[i + 1]], table.d_offsets[i + 1] - table.d_offsets[i])
+        for i in range(frames)
+    ]
+    whole = b"".join(parts)
+    assert whole == open_seekable(io.BytesIO(blob)).read()
+    assert table.d_offsets[-1] == len(whole)
+    for offset in (0, 511, 512, len(whole) // 2, len(whole) - 1):
+        frame = table.frame_at(offset)
+        assert table.d_offsets[frame] <= offset < table.d_offsets[frame + 1]
+    with pytest.raises(VHDError):
+        table.frame_at(len(whole))
+
+
+def test_a_frame_that_does_not_match_its_seek_table_entry_raises_vhderror(kit):
+    out = io.BytesIO()
+    compress_seekable(io.BytesIO(kit.make_disk(3 * MIB, seed=10)), out, frame_size=MIB)
+    blob = out.getvalue()
+    table = read_seek_table(io.BytesIO(blob))
+    frame = blob[table.c_offsets[0] : table.c_offsets[1]]
+    size = table.d_offsets[1]
+    assert decompress_frame(frame, size) == open_seekable(io.BytesIO(blob)).read(size)
+    with pytest.raises(VHDError):
+        decompress_frame(frame, size - 1)  # the frame holds more than the table says
+    with pytest.raises(VHDError):
+        decompress_frame(frame, size + 1)
+    with pytest.raises(VHDError):
+        decompress_frame(frame[:-5], size)  # cut short
+    with pytest.raises(VHDError):
+        decompress_frame(frame[:40] + bytes([frame[40] ^ 0xFF]) + frame[41:], size)  # its checksum
+    with pytest.raises(VHDError):
+        read_seek_table(io.BytesIO(blob[:-1]))

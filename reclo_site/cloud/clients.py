@@ -12,7 +12,8 @@ from django.core.signals import setting_changed
 
 # Standard retry mode backs off on throttling with jitter inside botocore,
 # before our own task-level retries see anything.
-# The pool holds the failover's parallel EBS writers and readers (recovery.steps.WRITERS) with room to spare.
+# The pool holds the failover's parallel EBS writes and reads (recovery.snapshot_write: PUTS and READERS)
+# with room to spare.
 _CONFIG = Config(
     retries={"max_attempts": 4, "mode": "standard"}, connect_timeout=10, read_timeout=60, max_pool_connections=32
 )

@@ -18,7 +18,7 @@ import base64
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -164,6 +164,8 @@ def put_snapshot_blocks(
     *,
     in_flight: int = 8,
     on_done: Callable[[int], None] | None = None,
+    on_wait: Callable[[], None] | None = None,
+    wait_every: float = 1.0,
 ) -> int:
     """Write `(block index, 512 KiB of data)` pairs into a pending snapshot.
 
@@ -172,44 +174,37 @@ def put_snapshot_blocks(
     than `in_flight`, so memory stays at a few blocks. Rewriting a block is
     harmless, which makes a resumed write idempotent. `on_done(index)` is
     called, in the caller's thread, for every block written, in completion
-    order. Returns the number of blocks written.
+    order; `on_wait()` every `wait_every` seconds that the caller's thread
+    waits for writes to finish (a lease to renew). Returns the number of
+    blocks written.
     """
-    ebs = client("ebs")  # botocore clients are thread-safe
 
     def put(index: int, data: bytes) -> int:
-        if len(data) != EBS_BLOCK_SIZE:
-            raise ValueError(f"EBS block {index} is {len(data)} bytes, not {EBS_BLOCK_SIZE}")
-        try:
-            ebs.put_snapshot_block(
-                SnapshotId=snapshot_id,
-                BlockIndex=index,
-                BlockData=data,
-                DataLength=len(data),
-                Checksum=_checksum(data),
-                ChecksumAlgorithm="SHA256",
-            )
-        except (ClientError, BotoCoreError) as exc:
-            raise translate(exc, f"write block {index} of {snapshot_id}") from exc
+        put_snapshot_block(snapshot_id, index, data)  # botocore clients are thread-safe
         return index
 
     written = 0
-    with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="ebs-put") as pool:
-        pending: set[Future] = set()
-        try:
-            for index, data in blocks:
-                if len(pending) >= in_flight:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        finished = future.result()
-                        written += 1
-                        if on_done:
-                            on_done(finished)
-                pending.add(pool.submit(put, index, data))
-            for future in pending:
+    pending: set = set()
+
+    def settle(below: int) -> None:
+        """Wait until fewer than `below` writes are in flight."""
+        nonlocal pending, written
+        while pending and len(pending) >= below:
+            done, pending = wait(pending, timeout=wait_every, return_when=FIRST_COMPLETED)
+            for future in done:
                 finished = future.result()
                 written += 1
                 if on_done:
                     on_done(finished)
+            if not done and on_wait:
+                on_wait()
+
+    with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="ebs-put") as pool:
+        try:
+            for index, data in blocks:
+                settle(in_flight)
+                pending.add(pool.submit(put, index, data))
+            settle(1)
         except BaseException:
             for future in pending:
                 future.cancel()

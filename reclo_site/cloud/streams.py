@@ -28,14 +28,32 @@ from .storage import (
 MiB = 1024 * 1024
 
 
+class _StreamBroke(CloudUnavailable):
+    """A GET's body stopped short: the connection dropped or timed out mid-stream."""
+
+
 class SequentialObjectReader(SeekableObject):
     """Read-only, seekable; one streaming GET at a time.
 
     Every GET names the version and ETag seen on opening; `version_id` and
     `etag` pin it to a restore point's verified version (see ObjectReader).
+    `end` bounds the GETs of a reader that needs only bytes before it (one
+    span of a disk): S3 then sends no more than that, and a GET that starts
+    at or after `end` runs to the object's end. A stream that breaks
+    mid-way (a reset connection, a read timeout) is reopened where it broke,
+    up to `retries` times in a row.
     """
 
-    def __init__(self, key: str, *, version_id: str | None = None, etag: str | None = None, skip_limit: int = 8 * MiB):
+    def __init__(
+        self,
+        key: str,
+        *,
+        version_id: str | None = None,
+        etag: str | None = None,
+        skip_limit: int = 8 * MiB,
+        end: int | None = None,
+        retries: int = 3,
+    ):
         super().__init__()
         self.key = key
         info = head_object(key, version_id=version_id, etag=etag)
@@ -43,19 +61,24 @@ class SequentialObjectReader(SeekableObject):
         self.etag = info["etag"]
         self.version_id = info["version_id"]
         self._skip_limit = skip_limit
+        self._end = self.size if end is None else min(end, self.size)
+        self._retries = retries
         self._pos = 0
         self._body = None
         self._body_pos = 0  # where the open stream is
+        self._body_end = 0  # and where its range ends
         self.requests = 0
 
     def _open(self) -> None:
         self._close_body()
         self.requests += 1
+        last = (self._end if self._pos < self._end else self.size) - 1
         resp = read_call(
-            "get_object", self.key, "read", Range=f"bytes={self._pos}-", **pinned_args(self.version_id, self.etag)
+            "get_object", self.key, "read", Range=f"bytes={self._pos}-{last}", **pinned_args(self.version_id, self.etag)
         )
         self._body = resp["Body"]
         self._body_pos = self._pos
+        self._body_end = last + 1
 
     def _close_body(self) -> None:
         if self._body is not None:
@@ -68,7 +91,8 @@ class SequentialObjectReader(SeekableObject):
             data = self._body.read(n)
         except BotoCoreError as exc:
             self._close_body()
-            raise translate(exc, f"read {self.key}") from exc
+            error = translate(exc, f"read {self.key}")
+            raise _StreamBroke(str(error), error.code) from exc
         self._body_pos += len(data)
         return data
 
@@ -77,18 +101,31 @@ class SequentialObjectReader(SeekableObject):
         wanted = min(len(view), max(0, self.size - self._pos))
         if not wanted:
             return 0
+        for attempt in range(self._retries + 1):
+            try:
+                return self._readinto(view, wanted)
+            except _StreamBroke:
+                # The stream broke (or ended early): the next try opens a new
+                # GET where this one stopped, as S3's own SDKs do. (A GET
+                # refused outright is not retried here: botocore already did.)
+                self._close_body()
+                if attempt == self._retries:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _readinto(self, view: memoryview, wanted: int) -> int:
         ahead = self._pos - self._body_pos
-        if self._body is None or not 0 <= ahead <= self._skip_limit:
+        if self._body is None or not 0 <= ahead <= self._skip_limit or self._pos >= self._body_end:
             self._open()
         while self._body_pos < self._pos:  # a short skip forward: read through it
             if not self._stream_read(min(self._pos - self._body_pos, MiB)):
                 break
+        wanted = min(wanted, self._body_end - self._pos)  # a short read at the end of a bounded range
         done = 0
         while done < wanted:
             data = self._stream_read(wanted - done)
             if not data:
-                self._close_body()
-                raise CloudUnavailable(f"read {self.key}: stream ended at {self._body_pos} of {self.size}", "ShortRead")
+                raise _StreamBroke(f"read {self.key}: stream ended at {self._body_pos} of {self.size}", "ShortRead")
             view[done : done + len(data)] = data
             done += len(data)
         self._pos += done

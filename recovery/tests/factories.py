@@ -3,6 +3,7 @@
 import hashlib
 import io
 import random
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -202,14 +203,53 @@ def drive_recovery(recovery_id, *, max_goes: int = 50, until: str | None = None)
     raise AssertionError(f"recovery did not finish in {max_goes} goes: {Recovery.objects.get(pk=recovery_id)}")
 
 
-def slow_snapshot_writes(monkeypatch, delay: float = 0.03) -> None:
-    """Make each EBS block write take a little while, so a worker can be caught (or killed) mid-step."""
+class SnapshotWrites:
+    """The EBS block writes moto (in this process) receives, in order; `hold_after(n)` stops those after the nth."""
+
+    def __init__(self):
+        self.indices: list[int] = []
+        self._lock = threading.Lock()
+        self._admitted = 0
+        self._limit: int | None = None
+        self._released = threading.Event()
+
+    def hold_after(self, count: int) -> None:
+        """Writes after the first `count` wait (in moto) until `release()`: no race with a fast writer."""
+        with self._lock:
+            self._limit = count
+
+    def release(self) -> None:
+        with self._lock:
+            self._limit = None
+        self._released.set()
+
+    def passed(self) -> int:
+        return len(self.indices)
+
+    def admit(self) -> None:
+        with self._lock:
+            self._admitted += 1
+            held = self._limit is not None and self._admitted > self._limit
+        if held:
+            self._released.wait(timeout=300)
+
+
+def slow_snapshot_writes(monkeypatch, delay: float = 0.03) -> SnapshotWrites:
+    """Make each EBS block write take a little while, so a worker can be caught (or killed) mid-step.
+
+    Returns what moto was sent: each written block index (a write that is
+    held waits before it is recorded or stored).
+    """
     from moto.ebs.models import EBSBackend
 
     real_put = EBSBackend.put_snapshot_block
+    writes = SnapshotWrites()
 
     def slow_put(self, *args, **kwargs):
         time.sleep(delay)
+        writes.admit()
+        writes.indices.append(kwargs["block_index"] if "block_index" in kwargs else args[1])
         return real_put(self, *args, **kwargs)
 
     monkeypatch.setattr(EBSBackend, "put_snapshot_block", slow_put)
+    return writes

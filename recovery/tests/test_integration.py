@@ -6,6 +6,7 @@ without them, required in CI.
 
 import os
 import signal
+import time
 from datetime import timedelta
 
 import pytest
@@ -26,15 +27,19 @@ STALE_SECONDS = 3
 
 
 @pytest.fixture
-def moto_server(settings, monkeypatch):
-    """moto's server mode on a free loopback port: the AWS both this process and the workers see."""
+def writes(monkeypatch):
     # A slow cloud: each block write takes a little while, so a worker can be killed mid-write.
-    slow_snapshot_writes(monkeypatch)
+    return slow_snapshot_writes(monkeypatch)
+
+
+@pytest.fixture
+def moto_server(settings, writes):
+    """moto's server mode on a free loopback port: the AWS both this process and the workers see."""
     with testing.moto_server(settings) as endpoint:
         yield endpoint
 
 
-def test_a_worker_killed_mid_step_is_taken_over_and_nothing_is_made_twice(moto_server, user, settings):
+def test_a_worker_killed_mid_step_is_taken_over_and_nothing_is_made_twice(moto_server, writes, user, settings):
     testing.require_services()
     assert connection.vendor == "postgresql"
     settings.RECLO_RECOVERY_STALE_AFTER = timedelta(seconds=STALE_SECONDS)
@@ -51,20 +56,31 @@ def test_a_worker_killed_mid_step_is_taken_over_and_nothing_is_made_twice(moto_s
     def importing() -> dict:
         return RecoveryStep.objects.get(recovery__user=user, name="importing").__dict__
 
+    # Kill the worker while it writes the disk into the snapshot: the
+    # snapshot exists, its id is saved, the blocks are half written and a
+    # checkpoint says which. moto holds the writes after the first 20 until
+    # then, so the kill cannot come too late.
+    writes.hold_after(20)
     with testing.celery_worker(env) as first:
         recovery = services.recovery_start(user=user, backup_id=backups[-1].pk)
-        # Kill the worker while it writes the disk into the snapshot: the
-        # snapshot exists, its id is saved, the blocks are half written.
         testing.wait_until(
-            lambda: importing()["status"] == "running" and importing()["outputs"].get("snapshot_id"),
+            lambda: importing()["outputs"].get("snapshot_id") and writes.passed() >= 20,
             timeout=90,
             interval=0.05,
             what="the import to start writing blocks",
+        )
+        testing.wait_until(
+            lambda: any(span[2] > span[0] for span in importing()["outputs"].get("spans", [])),
+            timeout=60,
+            what="a checkpoint of the blocks written",
         )
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=10)
     killed_at = importing()
     assert killed_at["status"] == "running" and not killed_at["outputs"].get("blocks_written")
+    writes.release()  # the dead worker's held requests end here, before the next worker starts
+    time.sleep(1)
+    before_takeover = writes.passed()
 
     with testing.celery_worker(env):
         # Beat's reconciler, run a little more often than once a minute.
@@ -91,6 +107,14 @@ def test_a_worker_killed_mid_step_is_taken_over_and_nothing_is_made_twice(moto_s
     for index, data in imaging.snapshot_blocks(step.outputs["snapshot_id"]):
         disk[index * imaging.EBS_BLOCK_SIZE : (index + 1) * imaging.EBS_BLOCK_SIZE] = data
     assert bytes(disk) == top  # merged straight from the chain, across the kill
+    # The second worker carried on from the checkpoints: nothing below them was written again.
+    per = 2 * MiB // imaging.EBS_BLOCK_SIZE
+    spans = killed_at["outputs"]["spans"]
+    again = writes.indices[before_takeover:]
+    assert again
+    for index in again:
+        first_block, end, next_block, _ = next(span for span in spans if span[0] <= index // per < span[1])
+        assert index // per >= next_block, (index, spans)
     assert step.outputs["changed_blocks"] == sum(
         1 for n in range(0, len(top), imaging.EBS_BLOCK_SIZE) if any(top[n : n + imaging.EBS_BLOCK_SIZE])
     )

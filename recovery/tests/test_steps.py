@@ -1,6 +1,5 @@
 """Each failover step against moto: what it makes, when it skips, how it fails, how it resumes."""
 
-import io
 import time
 from unittest import mock
 
@@ -13,7 +12,7 @@ from backups.models import Backup
 from reclo_site import cloud
 from reclo_site.cloud import CloudPermanentError, compute, imaging, network, storage
 from reclo_site.cloud.compute import InstanceInfo
-from recovery import engine, paths, services, steps
+from recovery import engine, paths, services, snapshot_write, steps
 from recovery.models import Instance, Recovery, RecoveryNetwork, RecoveryStep, VpnGateway
 
 from .cloud_inventory import inventory
@@ -252,7 +251,10 @@ def test_ebs_direct_snapshots_are_encrypted(recovery, drive, settings, kms_key):
 
 def test_ebs_direct_resumes_from_its_checkpoint(recovery, chain, drive, monkeypatch):
     _backups, top = chain
-    monkeypatch.setattr(steps, "CHECKPOINT_BLOCKS", 1)
+    # One span, one write at a time, a checkpoint after every block: the checkpoint is exactly known.
+    monkeypatch.setattr(snapshot_write, "READERS", 1)
+    monkeypatch.setattr(snapshot_write, "PUTS", 1)
+    monkeypatch.setattr(snapshot_write, "CHECKPOINT_BLOCKS", 1)
     per = 2 * MiB // imaging.EBS_BLOCK_SIZE
     allocated = sorted({i // per for i in range(len(top) // imaging.EBS_BLOCK_SIZE) if any(_ebs(top, i))})
     assert len(allocated) >= 3
@@ -260,26 +262,59 @@ def test_ebs_direct_resumes_from_its_checkpoint(recovery, chain, drive, monkeypa
     real = imaging.put_snapshot_block
     written, killed = [], []
 
-    def die_in_third_batch(snapshot_id, index, data):
+    def die_in_third_block(snapshot_id, index, data):
         if index // per == victim and not killed:
             killed.append(index)
             raise Killed("worker killed mid-write")
         real(snapshot_id, index, data)
         written.append(index)
 
-    monkeypatch.setattr(imaging, "put_snapshot_block", die_in_third_batch)
+    monkeypatch.setattr(imaging, "put_snapshot_block", die_in_third_block)
     with pytest.raises(Killed):
         drive(recovery.pk)
-    assert outputs(recovery, "importing")["next_block"] == victim
+    ((first, end, next_block, pieces),) = outputs(recovery, "importing")["spans"]
+    assert (first, next_block) == (0, victim)
+    assert pieces == len([i for i in written if i // per < victim])
     written.clear()
     drive(recovery.pk, until="launching")
     # Only the blocks from the checkpoint on were written again.
     assert written and min(written) // per >= victim
     assert inventory()["snapshots"] == 1
-    disk = bytearray(len(top))
-    for index, data in imaging.snapshot_blocks(outputs(recovery, "importing")["snapshot_id"]):
-        disk[index * imaging.EBS_BLOCK_SIZE : (index + 1) * imaging.EBS_BLOCK_SIZE] = data
-    assert bytes(disk) == top
+    out = outputs(recovery, "importing")
+    assert snapshot_disk(out["snapshot_id"], len(top)) == top
+    assert out["changed_blocks"] == sum(1 for i in range(len(top) // imaging.EBS_BLOCK_SIZE) if any(_ebs(top, i)))
+
+
+def test_ebs_direct_spans_resume_each_from_its_own_checkpoint(aws, user, server, drive, monkeypatch):
+    _backups, top = backup_chain(user=user, server=server, size=16 * MiB, incrementals=2)
+    recovery = services.recovery_start(user=user, backup_id=_backups[-1].pk)
+    monkeypatch.setattr(snapshot_write, "READERS", 2)
+    monkeypatch.setattr(snapshot_write, "CHECKPOINT_BLOCKS", 1)
+    per = 2 * MiB // imaging.EBS_BLOCK_SIZE
+    real = imaging.put_snapshot_block
+    written, calls = [], []
+
+    def die_after_ten(snapshot_id, index, data):
+        calls.append(index)
+        if len(calls) == 10:
+            raise Killed("worker killed mid-write")
+        real(snapshot_id, index, data)
+        written.append(index)
+
+    monkeypatch.setattr(imaging, "put_snapshot_block", die_after_ten)
+    with pytest.raises(Killed):
+        drive(recovery.pk)
+    spans = outputs(recovery, "importing")["spans"]
+    assert len(spans) == 2 and spans[0][1] == spans[1][0]
+    before = set(written)
+    written.clear()
+    drive(recovery.pk, until="launching")
+    for index in written:  # nothing below a span's checkpoint is written again
+        span = next(s for s in spans if s[0] <= index // per < s[1])
+        assert index // per >= span[2]
+    assert before | set(written) >= {i for i in range(len(top) // imaging.EBS_BLOCK_SIZE) if any(_ebs(top, i))}
+    assert inventory()["snapshots"] == 1
+    assert snapshot_disk(outputs(recovery, "importing")["snapshot_id"], len(top)) == top
 
 
 def _ebs(disk: bytes, index: int) -> bytes:
@@ -364,6 +399,24 @@ def test_a_deleted_security_group_is_recreated_before_the_next_failover_uses_it(
         for rule in network.ingress_rules(net.server_group_id)
         for pair in rule.get("UserIdGroupPairs", [])
     )
+
+
+def test_a_deleted_subnet_is_recreated_in_the_same_vpc(recovery, user, drive):
+    drive(recovery.pk)
+    net = RecoveryNetwork.objects.get(user=user)
+    old_subnet, old_vpc = net.subnet_id, net.vpc_id
+    ec2 = network.client("ec2")
+    in_subnet = ec2.describe_instances(Filters=[{"Name": "subnet-id", "Values": [old_subnet]}])["Reservations"]
+    ec2.terminate_instances(InstanceIds=[i["InstanceId"] for r in in_subnet for i in r["Instances"]])
+    ec2.delete_subnet(SubnetId=old_subnet)  # deleted by hand, with what ran in it
+    second_chain, _ = backup_chain(user=user, size=4 * MiB, incrementals=0, seed=8)
+    second = drive(services.recovery_start(user=user, backup_id=second_chain[-1].pk).pk)
+    assert second.status == "ready", second.error
+    net.refresh_from_db()
+    assert net.subnet_id != old_subnet and network.exists("subnet", net.subnet_id)
+    assert net.vpc_id == old_vpc
+    server = ec2.describe_instances(InstanceIds=[outputs(second, "launching")["instance_id"]])
+    assert server["Reservations"][0]["Instances"][0]["SubnetId"] == net.subnet_id
 
 
 def test_a_network_whose_vpc_is_gone_is_rebuilt_whole(recovery, user, drive):
@@ -530,20 +583,20 @@ def test_a_worker_killed_right_after_a_create_leaves_no_duplicate(recovery, driv
     assert Instance.objects.count() == 1 and VpnGateway.objects.count() == 1
 
 
-def test_the_merged_disk_is_read_back_through_ranged_reads_only(recovery, drive, monkeypatch):
-    opened = []
-    real = storage.ObjectReader
-
-    def tracking(key, **kwargs):
-        reader = real(key, **kwargs)
-        opened.append(reader)
-        return reader
-
-    monkeypatch.setattr(storage, "ObjectReader", tracking)
+def test_the_one_pass_write_reads_each_layer_with_a_few_bounded_gets(aws, user, server, drive):
+    # The whole point of the one-pass write's reader: a handful of long GETs
+    # per layer whatever the disk's size (the metadata once, then one per
+    # span), never one per few MiB of disk.
+    backups, top = backup_chain(user=user, server=server, size=48 * MiB, incrementals=2)
+    recovery = services.recovery_start(user=user, backup_id=backups[-1].pk)
+    gets = sent_params("s3", "GetObject")
     drive(recovery.pk, until="launching")
-    for reader in opened:
-        assert reader.requests >= 1
-    assert isinstance(io.BytesIO(), io.BytesIO)
+    per_key = {b.key: [g["Range"] for g in gets if g["Key"] == b.key] for b in backups}
+    for key, ranges in per_key.items():
+        assert ranges, key
+        assert len(ranges) <= 2 + snapshot_write.READERS, (key, ranges)
+        assert all(r.startswith("bytes=") and r.split("-")[1] for r in ranges)  # bounded ranges only
+    assert snapshot_disk(outputs(recovery, "importing")["snapshot_id"], len(top)) == top
 
 
 def test_the_vpn_step_waits_for_the_gateways_first_report(recovery, user, drive, settings, client):
@@ -574,3 +627,23 @@ def test_a_gateway_that_never_reports_fails_the_step_with_407_and_its_console(re
     gateway = VpnGateway.objects.get(network__user=user)
     assert f"The VPN gateway {gateway.instance_id} did not report" in recovery.error
     assert "console" in recovery.error
+
+
+@pytest.mark.parametrize(
+    ("allocated", "total", "count"),
+    [([], 10, 4), ([3], 10, 4), (list(range(0, 100, 3)), 100, 4), ([0, 1, 2, 97, 98, 99], 100, 3), ([5, 6], 8, 8)],
+)
+def test_spans_cover_the_disk_with_equal_shares_of_its_stored_blocks(allocated, total, count):
+    from array import array
+
+    spans = snapshot_write.plan_spans(array("q", allocated), total, count)
+    if not allocated:
+        assert spans == []
+        return
+    assert spans[0][0] == 0 and spans[-1][1] == total
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert all(first == next_block and pieces == 0 for first, _end, next_block, pieces in spans)
+    shares = [sum(1 for i in allocated if first <= i < end) for first, end, _, _ in spans]
+    assert sum(shares) == len(allocated) and all(shares)
+    assert max(shares) - min(shares) <= 1
+    assert len(spans) == min(count, len(allocated))

@@ -50,10 +50,13 @@ from .reader import ChainReader, VHDReader, open_chain
 from .seekzstd import (
     SeekableReader,
     SeekableZstdWriter,
+    SeekTable,
     Stored,
     check_seekable,
     compress_seekable,
+    decompress_frame,
     open_seekable,
+    read_seek_table,
 )
 from .validate import validate, validate_stored
 from .writer import VHDWriter, scan_allocated, write_dynamic_from_raw, write_fixed
@@ -63,6 +66,7 @@ __all__ = [
     "ChainReader",
     "ParentInfo",
     "SeekableReader",
+    "SeekTable",
     "SeekableZstdWriter",
     "Stored",
     "VHDError",
@@ -72,10 +76,12 @@ __all__ = [
     "check_seekable",
     "chs_geometry",
     "compress_seekable",
+    "decompress_frame",
     "make_bitmap",
     "merge_chain",
     "open_chain",
     "open_seekable",
+    "read_seek_table",
     "scan_allocated",
     "set_runs",
     "validate",

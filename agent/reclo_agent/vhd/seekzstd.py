@@ -27,6 +27,7 @@ import struct
 import sys
 import threading
 from array import array
+from bisect import bisect_right
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import BinaryIO, NamedTuple, cast
@@ -301,42 +302,8 @@ def open_seekable(fileobj: Readable) -> SeekableReader:
         return SeekableReader(cast(BinaryIO, fileobj), "r")  # any object with read/seek/tell
 
 
-def read_seek_table(fileobj: Readable) -> tuple[array, array]:
-    """Where each frame starts, compressed and decompressed: two arrays of ``frames + 1`` offsets.
-
-    Reads only the seek table at the end; raises :class:`VHDError` if it is
-    missing or does not fit the stream.
-    """
-    size = fileobj.seek(0, 2)
-    if size < 17:
-        raise VHDError(f"not a seekable zstd stream: {size} bytes is too small for a seek table")
-    frames, descriptor, magic = _SEEK_FOOTER.unpack(read_at(fileobj, size - 9, 9, "seek table footer"))
-    if magic != SEEKABLE_MAGIC or descriptor & 0x7C:
-        raise VHDError("not a seekable zstd stream: no valid seek table at the end")
-    entry = 12 if descriptor & 0x80 else 8
-    table_size = 17 + frames * entry
-    if table_size > size:
-        raise VHDError(f"seek table of {frames} frames does not fit in the {size}-byte stream")
-    raw = read_at(fileobj, size - table_size + 8, frames * entry, "seek table")
-    c_offsets, d_offsets = array("Q", [0]), array("Q", [0])
-    for n in range(frames):
-        c_size, d_size = struct.unpack_from("<II", raw, n * entry)
-        c_offsets.append(c_offsets[-1] + c_size)
-        d_offsets.append(d_offsets[-1] + d_size)
-    if c_offsets[-1] != size - table_size:
-        raise VHDError("the seek table does not cover the frames")
-    return c_offsets, d_offsets
-
-
-def check_seekable(fileobj: Readable, *, chunk_size: int = 1 << 20) -> int:
-    """Decompress every frame and check it against the seek table.
-
-    The VHD validator reads only the metadata; this proves that all the data
-    decompresses, passes the frames' checksums and has the sizes the seek
-    table claims (so seeking lands where it should). Memory stays at one
-    ``chunk_size`` whatever a (possibly hostile) frame claims. Returns the
-    decompressed size; raises :class:`VHDError`.
-    """
+def _seek_table_at(fileobj: Readable) -> tuple[int, int, int]:
+    """(frames, bytes per entry, offset of the seek table's skippable frame), from the stream's footer."""
     size = fileobj.seek(0, 2)
     if size < 17:
         raise VHDError(f"not a seekable zstd stream: {size} bytes is too small for a seek table")
@@ -353,20 +320,92 @@ def check_seekable(fileobj: Readable, *, chunk_size: int = 1 << 20) -> int:
     skip_magic, skip_size = struct.unpack("<II", read_at(fileobj, table_at, 8, "seek table"))
     if skip_magic != SKIPPABLE_MAGIC or skip_size != table_size - 8:
         raise VHDError("seek table frame header is wrong")
+    return frames, entry, table_at
 
+
+def _seek_entries(fileobj: Readable, chunk_size: int) -> tuple[int, Iterator[tuple[int, int, int]]]:
+    """Where the seek table starts, and its entries as ``(frame, compressed size, decompressed size)``.
+
+    The entries are read ``chunk_size`` bytes of table at a time, so a table
+    claiming millions of frames costs no more memory than that.
+    """
+    frames, entry, table_at = _seek_table_at(fileobj)
+
+    def entries() -> Iterator[tuple[int, int, int]]:
+        batch = max(1, chunk_size // entry)
+        for first in range(0, frames, batch):
+            count = min(batch, frames - first)
+            raw = read_at(fileobj, table_at + 8 + first * entry, count * entry, "seek table")
+            for n in range(count):
+                c_size, d_size = struct.unpack_from("<II", raw, n * entry)
+                yield first + n, c_size, d_size
+
+    return table_at, entries()
+
+
+class SeekTable(NamedTuple):
+    """Where each frame of a stored object is: ``c_offsets[i]`` in the object, ``d_offsets[i]`` decompressed.
+
+    Both have one more entry than there are frames (the ends), so frame
+    ``i`` is ``c_offsets[i]:c_offsets[i + 1]`` and decompresses to
+    ``d_offsets[i + 1] - d_offsets[i]`` bytes.
+    """
+
+    c_offsets: array
+    d_offsets: array
+
+    def frame_at(self, offset: int) -> int:
+        """The frame holding decompressed byte ``offset`` (empty frames are passed over)."""
+        if not 0 <= offset < self.d_offsets[-1]:
+            raise VHDError(f"offset {offset} is outside the {self.d_offsets[-1]}-byte stream")
+        return bisect_right(self.d_offsets, offset) - 1
+
+
+def read_seek_table(fileobj: Readable, *, chunk_size: int = 1 << 20) -> SeekTable:
+    """The frame offsets of a seekable zstd stream, from its seek table (nothing is decompressed).
+
+    For a reader that fetches and decompresses frames itself (many frames
+    with one ranged read). pyzstd parses the same table but keeps it
+    private. Raises :class:`VHDError` when the table is not well formed or
+    describes more bytes than the stream holds.
+    """
+    table_at, entries = _seek_entries(fileobj, chunk_size)
+    c_offsets, d_offsets = array("q", [0]), array("q", [0])
+    for _frame, c_size, d_size in entries:
+        c_offsets.append(c_offsets[-1] + c_size)
+        d_offsets.append(d_offsets[-1] + d_size)
+    if c_offsets[-1] != table_at:
+        raise VHDError(f"seek table covers {c_offsets[-1]} bytes of {table_at} bytes of frames")
+    return SeekTable(c_offsets, d_offsets)
+
+
+def decompress_frame(data: bytes, d_size: int, frame: int = 0) -> bytes:
+    """One whole zstd frame ``data``, which must decompress to exactly ``d_size`` bytes (its checksum checked)."""
+    decompressor = pyzstd.ZstdDecompressor()
+    with _corrupt_as_vhderror():
+        out = decompressor.decompress(data, d_size + 1) if data else b""
+    if len(out) != d_size or (data and not decompressor.eof) or decompressor.unused_data:
+        raise VHDError(f"frame {frame} does not decompress to the {d_size} bytes of the seek table")
+    return out
+
+
+def check_seekable(fileobj: Readable, *, chunk_size: int = 1 << 20) -> int:
+    """Decompress every frame and check it against the seek table.
+
+    The VHD validator reads only the metadata; this proves that all the data
+    decompresses, passes the frames' checksums and has the sizes the seek
+    table claims (so seeking lands where it should). Memory stays at one
+    ``chunk_size`` whatever a (possibly hostile) frame claims. Returns the
+    decompressed size; raises :class:`VHDError`.
+    """
+    table_at, entries = _seek_entries(fileobj, chunk_size)
     position = total = 0
-    batch = max(1, chunk_size // entry)
-    for first in range(0, frames, batch):
-        count = min(batch, frames - first)
-        raw = read_at(fileobj, table_at + 8 + first * entry, count * entry, "seek table")
-        for n in range(count):
-            c_size, d_size = struct.unpack_from("<II", raw, n * entry)
-            frame = first + n
-            if position + c_size > table_at:
-                raise VHDError(f"seek table frame {frame} reaches past the data")
-            _check_frame(fileobj, position, c_size, d_size, frame, chunk_size)
-            position += c_size
-            total += d_size
+    for frame, c_size, d_size in entries:
+        if position + c_size > table_at:
+            raise VHDError(f"seek table frame {frame} reaches past the data")
+        _check_frame(fileobj, position, c_size, d_size, frame, chunk_size)
+        position += c_size
+        total += d_size
     if position != table_at:
         raise VHDError(f"seek table covers {position} bytes of {table_at} bytes of frames")
     return total
