@@ -8,6 +8,7 @@ from rest_framework.views import APIView
 
 from reclo_site.api.fields import StrictCharField
 from reclo_site.api.schema import error_responses
+from reclo_site.api.validation import valid_body
 from reclo_site.errors import Code, ServiceError
 from reclo_site.http import client_address
 
@@ -56,7 +57,7 @@ class RegisterApi(APIView):
         auth=[],
     )
     def post(self, request):
-        data = _valid(RegisterInput, request)
+        data = valid_body(RegisterInput, request)
         user = services.user_register(username=data["username"], email=data["email"], password=data["password"])
         token, key = services.token_create(user=user, name=data["token_name"], address=client_address(request))
         return _token_response(user, token, key, "Account created.", status.HTTP_201_CREATED)
@@ -97,7 +98,7 @@ class LoginApi(APIView):
         auth=[],
     )
     def post(self, request):
-        data = _valid(LoginInput, request)
+        data = valid_body(LoginInput, request)
         address = client_address(request)
         user = services.user_check_login(email=data["email"], password=data["password"], address=address)
         if twofactor.is_enabled(user):
@@ -160,11 +161,3 @@ class TokenRenewApi(APIView):
         return Response(
             {"message": "Token renewed.", "token_expires": serializers.DateTimeField().to_representation(token.expires)}
         )
-
-
-def _valid(serializer_class, request) -> dict:
-    if not isinstance(request.data, dict):
-        raise ServiceError(Code.MALFORMED, "The body must be a JSON object.")
-    serializer = serializer_class(data=request.data)
-    serializer.is_valid(raise_exception=True)
-    return serializer.validated_data

@@ -20,6 +20,8 @@ class SignupForm(forms.Form):
     password_again = forms.CharField(
         label="Password (again)", strip=False, widget=forms.PasswordInput(attrs={"autocomplete": "new-password"})
     )
+    # Filled in by the browser (static/js/timezone.js); UTC without JavaScript.
+    time_zone = forms.CharField(required=False, max_length=64, widget=forms.HiddenInput(attrs={"data-detect-zone": ""}))
 
     def clean(self):
         data = super().clean()
@@ -34,6 +36,7 @@ class SignupForm(forms.Form):
                 username=self.cleaned_data["username"],
                 email=self.cleaned_data["email"],
                 password=self.cleaned_data["password"],
+                time_zone=self.cleaned_data.get("time_zone") or "UTC",
             )
         except ServiceError as exc:
             for field, problems in (exc.fields or {None: [exc.message]}).items():
@@ -88,3 +91,15 @@ class PasswordResetForm(auth_forms.PasswordResetForm):
 
         for user in self.get_users(self.cleaned_data["email"]):
             transaction.on_commit(lambda pk=user.pk: password_reset_email_send.delay(pk))
+
+
+class TimeZoneForm(forms.Form):
+    """The zone every time on the pages and in emails is shown in."""
+
+    time_zone = forms.ChoiceField(label="Time zone", choices=())
+
+    def __init__(self, *args, **kwargs):
+        from reclo_site.localtime import zone_names
+
+        super().__init__(*args, **kwargs)
+        self.fields["time_zone"].choices = [(name, name.replace("_", " ")) for name in sorted(zone_names())]

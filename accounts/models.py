@@ -2,6 +2,7 @@
 
 from django.contrib.auth.models import AbstractUser
 from django.db import models
+from django.db.models.functions import Lower
 from django.utils import timezone
 
 
@@ -9,10 +10,13 @@ class User(AbstractUser):
     """A ReClo customer. Logs in with email; the email is unique (case-insensitive)."""
 
     email = models.EmailField("email address", unique=True)
+    # An IANA zone name (the browser's, detected at sign-up; changeable in
+    # Security settings). Pages and emails show times in it; the API stays UTC.
+    time_zone = models.CharField(max_length=64, default="UTC")
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(models.functions.Lower("email"), name="accounts_user_email_ci_unique"),
+            models.UniqueConstraint(Lower("email"), name="accounts_user_email_ci_unique"),
         ]
 
 
@@ -84,7 +88,12 @@ class AuditEvent(models.Model):
         TOKEN_REVOKED = "token.revoked", "API token revoked"
         UPLOAD_CREDENTIALS = "upload.credentials", "Upload credentials issued"
         BACKUP_DELETED = "backup.deleted", "Backup deleted"
+        BACKUP_VERIFIED = "backup.verified", "Backup finished"
+        BACKUP_FAILED = "backup.failed", "Backup failed"
+        FILES_DOWNLOADED = "files.downloaded", "Files downloaded from a restore point"
         FAILOVER_STARTED = "failover.started", "Failover started"
+        FAILOVER_READY = "failover.ready", "Failover ready"
+        FAILOVER_FAILED = "failover.failed", "Failover failed"
         INSTANCE_STARTED = "instance.started", "Instance started"
         INSTANCE_STOPPED = "instance.stopped", "Instance stopped"
         INSTANCE_TERMINATED = "instance.terminated", "Instance terminated"
@@ -92,6 +101,8 @@ class AuditEvent(models.Model):
         SERVER_ENROLLED = "server.enrolled", "Server enrolled"
         ENROLLMENT_FAILED = "enrollment.failed", "Failed enrollment"
         SERVER_REVOKED = "server.revoked", "Server credentials revoked"
+        SERVER_REMOVED = "server.removed", "Server removed"
+        TIME_ZONE_CHANGED = "account.time_zone", "Time zone changed"
         PASSWORD_CHANGED = "password.changed", "Password changed"
         PASSWORD_RESET_REQUESTED = "password.reset_requested", "Password reset asked for"
         PASSWORD_RESET = "password.reset", "Password reset"

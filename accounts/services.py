@@ -17,6 +17,7 @@ from django_otp.plugins.otp_static.models import StaticDevice
 from reclo_site import cloud
 from reclo_site.cloud import storage
 from reclo_site.errors import Code, ServiceError
+from reclo_site.localtime import valid_zone
 
 from . import notify, throttle, twofactor
 from .audit import audit_record
@@ -48,7 +49,7 @@ def _validate_registration(username: str, email: str, password: str) -> str:
     return email.strip()
 
 
-def user_register(*, username: str, email: str, password: str) -> User:
+def user_register(*, username: str, email: str, password: str, time_zone: str = "UTC") -> User:
     """Create a user and provision their cloud storage area.
 
     If provisioning fails the user is deleted again and ServiceError(Code.STORAGE_PROVISIONING_FAILED) is
@@ -62,7 +63,12 @@ def user_register(*, username: str, email: str, password: str) -> User:
         raise ServiceError(Code.BAD_USERNAME, "That username is taken.", field="username")
     try:
         with transaction.atomic():
-            user = User.objects.create_user(username=username, email=email, password=password)
+            user = User.objects.create_user(
+                username=username,
+                email=email,
+                password=password,
+                time_zone=time_zone if valid_zone(time_zone) else "UTC",
+            )
     except IntegrityError:  # lost a race with an identical sign-up
         raise ServiceError(Code.EMAIL_TAKEN, "A user with that email already exists.", field="email") from None
     try:
@@ -74,6 +80,17 @@ def user_register(*, username: str, email: str, password: str) -> User:
             Code.STORAGE_PROVISIONING_FAILED, "Could not prepare cloud storage for the new account; try again later."
         ) from exc
     return user
+
+
+def user_set_time_zone(*, user: User, time_zone: str, address: str = "") -> None:
+    """Show `user` every time in `time_zone` from now on (pages and emails; the API stays UTC)."""
+    if not valid_zone(time_zone):
+        raise ServiceError(Code.MALFORMED, "Choose a time zone from the list.", field="time_zone")
+    if user.time_zone == time_zone:
+        return
+    User.objects.filter(pk=user.pk).update(time_zone=time_zone)
+    user.time_zone = time_zone
+    audit_record(AuditEvent.Kind.TIME_ZONE_CHANGED, user=user, address=address, time_zone=time_zone)
 
 
 def user_check_login(*, email: str, password: str, address: str) -> User:

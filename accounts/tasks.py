@@ -10,7 +10,7 @@ log = logging.getLogger(__name__)
 
 
 @shared_task
-def expire_tokens() -> int:
+def tokens_expire() -> int:
     """Deactivate agent tokens past their 60 days (idempotent, bounded batches)."""
     count = services.tokens_expire()
     if count:

@@ -15,6 +15,7 @@ urlpatterns = [
     path("password/reset/<uidb64>/<token>/", views.PasswordResetConfirm.as_view(), name="password-reset-confirm"),
     path("password/reset/done/", views.PasswordResetComplete.as_view(), name="password-reset-complete"),
     path("security/", views.security, name="security"),
+    path("security/time-zone/", views.time_zone_set, name="time-zone"),
     path("security/two-factor/", views.twofactor_setup, name="twofactor-setup"),
     path("security/two-factor/off/", views.twofactor_disable, name="twofactor-disable"),
     path("security/recovery-codes/", views.recovery_codes_new, name="recovery-codes-new"),

@@ -15,9 +15,9 @@ from django.contrib.auth.views import (
 )
 from django.core.paginator import Paginator
 from django.shortcuts import get_object_or_404, redirect, render
-from django.urls import reverse_lazy
+from django.urls import reverse, reverse_lazy
 from django.utils.http import url_has_allowed_host_and_scheme
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_http_methods, require_POST
 from django_otp.plugins.otp_static.models import StaticDevice
 
 from reclo_site.errors import Code, ServiceError
@@ -25,7 +25,7 @@ from reclo_site.http import client_address
 
 from . import services, throttle, twofactor
 from .audit import audit_record
-from .forms import CodeForm, LoginForm, PasswordResetForm, SetupCodeForm, SignupForm, TokenCreateForm
+from .forms import CodeForm, LoginForm, PasswordResetForm, SetupCodeForm, SignupForm, TimeZoneForm, TokenCreateForm
 from .models import ApiToken, AuditEvent, User
 
 
@@ -216,8 +216,24 @@ def security(request):
     context = {
         "enabled": twofactor.is_enabled(user),
         "codes_left": twofactor.recovery_codes_left(user),
+        "zone_form": TimeZoneForm(initial={"time_zone": user.time_zone}),
     }
     return render(request, "accounts/security.html", context)
+
+
+@login_required
+@require_POST
+def time_zone_set(request):
+    """Change the zone times are shown in."""
+    form = TimeZoneForm(request.POST)
+    if form.is_valid():
+        services.user_set_time_zone(
+            user=request.user, time_zone=form.cleaned_data["time_zone"], address=client_address(request)
+        )
+        messages.success(request, f"Times are now shown in {request.user.time_zone}.")
+    else:
+        messages.error(request, "Choose a time zone from the list.")
+    return redirect(reverse("accounts:security") + "#time-zone")
 
 
 @login_required
@@ -303,10 +319,13 @@ def tokens(request):
 
 
 @login_required
-@require_POST
+@require_http_methods(["GET", "POST"])
 @twofactor.require_recent_otp
 def token_revoke(request, token_id):
+    """Confirm (GET), then revoke (POST, CSRF-checked) one of the owner's API tokens."""
     token = get_object_or_404(ApiToken, pk=token_id, user=request.user)
+    if request.method != "POST":
+        return render(request, "accounts/token_revoke.html", {"token": token})
     services.token_revoke(token=token, address=client_address(request))
     messages.success(request, f"Token “{token.name}” revoked; agents using it must log in again.")
     return redirect("accounts:tokens")

@@ -5,7 +5,7 @@ from .models import AccountLimits, Backup, ObjectDeletion, Server
 
 @admin.register(Server)
 class ServerAdmin(admin.ModelAdmin):
-    list_display = ("name", "user", "created", "overdue_notified_at")
+    list_display = ("name", "user", "created", "schedule", "status_at")
     search_fields = ("name", "user__email")
 
 
@@ -25,7 +25,7 @@ class BackupAdmin(admin.ModelAdmin):
 
 @admin.register(AccountLimits)
 class AccountLimitsAdmin(admin.ModelAdmin):
-    list_display = ("user", "max_file_size")
+    list_display = ("user", "max_file_size", "lock_days", "drill_sandbox")
     search_fields = ("user__email",)
 
 

@@ -17,6 +17,7 @@ from rest_framework.views import APIView
 from accounts.permissions import credential_server, server_credential_may, server_in_body, server_in_query
 from reclo_site.api.fields import StrictCharField, StrictIntegerField
 from reclo_site.api.schema import error_responses
+from reclo_site.api.validation import valid_body
 from reclo_site.cloud import storage
 from reclo_site.errors import Code, ServiceError
 
@@ -222,15 +223,17 @@ class UploadStartInput(serializers.Serializer):
 class UploadCompleteInput(serializers.Serializer):
     file_size = StrictIntegerField(required=False, allow_null=True, default=None, min_value=1)
     sha256 = StrictCharField(required=False, allow_null=True, default=None, max_length=64, min_length=64)
-
-
-def _valid(serializer_class, request) -> dict:
-    data = request.data  # an empty body parses as an empty QueryDict, a dict
-    if not isinstance(data, dict):
-        raise ServiceError(Code.MALFORMED, "The body must be a JSON object.")
-    serializer = serializer_class(data=data)
-    serializer.is_valid(raise_exception=True)
-    return serializer.validated_data
+    part_sha256 = serializers.ListField(
+        child=StrictCharField(max_length=64, min_length=64),
+        required=False,
+        allow_null=True,
+        default=None,
+        min_length=1,
+        max_length=10_000,
+        help_text="Optional: the SHA-256 (hex) of each part of a multipart upload made with "
+        "ChecksumAlgorithm=SHA256, in part order. The verifier then compares them with the object's "
+        "composite checksum instead of reading the whole object.",
+    )
 
 
 def _upload_body(grant, message: str) -> dict:
@@ -323,7 +326,7 @@ def _page_url(request, page: int) -> str:
     return request.build_absolute_uri(request.path + "?" + query.urlencode())
 
 
-class BackupApi(APIView):
+class BackupDetailApi(APIView):
     # A server credential reads its own server's backups; deleting is the owner's alone.
     server_access = server_credential_may(GET=backup_in_url("backup_id"))
 
@@ -370,7 +373,7 @@ class BackupApi(APIView):
             raise ServiceError(
                 Code.DELETE_LOOKUP_FAILED, "Could not read the backup to delete; try again shortly."
             ) from exc
-        if done.scheduled:
+        if done.scheduled and done.locked_until is not None:
             until = _DATETIME.to_representation(done.locked_until)
             return Response(
                 {
@@ -392,8 +395,8 @@ class BackupUndeleteApi(APIView):
     )
     def post(self, request, backup_id: uuid.UUID):
         backup = services.backup_undelete(user=request.user, backup_id=backup_id)
-        backup = selectors.backup_get(user=request.user, backup_id=backup.pk)
-        return Response({"message": "The restore point is back.", "backup": BackupOutput(backup).data})
+        shown = selectors.backup_get(user=request.user, backup_id=backup.pk) or backup  # with its annotations
+        return Response({"message": "The restore point is back.", "backup": BackupOutput(shown).data})
 
 
 class UploadStartApi(APIView):
@@ -410,7 +413,7 @@ class UploadStartApi(APIView):
         },
     )
     def post(self, request):
-        data = _valid(UploadStartInput, request)
+        data = valid_body(UploadStartInput, request)
         grant = services.backup_start(user=request.user, **data)
         body = _upload_body(grant, "Upload granted: write the object, then complete the upload.")
         return Response(UploadOutput(body).data, status=status.HTTP_201_CREATED)
@@ -452,13 +455,13 @@ class UploadCompleteApi(APIView):
         },
     )
     def post(self, request, upload_id: uuid.UUID):
-        data = _valid(UploadCompleteInput, request)
+        data = valid_body(UploadCompleteInput, request)
         backup = services.backup_complete(user=request.user, upload_id=upload_id, **data)
         message = {
             Backup.Status.VERIFYING: "Upload complete; the backup is being verified.",
             Backup.Status.VERIFIED: "The backup is verified.",
             Backup.Status.FAILED: "The backup failed verification.",
-        }.get(backup.status, "")
+        }.get(Backup.Status(backup.status), "")
         return Response({"message": message, "backup": BackupOutput(backup).data}, status=status.HTTP_202_ACCEPTED)
 
 

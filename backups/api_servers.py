@@ -14,7 +14,8 @@ from rest_framework.views import APIView
 
 from reclo_site.api.fields import StrictCharField
 from reclo_site.api.schema import error_responses
-from reclo_site.errors import Code, ServiceError
+from reclo_site.api.validation import valid_body
+from reclo_site.errors import Code
 from reclo_site.http import client_address
 
 from . import selectors, services
@@ -29,7 +30,9 @@ _DATETIME = serializers.DateTimeField()
 class DiskOutput(serializers.Serializer):
     disk = serializers.CharField()
     health = serializers.ChoiceField(choices=["green", "amber", "red"])
-    health_detail = serializers.CharField(help_text="The health in words: on schedule, late, backups missing, ...")
+    health_detail = serializers.CharField(
+        help_text="The health in words: on schedule, late, agent silent, no schedule installed, ..."
+    )
     restore_points = serializers.IntegerField(help_text="Verified restore points of this disk.")
     stored_bytes = serializers.IntegerField()
     last_backup = serializers.DateTimeField(
@@ -45,8 +48,9 @@ class ServerOutput(serializers.Serializer):
     )
     health = serializers.ChoiceField(
         choices=["green", "amber", "red"],
-        help_text="The worst of the disks': green on schedule, amber late or first backup running, red missing or "
-        "failed (red also with no restore point at all).",
+        help_text="The worst of the agent's schedule and the disks': green on schedule; amber no schedule installed, "
+        "late or first backup running; red agent silent, failed or no restore point at all. From what the agent "
+        "reports (POST /api/v1/servers/{server}/status), never from the gaps between restore points.",
     )
     health_detail = serializers.CharField(help_text="The health in words.")
     schedule = serializers.JSONField(
@@ -82,7 +86,9 @@ def _server_body(overview, credentials: int, consistency: str | None) -> dict:
     schedule = None
     if server.status_at is not None:
         schedule = {"every": server.schedule or None, "next_run": when(server.next_run) if server.next_run else None,
-                    "reported": when(server.status_at)}  # fmt: skip
+                    "reported": when(server.status_at),
+                    "last_run": when(server.last_run_at) if server.last_run_at else None,
+                    "last_result": server.last_result or None}  # fmt: skip
     bootability = None
     if server.preflight:
         bootability = {"preflight": server.preflight, "checked": when(server.preflight_at)}
@@ -191,14 +197,6 @@ class EnrollInput(serializers.Serializer):
     hostname = StrictCharField(required=False, default="", allow_blank=True, max_length=HOSTNAME_MAX)
 
 
-def _valid(serializer_class, request) -> dict:
-    if not isinstance(request.data, dict):
-        raise ServiceError(Code.MALFORMED, "The body must be a JSON object.")
-    serializer = serializer_class(data=request.data)
-    serializer.is_valid(raise_exception=True)
-    return serializer.validated_data
-
-
 # --- views -----------------------------------------------------------------------
 
 
@@ -213,7 +211,7 @@ class ServerListApi(APIView):
         return Response({"message": f"{len(servers)} server(s).", "servers": servers})
 
 
-class ServerApi(APIView):
+class ServerDetailApi(APIView):
     @extend_schema(
         operation_id="servers_detail",
         tags=["servers"],
@@ -234,7 +232,7 @@ class ServerApi(APIView):
     )
     def patch(self, request, server: str):
         row = services.server_get(user=request.user, name=server)
-        data = _valid(ServerUpdateInput, request)
+        data = valid_body(ServerUpdateInput, request)
         services.server_update(user=request.user, server=row, **data)
         return Response({"message": f"Server {server} updated.", "server": _servers(request.user, server)[0]})
 
@@ -272,7 +270,7 @@ class EnrollApi(APIView):
     )
     def post(self, request):
         address = client_address(request)
-        data = _valid(EnrollInput, request)
+        data = valid_body(EnrollInput, request)
         server, token, raw = services.server_enroll(key=data["key"], hostname=data["hostname"], address=address)
         body = {
             "message": f"Enrolled as server {server.name}.",

@@ -1,4 +1,4 @@
-"""`POST /api/v1/servers/{server}/status`: the agent reports its schedule, version and preflight."""
+"""`POST /api/v1/servers/{server}/status`: the agent reports its schedule, last run, version and preflight."""
 
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers
@@ -8,7 +8,7 @@ from rest_framework.views import APIView
 from accounts.permissions import server_credential_may, server_in_url
 from reclo_site.api.fields import StrictCharField
 from reclo_site.api.schema import error_responses
-from reclo_site.errors import Code, ServiceError
+from reclo_site.api.validation import valid_body
 
 from .services.status import server_status_record
 
@@ -33,7 +33,8 @@ class PreflightInput(serializers.Serializer):
     ok = StrictBooleanField(required=False, help_text="Recomputed by the portal: no check failed.")
     boot_mode = serializers.ChoiceField(choices=["bios", "uefi"], required=False, allow_null=True, default=None)
     kernel = StrictCharField(max_length=200, required=False, allow_null=True, default=None)
-    checks = PreflightCheckInput(many=True, max_length=30)
+    # many=True makes a ListSerializer, which takes max_length (django-stubs types the child).
+    checks = PreflightCheckInput(many=True, max_length=30)  # type: ignore[call-arg]
 
 
 class ServerStatusInput(serializers.Serializer):
@@ -41,6 +42,12 @@ class ServerStatusInput(serializers.Serializer):
                                help_text="The agent's interval, e.g. 1h; null: no schedule.")  # fmt: skip
     next_run = serializers.DateTimeField(required=False, allow_null=True, default=None)
     agent_version = StrictCharField(max_length=40, required=False, allow_blank=True, default="")
+    last_run_at = serializers.DateTimeField(required=False, allow_null=True, default=None,
+                                            help_text="When the last scheduled run ended; null: none yet.")  # fmt: skip
+    last_result = serializers.ChoiceField(choices=["ok", "failed"], required=False, allow_null=True, default=None,
+                                          help_text="How the last scheduled run ended.")  # fmt: skip
+    last_message = StrictCharField(max_length=500, required=False, allow_blank=True, default="",
+                                   help_text="Why the last scheduled run failed, in the agent's words.")  # fmt: skip
     preflight = PreflightInput(required=False, allow_null=True, default=None,
                                help_text="The bootability preflight (Linux agents); null keeps the last.")  # fmt: skip
 
@@ -66,16 +73,12 @@ class ServerStatusApi(APIView):
         responses={200: ServerStatusOutput, **error_responses(102, 104, 105)},
     )
     def post(self, request, server: str):
-        if not isinstance(request.data, dict):
-            raise ServiceError(Code.MALFORMED, "The body must be a JSON object.")
-        serializer = ServerStatusInput(data=request.data)
-        serializer.is_valid(raise_exception=True)
-        row = server_status_record(user=request.user, server=server, **serializer.validated_data)
+        row = server_status_record(user=request.user, server=server, **valid_body(ServerStatusInput, request))
         return Response(
             {
                 "message": "Status recorded.",
                 "server": row.name,
-                "status_at": serializers.DateTimeField().to_representation(row.status_at),
+                "status_at": serializers.DateTimeField().to_representation(row.status_at) if row.status_at else None,
                 "preflight_ok": row.preflight["ok"] if row.preflight else None,
             }
         )

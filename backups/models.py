@@ -13,8 +13,9 @@ class Server(models.Model):
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="servers")
     name = models.CharField(max_length=63)
     created = models.DateTimeField(default=timezone.now)
-    # When the owner was last told that backups stopped arriving (no repeat mails).
-    overdue_notified_at = models.DateTimeField(null=True, blank=True)
+    # The report (its status_at) whose late or silent agent the owner was last
+    # emailed about: one email per incident, a new report ends the incident.
+    alerted_report_at = models.DateTimeField(null=True, blank=True)
     # The host name the agent gave when it last enrolled (shown to the owner).
     hostname = models.CharField(max_length=255, blank=True)
     # Owner settings (PATCH /api/v1/servers/{server}).
@@ -29,6 +30,10 @@ class Server(models.Model):
     agent_version = models.CharField(max_length=40, blank=True)
     schedule = models.CharField(max_length=40, blank=True, help_text="The agent's interval, e.g. 1h; empty: none.")
     next_run = models.DateTimeField(null=True, blank=True)
+    # The last scheduled run as the agent reported it: when, "ok" or "failed", and why.
+    last_run_at = models.DateTimeField(null=True, blank=True)
+    last_result = models.CharField(max_length=10, blank=True)
+    last_message = models.CharField(max_length=500, blank=True)
     # The agent's bootability preflight: {"ok", "boot_mode", "kernel", "checks": [{name, status, detail, fix}]}.
     preflight = models.JSONField(null=True, blank=True)
     preflight_at = models.DateTimeField(null=True, blank=True)
@@ -104,6 +109,9 @@ class Backup(models.Model):
     # Declared by the agent (at start or complete); checked against storage.
     file_size = models.BigIntegerField(null=True, blank=True)
     sha256 = models.CharField(max_length=64, blank=True)
+    # The S3 composite checksum the declared part checksums make ("<base64>-<parts>"):
+    # with it the verifier compares checksums instead of reading the whole object.
+    part_checksum = models.CharField(max_length=64, blank=True)
     # The VHD footer's unique id, read by the verifier; an incremental's
     # parent id must equal its parent's.
     vhd_unique_id = models.UUIDField(null=True, blank=True)
@@ -176,6 +184,14 @@ class AccountLimits(models.Model):
     max_file_size = models.BigIntegerField(null=True, blank=True, help_text="Bytes; empty: RECLO_MAX_BACKUP_SIZE.")
     # How long each verified restore point stays locked (S3 Object Lock).
     lock_days = models.PositiveIntegerField(null=True, blank=True, help_text="Days; empty: RECLO_LOCK_DAYS.")
+    # Where this account's drills boot: "local" (QEMU on ReClo's worker, free)
+    # or "aws" (an isolated subnet in ReClo's AWS account, billed per drill).
+    drill_sandbox = models.CharField(
+        max_length=8,
+        blank=True,
+        choices=[("local", "Local (QEMU on the worker)"), ("aws", "AWS (an isolated subnet)")],
+        help_text="Empty: RECLO_DRILL_SANDBOX.",
+    )
 
     class Meta:
         verbose_name_plural = "account limits"

@@ -6,29 +6,20 @@ come from two grouped queries (aggregates, and the newest rows of each
 disk through a window function).
 """
 
-import statistics
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
-from django.conf import settings
 from django.db.models import Count, F, Max, OuterRef, Q, Subquery, Sum, Window
 from django.db.models.functions import RowNumber
 from django.utils import timezone
 
+from .chains import descendants_of, group_into_chains
+from .health import ORDER, Health, schedule_health
 from .models import Backup, Server
-from .services.lifecycle import descendants_of
 
-# How many recent restore points of a disk set its usual interval.
-INTERVAL_SAMPLE = 10
-MIN_INTERVAL = timedelta(minutes=5)
-# Green while the newest restore point is younger than this many intervals
-# (the next backup may be running); amber until OVERDUE_FACTOR; red beyond,
-# which is also when the owner gets an email.
-LATE_FACTOR = 1.5
-OVERDUE_FACTOR = 2
 TIMELINE_LIMIT = 500
 
-HEALTH_ORDER = {"green": 0, "amber": 1, "red": 2}
+HEALTH_ORDER = ORDER
 
 
 def backup_list(*, user, server: str | None = None):
@@ -55,37 +46,13 @@ def backup_get(*, user, backup_id) -> Backup | None:
         return None
 
 
-def expected_interval(times: list[datetime]) -> timedelta | None:
-    """The usual time between restore points: the median gap, or None with fewer than two."""
-    times = sorted(set(times))
-    if len(times) < 2:
-        return None
-    gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:], strict=False)]
-    return max(MIN_INTERVAL, timedelta(seconds=statistics.median(gaps)))
-
-
-def duration_words(span: timedelta) -> str:
-    """A rough human length: "45 minutes", "1 hour", "6 hours", "2 days"."""
-    minutes = round(span.total_seconds() / 60)
-    for unit, size in (("day", 24 * 60), ("hour", 60)):
-        if minutes >= size:
-            count = round(minutes / size)
-            return f"{count} {unit}{'s' if count != 1 else ''}"
-    return f"{minutes} minute{'s' if minutes != 1 else ''}"
-
-
-def health(*, newest_verified_at, newest_status, uploading: bool, interval: timedelta, now) -> tuple[str, str]:
-    """(badge colour, words) for a disk: green on time, amber late, red missing or failed."""
+def disk_health(*, newest_verified_at, newest_status, uploading: bool, schedule: Health) -> tuple[str, str]:
+    """(badge colour, words) for a disk: its own trouble (failed, none yet), else its server's schedule."""
     if newest_status == Backup.Status.FAILED:
         return "red", "last backup failed"
     if newest_verified_at is None:
         return ("amber", "first backup in progress") if uploading else ("red", "no restore point")
-    age = now - newest_verified_at
-    if age > interval * OVERDUE_FACTOR:
-        return "red", "backups missing"
-    if age > interval * LATE_FACTOR:
-        return "amber", "late"
-    return "green", "on schedule"
+    return schedule.colour, schedule.label
 
 
 @dataclass
@@ -97,20 +64,14 @@ class DiskState:
     uploading: bool = False
     newest_verified_at: datetime | None = None
     newest: dict | None = None  # the newest completed backup (any verdict)
-    interval: timedelta = timedelta(0)
-    interval_known: bool = False
     health: str = "red"
     health_label: str = ""
-    # Restore points stopped arriving: none for OVERDUE_FACTOR intervals.
-    overdue: bool = False
-
-    @property
-    def interval_words(self) -> str:
-        return duration_words(self.interval)
 
 
-def disk_states(*, server_ids: list[int], now: datetime | None = None) -> dict[tuple[int, str], DiskState]:
-    """Figures and health of every disk of these servers, in two queries."""
+def disk_states(
+    *, server_ids: list[int], now: datetime | None = None, servers: list[Server] | None = None
+) -> dict[tuple[int, str], DiskState]:
+    """Figures and health of every disk of these servers, in two queries (three without `servers`)."""
     now = now or timezone.now()
     states: dict[tuple[int, str], DiskState] = {}
     if not server_ids:
@@ -136,33 +97,24 @@ def disk_states(*, server_ids: list[int], now: datetime | None = None) -> dict[t
             uploading=bool(row["uploading"]),
             newest_verified_at=row["newest_verified"],
         )
-    recent = (
+    newest_rows = (
         Backup.objects.filter(server_id__in=server_ids, deleted_at__isnull=True)
         .exclude(status=Backup.Status.PENDING)
         .annotate(rank=Window(RowNumber(), partition_by=[F("server_id"), F("disk")], order_by=F("date_created").desc()))
-        .filter(rank__lte=INTERVAL_SAMPLE + 1)
-        .values("id", "server_id", "disk", "kind", "status", "date_created", "file_size", "failure", "rank")
+        .filter(rank=1)
+        .values("id", "server_id", "disk", "kind", "status", "date_created", "file_size", "failure")
     )
-    verified_times: dict[tuple[int, str], list[datetime]] = {}
-    for row in recent:
-        key = (row["server_id"], row["disk"])
-        if row["rank"] == 1:
-            states[key].newest = row
-        if row["status"] == Backup.Status.VERIFIED:
-            verified_times.setdefault(key, []).append(row["date_created"])
-    for key, state in states.items():
-        interval = expected_interval(verified_times.get(key, []))
-        state.interval_known = interval is not None
-        state.interval = interval or settings.RECLO_DEFAULT_BACKUP_INTERVAL
-        state.health, state.health_label = health(
+    for newest in newest_rows:
+        states[newest["server_id"], newest["disk"]].newest = dict(newest)
+    if servers is None:
+        servers = list(Server.objects.filter(pk__in=server_ids))
+    schedules = {s.pk: schedule_health(s, now) for s in servers}
+    for state in states.values():
+        state.health, state.health_label = disk_health(
             newest_verified_at=state.newest_verified_at,
             newest_status=state.newest["status"] if state.newest else None,
             uploading=state.uploading,
-            interval=state.interval,
-            now=now,
-        )
-        state.overdue = bool(
-            state.newest_verified_at and now - state.newest_verified_at > state.interval * OVERDUE_FACTOR
+            schedule=schedules[state.server_id],
         )
     return states
 
@@ -171,17 +123,27 @@ def disk_states(*, server_ids: list[int], now: datetime | None = None) -> dict[t
 class ServerOverview:
     server: Server
     disks: list[DiskState] = field(default_factory=list)
+    now: datetime = field(default_factory=timezone.now)
+
+    @property
+    def schedule(self) -> Health:
+        """The health of the agent's schedule (backups.health)."""
+        return schedule_health(self.server, self.now)
+
+    def _worst(self) -> tuple[str, str]:
+        # The schedule's trouble first (it says why), then the disks'.
+        badges = [(self.schedule.colour, self.schedule.label)] + [(d.health, d.health_label) for d in self.disks]
+        if not self.disks:
+            badges.append(("red", "no restore point"))
+        return max(badges, key=lambda b: HEALTH_ORDER[b[0]])
 
     @property
     def health(self) -> str:
-        return max((d.health for d in self.disks), key=HEALTH_ORDER.get, default="red")
+        return self._worst()[0]
 
     @property
     def health_label(self) -> str:
-        if not self.disks:
-            return "no restore point"
-        worst = max(self.disks, key=lambda d: HEALTH_ORDER[d.health])
-        return worst.health_label
+        return self._worst()[1]
 
     @property
     def newest_verified_at(self) -> datetime | None:
@@ -194,11 +156,11 @@ class ServerOverview:
 
 def server_overview(*, user, name: str | None = None) -> list[ServerOverview]:
     """The dashboard: each server of the user (or the one of that name) with its disks' figures and health."""
-    servers = Server.objects.filter(user=user).order_by("name")
+    query = Server.objects.filter(user=user).order_by("name")
     if name is not None:
-        servers = servers.filter(name=name)
-    servers = list(servers)
-    states = disk_states(server_ids=[s.pk for s in servers])
+        query = query.filter(name=name)
+    servers = list(query)
+    states = disk_states(server_ids=[s.pk for s in servers], servers=servers)
     by_server: dict[int, list[DiskState]] = {}
     for state in states.values():
         by_server.setdefault(state.server_id, []).append(state)
@@ -222,16 +184,12 @@ def server_timeline(*, user, server_id: int) -> tuple[ServerOverview, list[DiskT
         return None
     backups = list(server.backups.order_by("-date_created", "-pk")[:TIMELINE_LIMIT])
     backups.reverse()
-    states = disk_states(server_ids=[server.pk])
-    chains_by_disk: dict[str, list[list[Backup]]] = {}
-    chain_of: dict = {}
+    states = disk_states(server_ids=[server.pk], servers=[server])
+    by_pk = {backup.pk: backup for backup in backups}
     for backup in backups:
-        chain = chain_of.get(backup.parent_id) if backup.parent_id else None
-        if chain is None:
-            chain = []
-            chains_by_disk.setdefault(backup.disk, []).append(chain)
-        chain.append(backup)
-        chain_of[backup.pk] = chain
+        if backup.parent_id in by_pk:
+            backup.parent = by_pk[backup.parent_id]  # cached: the page says "changes since <its parent>"
+    chains_by_disk = group_into_chains(backups)
     timelines = [
         # A disk whose restore points are all scheduled for removal has no figures.
         DiskTimeline(

@@ -119,5 +119,17 @@ def backups_purge() -> int:
 
 @shared_task
 def overdue_notify() -> int:
-    """Beat: email owners whose servers stopped sending backups."""
+    """Beat: email owners whose agent is late or silent (once per incident)."""
     return services.overdue_notify()
+
+
+@shared_task(bind=True, acks_late=False, soft_time_limit=4 * 60 * 60, time_limit=4 * 60 * 60 + 300)
+def files_job(self, job: str, user_id: int, backup_id: str, command: dict) -> None:
+    """Browse or read a restore point's files for a waiting web request (see services.files).
+
+    Not acknowledged late: a redelivered browse would answer a request that
+    gave up long ago. The parsing itself runs in a confined child process.
+    """
+    services.files_job_run(
+        job=job, user_id=user_id, backup_id=backup_id, command=command, eager=bool(self.request.is_eager)
+    )

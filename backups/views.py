@@ -1,12 +1,14 @@
 """Backup pages: the dashboard, a server's restore points, deleting one, adding and revoking a server."""
 
 import shlex
+from datetime import datetime
+from urllib.parse import quote
 
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404
-from django.shortcuts import redirect, render
+from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
@@ -17,6 +19,7 @@ from reclo_site.http import client_address
 from recovery import selectors as drill_selectors
 
 from . import selectors, services
+from .api_files import file_response
 from .forms import AddServerForm, BackupDeleteForm
 from .models import Server
 
@@ -45,7 +48,7 @@ def server_detail(request, server_id: int):
     for timeline in timelines:
         for chain in timeline.chains:
             for backup in chain:
-                backup.newest_drill = drills.by_backup.get(backup.pk)
+                backup.newest_drill = drills.by_backup.get(backup.pk)  # type: ignore[attr-defined]  # for the template
     context = {
         "overview": overview,
         "server": overview.server,
@@ -123,11 +126,10 @@ def add_server(request):
             form.add_error("name", exc.message)
     portal, email = shlex.quote(settings.SITE_URL), shlex.quote(request.user.email)
     commands = {
-        "install": "python3 -m venv /opt/reclo-agent\n/opt/reclo-agent/bin/pip install ./agent\n"
-        "ln -s /opt/reclo-agent/bin/reclo-agent /usr/local/bin/reclo-agent",
+        "uninstall": "sudo /opt/reclo-agent/bin/reclo-agent-uninstall",
         "login": f"reclo-agent login --portal {portal} --email {email}",
-        "backup": "reclo-agent backup /dev/sda --disk sda",
-        "schedule": "reclo-agent schedule install --every 1h",
+        "backup": "reclo-agent backup /dev/sda",
+        "schedule": "reclo-agent status",
         "check": "reclo-agent list\nreclo-agent restore BACKUP_ID /dev/sdb",
     }
     context = {"form": form, "grant": grant, "commands": commands, "site_url": settings.SITE_URL}
@@ -152,3 +154,88 @@ def server_revoke(request, server_id: int):
         return redirect("backups:server-detail", server_id=server.pk)
     agents = selectors.server_credential_counts(server_ids=[server.pk]).get(server.pk, 0)
     return render(request, "backups/server_revoke.html", {"server": server, "agents": agents})
+
+
+@login_required
+@twofactor.require_recent_otp
+def server_remove(request, server_id: int):
+    """Confirm, then remove a server with no restore points (and its credentials)."""
+    server = get_object_or_404(Server, user=request.user, pk=server_id)
+    has_points = server.backups.exists()
+    if request.method == "POST" and not has_points:
+        try:
+            services.server_remove(user=request.user, server=server, address=client_address(request))
+        except ServiceError as exc:
+            messages.error(request, exc.message)
+            return redirect("backups:server-detail", server_id=server.pk)
+        messages.success(request, f"Removed {server.name}.")
+        return redirect("backups:dashboard")
+    return render(request, "backups/server_remove.html", {"server": server, "has_points": has_points})
+
+
+def _place(request) -> tuple[int | None, str]:
+    raw = request.GET.get("partition", "")
+    partition = int(raw) if raw.isascii() and raw.isdigit() and 1 <= int(raw) <= 128 else None
+    path = request.GET.get("path") or "/"
+    if not path.startswith("/") or len(path) > 4096 or "\x00" in path:
+        path = "/"
+    return partition, path
+
+
+def _crumbs(path: str) -> list[tuple[str, str]]:
+    """(name, path) of each folder from the root down to `path`."""
+    crumbs, at = [], ""
+    for part in [p for p in path.split("/") if p]:
+        at += "/" + part
+        crumbs.append((part, at))
+    return crumbs
+
+
+@login_required
+def backup_files(request, backup_id):
+    """Browse files: a restore point's partitions, then its folders (read by a worker, see services.files)."""
+    backup = selectors.backup_get(user=request.user, backup_id=backup_id)
+    if backup is None or backup.deleted_at is not None:
+        raise Http404("No such restore point.")
+    partition, path = _place(request)
+    query = request.GET.get("q", "").strip()[:200]
+    context = {"backup": backup, "partition": partition, "path": path, "query": query, "crumbs": _crumbs(path)}
+    try:
+        found = services.files_browse(user=request.user, backup_id=backup.pk, partition=partition, path=path)
+    except ServiceError as exc:
+        context["error"] = exc.message
+        return render(request, "backups/files.html", context, status=exc.code.http_status)
+    if partition is None:
+        context["partitions"] = found["partitions"]
+    else:
+        entries = found["entries"]
+        for e in entries:
+            e["modified_at"] = datetime.fromisoformat(e["modified"].replace("Z", "+00:00")) if e["modified"] else None
+            e["path"] = path.rstrip("/") + "/" + e["name"]
+        context["total"] = len(entries)
+        if query:
+            entries = [e for e in entries if query.casefold() in e["name"].casefold()]
+        context["entries"] = entries
+        context["filesystem"] = found["filesystem"]
+    return render(request, "backups/files.html", context)
+
+
+@login_required
+def backup_file_download(request, backup_id):
+    """A file, or a folder as a zip, streamed (audit-logged by the service)."""
+    if selectors.backup_get(user=request.user, backup_id=backup_id) is None:
+        raise Http404("No such restore point.")
+    partition, path = _place(request)
+    if partition is None:  # nothing to download: the partitions to choose from
+        return redirect("backups:backup-files", backup_id=backup_id)
+    try:
+        download = services.files_download(
+            user=request.user, backup_id=backup_id, partition=partition, path=path, request=request
+        )
+    except ServiceError as exc:
+        if exc.code in (Code.NOT_FOUND, Code.NO_RESTORABLE_BACKUP):
+            raise Http404(exc.message) from exc
+        messages.error(request, exc.message)
+        parent = path.rsplit("/", 1)[0] or "/"
+        return redirect(f"{request.path.rsplit('download/', 1)[0]}?partition={partition}&path={quote(parent)}")
+    return file_response(download)

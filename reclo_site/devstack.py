@@ -196,6 +196,8 @@ def main() -> int:
         manage = [python, "manage.py"]
         subprocess.run([*manage, "migrate", "--no-input", "-v", "0"], cwd=ROOT, env=env, check=True)
         subprocess.run([*manage, "collectstatic", "--no-input", "-v", "0"], cwd=ROOT, env=env, check=True)
+        # The agent bundle /agent/install.sh installs (rebuilt only when agent/ changed).
+        subprocess.run([*manage, "build_agent"], cwd=ROOT, env=env, check=True)
         subprocess.run([*manage, "setup_cloud"], cwd=ROOT, env=env, check=True)
         celery = [str(BIN / "celery"), "-A", "reclo_site"]
         for title, args in worker_commands(celery, env):

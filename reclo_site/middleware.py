@@ -17,6 +17,7 @@ import re
 import uuid
 
 from django.conf import settings
+from django.utils import timezone
 
 from .http import client_address
 
@@ -73,3 +74,28 @@ class RequestIdFilter(logging.Filter):
     def filter(self, record):
         record.request_id = _current.get()
         return True
+
+
+class LocalTimeMiddleware:
+    """Pages render times in the signed-in owner's zone; the API keeps UTC.
+
+    Activating the zone is enough for every ``|date`` and ``|when`` in a
+    template. Requests under /api/ are left in UTC: DRF formats datetimes in
+    the current zone, and the API contract (docs/api.md) says UTC.
+    """
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        from .localtime import user_zone  # needs the app registry
+
+        user = getattr(request, "user", None)
+        if user is not None and user.is_authenticated and not request.path.startswith("/api/"):
+            timezone.activate(user_zone(user))
+        else:
+            timezone.deactivate()
+        try:
+            return self.get_response(request)
+        finally:
+            timezone.deactivate()

@@ -78,6 +78,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     # request.user.is_verified(): whether this session passed the second factor.
     "django_otp.middleware.OTPMiddleware",
+    "reclo_site.middleware.LocalTimeMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -351,7 +352,7 @@ CELERY_TASK_ROUTES = ("reclo_site.queues.route_task",)
 # so two overlapping runs do no harm.
 CELERY_BEAT_SCHEDULE = {
     # Deactivate agent tokens older than 60 days since issue or renewal.
-    "expire-tokens": {"task": "accounts.tasks.expire_tokens", "schedule": crontab(minute=7)},
+    "expire-tokens": {"task": "accounts.tasks.tokens_expire", "schedule": crontab(minute=7)},
     # Abort multipart uploads and drop pending uploads whose credentials have
     # expired; re-enqueue verifications that a lost worker left behind.
     "backups-clean-up-uploads": {"task": "backups.tasks.uploads_clean_up", "schedule": crontab(minute=17)},
@@ -365,6 +366,18 @@ CELERY_BEAT_SCHEDULE = {
     "backups-overdue": {"task": "backups.tasks.overdue_notify", "schedule": crontab(minute="*/15")},
     # Re-enqueue verifications no live worker is on (a worker killed mid-check).
     "backups-requeue-verifications": {"task": "backups.tasks.verifications_requeue", "schedule": 120.0},
+    # Re-enqueue failover steps whose worker died or whose message was lost.
+    "recovery-reconcile-failover-steps": {"task": "recovery.tasks.failovers_reconcile", "schedule": 60.0},
+    # Record instance states changed outside the portal (stopped in the console, ...).
+    "recovery-sync-instances": {"task": "recovery.tasks.instances_sync", "schedule": crontab(minute="*/5")},
+    # Terminate ReClo's recovery instances stopped for more than 14 days.
+    "recovery-free-instances": {"task": "recovery.tasks.instances_free", "schedule": crontab(minute=47)},
+    # Re-enqueue drill steps whose worker died (the drill then ends and is torn down).
+    "recovery-reconcile-drills": {"task": "recovery.tasks.drills_reconcile", "schedule": 60.0},
+    # Start the drills that servers' drill intervals make due.
+    "recovery-schedule-drills": {"task": "recovery.tasks.drills_schedule", "schedule": crontab(minute="*/15")},
+    # Email owners whose VPN gateway stopped reporting (and when it is back).
+    "recovery-watch-vpn-gateways": {"task": "recovery.tasks.gateways_watch", "schedule": 60.0},
 }
 
 # --- Cloud (AWS; moto's server mode locally) ------------------------------------
@@ -408,8 +421,8 @@ RECLO_MAX_CONCURRENT_VERIFICATIONS = env.int("RECLO_MAX_CONCURRENT_VERIFICATIONS
 RECLO_VERIFY_STALE_AFTER = timedelta(seconds=env.int("RECLO_VERIFY_STALE_SECONDS", default=180))
 # Stored backups the weekly scrub re-reads per run.
 RECLO_SCRUB_SAMPLE = env.int("RECLO_SCRUB_SAMPLE", default=50)
-# The backup interval assumed until a disk has restore points enough to show its own.
-RECLO_DEFAULT_BACKUP_INTERVAL = timedelta(hours=env.float("RECLO_DEFAULT_BACKUP_INTERVAL_HOURS", default=24))
+# Where `manage.py build_agent` puts the agent bundle the portal serves (never checked in).
+RECLO_AGENT_BUNDLE_DIR = Path(env("RECLO_AGENT_BUNDLE_DIR", default=str(VAR_DIR / "agent")))
 
 # How many reverse proxies in front of the portal append to X-Forwarded-For.
 NUM_PROXIES = env.int("NUM_PROXIES", default=0)
@@ -466,6 +479,9 @@ RECLO_VPN_GATEWAY_INSTANCE_TYPE = env("RECLO_VPN_GATEWAY_INSTANCE_TYPE", default
 # clouds (moto runs no user-data, so no gateway there ever reports).
 RECLO_VPN_GATEWAY_REPORT_DEADLINE = timedelta(minutes=env.int("RECLO_VPN_GATEWAY_REPORT_MINUTES", default=10))
 RECLO_VPN_GATEWAY_MUST_REPORT = env.bool("RECLO_VPN_GATEWAY_MUST_REPORT", default=True)
+# The gateway's agent reports every 30 seconds; after this long without a
+# report the pages and the API say "VPN down" and the owner is emailed.
+RECLO_VPN_GATEWAY_DOWN_AFTER = timedelta(minutes=env.int("RECLO_VPN_GATEWAY_DOWN_MINUTES", default=3))
 # A step whose worker has not reported for this long is taken over by the
 # reconciler (the worker died); long steps report every few seconds.
 RECLO_RECOVERY_STALE_AFTER = timedelta(seconds=env.int("RECLO_RECOVERY_STALE_SECONDS", default=300))
@@ -473,7 +489,9 @@ RECLO_RECOVERY_STALE_AFTER = timedelta(seconds=env.int("RECLO_RECOVERY_STALE_SEC
 RECLO_STOPPED_INSTANCE_LIFETIME = timedelta(days=env.int("RECLO_STOPPED_INSTANCE_DAYS", default=14))
 
 # Drills (test failovers). `local` boots the restore point in QEMU on the
-# worker; `aws` (an isolated subnet) is not built yet and answers code 411.
+# worker (free; the default, and what `make run` and the tests use); `aws`
+# launches its EC2 image in an isolated subnet (billed). An account's own
+# choice (AccountLimits.drill_sandbox, in the admin) overrides this.
 RECLO_DRILL_SANDBOX = env("RECLO_DRILL_SANDBOX", default="local")
 # Power-on to "server answers" may take this long before the drill fails.
 RECLO_DRILL_TIME_LIMIT = env.float("RECLO_DRILL_TIME_LIMIT", default=600.0)
@@ -485,16 +503,7 @@ RECLO_DRILL_STALE_AFTER = timedelta(seconds=env.int("RECLO_DRILL_STALE_SECONDS",
 RECLO_DRILL_EVERY_DAYS = env.int("RECLO_DRILL_EVERY_DAYS", default=7)
 # Scheduled drills started per beat run, at most (the rest wait for the next).
 RECLO_DRILL_SCHEDULE_BATCH = env.int("RECLO_DRILL_SCHEDULE_BATCH", default=20)
-
-CELERY_BEAT_SCHEDULE |= {
-    # Re-enqueue failover steps whose worker died or whose message was lost.
-    "recovery-reconcile-failover-steps": {"task": "recovery.tasks.reconcile_recoveries", "schedule": 60.0},
-    # Record instance states changed outside the portal (stopped in the console, ...).
-    "recovery-sync-instances": {"task": "recovery.tasks.sync_instances", "schedule": crontab(minute="*/5")},
-    # Terminate ReClo's recovery instances stopped for more than 14 days.
-    "recovery-free-instances": {"task": "recovery.tasks.free_instances", "schedule": crontab(minute=47)},
-    # Re-enqueue drill steps whose worker died (the drill then ends and is torn down).
-    "recovery-reconcile-drills": {"task": "recovery.tasks.reconcile_drills", "schedule": 60.0},
-    # Start the drills that servers' drill intervals make due.
-    "recovery-schedule-drills": {"task": "recovery.tasks.schedule_drills", "schedule": crontab(minute="*/15")},
-}
+# The aws sandbox: what a drill's image is launched as, and how often it looks
+# at the console and the status checks (seconds).
+RECLO_DRILL_INSTANCE_TYPE = env("RECLO_DRILL_INSTANCE_TYPE", default="t3.small")
+RECLO_DRILL_AWS_POLL = env.float("RECLO_DRILL_AWS_POLL", default=5.0)

@@ -5,6 +5,7 @@ as its own process. Locally they are skipped when those services are not
 configured; under CI=true a missing service fails the run instead.
 """
 
+import functools
 import os
 import shutil
 import signal
@@ -79,7 +80,7 @@ def test_database_url(connection) -> str:
     return f"postgres://{auth}{params.get('HOST') or '127.0.0.1'}{port}/{params['NAME']}"
 
 
-test_database_url.__test__ = False  # not a test, despite its name
+test_database_url.__test__ = False  # type: ignore[attr-defined]  # not a test, despite its name
 
 
 @contextmanager
@@ -174,3 +175,14 @@ def moto_server(settings):
     finally:
         moto_api_backend.reset()
         server.stop()
+
+
+@functools.cache
+def agent_bundle() -> Path:
+    """The agent bundle the portal serves, built once per test run (`manage.py build_agent` does the same).
+
+    Rebuilt only when the agent's source changed; no wheels for other Pythons (the tests run this one).
+    """
+    from reclo_site import agent_bundle as bundles
+
+    return bundles.build(native_wheels=False)[0]

@@ -104,7 +104,8 @@ def _run(args: list[str], **kwargs) -> str:
 
 def _candidates(packages: list[str]) -> dict[str, str]:
     out = _run(["apt-cache", "show", "--no-all-versions", *packages])
-    found, name = {}, None
+    found: dict[str, str] = {}
+    name = None
     for line in out.splitlines():
         if line.startswith("Package: "):
             name = line.split(": ", 1)[1]
@@ -193,7 +194,7 @@ def test_disks() -> TestDisks:
     return TestDisks(final / "good.raw", final / "panics.raw", final / "random.raw", versions)
 
 
-test_disks.__test__ = False  # a builder, not a test
+test_disks.__test__ = False  # type: ignore[attr-defined]  # a builder, not a test
 
 
 def _download(package: str, version: str, debs: Path) -> Path:

@@ -14,6 +14,7 @@ from rest_framework.views import APIView
 
 from reclo_site.api.fields import StrictCharField
 from reclo_site.api.schema import error_responses
+from reclo_site.api.validation import valid_body
 from reclo_site.errors import Code, ServiceError
 
 from . import selectors, services, sizes
@@ -110,7 +111,7 @@ class RecoveryStartInput(serializers.Serializer):
     )
 
 
-class RecoveriesApi(APIView):
+class RecoveryListApi(APIView):
     @extend_schema(
         operation_id="recoveries_list",
         tags=["recovery"],
@@ -145,7 +146,7 @@ class RecoveriesApi(APIView):
         },
     )
     def post(self, request):
-        data = _valid(RecoveryStartInput, request)
+        data = valid_body(RecoveryStartInput, request)
         recovery = services.recovery_start(
             user=request.user, backup_id=data["backup_id"], instance_type=data["instance_type"] or None
         )
@@ -201,7 +202,7 @@ InstanceBody = inline_serializer(
 )
 
 
-class InstancesApi(APIView):
+class InstanceListApi(APIView):
     @extend_schema(
         operation_id="instances_list",
         tags=["recovery"],
@@ -308,11 +309,3 @@ def vpn_file_name(instance: Instance) -> str:
     """`reclo-<server>.conf`: wg-quick takes the interface name from the file name (at most 15 characters)."""
     safe = "".join(c for c in instance.recovery.server_name if c.isalnum() or c in "-_")[:9] or "server"
     return f"reclo-{safe}.conf"
-
-
-def _valid(serializer_class, request) -> dict:
-    if not isinstance(request.data, dict):
-        raise ServiceError(Code.MALFORMED, "The body must be a JSON object.")
-    serializer = serializer_class(data=request.data)
-    serializer.is_valid(raise_exception=True)
-    return serializer.validated_data

@@ -6,7 +6,10 @@ peer slot on the gateway. The gateway's agent reports handshakes and gets
 the current peer list with a credential that opens nothing else.
 """
 
+import ipaddress
+import re
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from django.conf import settings
@@ -16,7 +19,7 @@ from django.utils import timezone
 from reclo_site.errors import Code, ServiceError
 
 from . import vpn
-from .models import RecoveryNetwork, VpnDevice, VpnGateway
+from .models import Instance, RecoveryNetwork, VpnDevice, VpnGateway
 
 FIRST_DEVICE_NAME = "Office"
 
@@ -87,7 +90,6 @@ def device_config(*, device: VpnDevice) -> str:
             Code.INSTANCE_STATE_CONFLICT,
             "The VPN gateway is not up: it starts with your first failover. Download the config then.",
         )
-    net = RecoveryNetwork.objects.filter(user_id=device.user_id).first()
     return vpn.client_config(
         device_private_key=vpn.decrypt(device.private_key_enc),
         device_address=device.address,
@@ -95,8 +97,84 @@ def device_config(*, device: VpnDevice) -> str:
         gateway_public_key=gateway.gateway_public_key,
         endpoint=gateway.public_ip,
         routed_cidr=settings.RECLO_RECOVERY_SUBNET_CIDR,
-        dns=net.vpn_dns if net else "",
+        dns=dns_get(user_id=device.user_id).entries,
     )
+
+
+_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", re.I)
+
+
+def _is_domain(text: str) -> bool:
+    """A search domain such as `practice.local` (RFC 1123 labels; not all digits, which is a bad address)."""
+    labels = text.rstrip(".").split(".")
+    return len(text) <= 253 and all(_LABEL.match(p) for p in labels) and not labels[-1].isdigit()
+
+
+DnsMode = RecoveryNetwork.VpnDns
+
+
+@dataclass(frozen=True)
+class Dns:
+    """The DNS line of the account's device configs: how it is chosen, and what it is now."""
+
+    mode: str
+    custom: str  # the owner's entries, kept when another mode is chosen
+    entries: str  # what `DNS =` says ("" for no line)
+    server_name: str = ""  # the recovered server whose address it is (mode "server")
+
+
+def dns_get(*, user_id) -> Dns:
+    """The account's VPN DNS: by default the newest live recovered server's address, or the owner's, or none."""
+    net = RecoveryNetwork.objects.filter(user_id=user_id).first()
+    mode = net.vpn_dns_mode if net else DnsMode.SERVER
+    custom = net.vpn_dns if net else ""
+    if mode == DnsMode.NONE:
+        return Dns(mode, custom, "")
+    if mode == DnsMode.CUSTOM:
+        return Dns(mode, custom, custom)
+    live = (
+        Instance.objects.filter(user_id=user_id)
+        .exclude(state__in=[Instance.State.TERMINATED, Instance.State.SHUTTING_DOWN])
+        .exclude(private_ip="")
+        .select_related("recovery")
+        .first()
+    )
+    return Dns(mode, custom, live.private_ip if live else "", live.recovery.server_name if live else "")
+
+
+def dns_set(*, user, mode: str, custom: str = "") -> Dns:
+    """Choose the DNS of every device config; custom entries are DNS server addresses and search domains."""
+    if mode not in DnsMode.values:
+        raise ServiceError(Code.MALFORMED, "Choose one of the DNS options.", field="dns_mode")
+    entries = [e for e in re.split(r"[\s,]+", custom.strip()) if e]
+    if mode == DnsMode.CUSTOM:
+        addresses = 0
+        for entry in entries:
+            try:
+                ipaddress.ip_address(entry)
+                addresses += 1
+            except ValueError:
+                if not _is_domain(entry):
+                    raise ServiceError(
+                        Code.MALFORMED,
+                        f"\u201c{entry[:64]}\u201d is neither an IP address nor a domain name.",
+                        field="dns",
+                    ) from None
+        if not addresses:
+            raise ServiceError(
+                Code.MALFORMED,
+                "Give at least one DNS server address, such as 10.213.1.10 (names such as practice.local "
+                "can follow it).",
+                field="dns",
+            )
+    value = ", ".join(entries)
+    if len(value) > 255:
+        raise ServiceError(Code.MALFORMED, "That is too long for one DNS line.", field="dns")
+    net, _ = RecoveryNetwork.objects.get_or_create(user=user)
+    RecoveryNetwork.objects.filter(pk=net.pk).update(
+        vpn_dns_mode=mode, **({"vpn_dns": value} if mode == DnsMode.CUSTOM else {})
+    )
+    return dns_get(user_id=user.pk)
 
 
 def config_file_name(device: VpnDevice) -> str:

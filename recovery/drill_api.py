@@ -15,10 +15,10 @@ from rest_framework.views import APIView
 
 from reclo_site.api.fields import StrictCharField
 from reclo_site.api.schema import error_responses
+from reclo_site.api.validation import valid_body
 from reclo_site.errors import Code, ServiceError
 
 from . import drill_report, drill_services, selectors
-from .api import _valid
 from .drills import DRILL_STEPS
 from .models import Drill
 
@@ -93,7 +93,7 @@ def _drill(request, drill_id) -> Drill:
     return drill
 
 
-class DrillsApi(APIView):
+class DrillListApi(APIView):
     @extend_schema(
         operation_id="drills_list",
         tags=["drills"],
@@ -128,7 +128,7 @@ class DrillsApi(APIView):
         },
     )
     def post(self, request):
-        data = _valid(DrillStartInput, request)
+        data = valid_body(DrillStartInput, request)
         drill = drill_services.drill_start(
             user=request.user, backup_id=data["backup_id"], probe_port=data["probe_port"], trigger=Drill.Trigger.API
         )

@@ -12,6 +12,8 @@ import zoneinfo
 from datetime import datetime
 
 from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
 from reportlab.lib import colors
 from reportlab.lib.pagesizes import A4
 from reportlab.lib.styles import getSampleStyleSheet
@@ -28,7 +30,7 @@ UTC = zoneinfo.ZoneInfo("UTC")
 
 
 def owner_zone(drill: Drill) -> zoneinfo.ZoneInfo:
-    """The owner's time zone (the portal's TIME_ZONE until accounts carry their own)."""
+    """The owner's time zone (User.time_zone; the portal's TIME_ZONE for an account without one)."""
     name = getattr(drill.user, "time_zone", "") or settings.TIME_ZONE
     try:
         return zoneinfo.ZoneInfo(name)
@@ -57,6 +59,7 @@ def drill_facts(drill: Drill) -> dict:
         }
         for s in drill.steps.all()
     ]
+    booted = next((s.outputs for s in drill.steps.all() if s.name == "booting"), None) or {}
     return {
         "drill_id": str(drill.pk),
         "server": drill.server_name,
@@ -71,25 +74,60 @@ def drill_facts(drill: Drill) -> dict:
         "rto_seconds": None if drill.rto_seconds is None else round(drill.rto_seconds, 1),
         "steps": steps,
         "checks": drill.checks,
+        # What the sandbox could not check, and why (the aws one cannot probe a port: nothing reaches it).
+        "not_checked": (booted.get("verdict") or {}).get("details", {}).get("not_checked", ""),
         "error": drill.error,
         "console_excerpt": drill.console_excerpt,
         "resources": drill.resources,
         # The local sandbox runs on ReClo's own worker: nothing is billed.
         "cost": {"amount": "0.00", "currency": "USD", "note": "Local sandbox on ReClo's worker: no cloud charges."}
         if drill.sandbox == Drill.Sandbox.LOCAL
-        else {"amount": None, "currency": "USD", "note": "Not measured."},
+        else {
+            "amount": None,
+            "currency": "USD",
+            "note": "Not measured: AWS bills the instance's minutes, the EBS snapshot and its direct API calls; "
+            f"they carry the tag reclo:drill=drill-{drill.pk} on the bill.",
+        },
     }
 
 
 def screenshot_bytes(drill: Drill) -> bytes | None:
-    """The stored screenshot PNG, or None."""
+    """The stored screenshot PNG (the locked version, when it was locked), or None."""
     if not drill.screenshot_key:
         return None
+    stored = (drill.evidence or {}).get("screenshot.png") or {}
+    version = stored.get("version_id") if stored.get("key") == drill.screenshot_key else None
     try:
-        reader = storage.ObjectReader(drill.screenshot_key)
-        return reader.read()
+        with storage.ObjectReader(drill.screenshot_key, version_id=version or None) as reader:
+            return reader.read()
     except cloud.ObjectNotFound:
         return None
+
+
+def put_evidence(drill: Drill, name: str, body: bytes) -> dict:
+    """Store one piece of a drill's evidence beside the account's backups, locked like a restore point.
+
+    The version written is locked in COMPLIANCE mode for the account's lock
+    period (`backups.services.lock_period`, as verification locks restore
+    points), so nobody, the portal's own credentials included, can delete
+    it or change it before then: a later write of the key only adds a
+    version, and `Drill.evidence` names the locked one. Returns
+    {key, version_id, etag, locked_until} and records it on the drill.
+    """
+    from backups.services import lock_period
+
+    from .drill_steps import evidence_key
+
+    key = evidence_key(drill, name)
+    written = storage.put_object(key, body, metadata={"drill": str(drill.pk)})
+    until = storage.lock_version(key, written["version_id"], timezone.now() + lock_period(drill.user))
+    record = {"key": key, **written, "locked_until": until.isoformat()}
+    with transaction.atomic():
+        row = Drill.objects.select_for_update().get(pk=drill.pk)
+        row.evidence = {**row.evidence, name: record}
+        row.save(update_fields=["evidence"])
+    drill.evidence = {**(drill.evidence or {}), name: record}
+    return record
 
 
 def _when(value: dict | None) -> str:
@@ -123,7 +161,12 @@ def render_pdf(drill: Drill, facts: dict | None = None) -> bytes:
                     "Measured RTO",
                     "-" if facts["rto_seconds"] is None else f"{facts['rto_seconds']} s (click to answer)",
                 ],
-                ["Cost", f"{facts['cost']['amount'] or '-'} {facts['cost']['currency']}: {facts['cost']['note']}"],
+                [
+                    "Cost",
+                    f"{facts['cost']['amount']} {facts['cost']['currency']}: {facts['cost']['note']}"
+                    if facts["cost"]["amount"] is not None
+                    else facts["cost"]["note"],
+                ],
             ]
             + ([["Reason", facts["error"]]] if facts["error"] else []),
             styles,
@@ -139,7 +182,8 @@ def render_pdf(drill: Drill, facts: dict | None = None) -> bytes:
         Paragraph("Checks", styles["Heading2"]),
         _grid(
             [["Check", "Result", "Evidence"]]
-            + [[c["name"], "passed" if c["passed"] else "FAILED", c["detail"]] for c in facts["checks"]],
+            + [[c["name"], "passed" if c["passed"] else "FAILED", c["detail"]] for c in facts["checks"]]
+            + ([["Not checked", "-", facts["not_checked"]]] if facts.get("not_checked") else []),
             styles,
             header=True,
         ),
@@ -192,17 +236,19 @@ def _escape(text: str) -> str:
 
 
 def store_evidence(drill: Drill) -> str:
-    """Write the drill's PDF and JSON beside the account's backups; the PDF's key."""
-    from .drill_steps import evidence_key
+    """Write the drill's PDF and JSON beside the account's backups, each locked (`put_evidence`); the PDF's key.
 
+    Once both are stored this does nothing: a teardown that runs again must
+    not add versions, and the locked ones are the record.
+    """
+    stored = drill.evidence or {}
+    if "report.pdf" in stored and "report.json" in stored:
+        return stored["report.pdf"]["key"]
     facts = drill_facts(drill)
-    key = evidence_key(drill, "report.pdf")
-    storage.put_object(key, render_pdf(drill, facts), metadata={"drill": str(drill.pk)})
-    storage.put_object(
-        evidence_key(drill, "report.json"), json.dumps(facts, indent=2).encode(), metadata={"drill": str(drill.pk)}
-    )
-    Drill.objects.filter(pk=drill.pk).update(report_key=key)
-    return key
+    pdf = put_evidence(drill, "report.pdf", render_pdf(drill, facts))
+    put_evidence(drill, "report.json", json.dumps(facts, indent=2).encode())
+    Drill.objects.filter(pk=drill.pk).update(report_key=pdf["key"])
+    return pdf["key"]
 
 
 def contingency_rows(drills) -> list[dict]:

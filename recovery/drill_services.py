@@ -6,6 +6,7 @@ and its teardown (after commit) stops the guest; the worker booting it
 notices at its next heartbeat and stops too.
 """
 
+import functools
 import logging
 from datetime import timedelta
 
@@ -14,7 +15,8 @@ from django.db import IntegrityError, transaction
 from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
-from backups.models import Backup, Server
+from backups import chains
+from backups.models import AccountLimits, Backup, Server
 from reclo_site.errors import Code, ServiceError
 
 from . import engine, selectors
@@ -36,6 +38,18 @@ def drill_interval(server: Server) -> timedelta | None:
     return timedelta(days=days) if days else None
 
 
+def drill_sandbox(user) -> str:
+    """Where `user`'s drills boot: their account's `AccountLimits.drill_sandbox`, else RECLO_DRILL_SANDBOX.
+
+    `local` (the default, and what `make run` and the tests use) boots on
+    ReClo's worker in QEMU; `aws` in an isolated subnet of ReClo's AWS
+    account, as a failover would, at the cost of an instance and a snapshot
+    per drill. The operator picks per account (Django admin, account limits).
+    """
+    chosen = AccountLimits.objects.filter(user=user).values_list("drill_sandbox", flat=True).first()
+    return chosen or settings.RECLO_DRILL_SANDBOX
+
+
 def drill_start(*, user, backup_id, probe_port: int | None = None, trigger: str = Drill.Trigger.API) -> Drill:
     """Queue a drill of a verified restore point of `user`'s.
 
@@ -50,11 +64,11 @@ def drill_start(*, user, backup_id, probe_port: int | None = None, trigger: str 
     if backup is None:
         raise ServiceError(Code.NO_RESTORABLE_BACKUP, "No restorable (verified) backup of yours has that id.")
     try:
-        selectors.backup_chain(backup)
-    except selectors.ChainError as exc:
+        chains.restorable_chain(backup)
+    except chains.ChainError as exc:
         raise ServiceError(Code.NO_RESTORABLE_BACKUP, f"That restore point cannot be drilled: {exc}") from exc
-    sandbox = settings.RECLO_DRILL_SANDBOX
-    if sandbox != Drill.Sandbox.LOCAL:
+    sandbox = drill_sandbox(user)
+    if sandbox not in Drill.Sandbox.values:
         raise ServiceError(Code.SANDBOX_FAILED, f"The {sandbox} drill sandbox is not available on this portal.")
     server = backup.server
     if probe_port is None:
@@ -107,7 +121,7 @@ def drill_cancel_for_server(*, server: Server, reason: str) -> list[str]:
                     status="failed", finished=now, error=reason
                 )
                 # The cancelled drill is the failover's doing, not a failed restore point: no email.
-                transaction.on_commit(lambda d=drill_id: _teardown(d))
+                transaction.on_commit(functools.partial(_teardown, drill_id))
                 cancelled.append(str(drill_id))
     return cancelled
 
@@ -115,7 +129,9 @@ def drill_cancel_for_server(*, server: Server, reason: str) -> list[str]:
 def _teardown(drill_id) -> None:
     from .drill_steps import teardown  # the handlers import the sandbox; services stay light
 
-    teardown(drill_id, "cancelled")
+    # Runs in the request that starts the failover: an aws instance is not
+    # waited for (drills_reconcile' sweep deletes its network once it is gone).
+    teardown(drill_id, "cancelled", wait_for_cloud=False)
 
 
 def drills_schedule(*, now=None, limit: int | None = None) -> list[str]:
@@ -133,7 +149,7 @@ def drills_schedule(*, now=None, limit: int | None = None) -> list[str]:
         .exclude(Exists(Drill.objects.filter(server=OuterRef("pk"), status__in=Drill.ACTIVE)))
         .order_by("pk")
     )
-    started = []
+    started: list[str] = []
     for server in servers.iterator():
         if len(started) >= limit:
             break
@@ -144,6 +160,8 @@ def drills_schedule(*, now=None, limit: int | None = None) -> list[str]:
         if last is not None and last > now - interval:
             continue
         newest = Backup.objects.filter(server=server, status=Backup.Status.VERIFIED).order_by("-date_created").first()
+        if newest is None:
+            continue  # the query above only finds servers with a verified restore point; it may be gone since
         try:
             drill = drill_start(user=server.user, backup_id=newest.pk, trigger=Drill.Trigger.SCHEDULE)
         except ServiceError as exc:

@@ -34,6 +34,7 @@ late, or die at any instruction. So:
   permanent ones fail the run at once with the step's code and a reason.
 """
 
+import functools
 import logging
 import random
 import time
@@ -376,9 +377,9 @@ def reconcile(*, limit: int = 200, pipeline: Pipeline = FAILOVER) -> int:
             moved = pipeline.runs.filter(pk=pk, status=status, lease_until=lease_until, due_at=due_at).update(
                 lease_token=None, lease_until=None, due_at=now, updated=now
             )
-            if moved:
-                step = pipeline.step_for_status(status)
-                transaction.on_commit(lambda pk=pk, step=step: enqueue(pk, step, pipeline=pipeline))
+            step = pipeline.step_for_status(status)
+            if moved and step is not None:  # `status` is an active one: it has a step
+                transaction.on_commit(functools.partial(enqueue, pk, step, pipeline=pipeline))
                 count += 1
     if count:
         log.info("reconciler re-enqueued %d %s runs", count, pipeline.name)

@@ -48,10 +48,11 @@ FAILOVER = Pipeline(
     step_model="recovery.RecoveryStep",
     run_field="recovery",
     steps=FAILOVER_STEPS,
-    task="recovery.tasks.recovery_run_step",
+    task="recovery.tasks.failover_step_run",
     queued="queued",
     succeeded="ready",
     failed="failed",
+    on_exit="recovery.notify.failover_finished",  # the owner's email: ready, or failed and why
     select_related=("backup", "server", "user"),
     lease_setting="RECLO_RECOVERY_STALE_AFTER",
 )

@@ -2,17 +2,19 @@
 
 from django import forms
 from django.template.defaultfilters import filesizeformat
-from django.utils import timezone
+
+from reclo_site.localtime import when as local_when
 
 from . import selectors, sizes
 
 
 class RestorePointChoice(forms.ModelChoiceField):
     def label_from_instance(self, backup) -> str:
-        when = timezone.localtime(backup.date_created).strftime("%Y-%m-%d %H:%M")
+        # In the owner's zone (pages activate it), in plain words.
+        kind = "full copy" if backup.kind == "full" else "changes"
         return (
-            f"{when} · disk {backup.disk} · {backup.kind} · {backup.consistency} · "
-            f"{filesizeformat(backup.virtual_size)} disk"
+            f"{local_when(backup.date_created)} · disk {backup.disk} · {kind} · "
+            f"{backup.get_consistency_display()} · {filesizeformat(backup.virtual_size)} disk"
         )
 
 
@@ -37,6 +39,7 @@ class FailoverForm(forms.Form):
     def __init__(self, *args, server, **kwargs):
         super().__init__(*args, **kwargs)
         points = selectors.restore_points(server=server)
+        self.points = points  # the choices, for the page's figures
         self.fields["backup"].queryset = points
         newest = points.first()
         self.recommended = sizes.size_for_disk(newest.virtual_size if newest else 0)

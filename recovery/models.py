@@ -23,7 +23,8 @@ class Recovery(models.Model):
     """
 
     # queued, the steps of `FAILOVER_STEPS` in order, ready, failed.
-    Status = models.TextChoices("Status", FAILOVER.status_choices(), module=__name__, qualname="Recovery.Status")
+    # django-stubs types only the two-argument functional form.
+    Status = models.TextChoices("Status", FAILOVER.status_choices(), module=__name__, qualname="Recovery.Status")  # type: ignore[call-overload]
 
     class ImportMethod(models.TextChoices):
         EBS_DIRECT = "ebs_direct", "EBS direct"
@@ -89,18 +90,21 @@ class Recovery(models.Model):
         return (self.finished or timezone.now()) - self.created
 
 
-class RecoveryStep(models.Model):
-    """One step of a recovery: when it ran, how often, and what it made (`outputs`: cloud ids)."""
+class PipelineStep(models.Model):
+    """One step of a run of a pipeline (a failover or a drill): when it ran, how often, what it made.
+
+    The fields the engine (`recovery.engine`) reads and writes; each
+    pipeline's step model adds the foreign key to its run.
+    """
 
     class Status(models.TextChoices):
         PENDING = "pending"
         RUNNING = "running"
-        WAITING = "waiting"  # on AWS (an import, an instance booting); a task re-checks later
+        WAITING = "waiting"  # on AWS (an import, an instance booting) or a guest; a task re-checks later
         DONE = "done"
         SKIPPED = "skipped"  # nothing to do (the merged disk already existed)
         FAILED = "failed"
 
-    recovery = models.ForeignKey(Recovery, on_delete=models.CASCADE, related_name="steps")
     name = models.CharField(max_length=20)
     position = models.PositiveSmallIntegerField()
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
@@ -112,20 +116,34 @@ class RecoveryStep(models.Model):
     retries = models.PositiveIntegerField(default=0)
     # Seconds spent waiting on AWS (import tasks, instance states), for the benchmark.
     waited = models.FloatField(default=0)
-    outputs = models.JSONField(default=dict, blank=True)
+    outputs = models.JSONField(default=dict, blank=True)  # what it made (cloud ids, figures)
     detail = models.CharField(max_length=200, blank=True)
     error = models.TextField(blank=True)
 
     class Meta:
+        abstract = True
         ordering = ["position"]
-        constraints = [models.UniqueConstraint(fields=["recovery", "name"], name="recovery_step_unique")]
 
     def __str__(self):
         return f"{self.name} ({self.status})"
 
 
+class RecoveryStep(PipelineStep):
+    """One step of a failover."""
+
+    recovery = models.ForeignKey(Recovery, on_delete=models.CASCADE, related_name="steps")
+
+    class Meta(PipelineStep.Meta):
+        constraints = [models.UniqueConstraint(fields=["recovery", "name"], name="recovery_step_unique")]
+
+
 class RecoveryNetwork(models.Model):
     """A tenant's recovery network (VPC, subnet, internet route, security groups), made once and reused."""
+
+    class VpnDns(models.TextChoices):
+        SERVER = "server", "the recovered server"
+        CUSTOM = "custom", "addresses or names the owner gives"
+        NONE = "none", "none"
 
     user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="recovery_network")
     vpc_id = models.CharField(max_length=32, blank=True)
@@ -134,8 +152,11 @@ class RecoveryNetwork(models.Model):
     route_table_id = models.CharField(max_length=32, blank=True)
     server_group_id = models.CharField(max_length=32, blank=True)
     gateway_group_id = models.CharField(max_length=32, blank=True)
-    # Put in every device's config as `DNS =` when set (a recovered domain
-    # controller's address, say), so `\\SERVER` names and logons resolve.
+    # What goes in every device's config as `DNS =`, so `\\SERVER` names and
+    # domain logons resolve: by default the recovered server's address (a
+    # small office's server is usually its DNS), else the owner's `vpn_dns`
+    # (DNS server addresses and search domains, comma-separated), or nothing.
+    vpn_dns_mode = models.CharField(max_length=8, choices=VpnDns.choices, default=VpnDns.SERVER)
     vpn_dns = models.CharField(max_length=255, blank=True)
     ready = models.BooleanField(default=False)
     lease_token = models.UUIDField(null=True, blank=True)
@@ -153,7 +174,10 @@ class VpnGateway(models.Model):
     The private key and the credential are stored encrypted with
     RECLO_VPN_KEYS (Fernet), so a retried launch renders the same user-data;
     the credential is looked up by its SHA-256 (`agent_token_hash`).
-    `last_report` is the agent's last call. A released
+    `last_report` is the agent's last call; `down_since` (the last report
+    before a silence) is set when the watcher, a beat job, finds the reports
+    stopped and tells the owner, and cleared when they are back: one email
+    each way per incident. A released
     gateway (no instance left using it) gets fresh keys when it is needed
     again (`generation` keeps the ClientTokens of the old and new apart).
     """
@@ -177,6 +201,7 @@ class VpnGateway(models.Model):
     agent_token_enc = models.TextField()
     agent_token_hash = models.CharField(max_length=64, unique=True)
     last_report = models.DateTimeField(null=True, blank=True)
+    down_since = models.DateTimeField(null=True, blank=True)
     lease_token = models.UUIDField(null=True, blank=True)
     lease_until = models.DateTimeField(null=True, blank=True)
     created = models.DateTimeField(default=timezone.now)
@@ -252,7 +277,7 @@ class Instance(models.Model):
 
     @property
     def cleanup_at(self):
-        """When `free_instances` will terminate this instance if it stays stopped."""
+        """When `instances_free` will terminate this instance if it stays stopped."""
         if self.state not in (self.State.STOPPING, self.State.STOPPED) or self.stopped_at is None:
             return None
         return self.stopped_at + settings.RECLO_STOPPED_INSTANCE_LIFETIME
@@ -271,10 +296,11 @@ class Drill(models.Model):
     `checks` are the verdict's checks (`[{name, passed, detail}]`);
     `rto_seconds` is from the click (`created`) to "server answers";
     `resources` lists what the sandbox made and when each was removed;
-    `torn_down` is set once the teardown ran.
+    `torn_down` is set once the teardown ran; `evidence` names the stored
+    (and locked) versions of its screenshot, console log, PDF and JSON.
     """
 
-    Status = models.TextChoices("Status", DRILL.status_choices(), module=__name__, qualname="Drill.Status")
+    Status = models.TextChoices("Status", DRILL.status_choices(), module=__name__, qualname="Drill.Status")  # type: ignore[call-overload]
 
     class Sandbox(models.TextChoices):
         LOCAL = "local", "Local (QEMU on the worker)"
@@ -312,6 +338,9 @@ class Drill(models.Model):
     console_excerpt = models.TextField(blank=True)
     screenshot_key = models.CharField(max_length=512, blank=True)
     report_key = models.CharField(max_length=512, blank=True)
+    # What is stored with the account's backups, each version locked like a
+    # restore point: {name: {key, version_id, etag, locked_until}}.
+    evidence = models.JSONField(default=dict, blank=True)
     resources = models.JSONField(default=list, blank=True)
     torn_down = models.DateTimeField(null=True, blank=True)
 
@@ -351,28 +380,10 @@ class Drill(models.Model):
         return self.created - self.backup_created
 
 
-class DrillStep(models.Model):
-    """One step of a drill (the fields the engine needs; see `recovery.pipeline.Pipeline`)."""
-
-    Status = RecoveryStep.Status
+class DrillStep(PipelineStep):
+    """One step of a drill."""
 
     drill = models.ForeignKey(Drill, on_delete=models.CASCADE, related_name="steps")
-    name = models.CharField(max_length=20)
-    position = models.PositiveSmallIntegerField()
-    status = models.CharField(max_length=10, choices=RecoveryStep.Status.choices, default="pending")
-    started = models.DateTimeField(null=True, blank=True)
-    finished = models.DateTimeField(null=True, blank=True)
-    deadline = models.DateTimeField(null=True, blank=True)
-    attempts = models.PositiveIntegerField(default=0)
-    retries = models.PositiveIntegerField(default=0)
-    waited = models.FloatField(default=0)
-    outputs = models.JSONField(default=dict, blank=True)
-    detail = models.CharField(max_length=200, blank=True)
-    error = models.TextField(blank=True)
 
-    class Meta:
-        ordering = ["position"]
+    class Meta(PipelineStep.Meta):
         constraints = [models.UniqueConstraint(fields=["drill", "name"], name="drill_step_unique")]
-
-    def __str__(self):
-        return f"{self.name} ({self.status})"

@@ -186,6 +186,9 @@ def _renew_generation(gateway: VpnGateway) -> None:
         "public_ip": "",
         "private_ip": "",
         "released": None,
+        # A new instance: it has not reported yet, and the old one's outage is over.
+        "last_report": None,
+        "down_since": None,
     }
     VpnGateway.objects.filter(pk=gateway.pk, generation=gateway.generation).update(**fields)
     gateway.refresh_from_db()
@@ -219,27 +222,23 @@ def gateway_ensure(net: RecoveryNetwork) -> VpnGateway | Wait:
         tags = _tags(net.user_id, "vpn-gateway", **{"reclo:generation": str(gateway.generation)})
         lookup = {k: tags[k] for k in ("reclo:tenant", "reclo:role", "reclo:generation")}
         if not gateway.instance_id:
-            found = compute.find_instances(lookup)
-            if found:
-                info = found[0]
-            else:
-                user_data = vpn.gateway_user_data(
+            info = compute.instance_find_or_run(
+                lookup,
+                image_id=gateway_image(),
+                instance_type=settings.RECLO_VPN_GATEWAY_INSTANCE_TYPE,
+                subnet_id=net.subnet_id,
+                security_group_ids=[net.gateway_group_id],
+                client_token=f"reclo-{net.user_id}-vpn-{gateway.generation}",
+                tags=tags,
+                user_data=vpn.gateway_user_data(
                     gateway_private_key=vpn.decrypt(gateway.gateway_private_key_enc),
                     peers=devices.peers(net.user_id),
                     vpc_cidr=settings.RECLO_RECOVERY_VPC_CIDR,
                     agent_token=vpn.decrypt(gateway.agent_token_enc),
                     portal_url=settings.SITE_URL,
-                )
-                info = compute.run_instance(
-                    image_id=gateway_image(),
-                    instance_type=settings.RECLO_VPN_GATEWAY_INSTANCE_TYPE,
-                    subnet_id=net.subnet_id,
-                    security_group_ids=[net.gateway_group_id],
-                    client_token=f"reclo-{net.user_id}-vpn-{gateway.generation}",
-                    tags=tags,
-                    user_data=user_data,
-                    public_address=True,
-                )
+                ),
+                public_address=True,
+            )
             gateway.instance_id = info.instance_id
             VpnGateway.objects.filter(pk=gateway.pk).update(
                 instance_id=info.instance_id, state=VpnGateway.State.PROVISIONING
@@ -251,14 +250,12 @@ def gateway_ensure(net: RecoveryNetwork) -> VpnGateway | Wait:
             # Gone before it was ready: the next try launches a new generation.
             VpnGateway.objects.filter(pk=gateway.pk).update(state=VpnGateway.State.RELEASED, released=timezone.now())
             return Wait(5, f"The VPN gateway stopped unexpectedly ({info.state}); starting a new one.")
-        if not gateway.allocation_id:
-            found = compute.find_addresses(lookup)
-            address = found[0] if found else compute.allocate_address(tags=tags)
-            gateway.allocation_id = address.allocation_id
-            VpnGateway.objects.filter(pk=gateway.pk).update(allocation_id=address.allocation_id)
-        compute.associate_address(allocation_id=gateway.allocation_id, instance_id=gateway.instance_id)
-        address = compute.describe_address(gateway.allocation_id)
-        gateway.public_ip = address.public_ip if address else ""
+        allocation_id, gateway.public_ip = compute.address_attach(
+            allocation_id=gateway.allocation_id, lookup=lookup, tags=tags, instance_id=gateway.instance_id
+        )
+        if allocation_id != gateway.allocation_id:
+            gateway.allocation_id = allocation_id
+            VpnGateway.objects.filter(pk=gateway.pk).update(allocation_id=allocation_id)
         gateway.private_ip = info.private_ip
         gateway.state = VpnGateway.State.READY
         VpnGateway.objects.filter(pk=gateway.pk).update(

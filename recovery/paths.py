@@ -45,7 +45,7 @@ def image_path(server) -> ImagePath:
     """The path for a failover of `server`, from what its agent last reported."""
     report = _preflight(server)
     reported_mode = report.get("boot_mode")
-    boot_mode = BOOT_MODES.get(reported_mode, DEFAULT_BOOT_MODE)
+    boot_mode = BOOT_MODES.get(reported_mode or "", DEFAULT_BOOT_MODE)
     mode_words = f"{'UEFI' if boot_mode == 'uefi' else 'legacy BIOS'}"
     mode_source = "as its agent reported" if reported_mode in BOOT_MODES else "assumed: no boot mode reported"
     if str(report.get("os", "")).lower() == "windows":

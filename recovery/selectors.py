@@ -12,13 +12,6 @@ from backups.models import Backup, Server
 from . import devices
 from .models import Drill, Instance, Recovery
 
-# A chain longer than this is a bug or an attack, not a backup history.
-MAX_CHAIN = 1000
-
-
-class ChainError(Exception):
-    """The restore point cannot be restored: the reason, for the customer."""
-
 
 def _as_uuid(value) -> uuid.UUID | None:
     try:
@@ -87,28 +80,6 @@ def newest_verified_backup(*, server: Server) -> Backup | None:
     return Backup.objects.filter(server=server, status=Backup.Status.VERIFIED).order_by("-date_created").first()
 
 
-def backup_chain(backup: Backup) -> list[Backup]:
-    """The restore point and its ancestors, base first; ChainError if any link is unusable."""
-    chain = [backup]
-    current = backup
-    while current.kind == Backup.Kind.INCREMENTAL:
-        if len(chain) > MAX_CHAIN:
-            raise ChainError("The backup chain is too long.")
-        parent = Backup.objects.filter(pk=current.parent_id).first() if current.parent_id else None
-        if parent is None:
-            raise ChainError("A restore point this one builds on is missing.")
-        if parent.status != Backup.Status.VERIFIED or parent.deleted_at is not None:
-            raise ChainError("A restore point this one builds on is not verified.")
-        if (parent.user_id, parent.server_id, parent.disk) != (backup.user_id, backup.server_id, backup.disk):
-            raise ChainError("The backup chain mixes servers or disks.")
-        chain.append(parent)
-        current = parent
-    if backup.status != Backup.Status.VERIFIED:
-        raise ChainError("The restore point is not verified.")
-    chain.reverse()
-    return chain
-
-
 def vpn_client_config(*, instance: Instance) -> str | None:
     """The account's first device's WireGuard config (made on first use); None until the server's VPN is ready.
 
@@ -134,7 +105,7 @@ def measured_failovers(*, method: str, limit: int = 20) -> list[tuple[int, float
         .order_by("-finished")
         .values_list("virtual_size", "created", "finished")[:limit]
     )
-    return [(size, (finished - created).total_seconds()) for size, created, finished in rows]
+    return [(size, (finished - created).total_seconds()) for size, created, finished in rows if finished is not None]
 
 
 # --- Drills -----------------------------------------------------------------------------------
@@ -197,12 +168,14 @@ def drill_standing(*, servers) -> dict:
 
     servers = list(servers)
     ids = [s.pk for s in servers]
-    last = {}
+    last: dict[int, Drill] = {}
     for drill in Drill.objects.filter(server_id__in=ids).order_by("-created"):
-        last.setdefault(drill.server_id, drill)
-    passed = {}
+        if drill.server_id is not None:
+            last.setdefault(drill.server_id, drill)
+    passed: dict[int, Drill] = {}
     for drill in Drill.objects.filter(server_id__in=ids, status=Drill.Status.PASSED).order_by("-finished"):
-        passed.setdefault(drill.server_id, drill)
+        if drill.server_id is not None:
+            passed.setdefault(drill.server_id, drill)
     by_backup: dict = {}
     for drill in Drill.objects.filter(server_id__in=ids, status__in=Drill.FINISHED).order_by("-created"):
         by_backup.setdefault(drill.server_id, {}).setdefault(drill.backup_ref, drill)

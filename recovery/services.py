@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from accounts.audit import audit_record
 from accounts.models import AuditEvent
+from backups import chains
 from reclo_site import cloud
 from reclo_site.cloud import compute, imaging, storage
 from reclo_site.errors import Code, ServiceError
@@ -51,8 +52,8 @@ def recovery_start(*, user, backup_id, instance_type: str | None = None, import_
     if backup is None:
         raise ServiceError(Code.NO_RESTORABLE_BACKUP, "No restorable (verified) backup of yours has that id.")
     try:
-        selectors.backup_chain(backup)
-    except selectors.ChainError as exc:
+        chains.restorable_chain(backup)
+    except chains.ChainError as exc:
         raise ServiceError(Code.NO_RESTORABLE_BACKUP, f"That restore point cannot be restored: {exc}") from exc
     if instance_type:
         if instance_type not in sizes.BY_TYPE:
@@ -106,7 +107,7 @@ def recovery_start(*, user, backup_id, instance_type: str | None = None, import_
 
 TRANSITIONAL = (Instance.State.PENDING, Instance.State.STOPPING, Instance.State.SHUTTING_DOWN)
 WATCH_EVERY = 5
-WATCH_MAX = 180  # polls, 15 minutes: then sync_instances takes over
+WATCH_MAX = 180  # polls, 15 minutes: then instances_sync takes over
 
 
 def _claim_action(instance: Instance, action: str, pending_state: str) -> str:
@@ -121,7 +122,7 @@ def _claim_action(instance: Instance, action: str, pending_state: str) -> str:
     if not claimed:
         later = " Try again in a few seconds." if previous in TRANSITIONAL else ""
         raise ServiceError(Code.INSTANCE_STATE_CONFLICT, f"The instance is {previous}; it cannot {action} now.{later}")
-    return previous
+    return previous or ""
 
 
 def _undo(instance: Instance, pending_state: str, previous: str) -> None:
@@ -162,19 +163,19 @@ def instance_start(*, instance: Instance) -> Instance:
 
 
 def _watch_on_commit(pk: int) -> None:
-    from .tasks import watch_instance
+    from .tasks import instance_watch
 
-    transaction.on_commit(lambda: watch_instance.apply_async((pk, WATCH_MAX), countdown=WATCH_EVERY))
+    transaction.on_commit(lambda: instance_watch.apply_async((pk, WATCH_MAX), countdown=WATCH_EVERY))
 
 
 def instance_watch(*, instance_pk: int, polls_left: int) -> str | None:
     """Follow an instance through a transition (stopping, pending) until it settles. Idempotent.
 
     A short task that re-schedules itself every few seconds, at most
-    `polls_left` more times; sync_instances covers whatever it misses.
+    `polls_left` more times; instances_sync covers whatever it misses.
     Returns the state seen.
     """
-    from .tasks import watch_instance
+    from .tasks import instance_watch
 
     row = Instance.objects.filter(pk=instance_pk).first()
     if row is None or row.state not in TRANSITIONAL:
@@ -182,7 +183,7 @@ def instance_watch(*, instance_pk: int, polls_left: int) -> str | None:
     _apply_observed(row, compute.describe_instances([row.instance_id]).get(row.instance_id), timezone.now())
     state = Instance.objects.filter(pk=instance_pk).values_list("state", flat=True).first()
     if state in TRANSITIONAL and polls_left > 1:
-        watch_instance.apply_async((instance_pk, polls_left - 1), countdown=WATCH_EVERY)
+        instance_watch.apply_async((instance_pk, polls_left - 1), countdown=WATCH_EVERY)
     return state
 
 
@@ -190,7 +191,7 @@ def instance_terminate(*, instance: Instance) -> Instance:
     """Terminate an instance and, afterwards, release its address, image and (if unused) the VPN gateway.
 
     INSTANCE_STATE_CONFLICT if already terminated, INSTANCE_ACTION_FAILED if the cloud refuses. The release runs as
-    a task after commit (and sync_instances re-enqueues it if it is lost).
+    a task after commit (and instances_sync re-enqueues it if it is lost).
     """
     previous = _claim_action(instance, "terminate", Instance.State.SHUTTING_DOWN)
     try:
@@ -205,7 +206,7 @@ def instance_terminate(*, instance: Instance) -> Instance:
 
 
 def _terminated(pk: int) -> None:
-    from .tasks import release_instance
+    from .tasks import instance_release
 
     now = timezone.now()
     with transaction.atomic():
@@ -213,7 +214,7 @@ def _terminated(pk: int) -> None:
         Instance.objects.filter(pk=pk).update(
             state=Instance.State.TERMINATED, running_since=None, public_ip="", synced=now
         )
-        transaction.on_commit(lambda: release_instance.delay(pk))
+        transaction.on_commit(lambda: instance_release.delay(pk))
 
 
 def instance_release(*, instance_pk: int) -> bool:
@@ -287,7 +288,7 @@ def instances_sync(*, batch_size: int = SYNC_BATCH) -> int:
     each write is conditional on the state read, so a user's click in
     between (or an overlapping run) is never overwritten with stale news.
     """
-    from .tasks import release_instance
+    from .tasks import instance_release
 
     now = timezone.now()
     rows = list(
@@ -304,7 +305,7 @@ def instances_sync(*, batch_size: int = SYNC_BATCH) -> int:
     for pk in Instance.objects.filter(state=Instance.State.TERMINATED, released__isnull=True).values_list(
         "pk", flat=True
     )[:batch_size]:
-        release_instance.delay(pk)
+        instance_release.delay(pk)
     return changed
 
 
@@ -343,13 +344,13 @@ def instances_free(*, batch_size: int = FREE_BATCH, max_pages: int = FREE_MAX_PA
             try:
                 compute.terminate_instance(info.instance_id)
             except cloud.CloudError as exc:
-                log.warning("free_instances: could not terminate %s: %s", info.instance_id, exc)
+                log.warning("instances_free: could not terminate %s: %s", info.instance_id, exc)
                 if row is not None:
                     _undo(row, Instance.State.SHUTTING_DOWN, Instance.State.STOPPED)
                 continue
             if row is not None:
                 _terminated(row.pk)
-            log.info("free_instances: terminated %s, stopped since %s", info.instance_id, since.isoformat())
+            log.info("instances_free: terminated %s, stopped since %s", info.instance_id, since.isoformat())
             freed.append(info.instance_id)
             if len(freed) >= batch_size:
                 return freed

@@ -15,11 +15,12 @@ from django.utils import timezone
 from reclo_agent.vhd import ChainReader, VHDError, VHDReader, merge_chain, open_seekable
 from reclo_agent.vhd.format import FOOTER_SIZE, HEADER_SIZE, SECTOR, bitmap_size
 
+from backups import chains
 from reclo_site import cloud
 from reclo_site.cloud import compute, imaging, storage, streams
 from reclo_site.errors import Code
 
-from . import networks, paths, selectors, snapshot_write
+from . import networks, paths, snapshot_write, vpn_watch
 from .engine import StepContext
 from .models import Instance, Recovery
 from .pipeline import Done, StepFailed, Wait
@@ -87,8 +88,8 @@ def _chain_or_fail(recovery: Recovery) -> list:
     if recovery.backup is None:
         raise StepFailed(Code.NO_RESTORABLE_BACKUP, "The restore point was deleted before its disk could be prepared.")
     try:
-        return selectors.backup_chain(recovery.backup)
-    except selectors.ChainError as exc:
+        return chains.restorable_chain(recovery.backup)
+    except chains.ChainError as exc:
         raise StepFailed(Code.NO_RESTORABLE_BACKUP, str(exc)) from exc
 
 
@@ -142,7 +143,7 @@ def consolidate(ctx: StepContext) -> Done:
 
     ctx.heartbeat(f"Merging {len(chain)} restore point(s).", force=True)
     bound = _merged_size_bound(reader)
-    with streams.ParallelObjectWriter(key, expected_size=bound) as out:
+    with storage.ObjectWriter(key, expected_size=bound, in_flight=3) as out:
         progress = _ProgressWriter(out, ctx, bound)
         try:
             merge_chain(reader, progress)
@@ -325,19 +326,14 @@ def launch(ctx: StepContext) -> Done | Wait:
 
     instance = Instance.objects.filter(recovery=recovery).first()
     if instance is None:
-        tags = recovery_tags(recovery, "server")
-        found = compute.find_instances({"reclo:recovery": str(recovery.pk), "reclo:role": "server"})
-        info = (
-            found[0]
-            if found
-            else compute.run_instance(
-                image_id=ctx.previous("importing")["image_id"],
-                instance_type=recovery.instance_type,
-                subnet_id=network.subnet_id,
-                security_group_ids=[network.server_group_id],
-                client_token=f"reclo-{recovery.pk}-server",
-                tags=tags,
-            )
+        info = compute.instance_find_or_run(
+            {"reclo:recovery": str(recovery.pk), "reclo:role": "server"},
+            image_id=ctx.previous("importing")["image_id"],
+            instance_type=recovery.instance_type,
+            subnet_id=network.subnet_id,
+            security_group_ids=[network.server_group_id],
+            client_token=f"reclo-{recovery.pk}-server",
+            tags=recovery_tags(recovery, "server"),
         )
         instance, _ = Instance.objects.get_or_create(
             recovery=recovery,
@@ -363,16 +359,15 @@ def launch(ctx: StepContext) -> Done | Wait:
             f"The server did not start: it is {info.state} ({info.state_reason or 'no reason given'}).",
         )
 
-    allocation_id = instance.allocation_id
-    if not allocation_id:
-        found = compute.find_addresses({"reclo:recovery": str(recovery.pk), "reclo:role": "server"})
-        address = found[0] if found else compute.allocate_address(tags=recovery_tags(recovery, "server"))
-        allocation_id = address.allocation_id
+    allocation_id, public_ip = compute.address_attach(
+        allocation_id=instance.allocation_id,
+        lookup={"reclo:recovery": str(recovery.pk), "reclo:role": "server"},
+        tags=recovery_tags(recovery, "server"),
+        instance_id=instance.instance_id,
+    )
+    if allocation_id != instance.allocation_id:
         Instance.objects.filter(pk=instance.pk).update(allocation_id=allocation_id)
         ctx.save(allocation_id=allocation_id)
-    compute.associate_address(allocation_id=allocation_id, instance_id=instance.instance_id)
-    address = compute.describe_address(allocation_id)
-    public_ip = address.public_ip if address else ""
     now = timezone.now()
     Instance.objects.filter(pk=instance.pk).update(
         state=Instance.State.RUNNING, public_ip=public_ip, running_since=now, synced=now
@@ -396,7 +391,8 @@ def provision_vpn(ctx: StepContext) -> Done | Wait:
     if isinstance(result, Wait):
         return result
     gateway = result
-    if settings.RECLO_VPN_GATEWAY_MUST_REPORT and gateway.last_report is None:
+    # A gateway reused from an earlier failover must be reporting now, too.
+    if settings.RECLO_VPN_GATEWAY_MUST_REPORT and vpn_watch.health_of(gateway).status != "up":
         return _await_gateway_report(ctx, gateway)
     ctx.save(gateway_instance_id=gateway.instance_id, gateway_public_ip=gateway.public_ip)
     return Done(

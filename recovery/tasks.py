@@ -10,7 +10,7 @@ from celery import shared_task
 
 from reclo_site.cloud import CloudUnavailable
 
-from . import drill_services, engine, services
+from . import drill_services, engine, services, vpn_watch
 from .drills import DRILL
 from .failover import FAILOVER
 
@@ -21,7 +21,7 @@ STEP_HARD_LIMIT = 4 * 60 * 60
 
 
 @shared_task(soft_time_limit=STEP_SOFT_LIMIT, time_limit=STEP_HARD_LIMIT)
-def recovery_run_step(recovery_id: str, step: str) -> str:
+def failover_step_run(recovery_id: str, step: str) -> str:
     """One go of one failover step: claim, work, record, enqueue the next."""
     return engine.run_step(recovery_id, step, pipeline=FAILOVER)
 
@@ -29,31 +29,37 @@ def recovery_run_step(recovery_id: str, step: str) -> str:
 @shared_task(
     autoretry_for=(CloudUnavailable,), retry_backoff=10, retry_backoff_max=600, retry_jitter=True, max_retries=10
 )
-def release_instance(instance_pk: int) -> bool:
+def instance_release(instance_pk: int) -> bool:
     """Release a terminated instance's address, image and (if unused) VPN gateway."""
     return services.instance_release(instance_pk=instance_pk)
 
 
 @shared_task(autoretry_for=(CloudUnavailable,), retry_backoff=5, retry_backoff_max=60, retry_jitter=True, max_retries=5)
-def watch_instance(instance_pk: int, polls_left: int) -> str | None:
+def instance_watch(instance_pk: int, polls_left: int) -> str | None:
     """Follow a stopping or starting instance until it settles (re-schedules itself)."""
     return services.instance_watch(instance_pk=instance_pk, polls_left=polls_left)
 
 
 @shared_task
-def reconcile_recoveries() -> int:
+def failovers_reconcile() -> int:
     """Re-enqueue failover steps whose worker died or whose message was lost."""
     return engine.reconcile(pipeline=FAILOVER)
 
 
 @shared_task
-def sync_instances() -> int:
+def instances_sync() -> int:
     return services.instances_sync()
 
 
 @shared_task
-def free_instances() -> list[str]:
+def instances_free() -> list[str]:
     return services.instances_free()
+
+
+@shared_task
+def gateways_watch() -> int:
+    """Email owners whose VPN gateway stopped reporting, and when it is back."""
+    return vpn_watch.gateways_watch()
 
 
 # --- Drills ---------------------------------------------------------------------------------
@@ -64,18 +70,22 @@ DRILL_HARD_LIMIT = 2 * 60 * 60
 
 
 @shared_task(soft_time_limit=DRILL_SOFT_LIMIT, time_limit=DRILL_HARD_LIMIT)
-def drill_run_step(drill_id: str, step: str) -> str:
+def drill_step_run(drill_id: str, step: str) -> str:
     """One go of one drill step: claim, work, record, enqueue the next (the teardown after the last)."""
     return engine.run_step(drill_id, step, pipeline=DRILL)
 
 
 @shared_task
-def reconcile_drills() -> int:
-    """Re-enqueue drill steps whose worker died or whose message was lost."""
-    return engine.reconcile(pipeline=DRILL)
+def drills_reconcile() -> int:
+    """Re-enqueue drill steps whose worker died or whose message was lost; finish interrupted aws teardowns."""
+    from .drill_steps import sweep_aws  # the handlers import the sandboxes; keep the task module light
+
+    count = engine.reconcile(pipeline=DRILL)
+    sweep_aws()
+    return count
 
 
 @shared_task
-def schedule_drills() -> list[str]:
+def drills_schedule() -> list[str]:
     """Start the drills that servers' intervals make due (a bounded batch per run)."""
     return drill_services.drills_schedule()

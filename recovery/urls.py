@@ -7,6 +7,7 @@ app_name = "recovery"
 urlpatterns = [
     path("instances/", views.instances, name="instances"),
     path("vpn/", vpn_views.vpn_devices, name="vpn-devices"),
+    path("vpn/dns/", vpn_views.vpn_dns, name="vpn-dns"),
     path("vpn/<uuid:device_id>.conf", vpn_views.vpn_device_config, name="vpn-device-config"),
     path("vpn/<uuid:device_id>/qr.svg", vpn_views.vpn_device_qr, name="vpn-device-qr"),
     path("vpn/<uuid:device_id>/revoke/", vpn_views.vpn_device_revoke, name="vpn-device-revoke"),

@@ -16,7 +16,7 @@ from django.views.decorators.http import require_GET, require_http_methods
 from accounts import twofactor
 from reclo_site.errors import ServiceError
 
-from . import drill_report, drill_services, paths, selectors, services, sizes
+from . import drill_report, drill_services, paths, selectors, services, sizes, vpn_watch
 from .api import vpn_file_name
 from .drill_api import report_response
 from .drills import DRILL_STEPS
@@ -93,7 +93,7 @@ def failover_start(request, server_id: int):
         raise Http404("No such server.")
     form = FailoverForm(request.POST or None, server=server)
     path = paths.image_path(server)
-    latest = form.fields["backup"].queryset.first()
+    latest = form.points.first()
     expected = (
         paths.about(
             paths.expected_seconds(path.method, latest.virtual_size, selectors.measured_failovers(method=path.method))
@@ -119,7 +119,7 @@ def failover_start(request, server_id: int):
         {
             "server": server,
             "form": form,
-            "has_points": form.fields["backup"].queryset.exists(),
+            "has_points": form.points.exists(),
             "path": path,
             "expected": expected,
             "extras": {
@@ -184,6 +184,7 @@ def recovery_detail(request, recovery_id):
             "measured": _minutes_seconds(recovery.elapsed.total_seconds()),
             "instance": instance,
             "vpn_ready": vpn_ready,
+            "vpn_health": vpn_watch.gateway_health(request.user.pk) if vpn_ready else None,
             "vpn_file": vpn_file_name(instance) if instance else "",
         },
     )

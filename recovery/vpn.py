@@ -105,7 +105,7 @@ class Tunnel:
 
     @classmethod
     def from_settings(cls) -> "Tunnel":
-        return cls(ipaddress.ip_network(settings.RECLO_VPN_TUNNEL_CIDR))
+        return cls(ipaddress.IPv4Network(settings.RECLO_VPN_TUNNEL_CIDR))
 
     @property
     def gateway(self) -> str:
@@ -167,8 +167,16 @@ peers=$(printf '%s\n' "$handshakes" | curl -fsS --max-time 20 --retry 2 --retry-
   echo "reclo-peer-sync: the portal did not answer" >&2; exit 1; }
 umask 077
 { cat /etc/reclo/wg0-interface.conf; printf '\n%s\n' "$peers"; } > /run/reclo-wg0.conf.new
+# Unchanged, and wg0 has exactly these peers: leave it alone. Re-applying the same config is not
+# free: wireguard-go rebinds its socket when ListenPort is set, and peers' AllowedIPs are replaced.
+want=$(sed -n 's/^PublicKey = //p' /run/reclo-wg0.conf.new | sort)
+if [ "$(cat /run/reclo-wg0.conf.new)" = "$(cat /run/reclo-wg0.conf 2>/dev/null)" ] \
+  && [ "$want" = "$(wg show wg0 peers | sort)" ]; then
+  rm -f /run/reclo-wg0.conf.new; exit 0
+fi
 mv /run/reclo-wg0.conf.new /run/reclo-wg0.conf
-wg syncconf wg0 /run/reclo-wg0.conf || { echo "reclo-peer-sync: wg syncconf failed" >&2; exit 1; }
+wg syncconf wg0 /run/reclo-wg0.conf || {
+  rm -f /run/reclo-wg0.conf; echo "reclo-peer-sync: wg syncconf failed" >&2; exit 1; }
 echo "reclo-peer-sync: $(grep -c '^\[Peer\]' /run/reclo-wg0.conf) peers applied"
 """
 
@@ -203,6 +211,7 @@ def gateway_user_data(
     Files are written with umask 077 (root-only).
     """
     config = gateway_config(gateway_private_key=gateway_private_key, peers=peers, vpc_cidr=vpc_cidr)
+    # What `wg syncconf` gets besides the peers; ListenPort must be there (syncconf resets a missing one).
     interface = f"[Interface]\nPrivateKey = {gateway_private_key}\nListenPort = {WIREGUARD_PORT}\n"
     env = f"RECLO_GATEWAY_TOKEN={shlex.quote(agent_token)}\nRECLO_PORTAL_URL={shlex.quote(portal_url.rstrip('/'))}\n"
     parts = [

@@ -18,9 +18,10 @@ from rest_framework.views import APIView
 
 from reclo_site.api.fields import StrictCharField
 from reclo_site.api.schema import error_responses
+from reclo_site.api.validation import valid_body
 from reclo_site.errors import Code, ServiceError
 
-from . import devices
+from . import devices, vpn_watch
 
 MAX_REPORT_BYTES = 256 * 1024
 
@@ -35,6 +36,20 @@ class DeviceOutput(serializers.Serializer):
     )
 
 
+class GatewayOutput(serializers.Serializer):
+    status = serializers.ChoiceField(
+        ["none", "starting", "up", "down"],
+        help_text="`down`: the gateway has not reported for RECLO_VPN_GATEWAY_DOWN_MINUTES (3 by default).",
+    )
+    message = serializers.CharField(help_text="The same in plain words, as the VPN page says it.")
+    last_report = serializers.DateTimeField(allow_null=True, help_text="The gateway agent's last call.")
+
+
+class DnsOutput(serializers.Serializer):
+    mode = serializers.ChoiceField(["server", "custom", "none"])
+    entries = serializers.CharField(help_text="The configs' `DNS =` line (empty: none).")
+
+
 class DeviceInput(serializers.Serializer):
     name = StrictCharField(max_length=63, help_text="What the device is, e.g. “Reception PC”.")
 
@@ -46,20 +61,35 @@ def _config_response(device) -> HttpResponse:
     return response
 
 
-class VpnDevicesApi(APIView):
+class VpnDeviceListApi(APIView):
     @extend_schema(
         operation_id="vpn_devices_list",
         tags=["vpn"],
         responses={
             200: inline_serializer(
-                "VpnDeviceListOutput", {"message": serializers.CharField(), "devices": DeviceOutput(many=True)}
+                "VpnDeviceListOutput",
+                {
+                    "message": serializers.CharField(),
+                    "devices": DeviceOutput(many=True),
+                    "gateway": GatewayOutput(),
+                    "dns": DnsOutput(),
+                },
             ),
             **error_responses(Code.BAD_TOKEN),
         },
     )
     def get(self, request):
         found = devices.device_list(user=request.user)
-        return Response({"message": "Your VPN devices.", "devices": DeviceOutput(found, many=True).data})
+        health = vpn_watch.gateway_health(request.user.pk)
+        dns = devices.dns_get(user_id=request.user.pk)
+        return Response(
+            {
+                "message": "Your VPN devices.",
+                "devices": DeviceOutput(found, many=True).data,
+                "gateway": GatewayOutput(health).data,
+                "dns": {"mode": dns.mode, "entries": dns.entries},
+            }
+        )
 
     @extend_schema(
         operation_id="vpn_devices_add",
@@ -73,11 +103,7 @@ class VpnDevicesApi(APIView):
         },
     )
     def post(self, request):
-        if not isinstance(request.data, dict):
-            raise ServiceError(Code.MALFORMED, "The body must be a JSON object.")
-        data = DeviceInput(data=request.data)
-        data.is_valid(raise_exception=True)
-        device = devices.device_create(user=request.user, name=data.validated_data["name"])
+        device = devices.device_create(user=request.user, name=valid_body(DeviceInput, request)["name"])
         return Response(
             {"message": f"Device {device.name} added.", "device": DeviceOutput(device).data},
             status=status.HTTP_201_CREATED,
@@ -114,7 +140,7 @@ class VpnDeviceConfigApi(APIView):
         return _config_response(devices.device_get(user=request.user, device_id=device_id))
 
 
-class GatewayPeersApi(APIView):
+class GatewayPeerListApi(APIView):
     """The gateway agent's one call: it posts `wg show wg0 latest-handshakes`, gets its [Peer] sections."""
 
     authentication_classes = []

@@ -1,4 +1,4 @@
-"""The VPN devices page: add a device, download its config or scan its QR code, revoke it."""
+"""The VPN devices page: the VPN's health, add a device, download its config or scan its QR code, revoke it, DNS."""
 
 import io
 
@@ -8,11 +8,11 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
-from django.views.decorators.http import require_GET, require_http_methods
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from reclo_site.errors import ServiceError
 
-from . import devices
+from . import devices, vpn_watch
 
 
 def _device_or_404(request, device_id):
@@ -29,10 +29,30 @@ def _config_or_404(device) -> str:
         raise Http404("The VPN gateway is not up yet.") from None
 
 
+def _page(request, *, error="", dns_error="", dns_form=None):
+    found = devices.device_list(user=request.user)
+    gateway_up = devices.ready_gateway(request.user.pk) is not None
+    dns = devices.dns_get(user_id=request.user.pk)
+    return render(
+        request,
+        "recovery/vpn_devices.html",
+        {
+            "devices": found,
+            "gateway_up": gateway_up,
+            "health": vpn_watch.gateway_health(request.user.pk),
+            "dns": dns,
+            "dns_form": dns_form or {"mode": dns.mode, "custom": dns.custom},
+            "error": error,
+            "dns_error": dns_error,
+            "name": request.POST.get("name", "") if error else "",
+        },
+    )
+
+
 @login_required
 @require_http_methods(["GET", "POST"])
 def vpn_devices(request):
-    """The office's devices, with a form to add one."""
+    """The office's devices and the VPN's health, with a form to add a device."""
     error = ""
     if request.method == "POST":
         try:
@@ -42,13 +62,24 @@ def vpn_devices(request):
         else:
             messages.success(request, f"{device.name} added: download its file or scan its code below.")
             return redirect("recovery:vpn-devices")
-    found = devices.device_list(user=request.user)
-    gateway_up = devices.ready_gateway(request.user.pk) is not None
-    return render(
-        request,
-        "recovery/vpn_devices.html",
-        {"devices": found, "gateway_up": gateway_up, "error": error, "name": request.POST.get("name", "")},
-    )
+    return _page(request, error=error)
+
+
+@login_required
+@require_POST
+def vpn_dns(request):
+    """Choose what the device configs' DNS line says."""
+    mode, custom = request.POST.get("mode", ""), request.POST.get("custom", "")[:1000]
+    try:
+        dns = devices.dns_set(user=request.user, mode=mode, custom=custom)
+    except ServiceError as exc:
+        return _page(request, dns_error=exc.message, dns_form={"mode": mode, "custom": custom})
+    if dns.mode == devices.DnsMode.SERVER:
+        said = "the recovered server as their DNS" + (f" ({dns.entries})" if dns.entries else "")
+    else:
+        said = f"DNS {dns.entries}" if dns.entries else "no DNS"
+    messages.success(request, f"Saved: the VPN files now use {said}. Download each device's file again to apply it.")
+    return redirect("recovery:vpn-devices")
 
 
 @login_required

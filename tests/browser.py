@@ -13,8 +13,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 
 
 @contextmanager
-def chromium_page(viewport=(1280, 900)):
-    """A fresh Chromium page; skips locally (fails in CI) without Chromium or Playwright."""
+def chromium_page(viewport=(1280, 900), timezone_id=None):
+    """A fresh Chromium page; skips locally (fails in CI) without Chromium or Playwright.
+
+    `timezone_id` (an IANA name) is the zone the page's JavaScript sees.
+    """
     if not os.path.exists(CHROMIUM):
         testing.require_tool("chromium")
     try:
@@ -29,10 +32,30 @@ def chromium_page(viewport=(1280, 900)):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]}, accept_downloads=True)
+            extra = {"timezone_id": timezone_id} if timezone_id else {}
+            context = browser.new_context(
+                viewport={"width": viewport[0], "height": viewport[1]}, accept_downloads=True, **extra
+            )
             yield context.new_page()
         finally:
             # ORM calls made in Playwright's event-loop context opened a
             # connection of their own; left open, the test database stays busy.
             connection.close()
             browser.close()
+
+
+def sign_in(page, portal: str, email: str, password: str) -> None:
+    """Sign in on the portal's login page and wait for the dashboard."""
+    page.goto(f"{portal}/accounts/login/")
+    page.fill("#id_email", email)
+    page.fill("#id_password", password)
+    page.click("button[type=submit]")
+    page.wait_for_selector("text=Your servers")
+
+
+def shot(page, name):
+    """A full-page screenshot `name`.png in $RECLO_SCREENSHOTS, when it is set (to look at new pages)."""
+    folder = os.environ.get("RECLO_SCREENSHOTS", "")
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        page.screenshot(path=os.path.join(folder, f"{name}.png"), full_page=True)

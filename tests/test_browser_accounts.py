@@ -52,6 +52,9 @@ def test_sign_up_log_in_and_create_a_token(live_server, aws):
         shot(page, "tokens")
         assert len(key) == 32
         assert ApiToken.objects.get(key_hash=hash_token(key)).name == "front-desk-server"
-        page.click("text=Revoke")
+        page.click("text=Revoke…")
+        page.wait_for_selector("text=Revoke the token “front-desk-server”?")
+        assert ApiToken.objects.get(key_hash=hash_token(key)).revoked_at is None  # it asks first
+        page.click("[data-testid=revoke-confirm]")
         page.wait_for_selector("text=revoked")
         assert ApiToken.objects.get(key_hash=hash_token(key)).revoked_at is not None

@@ -33,7 +33,8 @@ PUBLIC = {"api:register", "api:login", "api:enroll", "api:schema", "api:docs",
 # What the agent of a server may do, by route pattern and method: the
 # contract's list (its backups, its uploads, its chains, its status) plus
 # renewing and revoking its own credential (so an enrolled agent outlives
-# the 60-day token lifetime without a password on the server).
+# the 60-day token lifetime without a password on the server), and browsing
+# and taking back files of its own restore points (reclo-agent restore-files).
 ALLOWED = {
     ("backups", "get"),
     ("backups/<uuid:backup_id>", "get"),
@@ -41,6 +42,8 @@ ALLOWED = {
     ("backups/uploads/<uuid:upload_id>/credentials", "post"),
     ("backups/uploads/<uuid:upload_id>/complete", "post"),
     ("backups/<uuid:backup_id>/download", "post"),
+    ("backups/<uuid:backup_id>/files", "get"),
+    ("backups/<uuid:backup_id>/files/content", "get"),
     ("servers/<str:server>/status", "post"),
     ("token/renew", "post"),
     ("logout", "post"),
@@ -166,6 +169,8 @@ def test_another_tenants_objects_stay_not_found(world):
         (f"/api/v1/backups/uploads/{theirs['upload_id']}/credentials", "post"),
         (f"/api/v1/backups/uploads/{theirs['upload_id']}/complete", "post"),
         (f"/api/v1/backups/{theirs['backup_id']}/download", "post"),
+        (f"/api/v1/backups/{theirs['backup_id']}/files", "get"),
+        (f"/api/v1/backups/{theirs['backup_id']}/files/content?partition=1", "get"),
     ]:
         response = call(agent, method, url)
         assert response.status_code == 404, f"{method.upper()} {url} -> {response.status_code}"

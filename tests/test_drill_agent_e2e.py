@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from backups.models import Backup
+from backups.models import Backup, Server
 from reclo_site import testing, testing_disks
 from reclo_site.cloud import storage
 from recovery import drill_services, drill_steps
@@ -52,7 +52,10 @@ def test_a_drill_of_each_restore_point_the_agent_made_passes(agent, tmp_path, dr
     etags = [storage.head_object(b.key)["etag"] for b in backups]
 
     line = RELEASE.decode().strip()
-    for backup, shows_change in zip(backups, (False, True), strict=True):
+    for backup, shows_change, firmware in zip(backups, (False, True), ("bios", "uefi"), strict=True):
+        # The test disk boots either way (an MBR with GRUB and an EFI system
+        # partition): the second drill follows a preflight that says UEFI.
+        Server.objects.filter(pk=backup.server_id).update(preflight={"ok": True, "boot_mode": firmware})
         started = drill_services.drill_start(user=backup.user, backup_id=backup.pk, probe_port=testing_disks.HTTP_PORT)
         drill = Drill.objects.get(pk=started.pk)
         assert (drill.status, drill.error) == ("passed", ""), drill.console_excerpt
@@ -65,5 +68,15 @@ def test_a_drill_of_each_restore_point_the_agent_made_passes(agent, tmp_path, dr
         assert drill.resources and all(r["removed"] for r in drill.resources), drill.resources
         assert storage.head_object(drill.report_key)["size"] > 1000
         assert storage.head_object(drill_steps.evidence_key(drill, "report.json"))["size"] > 100
+        verdict = drill.steps.get(name="booting").outputs["verdict"]
+        assert verdict["details"]["boot_mode"] == firmware
+        with storage.ObjectReader(**_pinned(drill.evidence["console.log"])) as reader:
+            console = reader.read().decode(errors="replace")
+        # OVMF (EDK II) or SeaBIOS, never both.
+        assert ("by EDK II" in console, "SeaBIOS" in console) == (firmware == "uefi", firmware == "bios")
     # The stored restore points were only read.
     assert [storage.head_object(b.key)["etag"] for b in backups] == etags
+
+
+def _pinned(record: dict) -> dict:
+    return {"key": record["key"], "version_id": record["version_id"]}

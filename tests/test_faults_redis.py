@@ -4,7 +4,7 @@ A real worker process runs the failover against moto's server while the
 test kills Redis and starts it again on the same port. Redis keeps nothing
 on disk here (no RDB, no AOF, as a cache-sized instance often runs), so
 every queued message, delayed task and unacknowledged delivery is gone
-after the restart: only the beat reconciler (`reconcile_recoveries`, sent
+after the restart: only the beat reconciler (`failovers_reconcile`, sent
 by the test as beat would send it) can pick the failover up again. It must
 end `ready` with exactly one of everything in the cloud.
 
@@ -149,7 +149,7 @@ def finish_with_the_reconciler(recovery, timeout: float = 120) -> Recovery:
     def over_or_nudge():
         if status_of(recovery) in Recovery.FINISHED:
             return True
-        tasks.reconcile_recoveries.delay()
+        tasks.failovers_reconcile.delay()
         return False
 
     testing.wait_until(over_or_nudge, timeout=timeout, interval=STALE_SECONDS, what="the failover to finish")

@@ -12,6 +12,7 @@ The in-process tests run on SQLite too; the one with a real worker needs
 PostgreSQL and Redis and is marked `integration`.
 """
 
+import functools
 import hashlib
 import os
 import threading
@@ -32,7 +33,7 @@ from backups.models import Backup
 from backups.tests import vhds
 from reclo_site import cloud, testing
 from reclo_site.celery import app as celery_app
-from reclo_site.cloud import storage, streams
+from reclo_site.cloud import storage
 from recovery import engine, services
 from recovery.models import Recovery, RecoveryStep
 from recovery.tests.cloud_inventory import inventory
@@ -278,7 +279,7 @@ def test_verification_past_its_retry_budget_stays_verifying_and_the_clean_up_job
 
 
 @pytest.mark.usefixtures("aws", "quick_sdk_retries")
-@pytest.mark.parametrize("writer", [storage.ObjectWriter, streams.ParallelObjectWriter])
+@pytest.mark.parametrize("writer", [storage.ObjectWriter, functools.partial(storage.ObjectWriter, in_flight=3)])
 @pytest.mark.parametrize("operation", ["UploadPart", "CompleteMultipartUpload"])
 def test_a_writer_whose_last_part_or_completion_fails_leaves_no_parts(s3_faults, writer, operation):
     s3_faults.fail(operation, status=500, code="InternalError")

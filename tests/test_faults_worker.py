@@ -232,7 +232,7 @@ def test_make_runs_worker_keeps_running_tasks_after_the_oom_killer_takes_a_proce
             for pid in pool_processes(worker):  # the OOM killer's pick; none when there is no pool process
                 os.kill(pid, signal.SIGKILL)
             time.sleep(1)
-            celery_app.send_task("accounts.tasks.expire_tokens", queue=queue)
+            celery_app.send_task("accounts.tasks.tokens_expire", queue=queue)
             testing.wait_until(
                 lambda: not old.filter(revoked_at__isnull=True).exists(), timeout=30, what="the task to run"
             )

@@ -52,7 +52,7 @@ def test_a_real_worker_expires_tokens_through_redis(services_up, user):
 
     celery_app.conf.task_always_eager = False
     with testing.celery_worker({"DATABASE_URL": testing.test_database_url(connection)}):
-        tasks.expire_tokens.delay()
+        tasks.tokens_expire.delay()
         testing.wait_until(
             lambda: ApiToken.objects.get(pk=old.pk).revoked_at is not None, timeout=60, what="the worker to expire"
         )

@@ -147,7 +147,19 @@ class TestTokens:
         row.refresh_from_db()
         assert row.revoked_at is None
 
-    def test_revoke_refuses_get(self, client, user, token):
+    def test_revoke_asks_first_and_a_get_changes_nothing(self, client, user, token):
         client.force_login(user)
         row = ApiToken.objects.get(key_hash=hash_token(token))
-        assert client.get(f"/accounts/tokens/{row.pk}/revoke/").status_code == 405
+        page = client.get(f"/accounts/tokens/{row.pk}/revoke/")
+        assert page.status_code == 200
+        html = page.content.decode()
+        assert "Revoke this token" in html and row.prefix in html
+        row.refresh_from_db()
+        assert row.revoked_at is None
+        assert client.put(f"/accounts/tokens/{row.pk}/revoke/").status_code == 405
+
+    def test_the_token_list_links_to_the_confirmation(self, client, user, token):
+        client.force_login(user)
+        row = ApiToken.objects.get(key_hash=hash_token(token))
+        html = client.get("/accounts/tokens/").content.decode()
+        assert f'href="/accounts/tokens/{row.pk}/revoke/"' in html

@@ -1,4 +1,4 @@
-"""The expire_tokens beat job."""
+"""The tokens_expire beat job."""
 
 from datetime import timedelta
 
@@ -21,7 +21,7 @@ def make_tokens(user, count, age_days):
 def test_it_revokes_tokens_past_60_days_and_only_those(user):
     old = make_tokens(user, 3, 61)
     young = make_tokens(user, 2, 59)
-    assert tasks.expire_tokens.delay().get() == 3
+    assert tasks.tokens_expire.delay().get() == 3
     assert all(ApiToken.objects.get(pk=t.pk).revoked_at for t in old)
     assert not any(ApiToken.objects.get(pk=t.pk).revoked_at for t in young)
 
@@ -50,4 +50,4 @@ def test_a_renewed_old_token_survives(user):
 
 def test_it_is_in_the_beat_schedule(settings):
     entry = settings.CELERY_BEAT_SCHEDULE["expire-tokens"]
-    assert entry["task"] == "accounts.tasks.expire_tokens"
+    assert entry["task"] == "accounts.tasks.tokens_expire"

@@ -164,7 +164,8 @@ class PortalClient:
 
     def iter_backups(self, server: str | None = None) -> Iterator[dict]:
         """Every backup (newest first), following the pagination's ``next``."""
-        path, params = "/backups", ({"server": server} if server else None)
+        path: str | None = "/backups"
+        params = {"server": server} if server else None
         while path:
             body = self.request("GET", path, params=params)
             yield from body.get("backups") or []
@@ -180,16 +181,37 @@ class PortalClient:
     def upload_credentials(self, upload_id: str) -> dict:
         return self.request("POST", f"/backups/uploads/{upload_id}/credentials")["credentials"]
 
-    def complete_upload(self, upload_id: str, *, file_size: int, sha256: str) -> dict:
-        """The ``backup`` (its status ``verifying``, or final). Idempotent (docs/api.md, Uploading)."""
-        body = self.request(
-            "POST", f"/backups/uploads/{upload_id}/complete", json={"file_size": file_size, "sha256": sha256}
-        )
-        return body["backup"]
+    def complete_upload(self, upload_id: str, *, file_size: int, sha256: str, part_sha256: list | None = None) -> dict:
+        """The ``backup`` (its status ``verifying``, or final). Idempotent (docs/api.md, Uploading).
+
+        ``part_sha256``: the hex SHA-256 of each part of a multipart upload,
+        in order; with it the portal verifies without reading the whole object.
+        """
+        body = {"file_size": file_size, "sha256": sha256}
+        if part_sha256:
+            body["part_sha256"] = part_sha256
+        return self.request("POST", f"/backups/uploads/{upload_id}/complete", json=body)["backup"]
 
     def report_status(self, server: str, **fields) -> dict:
         """``POST /servers/{server}/status``: schedule, next_run, agent_version, preflight."""
         return self.request("POST", f"/servers/{server}/status", json=fields)
+
+    def files(self, backup_id: str, partition: int | None = None, path: str = "/") -> dict:
+        """``partitions`` without a partition, else ``entries`` of the folder ``path`` (docs/api.md)."""
+        params = None if partition is None else {"partition": partition, "path": path}
+        return self.request("GET", f"/backups/{backup_id}/files", params=params)
+
+    def file_content(self, backup_id: str, partition: int, path: str) -> requests.Response:
+        """The streamed answer of ``files/content`` (a file, or a folder as a zip); errors raise as ``request``."""
+        url = self._url(f"/backups/{backup_id}/files/content")
+        try:
+            resp = self._session.get(url, params={"partition": partition, "path": path}, stream=True, timeout=TIMEOUT)
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            raise Unreachable(f"Cannot reach the portal at {self.portal} ({type(exc).__name__}).") from exc
+        if not resp.ok:
+            with resp:
+                self._decode(resp)
+        return resp
 
     def download(self, backup_id: str) -> dict:
         """``chain`` (base first), ``bucket, region, endpoint_url, credentials``."""

@@ -12,22 +12,25 @@ The steps of a run:
    ``snapshot``, ``frozen`` or ``crash``; the portal records it with the
    upload, which it grants next (credentials for one object key).
 4. The pre-hook, then the snapshot or the freeze (:func:`.consistency.reading`),
-   and while that holds, steps 5 and 6 -- both read the same moment of the disk.
-5. Scan: hash every page into a pending block map (:mod:`.scan`).
-6. Pack and upload: the VHD writer writes into the seekable zstd writer,
-   which writes into the part uploader; blocks are read ahead by a thread,
-   parts go up several at once (:mod:`.uploader`). Memory stays bounded.
-   Then the thaw or the snapshot's removal, and the post-hook.
-7. Complete the multipart upload, then the portal's upload with the
-   object's size and SHA-256 (learnt at the end of the stream), and wait
-   for the verdict. Only a verified backup commits the new block map, so a
-   failed run never poisons the next incremental.
+   and while that holds, step 5.
+5. One pass over the disk (:mod:`.scan`): each block is read once, its
+   pages hashed into a pending block map, decided (stored or not, which
+   sectors) and compressed, on every core; the frames go in block order
+   into the seekable zstd writer, which writes into the part uploader:
+   parts go up several at once, each with its SHA-256, which S3 checks on
+   arrival (:mod:`.uploader`). The VHD's BAT is written after the data.
+   Memory stays bounded. Then the thaw or the snapshot's removal, and the
+   post-hook.
+6. Complete the multipart upload, then the portal's upload with the
+   object's size, SHA-256 and part checksums (learnt at the end of the
+   stream), and wait for the verdict. Only a verified backup commits the
+   new block map, so a failed run never poisons the next incremental.
 
 Resuming: the stored object must be the same bytes on a rerun, so the run
 records everything random or time-dependent in the stream (the VHD unique
 id and timestamp, the file name, the part size) and regenerates the stream
-from the source; the compressor (single-threaded zstd, fixed level, frame
-per block) is deterministic. Parts whose regenerated size and SHA-256
+from the source; the compressor (single-threaded zstd per frame, fixed level,
+frame per block, frames kept in block order) is deterministic. Parts whose regenerated size and SHA-256
 match the journal are not sent again; every other part is (one in flight
 when the run was killed was never journaled). The journal is all the agent
 knows of what storage holds: its credentials may not list the parts. If
@@ -41,6 +44,7 @@ NoSuchUpload) is made anew, once, and the whole stream sent again.
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import time
@@ -57,14 +61,13 @@ from .freeze import DEFAULT_LIMIT
 from .hooks import Hooks
 from .progress import Reporter, human_bytes
 from .s3 import S3Access, StorageError
-from .scan import Plan, scan
+from .scan import Scan, pack
 from .source import Source
-from .state import StateLock, UploadState
+from .state import StateLock, UploadRecord, UploadState
 from .throttle import TokenBucket
 from .uploader import PartUploader, choose_part_size, in_flight_for
-from .vhd import ParentInfo, SeekableZstdWriter, VHDWriter
-from .vhd.format import bitmap_size, vhd_timestamp
-from .vhd.seekzstd import DEFAULT_LEVEL
+from .vhd import ParentInfo
+from .vhd.format import DEFAULT_BLOCK_SIZE, bitmap_size, vhd_timestamp
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +83,7 @@ class BackupOptions:
     page_size: int = DEFAULT_PAGE_SIZE
     bandwidth: int | None = None  # bytes per second
     verify_timeout: float = 6 * 3600
-    poll_interval: float = 2.0
+    poll_interval: float = 0.25  # the first wait for the verdict; it grows to 15 s
     max_in_flight: int = 4
     part_size: int | None = None  # tuning and tests; S3's 5 MiB minimum applies
     freeze: bool = False  # freeze the disk's mounted file systems for the read
@@ -100,6 +103,7 @@ class BackupResult:
     sent_bytes: int = 0  # uploaded by this run
     sent_parts: int = 0
     skipped_parts: int = 0  # already uploaded by an earlier, killed run
+    read_bytes: int = 0  # read from the source by this run (the disk's size for one pass)
     resumed: bool = False
     full_reason: str = ""
     consistency: str = ""
@@ -144,8 +148,8 @@ class BackupRun:
     def _run(self) -> BackupResult:
         opt = self.opt
         state = UploadState.load(self.state_dir, opt.server, opt.disk)
-        if state is not None and state.get("phase") in ("uploaded", "completed"):
-            log.info("a killed run had uploaded backup %s; finishing it first", state.get("upload_id"))
+        if state is not None and state.record.phase in ("uploaded", "completed"):
+            log.info("a killed run had uploaded backup %s; finishing it first", state.record.upload_id)
             return self._finish(state, resumed=True)
 
         with Source(opt.source) as src:
@@ -154,13 +158,13 @@ class BackupRun:
             decision = self._decide(src.size)
             if state is not None and not self._same_backup(state, decision, src.size):
                 log.info("the unfinished upload %s no longer fits (%s backup now); starting over",
-                         state.get("upload_id"), decision.kind)  # fmt: skip
+                         state.record.upload_id, decision.kind)  # fmt: skip
                 self._abandon(state)
                 state = None
             resumed = state is not None
             if resumed:
-                log.info("resuming the %s backup of %s/%s (upload %s)", state["kind"], opt.server, opt.disk,
-                         state["upload_id"])  # fmt: skip
+                log.info("resuming the %s backup of %s/%s (upload %s)", state.record.kind, opt.server, opt.disk,
+                         state.record.upload_id)  # fmt: skip
                 grant = self._regrant(state)
                 if grant is None:
                     state, resumed = None, False
@@ -202,12 +206,12 @@ class BackupRun:
     def _same_backup(self, state: UploadState, decision: Decision, size: int) -> bool:
         parent_id = decision.parent.backup_id if decision.parent else None
         return (
-            state.get("kind") == decision.kind
-            and state.get("parent_id") == parent_id
-            and state.get("virtual_size") == size
-            and state.get("page_size") == self.opt.page_size
-            and state.get("consistency", consistency.CRASH) == self.plan.consistency
-            and state.get("phase") == "uploading"
+            state.record.kind == decision.kind
+            and state.record.parent_id == parent_id
+            and state.record.virtual_size == size
+            and state.record.page_size == self.opt.page_size
+            and state.record.consistency == self.plan.consistency
+            and state.record.phase == "uploading"
         )
 
     def _start(self, decision: Decision, size: int) -> tuple[UploadState, dict, Decision]:
@@ -231,10 +235,7 @@ class BackupRun:
             fields.update(kind="full")
             fields.pop("parent_id")
             grant = self.api.create_upload(**fields)
-        state = UploadState(self.state_dir, opt.server, opt.disk)
-        state.reset_parts()
-        state.save(
-            phase="uploading",
+        record = UploadRecord(
             upload_id=grant["upload_id"],
             key=grant["key"],
             bucket=grant["bucket"],
@@ -249,10 +250,11 @@ class BackupRun:
             vhd_timestamp=vhd_timestamp(),
             source=opt.source,
             consistency=self.plan.consistency,
-            multipart_id=None,
-            part_size=None,
             started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
+        state = UploadState(self.state_dir, opt.server, opt.disk, record)
+        state.reset_parts()
+        state.save()
         log.info(
             "%s %s backup of %s as %s/%s (upload %s)%s",
             decision.kind,
@@ -268,33 +270,34 @@ class BackupRun:
     def _regrant(self, state: UploadState) -> dict | None:
         """Fresh credentials for an unfinished upload, or None if the portal dropped it."""
         try:
-            credentials = self.api.upload_credentials(state["upload_id"])
+            credentials = self.api.upload_credentials(state.record.upload_id)
         except PortalError as exc:
             if exc.code == Code.NO_UPLOAD:
-                log.info("the portal no longer has upload %s (expired); starting over", state["upload_id"])
+                log.info("the portal no longer has upload %s (expired); starting over", state.record.upload_id)
                 state.discard()
                 return None
             raise
-        return {"bucket": state["bucket"], "region": state.get("region"), "endpoint_url": state.get("endpoint_url"),
+        return {"bucket": state.record.bucket, "region": state.record.region, "endpoint_url": state.record.endpoint_url,
                 "credentials": credentials}  # fmt: skip
 
     def _abandon(self, state: UploadState) -> None:
         """Best effort: abort the old multipart upload (the portal's clean-up does it anyway)."""
         try:
             grant = self._regrant(state)
-            if grant is not None and state.get("multipart_id"):
-                S3Access(grant).call("abort_multipart_upload", Key=state["key"], UploadId=state["multipart_id"])
+            if grant is not None and state.record.multipart_id:
+                S3Access(grant).call("abort_multipart_upload", Key=state.record.key, UploadId=state.record.multipart_id)
         except AgentError as exc:
             log.debug("could not abort the old upload: %s", exc)
         state.discard()
 
-    # --- scan, pack, upload --------------------------------------------------------
+    # --- the pass: read, pack, upload --------------------------------------------------------
 
     def _upload(self, src: Source, state: UploadState, grant: dict, decision: Decision, resumed: bool) -> BackupResult:
         timings = {}
         with consistency.reading(self.plan, src, self.hooks, freeze_limit=self.opt.freeze_limit,
                                  lvm_run=self.lvm_run) as reader:  # fmt: skip
             uploader = self._read_and_send(reader, state, grant, decision, timings)
+            read_bytes = reader.bytes_read
         t0 = time.monotonic()
         result = self._finish(state, resumed=resumed)
         timings["verify"] = time.monotonic() - t0
@@ -303,6 +306,7 @@ class BackupRun:
             uploader.sent_parts,
             uploader.skipped_parts,
         )
+        result.read_bytes = read_bytes
         result.full_reason = decision.reason if decision.kind == "full" else ""
         if self.hooks.post_error is not None:
             result.hook_error = str(self.hooks.post_error)
@@ -310,63 +314,52 @@ class BackupRun:
         return result
 
     def _read_and_send(self, src: Source, state: UploadState, grant: dict, decision: Decision, timings: dict):
-        """Scan and pack ``src`` into the stored object; the part uploader (its counts)."""
+        """Read, pack and upload ``src`` into the stored object in one pass; the part uploader (its counts)."""
         opt = self.opt
-        s3 = S3Access(grant, refresh=lambda: self.api.upload_credentials(state["upload_id"]),
+        s3 = S3Access(grant, refresh=lambda: self.api.upload_credentials(state.record.upload_id),
                       max_connections=opt.max_in_flight + 2)  # fmt: skip
-
-        pending = self.maps.pending_path(opt.server, opt.disk, "next")
-        old_map = self.maps.digests_path(decision.parent) if decision.parent else None
-        t0 = time.monotonic()
-        log.debug("scanning %s (%d bytes)", src.path, src.size)
-        with self.reporter.task("scanning", src.size) as task:
-            plan = scan(src, pending, page_size=opt.page_size, old_map=old_map, progress=task.advance)
-        timings["scan"] = time.monotonic() - t0
-
-        part_size = state.get("part_size") or opt.part_size or choose_part_size(_max_object_size(plan))
+        rec = state.record
+        part_size = rec.part_size or opt.part_size or choose_part_size(_max_object_size(src.size))
         # A multipart upload left by a killed run may be gone from storage
         # since (aborted by a lifecycle rule or the portal's clean-up): S3
         # then answers NoSuchUpload to UploadPart or CompleteMultipartUpload.
-        continuing = bool(state.get("multipart_id"))
+        continuing = bool(rec.multipart_id)
         try:
-            try:
-                stored, uploader = self._send(src, plan, state, s3, part_size, timings)
-            except StorageError as exc:
-                if not (continuing and exc.code == "NoSuchUpload"):
-                    raise
-                log.info("the multipart upload %s is gone from storage; uploading from the start",
-                         state["multipart_id"])  # fmt: skip
-                state.save(multipart_id=None)
-                state.reset_parts()
-                plan.close()  # the second pass reads the block maps from the start again
-                stored, uploader = self._send(src, plan, state, s3, part_size, timings)
-        finally:
-            plan.close()
-        state.save(phase="uploaded", file_size=stored[0], sha256=stored[1], pending_map=str(plan.pending_map),
-                   changed_bytes=plan.changed_bytes)  # fmt: skip
+            scan, stored, uploader = self._send(src, decision, state, s3, part_size, timings)
+        except StorageError as exc:
+            if not (continuing and exc.code == "NoSuchUpload"):
+                raise
+            log.info("the multipart upload %s is gone from storage; uploading from the start", rec.multipart_id)
+            state.save(multipart_id=None)
+            state.reset_parts()
+            scan, stored, uploader = self._send(src, decision, state, s3, part_size, timings)
+        state.save(phase="uploaded", file_size=stored[0], sha256=stored[1], part_count=uploader.part_count,
+                   pending_map=str(scan.pending_map), changed_bytes=scan.changed_bytes)  # fmt: skip
         log.info(
             "uploaded %s (%d parts sent, %d already there) for %s of %s",
             human_bytes(stored[0]),
             uploader.sent_parts,
             uploader.skipped_parts,
-            "changes" if plan.kind == "incremental" else "data",
-            human_bytes(plan.changed_bytes),
+            "changes" if decision.kind == "incremental" else "data",
+            human_bytes(scan.changed_bytes),
         )
         return uploader
 
-    def _send(self, src: Source, plan: Plan, state: UploadState, s3: S3Access, part_size: int,
-              timings: dict) -> tuple[tuple[int, str], PartUploader]:  # fmt: skip
-        """Pack the restore point into the multipart upload (made first if there is none) and complete it.
+    def _send(self, src: Source, decision: Decision, state: UploadState, s3: S3Access, part_size: int,
+              timings: dict) -> tuple[Scan, tuple[int, str], PartUploader]:  # fmt: skip
+        """The one pass into the multipart upload (made first if there is none), then its completion.
 
-        Returns the stored object's (size, SHA-256) and the uploader, which
-        counts the parts sent and those the journal says are already there.
+        Returns the pass (its counts), the stored object's (size, SHA-256)
+        and the uploader, which counts the parts sent and those the journal
+        says are already there.
         """
         opt = self.opt
-        if not state.get("multipart_id"):
-            created = s3.call("create_multipart_upload", Key=state["key"], ChecksumAlgorithm="SHA256")
+        rec = state.record
+        if not rec.multipart_id:
+            created = s3.call("create_multipart_upload", Key=rec.key, ChecksumAlgorithm="SHA256")
             state.reset_parts()
             state.save(multipart_id=created["UploadId"], part_size=part_size)
-        elif not state.get("part_size"):
+        elif not rec.part_size:
             state.save(part_size=part_size)
         if state.parts:
             log.info("the journal lists %d parts already in storage; those still the same are not sent again",
@@ -374,23 +367,36 @@ class BackupRun:
 
         limiter = TokenBucket(opt.bandwidth) if opt.bandwidth else None
         t0 = time.monotonic()
-        with self.reporter.task("uploading", plan.stored_bytes) as task:
+        # The bar counts the disk as far as storage has acknowledged its
+        # compressed bytes (contiguous parts), not as far as it was read.
+        marks: collections.deque[tuple[int, int]] = collections.deque()  # (stream offset, disk offset)
+        with self.reporter.task("backing up", src.size) as task:
+
+            def acknowledged(stream_bytes: int) -> None:
+                disk = None
+                while marks and marks[0][0] <= stream_bytes:
+                    disk = marks.popleft()[1]
+                if disk is not None:
+                    task.set_done(disk)
+                task.set_note(f"sent {human_bytes(uploader.sent_bytes)}")
+
             uploader = PartUploader(
                 s3,
-                state["key"],
-                state["multipart_id"],
-                state["part_size"],
+                rec.key,
+                rec.multipart_id,
+                rec.part_size,
                 state,
-                max_in_flight=in_flight_for(state["part_size"], opt.max_in_flight),
+                max_in_flight=in_flight_for(rec.part_size, opt.max_in_flight),
                 limiter=limiter,
-                on_bytes=lambda n: task.set_note(f"sent {human_bytes(uploader.sent_bytes)}"),
+                on_acknowledged=acknowledged,
             )
             try:
-                stored = self._pack(src, plan, state, uploader, task.advance)
+                scan, stored = self._pack(src, decision, state, uploader, marks)
                 parts = uploader.finish()
-            except BaseException:
-                uploader.abort()
+            except BaseException as exc:
+                uploader.abort(wait=not isinstance(exc, KeyboardInterrupt))
                 raise
+            task.set_done(src.size)
             task.set_note(f"sent {human_bytes(uploader.sent_bytes)}")
         timings["upload"] = time.monotonic() - t0
         t0 = time.monotonic()
@@ -398,75 +404,74 @@ class BackupRun:
             # If-None-Match: the upload credentials may only create the
             # object, never replace one (their policy denies writes without
             # it), so nothing can be swapped in after the portal checked it.
-            s3.call("complete_multipart_upload", Key=state["key"], UploadId=state["multipart_id"],
+            s3.call("complete_multipart_upload", Key=rec.key, UploadId=rec.multipart_id,
                     MultipartUpload={"Parts": parts}, IfNoneMatch="*")  # fmt: skip
         except StorageError as exc:
             if exc.code != "PreconditionFailed":
                 raise
             # Already stored: an earlier completion whose answer was lost.
             # The portal's verification tells whether it is this one.
-            log.info("the object of upload %s is already stored; the portal will check it", state["upload_id"])
+            log.info("the object of upload %s is already stored; the portal will check it", rec.upload_id)
         timings["complete"] = time.monotonic() - t0
-        return stored, uploader
+        return scan, stored, uploader
 
-    def _pack(self, src: Source, plan: Plan, state: UploadState, out: PartUploader, advance) -> tuple[int, str]:
-        """Write the restore point into ``out``: VHD -> seekable zstd -> parts."""
+    def _pack(self, src: Source, decision: Decision, state: UploadState, out: PartUploader,
+              marks: collections.deque) -> tuple[Scan, tuple[int, str]]:  # fmt: skip
+        """Write the restore point into ``out`` in one pass: VHD -> seekable zstd -> parts."""
+        opt, rec = self.opt, state.record
         parent = None
-        if plan.kind == "incremental":
-            meta, _ = self.maps.load(self.opt.server, self.opt.disk)
+        if decision.kind == "incremental":
+            meta = decision.parent
             parent = ParentInfo(uuid.UUID(meta.vhd_unique_id), meta.vhd_timestamp, meta.file_name)
-        zstd = SeekableZstdWriter(out, level=DEFAULT_LEVEL)
-        writer = VHDWriter(
-            zstd,
-            plan.virtual_size,
-            plan.allocated,
+        log.debug("reading %s (%d bytes)", src.path, src.size)
+        return pack(
+            src,
+            out,
+            self.maps.pending_path(opt.server, opt.disk, "next"),
+            page_size=rec.page_size,
+            unique_id=uuid.UUID(rec.vhd_unique_id),
+            timestamp=rec.vhd_timestamp,
             parent=parent,
-            block_size=plan.block_size,
-            unique_id=uuid.UUID(state["vhd_unique_id"]),
-            timestamp=state["vhd_timestamp"],
+            old_map=self.maps.digests_path(decision.parent) if decision.parent else None,
+            on_block=lambda stream, disk: marks.append((stream, disk)),
         )
-        for index, data in src.blocks(plan.block_size, plan.allocated):
-            writer.write_block(index, data, plan.sector_bitmap(index))
-            advance(len(data))
-        writer.close()
-        zstd.close()
-        return zstd.compressed_size, zstd.sha256()
 
     # --- complete and wait -----------------------------------------------------------
 
     def _finish(self, state: UploadState, *, resumed: bool) -> BackupResult:
         opt = self.opt
-        if state.get("phase") == "uploaded":
+        if state.record.phase == "uploaded":
             try:
-                backup = self.api.complete_upload(state["upload_id"], file_size=state["file_size"],
-                                                  sha256=state["sha256"])  # fmt: skip
+                backup = self.api.complete_upload(state.record.upload_id, file_size=state.record.file_size,
+                                                  sha256=state.record.sha256,
+                                                  part_sha256=state.part_checksums() or None)  # fmt: skip
             except PortalError as exc:
                 if exc.code == Code.TOO_LARGE:
                     self._drop(state)
                     raise VerificationFailed(
-                        f"The portal refused backup upload {state['upload_id']}: {exc}. The compressed disk is "
+                        f"The portal refused backup upload {state.record.upload_id}: {exc}. The compressed disk is "
                         f"larger than this account may store; ask the provider to raise the limit."
                     ) from exc
                 if exc.code in (Code.NO_UPLOAD, Code.OBJECT_MISSING, Code.VERIFICATION_FAILED):
                     self._drop(state)
                     raise VerificationFailed(
-                        f"The portal refused backup upload {state['upload_id']}: {exc}. Nothing was lost: "
+                        f"The portal refused backup upload {state.record.upload_id}: {exc}. Nothing was lost: "
                         "run the backup again (it starts from the last verified restore point)."
                     ) from exc
                 raise
             state.save(phase="completed", backup_id=backup["backup_id"])
         else:
-            backup = self.api.get_backup(state["backup_id"])
+            backup = self.api.get_backup(state.record.backup_id)
         backup = self._await_verdict(backup)
         result = BackupResult(
             backup_id=backup["backup_id"],
-            kind=backup.get("kind") or state["kind"],
+            kind=backup.get("kind") or state.record.kind,
             status=backup["status"],
             file_size=backup.get("file_size"),
-            virtual_size=state["virtual_size"],
-            changed_bytes=state.get("changed_bytes") or 0,
+            virtual_size=state.record.virtual_size,
+            changed_bytes=state.record.changed_bytes or 0,
             resumed=resumed,
-            consistency=backup.get("consistency") or state.get("consistency") or "",
+            consistency=backup.get("consistency") or state.record.consistency or "",
         )
         if backup["status"] != "verified":
             self._drop(state)
@@ -476,18 +481,18 @@ class BackupRun:
                 "backup builds on the last verified restore point; run it again."
             )
         self.maps.commit(
-            Path(state["pending_map"]),
+            Path(state.record.pending_map),
             MapMeta(
                 server=opt.server,
                 disk=opt.disk,
-                virtual_size=state["virtual_size"],
-                page_size=state["page_size"],
+                virtual_size=state.record.virtual_size,
+                page_size=state.record.page_size,
                 backup_id=backup["backup_id"],
-                vhd_unique_id=state["vhd_unique_id"],
-                vhd_timestamp=state["vhd_timestamp"],
-                file_name=state["file_name"],
+                vhd_unique_id=state.record.vhd_unique_id,
+                vhd_timestamp=state.record.vhd_timestamp,
+                file_name=state.record.file_name,
                 kind=result.kind,
-                source=state.get("source") or opt.source,
+                source=state.record.source or opt.source,
                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             ),
         )
@@ -512,14 +517,15 @@ class BackupRun:
         return backup
 
     def _drop(self, state: UploadState) -> None:
-        pending = state.get("pending_map")
+        pending = state.record.pending_map
         if pending:
             Path(pending).unlink(missing_ok=True)
         state.discard()
 
 
-def _max_object_size(plan: Plan) -> int:
-    """An upper bound of the stored object's size (incompressible data plus zstd overhead)."""
-    metadata = 64 * 1024 + 4 * plan.block_count
-    vhd = metadata + len(plan.allocated) * (plan.block_size + bitmap_size(plan.block_size)) + 512
+def _max_object_size(virtual_size: int) -> int:
+    """An upper bound of the stored object's size (every block stored, incompressible, plus zstd overhead)."""
+    blocks = -(-virtual_size // DEFAULT_BLOCK_SIZE)
+    metadata = 64 * 1024 + 4 * blocks + 8 * blocks  # headers, BAT, seek table
+    vhd = metadata + blocks * (DEFAULT_BLOCK_SIZE + bitmap_size(DEFAULT_BLOCK_SIZE)) + 512
     return int(vhd * 1.01) + (1 << 20)

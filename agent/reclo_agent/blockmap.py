@@ -41,9 +41,9 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from .fsutil import write_json_atomic
+from .vhd.streams import Readable
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class MapStore:
 class DigestReader:
     """Random access to the digests of one block at a time in a map file."""
 
-    def __init__(self, f: BinaryIO, pages_per_block: int) -> None:
+    def __init__(self, f: Readable, pages_per_block: int) -> None:
         self._f = f
         self._stride = pages_per_block * DIGEST_SIZE
 
@@ -198,6 +198,6 @@ class DigestReader:
         self._f.seek(index * self._stride)
         want = pages * DIGEST_SIZE
         data = self._f.read(want)
-        if len(data) != want:
+        if data is None or len(data) != want:
             raise ValueError(f"block map ends inside block {index}")
         return data

@@ -6,7 +6,7 @@
                        [--freeze [--freeze-limit SECONDS]] [--pre-hook CMD] [--post-hook CMD]
     reclo-agent list [--json]
     reclo-agent restore BACKUP_ID TARGET [--force]
-    reclo-agent schedule install --every 1h [SOURCE ...]   |   reclo-agent schedule remove
+    reclo-agent schedule install --every 1h [SOURCE ...] | schedule remove | schedule status
     reclo-agent status
 
 Results go to stdout (``backup`` prints ``<backup id> <kind>``); log lines,
@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import getpass
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from . import __version__, config, names, preflight, schedule
+from . import __version__, config, files, names, preflight, schedule
 from .api import PortalClient, normalize_portal_url
 from .backup import BackupOptions, BackupRun
 from .blockmap import PAGE_SIZES, MapStore
@@ -56,6 +58,7 @@ log = logging.getLogger("reclo_agent")
 ENV_PASSWORD = "RECLO_PASSWORD"  # noqa: S105 - the variable's name, not a password
 ENV_OTP = "RECLO_OTP"
 RENEW_WITHIN = timedelta(days=14)
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 # --- plumbing -------------------------------------------------------------------------
@@ -255,19 +258,25 @@ def _report_backup(result, as_json: bool = False) -> None:
         print(f"{result.backup_id} {result.kind}", flush=True)
 
 
-def _report_status(client: PortalClient, cfg: config.Config, server: str) -> None:
-    """Tell the portal this agent's schedule, version and (on Linux) bootability preflight.
+def _report_status(client: PortalClient, cfg: config.Config, server: str, *, preflight_run: bool = True) -> None:
+    """Tell the portal this agent's schedule (as the scheduler really has it), version, last
+    scheduled run and (on Linux) bootability preflight.
 
     Best effort: a portal that cannot take it (an older one) costs a log line, not the backup.
     """
-    jobs, meta = schedule.load_jobs(cfg.state)
-    every = meta.get("every") if jobs else None
-    next_run = None
-    if every:
-        at = datetime.now(UTC) + timedelta(seconds=schedule.parse_every(every))
-        next_run = at.strftime("%Y-%m-%dT%H:%M:%SZ")
-    body = {"schedule": every, "next_run": next_run, "agent_version": __version__, "preflight": None}
-    if sys.platform.startswith("linux"):
+    state = schedule.status(state_dir=cfg.state)
+    last = state.last_run or {}
+    body = {
+        # A schedule that would not run is no schedule: the portal shows "no schedule installed".
+        "schedule": state.every if state.runs else None,
+        "next_run": state.next_run.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if state.next_run else None,
+        "agent_version": __version__,
+        "last_run_at": last.get("at"),
+        "last_result": last.get("result"),
+        "last_message": last.get("message", ""),
+        "preflight": None,
+    }
+    if preflight_run and sys.platform.startswith("linux"):
         try:
             body["preflight"] = preflight.run("/", disk=preflight.disk_of("/"))
         except OSError as exc:
@@ -282,10 +291,11 @@ def _report_status(client: PortalClient, cfg: config.Config, server: str) -> Non
         log.warning("could not report the agent's status to the portal: %s", exc)
 
 
-def _run_backup(client, cfg, options, reporter, as_json: bool) -> int:
+def _run_backup(client, cfg, options, reporter, as_json: bool, *, report: bool = True) -> int:
     result = BackupRun(client, cfg.state, options, reporter).run()
     _report_backup(result, as_json)
-    _report_status(client, cfg, options.server)
+    if report:
+        _report_status(client, cfg, options.server)
     if result.hook_error:
         log.error("the restore point is stored, but %s", result.hook_error)
         return EXIT_FAILURE
@@ -309,15 +319,33 @@ def _scheduled(args, cfg, client, reporter) -> int:
     if not jobs:
         raise UsageError("No scheduled backups; set them up with: reclo-agent schedule install --every 1h SOURCE")
     worst = EXIT_OK
-    for job in jobs:
-        try:
-            options = _backup_options(args, cfg, job.source, job.server, job.disk, meta.get("read"))
-            worst = worst or _run_backup(client, cfg, options, reporter, args.json)
-        except AgentError as exc:
-            log.error("backup of %s (%s/%s) failed: %s", job.source, job.server, job.disk, exc)
-            worst = worst or exc.exit_code
-            if isinstance(exc, TokenRejected):
-                break  # every other job would fail the same way
+    failures = []
+    finished = False
+    # Reported as the run starts, so a long backup does not look late to the portal.
+    for server in dict.fromkeys(job.server for job in jobs):
+        _report_status(client, cfg, server, preflight_run=False)
+    try:
+        for job in jobs:
+            try:
+                options = _backup_options(args, cfg, job.source, job.server, job.disk, meta.get("read"))
+                code = _run_backup(client, cfg, options, reporter, args.json, report=False)
+                if code:
+                    failures.append(f"{job.server}/{job.disk}: a hook failed")
+                worst = worst or code
+            except AgentError as exc:
+                log.error("backup of %s (%s/%s) failed: %s", job.source, job.server, job.disk, exc)
+                failures.append(f"{job.server}/{job.disk}: {exc}")
+                worst = worst or exc.exit_code
+                if isinstance(exc, TokenRejected):
+                    break  # every other job would fail the same way
+        finished = True
+    finally:
+        # Also when interrupted: the portal hears that this run did not finish.
+        if not finished:
+            failures.append("the run was interrupted")
+        schedule.record_run(cfg.state, ok=not failures, message="; ".join(failures))
+        for server in dict.fromkeys(job.server for job in jobs):
+            _report_status(client, cfg, server)
     return worst
 
 
@@ -354,10 +382,38 @@ def cmd_list(args) -> int:
     return EXIT_OK
 
 
+def _resolve_backup_id(client: PortalClient, given: str) -> str:
+    """The full id of a restore point given by its id or a unique prefix of it (like git).
+
+    An unknown or ambiguous id is a usage error naming the closest match, never
+    the portal's "no such endpoint" (a short id is not an id in a URL).
+    """
+    text = given.strip().lower()
+    if UUID_RE.match(text):
+        try:
+            client.get_backup(text)
+            return text
+        except PortalError as exc:
+            if exc.code != Code.NOT_FOUND:
+                raise
+    ids = [str(b.get("backup_id")) for b in client.iter_backups()]
+    matches = [i for i in ids if i.startswith(text)] if text else []
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise UsageError(
+            f"{given!r} is the start of {len(matches)} restore points ({', '.join(matches[:3])}"
+            f"{', ...' if len(matches) > 3 else ''}); give more of the id."
+        )
+    closest = difflib.get_close_matches(text, ids, n=1, cutoff=0) if ids else []
+    hint = f" The closest is {closest[0]}." if closest else " This account has no restore points yet."
+    raise UsageError(f"There is no restore point with that id ({given}).{hint} `reclo-agent list` shows them all.")
+
+
 def cmd_restore(args) -> int:
     client = _client(_load_config(args))
     reporter = Reporter(plain=args.plain or None, quiet=args.quiet)
-    result = restore(client, args.backup_id, args.target, reporter, force=args.force)
+    result = restore(client, _resolve_backup_id(client, args.backup_id), args.target, reporter, force=args.force)
     if args.json:
         print(json.dumps(dataclasses.asdict(result)))
         return EXIT_OK
@@ -366,43 +422,113 @@ def cmd_restore(args) -> int:
     return EXIT_OK
 
 
+def _schedule_jobs(args, cfg: config.Config) -> list[schedule.Job]:
+    """The disks to schedule, with absolute, readable sources (checked now, not at the first run)."""
+    if not args.sources:
+        return [schedule.Job(schedule.absolute_source(m.source), m.server, m.disk)
+                for m in MapStore(cfg.state).all() if m.source]  # fmt: skip
+    if args.disk and len(args.sources) > 1:
+        raise UsageError("--disk names one disk; with several sources each is named after its file.")
+    return [
+        schedule.Job(
+            source=schedule.absolute_source(src),
+            server=_server_name(cfg, args.server),
+            disk=names.check(args.disk, "disk name") if args.disk else names.default_disk(src),
+        )
+        for src in args.sources
+    ]
+
+
+def _tell_portal(cfg: config.Config, servers) -> None:
+    """Report a schedule change to the portal (best effort: the schedule stands either way)."""
+    if not cfg.token:
+        return
+    try:
+        client = _client(cfg)
+    except AgentError as exc:
+        log.warning("could not report the schedule to the portal: %s", exc)
+        return
+    for server in dict.fromkeys(servers):
+        _report_status(client, cfg, server, preflight_run=False)
+
+
+def cmd_files(args) -> int:
+    client = _client(_load_config(args))
+    place = files.parse_place(args.path)
+    body = client.files(args.backup_id, place.partition, place.path)
+    if args.json:
+        print(json.dumps(body.get("partitions", body.get("entries")), indent=2))
+        return EXIT_OK
+    for line in files.listing_lines(body):
+        print(line)
+    return EXIT_OK
+
+
+def cmd_restore_files(args) -> int:
+    client = _client(_load_config(args))
+    places = [files.parse_place(p) for p in args.paths]
+    done = files.restore_files(client, args.backup_id, places, args.to)
+    if args.json:
+        print(json.dumps(done))
+        return EXIT_OK
+    for d in done:
+        print(f"Restored {d['path']} to {d['written']} ({d['files']} file(s), {human_bytes(d['bytes'])}).")
+    return EXIT_OK
+
+
 def cmd_schedule(args) -> int:
     cfg = _load_config(args)
-    unit_dir = Path(args.unit_dir) if args.unit_dir else None
-    cron_file = Path(args.cron_file) if args.cron_file else None
+    if args.action == "status":
+        return _print_schedule(cfg, args.root)
     if args.action == "remove":
-        removed = schedule.remove(state_dir=cfg.state, method=args.method, unit_dir=unit_dir, cron_file=cron_file)
+        jobs, _ = schedule.load_jobs(cfg.state)
+        removed = schedule.remove(state_dir=cfg.state, method=args.method, root=args.root)
         print("Scheduled backups removed." if removed else "No scheduled backups were installed.")
+        _tell_portal(cfg, [j.server for j in jobs] or ([cfg.server] if cfg.server else []))
         return EXIT_OK
     cfg.require_login()
-    if args.sources:
-        jobs = [
-            schedule.Job(
-                source=str(Path(src).resolve()) if not src.startswith("/dev/") else src,
-                server=_server_name(cfg, args.server),
-                disk=names.check(args.disk, "disk name") if args.disk and len(args.sources) == 1
-                else names.default_disk(src),
-            )
-            for src in args.sources
-        ]  # fmt: skip
-        if args.disk and len(args.sources) > 1:
-            raise UsageError("--disk names one disk; with several sources each is named after its file.")
-    else:
-        jobs = [schedule.Job(m.source, m.server, m.disk) for m in MapStore(cfg.state).all() if m.source]
-    message = schedule.install(
+    jobs = _schedule_jobs(args, cfg)
+    installed = schedule.install(
         jobs=jobs,
         every=args.every,
         config_path=cfg.path,
         state_dir=cfg.state,
         method=args.method,
-        unit_dir=unit_dir,
-        cron_file=cron_file,
+        root=args.root,
         read={"freeze": args.freeze, "freeze_limit": args.freeze_limit, "pre_hook": args.pre_hook,
               "post_hook": args.post_hook},
     )  # fmt: skip
     print(f"Scheduled a backup every {args.every} of: " + ", ".join(f"{j.source} ({j.server}/{j.disk})" for j in jobs))
-    print(message)
+    print(f"Runs by {installed.where}; next backup at {_when(installed.next_run)}.")
+    _tell_portal(cfg, [j.server for j in jobs])
     return EXIT_OK
+
+
+def _when(at: datetime) -> str:
+    return at.astimezone().strftime("%Y-%m-%d %H:%M %Z")
+
+
+def _print_schedule(cfg: config.Config, root: str | None) -> int:
+    """The schedule line(s) of ``status``; non-zero when a recorded schedule would not run."""
+    state = schedule.status(state_dir=cfg.state, root=root)
+    code = EXIT_OK
+    if not state.jobs:
+        print("schedule:   none (reclo-agent schedule install --every 1h SOURCE)")
+    elif state.runs:
+        when = _when(state.next_run) if state.next_run else "unknown (install the schedule again)"
+        print(f"schedule:   every {state.every} via {state.method}, next run {when}: "
+              + ", ".join(f"{j.source} ({j.server}/{j.disk})" for j in state.jobs))  # fmt: skip
+    else:
+        print(f"schedule:   NOT RUNNING: every {state.every} via {state.method} is recorded, but {state.problem}. "
+              "Fix that, or run schedule install again.")  # fmt: skip
+        code = schedule.ScheduleError.exit_code
+    last = state.last_run
+    if last:
+        detail = f": {last['message']}" if last.get("message") else ""
+        print(f"last run:   {last.get('at')} {last.get('result')}{detail}")
+    elif state.jobs:
+        print("last run:   none yet")
+    return code
 
 
 def cmd_status(args) -> int:
@@ -435,13 +561,7 @@ def cmd_status(args) -> int:
     for server, disk, data in UploadState.all(cfg.state):
         print(f"unfinished: {server}/{disk} {data.get('kind')} upload {data.get('upload_id')} ({data.get('phase')}); "
               "the next backup of this disk resumes it")  # fmt: skip
-    jobs, meta = schedule.load_jobs(cfg.state)
-    if jobs:
-        print(f"schedule:   every {meta.get('every')} via {meta.get('method')}: "
-              + ", ".join(f"{j.source} ({j.server}/{j.disk})" for j in jobs))  # fmt: skip
-    else:
-        print("schedule:   none (reclo-agent schedule install --every 1h)")
-    return code
+    return code or _print_schedule(cfg, args.root)
 
 
 # --- parser ---------------------------------------------------------------------------
@@ -534,12 +654,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON (sizes, timings)")
     p.set_defaults(func=cmd_restore)
 
+    p = sub.add_parser("files", parents=[common], help="list a restore point's partitions, or a folder's files")
+    p.add_argument("backup_id", metavar="BACKUP_ID")
+    p.add_argument("path", metavar="PATH", nargs="?", help="PARTITION:/folder, e.g. 1:/home (none: the partitions)")
+    p.add_argument("--json", action="store_true", help="the API's partitions or entries as JSON")
+    p.set_defaults(func=cmd_files)
+
+    p = sub.add_parser("restore-files", parents=[common], help="take files or folders back from a restore point")
+    p.add_argument("backup_id", metavar="BACKUP_ID")
+    p.add_argument("paths", metavar="PATH", nargs="+", help="PARTITION:/path of a file or a folder")
+    p.add_argument("--to", required=True, metavar="DIR", help="the folder to write them into")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
+    p.set_defaults(func=cmd_restore_files)
+
     p = sub.add_parser("schedule", parents=[common], help="install or remove recurring backups")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     place = _common_options(suppress=True)
     place.add_argument("--method", choices=["systemd", "cron"], help="default: systemd where it runs, else cron")
-    place.add_argument("--unit-dir", help="write the systemd units here and do not run systemctl")
-    place.add_argument("--cron-file", help="write a cron.d-style file here instead of the crontab")
+    place.add_argument("--root", metavar="DIR", help="system paths under DIR instead of / (tests, images)")
     q = actions.add_parser("install", parents=[place], help="back up every --every (systemd timer or cron)")
     q.add_argument("sources", nargs="*", metavar="SOURCE",
                    help="disks to back up (default: every disk backed up before)")  # fmt: skip
@@ -550,8 +682,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_schedule)
     q = actions.add_parser("remove", parents=[place], help="remove the timer or cron entry")
     q.set_defaults(func=cmd_schedule)
+    q = actions.add_parser("status", parents=[place], help="whether the timer really runs, the next and last run")
+    q.set_defaults(func=cmd_schedule)
 
     p = sub.add_parser("status", parents=[common], help="configuration, login, disks, unfinished uploads, schedule")
+    p.add_argument("--root", metavar="DIR", help="the schedule's system paths under DIR (as schedule install --root)")
     p.set_defaults(func=cmd_status)
     return parser
 

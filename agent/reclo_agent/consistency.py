@@ -84,6 +84,7 @@ def reading(plan: ReadPlan, src: Source, hooks: Hooks, *, freeze_limit: float = 
     wait for the whole read); otherwise around the whole read.
     """
     if plan.consistency == SNAPSHOT:
+        assert plan.volume is not None  # a snapshot plan names its volume
         with ExitStack() as stack:
             with hooks.around():
                 path = stack.enter_context(lvm.snapshot(plan.volume, lvm_run))

@@ -35,6 +35,7 @@ import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 PASS, FAIL, UNKNOWN = "pass", "fail", "unknown"
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
@@ -54,7 +55,7 @@ class Check:
 # --- reading an initramfs -------------------------------------------------------------
 
 
-def _decompressor(head: bytes, data: io.BufferedIOBase):
+def _decompressor(head: bytes, data: BinaryIO):
     if head.startswith(b"\x1f\x8b"):
         return gzip.GzipFile(fileobj=data)
     if head.startswith(b"\xfd7zXZ") or head.startswith(b"\x5d\x00\x00"):
@@ -75,7 +76,7 @@ def _decompressor(head: bytes, data: io.BufferedIOBase):
 
 def _cpio_names(stream) -> tuple[list[str], bool]:
     """The names in newc cpio archives read from ``stream``; (names, whether a trailer ended it)."""
-    names = []
+    names: list[str] = []
     while True:
         header = stream.read(110)
         while header and header[0] == 0:  # cpio pads archives to 512 bytes with zeros

@@ -47,6 +47,14 @@ class Task:
             self.done += n
         self._changed()
 
+    def set_done(self, done: int) -> None:
+        """Set how far the step is (never backwards); from any thread."""
+        with self._lock:
+            if done <= self.done:
+                return
+            self.done = min(done, self.total) if self.total else done
+        self._changed()
+
     def set_note(self, note: str) -> None:
         self.note = note
         self._changed()

@@ -2,11 +2,14 @@
 
 The portal's download grant names the chain (base first) and gives
 read-only credentials for exactly those objects. Each object is streamed
-from S3 (:class:`~reclo_agent.s3stream.ObjectStream`: parallel ranged GETs,
-in order, hashed on the way), opened as seekable zstd and as a VHD, and the
-layers are stacked by :class:`~reclo_agent.vhd.ChainReader`. The disk is
-then written block by block, in order, by a writer thread, so downloading,
-decompressing and writing overlap. Nothing is staged on local disk.
+from S3 (:class:`~reclo_agent.s3stream.ObjectStream`: many ranged GETs in
+flight, in order, hashed on the way) and its metadata opened as a VHD
+(seek table, footer, header, BAT). Then, block by block in disk order,
+the main thread cuts each layer's compressed frames of the block out of
+the streams and a pool of threads (one per core; zstd releases the GIL)
+decompresses them and stacks the layers by their sector bitmaps; the
+blocks come back in order to a writer thread. Downloading, decompressing
+and writing overlap, on every core. Nothing is staged on local disk.
 
 Checks: zstd frame checksums and the VHD structure as the data is read; at
 the end every object's size and SHA-256 against what the portal recorded.
@@ -27,15 +30,22 @@ import queue
 import stat
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from bisect import bisect_right
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+import pyzstd
 
 from .api import PortalClient
 from .errors import DiskError, NoSpace, UsageError, VerificationFailed
 from .progress import Reporter, human_bytes
 from .s3 import S3Access, StorageError
 from .s3stream import ObjectStream
+from .scan import workers
 from .vhd import ChainReader, VHDError, VHDReader, open_seekable
+from .vhd.reader import stack_block
+from .vhd.seekzstd import read_seek_table
 
 log = logging.getLogger(__name__)
 
@@ -192,100 +202,191 @@ class _Writer:
 def restore(
     api: PortalClient, backup_id: str, target_path: str, reporter: Reporter, *, force: bool = False
 ) -> RestoreResult:
-    t_start = time.monotonic()
-    grant = api.download(backup_id)
-    chain = grant.get("chain") or []
-    if not chain:
-        raise VerificationFailed(f"The portal returned an empty chain for backup {backup_id}.")
-    # Fresh read credentials for a long restore come from asking again.
-    s3 = S3Access(grant, refresh=lambda: api.download(backup_id)["credentials"],
-                  max_connections=DOWNLOAD_THREADS + 2)  # fmt: skip
-    total_stored = sum(int(item.get("file_size") or 0) for item in chain)
-    log.info(
-        "restoring backup %s: a chain of %d (%s stored) to %s",
-        backup_id,
-        len(chain),
-        human_bytes(total_stored),
-        target_path,
-    )
-    with ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="reclo-get") as pool:
-        download_task = None
-        downloaded = [0]
-        lock = threading.Lock()
+    """Write restore point ``backup_id`` to ``target_path`` (see the module doc)."""
+    return RestoreRun(api, backup_id, target_path, reporter, force=force).run()
 
-        def count(n: int) -> None:
-            with lock:
-                downloaded[0] += n
-            if download_task is not None:
-                download_task.set_note(f"downloaded {human_bytes(downloaded[0])} of {human_bytes(total_stored)}")
 
-        streams: list[ObjectStream] = []
+class Layer:
+    """One object of the chain: its VHD's metadata, and where each of its frames is."""
+
+    def __init__(self, stream, reader: VHDReader) -> None:
+        self.stream = stream
+        self.reader = reader
+        self.c_offsets, self.d_offsets = read_seek_table(stream)
+        self.stride = reader.block_size + reader.bitmap_size
+
+    def frames_of(self, index: int) -> tuple[bytes, int] | None:
+        """The compressed frames holding block ``index`` (bitmap and data) and where it starts in them.
+
+        None when this layer does not store the block. Blocks are asked for
+        in increasing order, so the reads move forward through the stream.
+        """
+        if not self.reader.is_allocated(index):
+            return None
+        start = self.reader.bat_entry(index) * 512
+        first = bisect_right(self.d_offsets, start) - 1
+        last = bisect_right(self.d_offsets, start + self.stride - 1) - 1
+        if first < 0 or last + 1 >= len(self.c_offsets):
+            raise VHDError(f"block {index} is outside the stored frames")
+        c_start, c_end = self.c_offsets[first], self.c_offsets[last + 1]
+        self.stream.seek(c_start)
+        return _read_exactly(self.stream, c_end - c_start), start - self.d_offsets[first]
+
+
+def _read_exactly(f, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = f.read(left)
+        if not chunk:
+            raise VHDError("the stored object ends inside a frame")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _assemble(index: int, length: int, pieces: list, block_size: int, bitmap_size: int) -> bytes:
+    """In a pool thread: decompress each layer's frames of the block and stack them (top layer first)."""
+    stored = []
+    for frames, at in pieces:
         try:
-            for item in chain:
-                pinned = {"version_id": item.get("version_id") or None, "etag": item.get("etag") or None}
-                size = item.get("file_size")
-                if size is None:
-                    head = {"VersionId": pinned["version_id"]} if pinned["version_id"] else {}
-                    size = s3.call("head_object", Key=item["key"], **head)["ContentLength"]
-                chunk, ahead = stream_plan(int(size), len(chain))
-                streams.append(ObjectStream(s3, item["key"], int(size), pool, chunk_size=chunk, ahead=ahead,
-                                            on_bytes=count, **pinned))  # fmt: skip
+            raw = pyzstd.decompress(frames)
+        except pyzstd.ZstdError as exc:
+            raise VHDError(f"block {index}: corrupt compressed frame ({exc})") from exc
+        block = raw[at : at + bitmap_size + block_size]
+        if len(block) != bitmap_size + block_size:
+            raise VHDError(f"block {index}: its frames are shorter than the block")
+        stored.append((block[:bitmap_size], block[bitmap_size:]))
+    return stack_block(stored, block_size, length)
+
+
+class RestoreRun:
+    """One restore (see the module doc); :meth:`run` returns the :class:`RestoreResult`."""
+
+    def __init__(self, api: PortalClient, backup_id: str, target_path: str, reporter: Reporter, *,
+                 force: bool = False) -> None:  # fmt: skip
+        self.api = api
+        self.backup_id = backup_id
+        self.target_path = target_path
+        self.reporter = reporter
+        self.force = force
+        self.downloaded = 0
+        self._lock = threading.Lock()
+        self._task = None
+        self._total_stored = 0
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self.downloaded += n
+        if self._task is not None:
+            self._task.set_note(f"downloaded {human_bytes(self.downloaded)} of {human_bytes(self._total_stored)}")
+
+    def run(self) -> RestoreResult:
+        t_start = time.monotonic()
+        backup_id, target_path = self.backup_id, self.target_path
+        grant = self.api.download(backup_id)
+        chain = grant.get("chain") or []
+        if not chain:
+            raise VerificationFailed(f"The portal returned an empty chain for backup {backup_id}.")
+        # Fresh read credentials for a long restore come from asking again.
+        s3 = S3Access(grant, refresh=lambda: self.api.download(backup_id)["credentials"],
+                      max_connections=DOWNLOAD_THREADS + 2)  # fmt: skip
+        self._total_stored = sum(int(item.get("file_size") or 0) for item in chain)
+        log.info("restoring backup %s: a chain of %d (%s stored) to %s", backup_id, len(chain),
+                 human_bytes(self._total_stored), target_path)  # fmt: skip
+        streams: list[ObjectStream] = []
+        with ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="reclo-get") as pool:
             try:
-                reader = ChainReader([VHDReader(open_seekable(stream)) for stream in streams])
+                for item in chain:
+                    streams.append(self._open(s3, item, pool, len(chain)))
+                try:
+                    layers = [Layer(stream, VHDReader(open_seekable(stream))) for stream in streams]
+                    chain_reader = ChainReader([layer.reader for layer in layers])
+                except VHDError as exc:
+                    raise VerificationFailed(f"Restore point {backup_id} is not a readable chain: {exc}") from exc
+                size = chain_reader.virtual_size
+                target = Target(target_path, size, force=self.force)
+                try:
+                    allocated = list(chain_reader.allocated_blocks())
+                    target.check_space(len(allocated) * chain_reader.block_size)
+                    with self.reporter.task("restoring", size) as task:
+                        self._task = task
+                        written = write_disk(layers, chain_reader, allocated, target, task)
+                        task.set_note(f"downloaded {human_bytes(self.downloaded)}")
+                    _verify(chain, streams, backup_id)
+                finally:
+                    target.close()
             except VHDError as exc:
-                raise VerificationFailed(f"Restore point {backup_id} is not a readable chain: {exc}") from exc
-            size = reader.virtual_size
-            target = Target(target_path, size, force=force)
-            try:
-                allocated = list(reader.allocated_blocks())
-                target.check_space(len(allocated) * reader.block_size)
-                with reporter.task("restoring", size) as task:
-                    download_task = task
-                    written = _write_disk(reader, allocated, target, task)
-                    task.set_note(f"downloaded {human_bytes(downloaded[0])}")
-                _verify(chain, streams, backup_id)
+                raise VerificationFailed(
+                    f"Restore point {backup_id} is corrupt ({exc}); {target_path} must not be trusted."
+                ) from exc
+            except StorageError as exc:
+                if exc.code not in CHANGED_CODES:
+                    raise
+                raise VerificationFailed(
+                    f"An object of restore point {backup_id} in cloud storage is not the version the portal "
+                    f"verified ({exc.code}): it was replaced or removed since. Refusing to restore from it; "
+                    f"{target_path} must not be trusted."
+                ) from exc
             finally:
-                target.close()
-        except VHDError as exc:
-            raise VerificationFailed(
-                f"Restore point {backup_id} is corrupt ({exc}); {target_path} must not be trusted."
-            ) from exc
-        except StorageError as exc:
-            if exc.code not in CHANGED_CODES:
-                raise
-            raise VerificationFailed(
-                f"An object of restore point {backup_id} in cloud storage is not the version the portal verified "
-                f"({exc.code}): it was replaced or removed since. Refusing to restore from it; {target_path} "
-                "must not be trusted."
-            ) from exc
-        finally:
-            for stream in streams:
-                stream.cancel()
-    elapsed = time.monotonic() - t_start
-    log.info("restored %s to %s in %.1fs", human_bytes(size), target_path, elapsed)
-    timings = {"restore": elapsed, "fsync": target.fsync_seconds}
-    return RestoreResult(backup_id, size, len(chain), downloaded[0], written, timings)
+                for stream in streams:
+                    stream.cancel()
+        elapsed = time.monotonic() - t_start
+        log.info("restored %s to %s in %.1fs", human_bytes(size), target_path, elapsed)
+        timings = {"restore": elapsed, "fsync": target.fsync_seconds}
+        return RestoreResult(backup_id, size, len(chain), self.downloaded, written, timings)
+
+    def _open(self, s3: S3Access, item: dict, pool, layers: int) -> ObjectStream:
+        pinned = {"version_id": item.get("version_id") or None, "etag": item.get("etag") or None}
+        size = item.get("file_size")
+        if size is None:
+            head = {"VersionId": pinned["version_id"]} if pinned["version_id"] else {}
+            size = s3.call("head_object", Key=item["key"], **head)["ContentLength"]
+        chunk, ahead = stream_plan(int(size), layers)
+        return ObjectStream(s3, item["key"], int(size), pool, chunk_size=chunk, ahead=ahead,
+                            on_bytes=self._count, **pinned)  # fmt: skip
 
 
-def _write_disk(reader: ChainReader, allocated: list[int], target: Target, task) -> int:
-    """Every block of the disk to the target, in order; returns bytes written."""
-    block_size = reader.block_size
+def write_disk(layers: list[Layer], chain: ChainReader, allocated: list[int], target: Target, task,
+               *, threads: int | None = None) -> int:  # fmt: skip
+    """Every block of the disk to the target in order, decompressed on every core; returns bytes written.
+
+    On a file, blocks of zeros are not written: they stay holes. On a
+    device every block is written, zeros included.
+    """
+    block_size = chain.block_size
+    bitmap_size = chain.top.bitmap_size
     zero = bytes(block_size)
     writer = _Writer(target)
+    threads = threads or workers()
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="reclo-unpack")
+    queued: deque[tuple[int, int, Future | None]] = deque()  # (index, length, the block or None: zeros)
+
+    def drain(keep: int) -> None:
+        while len(queued) > keep:
+            index, length, future = queued.popleft()
+            data = zero[:length] if future is None else future.result()
+            if target.is_device or data != zero[:length]:
+                writer.put(index * block_size, data)
+            task.advance(length)
+
     try:
         wanted = iter(allocated)
         next_allocated = next(wanted, None)
-        for index in range(reader.block_count):
-            length = min(block_size, reader.virtual_size - index * block_size)
+        for index in range(chain.block_count):
+            length = min(block_size, chain.virtual_size - index * block_size)
             if index == next_allocated:
-                data = reader.read_block(index)
+                pieces = [p for layer in reversed(layers) if (p := layer.frames_of(index)) is not None]
+                queued.append((index, length, pool.submit(_assemble, index, length, pieces, block_size, bitmap_size)))
                 next_allocated = next(wanted, None)
-                if target.is_device or data != zero[: len(data)]:
-                    writer.put(index * block_size, data)
-            elif target.is_device:
-                writer.put(index * block_size, zero[:length])
-            task.advance(length)
+            else:
+                queued.append((index, length, None))
+            drain(2 * threads)
+        drain(0)
     finally:
+        for _, _, future in queued:
+            if future is not None:
+                future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
         writer.close()
     return writer.written
 

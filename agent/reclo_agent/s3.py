@@ -86,7 +86,7 @@ class S3Access:
         # Each part carries its SHA-256 in x-amz-checksum-sha256, which S3
         # checks; signing the payload too would make botocore read (and
         # throttle) every part twice on plain-HTTP endpoints.
-        s3_options = {"payload_signing_enabled": False}
+        s3_options: dict[str, bool | str] = {"payload_signing_enabled": False}
         if self.endpoint_url:
             # Emulators and S3-compatible stores behind a custom endpoint
             # rarely resolve bucket sub-domains; path style always works.
@@ -137,6 +137,8 @@ class S3Access:
                 self._renew()
 
     def _renew(self) -> None:
+        if self._refresh is None:
+            return  # credentials nobody can renew: the calls fail once they expire
         log.info("upload credentials expire soon; asking the portal for fresh ones")
         self._set(self._refresh())
         self.refreshes += 1

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .errors import Busy, UsageError
@@ -39,14 +39,51 @@ class PartRecord:
     size: int
 
 
-class UploadState:
-    """One resumable upload (see the module doc). ``data`` holds the JSON fields."""
+@dataclass
+class UploadRecord:
+    """What ``<disk>.json`` holds: one upload, from the portal's grant to the verdict."""
 
-    def __init__(self, root: Path, server: str, disk: str, data: dict | None = None) -> None:
+    upload_id: str
+    key: str
+    bucket: str
+    kind: str  # "full" or "incremental"
+    file_name: str
+    virtual_size: int
+    page_size: int
+    vhd_unique_id: str  # recorded so a resumed run regenerates the same stream
+    vhd_timestamp: int
+    phase: str = "uploading"  # then "uploaded" (multipart completed), "completed" (portal told)
+    region: str | None = None
+    endpoint_url: str | None = None
+    parent_id: str | None = None
+    source: str = ""
+    consistency: str = "crash"
+    started: str = ""
+    multipart_id: str | None = None
+    part_size: int | None = None
+    # Known once the stream is stored:
+    file_size: int | None = None
+    sha256: str | None = None
+    part_count: int | None = None  # parts 1..part_count of the journal make the object
+    pending_map: str | None = None
+    changed_bytes: int = 0
+    backup_id: str | None = None  # once the portal took the complete
+
+    @classmethod
+    def from_json(cls, data: dict) -> UploadRecord:
+        """The record from its JSON (unknown keys ignored; TypeError when one it needs is missing)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class UploadState:
+    """One resumable upload (see the module doc): its :class:`UploadRecord` and its journal of parts."""
+
+    def __init__(self, root: Path, server: str, disk: str, record: UploadRecord | None = None) -> None:
         self.dir = root / "uploads" / server
         self.json_path = self.dir / f"{disk}.json"
         self.parts_path = self.dir / f"{disk}.parts"
-        self.data: dict = data or {}
+        self.record = record
         self.parts: dict[int, PartRecord] = {}
         self._lock = threading.Lock()
 
@@ -54,10 +91,10 @@ class UploadState:
     def load(cls, root: Path, server: str, disk: str) -> UploadState | None:
         state = cls(root, server, disk)
         try:
-            state.data = json.loads(state.json_path.read_text(encoding="utf-8"))
+            state.record = UploadRecord.from_json(json.loads(state.json_path.read_text(encoding="utf-8")))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, TypeError) as exc:
             log.warning("ignoring the unreadable upload record %s (%s)", state.json_path, exc)
             return None
         try:
@@ -72,15 +109,18 @@ class UploadState:
             pass
         return state
 
-    def __getitem__(self, key: str):
-        return self.data[key]
-
-    def get(self, key: str, default=None):
-        return self.data.get(key, default)
-
     def save(self, **changes) -> None:
-        self.data.update(changes)
-        write_json_atomic(self.json_path, self.data)
+        """Change fields of the record and write it (atomically)."""
+        for name, value in changes.items():
+            if not hasattr(self.record, name):
+                raise AttributeError(f"UploadRecord has no field {name!r}")
+            setattr(self.record, name, value)
+        write_json_atomic(self.json_path, asdict(self.record))
+
+    def part_checksums(self) -> list[str]:
+        """Hex SHA-256 of parts 1..part_count, as S3 acknowledged them (the journal)."""
+        count = self.record.part_count or 0
+        return [self.parts[n].sha256 for n in range(1, count + 1) if n in self.parts]
 
     def record_part(self, rec: PartRecord) -> None:
         """Journal an acknowledged part (thread-safe, durable before returning)."""

@@ -18,6 +18,12 @@ agent was killed (never journaled, whether or not S3 had stored it).
 Nothing is listed: the upload credentials may write the one object key
 and nothing else. The object always equals the stream of the last run;
 the SHA-256 declared at complete is computed over that stream.
+
+Interrupted (Ctrl-C), the uploader does not wait for the parts in flight:
+its threads are daemon threads, so the process ends at once, and those
+parts, never journaled, are sent again by the resume. Progress counts
+what storage acknowledged: ``on_acknowledged`` gets the length of the
+stream's prefix whose parts S3 has all answered.
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 from .s3 import S3Access
 from .state import PartRecord, UploadState
@@ -58,6 +65,47 @@ def b64_sha256(hex_digest: str) -> str:
     return base64.b64encode(bytes.fromhex(hex_digest)).decode()
 
 
+class DaemonPool:
+    """A minimal thread pool of daemon threads.
+
+    ``concurrent.futures.ThreadPoolExecutor`` joins its threads when the
+    interpreter exits, so a Ctrl-C would wait for every part in flight (a
+    slow link: many seconds). Daemon threads end with the process; a part
+    cut off is not journaled, and the resume sends it again.
+    """
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{n}", daemon=True) for n in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(exc)
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def shutdown(self, *, wait: bool) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
+
+
 class PartUploader:
     """See the module doc. ``finish()`` returns the parts for CompleteMultipartUpload."""
 
@@ -71,7 +119,7 @@ class PartUploader:
         *,
         max_in_flight: int = 4,
         limiter: TokenBucket | None = None,
-        on_bytes: Callable[[int], None] | None = None,
+        on_acknowledged: Callable[[int], None] | None = None,
     ) -> None:
         self._s3 = s3
         self.key = key
@@ -79,10 +127,12 @@ class PartUploader:
         self.part_size = part_size
         self._state = state
         self._limiter = limiter
-        self._on_bytes = on_bytes
+        self._on_acknowledged = on_acknowledged
         self._buffer = bytearray()
         self._next_number = 1
-        self._pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="reclo-upload")
+        self._acked_through = 0  # parts 1..this all acknowledged
+        self._acked_bytes = 0  # their bytes: the acknowledged prefix of the stream
+        self._pool = DaemonPool(max_in_flight, "reclo-upload")
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._futures: list[Future] = []
         self._error: BaseException | None = None
@@ -150,8 +200,7 @@ class PartUploader:
                 self.skipped_parts += 1
                 self.skipped_bytes += len(body)
             log.debug("part %d already uploaded; not sent again", number)
-            if self._on_bytes:
-                self._on_bytes(len(body))
+            self._acknowledged()
             return done
         payload = ThrottledBody(body, self._limiter) if self._limiter else body
         resp = self._s3.call(
@@ -171,9 +220,22 @@ class PartUploader:
             self.sent_parts += 1
             self.sent_bytes += len(body)
         log.debug("part %d uploaded (%d bytes)", number, len(body))
-        if self._on_bytes:
-            self._on_bytes(len(body))
+        self._acknowledged()
         return rec
+
+    def _acknowledged(self) -> None:
+        with self._lock:
+            while (rec := self._results.get(self._acked_through + 1)) is not None:
+                self._acked_through += 1
+                self._acked_bytes += rec.size
+            acked = self._acked_bytes
+        if self._on_acknowledged:
+            self._on_acknowledged(acked)
+
+    @property
+    def part_count(self) -> int:
+        """Parts cut so far (all of them after :meth:`finish`)."""
+        return self._next_number - 1
 
     def _already_there(self, number: int, body: bytes, sha: str) -> PartRecord | None:
         """The journal's record of this part if S3 acknowledged these very bytes."""
@@ -193,16 +255,21 @@ class PartUploader:
             for future in self._futures:
                 future.result()
         finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=False)
         self._raise_error()
         return [
             {"PartNumber": n, "ETag": rec.etag, "ChecksumSHA256": b64_sha256(rec.sha256)}
             for n, rec in sorted(self._results.items())
         ]
 
-    def abort(self) -> None:
-        """Stop after an error elsewhere: drop queued parts, wait for those in flight."""
+    def abort(self, *, wait: bool = True) -> None:
+        """Stop after an error elsewhere: drop queued parts; wait for those in flight unless ``wait=False``.
+
+        Ctrl-C does not wait: the parts in flight are left to the resume.
+        """
         with self._lock:
             if self._error is None:
                 self._error = RuntimeError("upload stopped")
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        for future in self._futures:
+            future.cancel()
+        self._pool.shutdown(wait=wait)

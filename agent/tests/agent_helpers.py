@@ -11,6 +11,7 @@ root runs the same flows against the real portal.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import random
@@ -77,7 +78,7 @@ class FakePortal:
     def get_backup(self, backup_id: str) -> dict:
         self._check("get")
         if backup_id not in self.backups:
-            raise PortalError("No such backup.", code=401, status=404)
+            raise PortalError("No such backup.", code=105, status=404)  # as the portal answers
         return self._public(self.backups[backup_id])
 
     def create_upload(self, **fields) -> dict:
@@ -118,7 +119,7 @@ class FakePortal:
             raise PortalError("No upload found.", code=305, status=404)
         return self._credentials()
 
-    def complete_upload(self, upload_id: str, *, file_size: int, sha256: str) -> dict:
+    def complete_upload(self, upload_id: str, *, file_size: int, sha256: str, part_sha256=None) -> dict:
         self._check("complete")
         backup_id = self.uploads.get(upload_id)
         if backup_id is None:
@@ -129,8 +130,17 @@ class FakePortal:
         data = self.s3.get_object(Bucket=BUCKET, Key=b["_key"])["Body"].read()
         if len(data) != file_size:
             raise PortalError("Could not verify backup: size differs.", code=307, status=422)
-        b.update(file_size=file_size, sha256=sha256, status="verifying")
+        b.update(file_size=file_size, sha256=sha256, status="verifying", part_sha256=part_sha256)
         b["status"], b["failure"] = self._verify(b, data, sha256)
+        if b["status"] == "verified" and part_sha256 is not None:
+            # The portal compares these with the object's composite checksum (moto computes it).
+            attrs = self.s3.get_object_attributes(Bucket=BUCKET, Key=b["_key"], ObjectAttributes=["Checksum"])
+            joined = b"".join(bytes.fromhex(h) for h in part_sha256)
+            if (
+                attrs["Checksum"]["ChecksumSHA256"].split("-")[0]
+                != base64.b64encode(hashlib.sha256(joined).digest()).decode()
+            ):
+                b["status"], b["failure"] = "failed", "part checksums do not match the object"
         return self._public(b)
 
     def _verify(self, b: dict, data: bytes, sha256: str) -> tuple[str, str]:

@@ -11,6 +11,7 @@ import io
 import os
 import random
 import shutil
+import subprocess
 from types import SimpleNamespace
 
 import pytest
@@ -158,3 +159,32 @@ def kit():
         differencing_vhd=differencing_vhd,
         MIB=MIB,
     )
+
+
+# --- a fake root with a running cron daemon (schedule install --root) ----------------------
+
+
+@pytest.fixture
+def root(tmp_path):
+    path = tmp_path / "root"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def cron_daemon(root, tmp_path):
+    """The scheduler of ``root``: a live process called cron (a copy of sleep), named in ROOT/run/crond.pid."""
+    binary = tmp_path / "bin" / "cron"
+    binary.parent.mkdir()
+    shutil.copy("/bin/sleep", binary)
+    proc = subprocess.Popen([str(binary), "600"])
+    (root / "run").mkdir(exist_ok=True)
+    (root / "run" / "crond.pid").write_text(f"{proc.pid}\n")
+
+    def stop():
+        proc.kill()
+        proc.wait()
+
+    proc.stop = stop
+    yield proc
+    stop()

@@ -1,16 +1,22 @@
-"""Block maps and the scan: which pages changed, which blocks to store, which sectors."""
+"""Block maps and the one pass: which pages changed, which blocks to store, which sectors."""
 
 import random
 
 import pytest
 from reclo_agent.blockmap import DIGEST_SIZE, MapMeta, MapStore, changed_pages, page_digests
-from reclo_agent.scan import scan
+from reclo_agent.scan import Scan
 from reclo_agent.source import Source
 from reclo_agent.vhd import set_runs
 
 MiB = 1024 * 1024
 BLOCK = 2 * MiB
 SECTOR = 512
+
+
+def scan(src, pending, **kwargs) -> tuple[Scan, dict]:
+    """Run the pass; the pass and its stored blocks by index."""
+    run = Scan(src, pending, **kwargs)
+    return run, {block.index: block for block in run if block.store}
 
 
 def write(path, data) -> str:
@@ -48,11 +54,11 @@ def test_full_scan_stores_every_non_zero_block(tmp_path):
     disk[BLOCK + 100] = 1  # block 1
     disk[4 * BLOCK + 3 * SECTOR] = 7  # block 4
     with Source(write(tmp_path / "d.img", disk)) as src:
-        plan = scan(src, tmp_path / "map.pending", page_size=4096)
+        plan, stored = scan(src, tmp_path / "map.pending", page_size=4096)
     assert plan.kind == "full"
-    assert list(plan.allocated) == [1, 4]
+    assert list(stored) == [1, 4]
     assert plan.zero_blocks == 3
-    assert plan.sector_bitmap(1) is None  # full: all sectors of a stored block
+    assert stored[1].sectors is None  # full: all sectors of a stored block
     assert (tmp_path / "map.pending").stat().st_size == 5 * BLOCK // 4096 * DIGEST_SIZE
 
 
@@ -68,16 +74,15 @@ def test_incremental_scan_sets_only_the_changed_pages_sectors(tmp_path, page_siz
     new[BLOCK + 5 * page_size + 2] ^= 0xFF  # same page
     new[size - 1] ^= 0xFF  # the last, short page of the short last block
     with Source(write(tmp_path / "new.img", new)) as src:
-        plan = scan(src, tmp_path / "new.map", page_size=page_size, old_map=tmp_path / "old.map")
+        plan, stored = scan(src, tmp_path / "new.map", page_size=page_size, old_map=tmp_path / "old.map")
     assert plan.kind == "incremental"
-    assert list(plan.allocated) == [0, 1, 3]
+    assert list(stored) == [0, 1, 3]
     spp = page_size // SECTOR
     nbits = BLOCK // SECTOR
-    assert set_runs(plan.sector_bitmap(0), nbits) == [(0, spp)]
-    assert set_runs(plan.sector_bitmap(1), nbits) == [(5 * spp, spp)]
-    assert set_runs(plan.sector_bitmap(3), nbits) == [(0, 7)]  # only the 7 sectors the disk has
+    assert set_runs(stored[0].sectors, nbits) == [(0, spp)]
+    assert set_runs(stored[1].sectors, nbits) == [(5 * spp, spp)]
+    assert set_runs(stored[3].sectors, nbits) == [(0, 7)]  # only the 7 sectors the disk has
     assert plan.changed_bytes == 2 * page_size + 7 * SECTOR
-    plan.close()
 
 
 def test_adjacent_changed_pages_merge_into_one_run(tmp_path):
@@ -88,17 +93,16 @@ def test_adjacent_changed_pages_merge_into_one_run(tmp_path):
     for page in (10, 11, 12, 40):
         new[page * 4096] ^= 1
     with Source(write(tmp_path / "new.img", new)) as src:
-        plan = scan(src, tmp_path / "new.map", page_size=4096, old_map=tmp_path / "old.map")
-    assert set_runs(plan.sector_bitmap(0), BLOCK // SECTOR) == [(80, 24), (320, 8)]
-    plan.close()
+        _, stored = scan(src, tmp_path / "new.map", page_size=4096, old_map=tmp_path / "old.map")
+    assert set_runs(stored[0].sectors, BLOCK // SECTOR) == [(80, 24), (320, 8)]
 
 
 def test_an_unchanged_disk_stores_no_block(tmp_path):
     disk = random_disk(2 * BLOCK)
     with Source(write(tmp_path / "d.img", disk)) as src:
         scan(src, tmp_path / "a.map", page_size=4096)
-        plan = scan(src, tmp_path / "b.map", page_size=4096, old_map=tmp_path / "a.map")
-    assert list(plan.allocated) == []
+        plan, stored = scan(src, tmp_path / "b.map", page_size=4096, old_map=tmp_path / "a.map")
+    assert stored == {}
     assert plan.changed_bytes == 0
 
 

@@ -229,17 +229,35 @@ def test_backup_errors_exit_with_their_codes(fake, tmp_path, capsys):
     assert "Another reclo-agent backup is running" in capsys.readouterr().err
 
 
-def test_scheduled_runs_back_up_every_job_and_report_failures(fake, tmp_path, capsys):
-    good = tmp_path / "good.img"
+def test_scheduled_runs_back_up_every_job_and_report_failures(fake, tmp_path, capsys, root, cron_daemon):
+    good, gone = tmp_path / "good.img", tmp_path / "gone.img"
     good.write_bytes(bytes(make_image(2 * MiB)))
-    unit_dir = tmp_path / "units"
-    assert cli.main(["schedule", "install", "--every", "1h", str(good), str(tmp_path / "gone.img"),
-                     "--unit-dir", str(unit_dir)]) == 0  # fmt: skip
+    gone.write_bytes(bytes(make_image(2 * MiB)))
+    assert cli.main(["schedule", "install", "--every", "1h", str(good), str(gone), "--server", "web1",
+                     "--root", str(root)]) == 0  # fmt: skip
+    # The schedule change is reported: the real schedule and its next run.
+    ((server, body),) = fake.statuses
+    fake.statuses.clear()
+    assert server == "web1" and body["schedule"] == "1h" and body["next_run"].endswith("Z")
+    assert body["last_result"] is None
+    gone.unlink()
     capsys.readouterr()
     assert cli.main(["backup", "--scheduled"]) == 5  # the missing disk fails, the other is backed up
     out, err = capsys.readouterr()
     assert out.split()[1] == "full"
     assert "gone.img" in err and "failed" in err
+    start, last = fake.statuses[0][1], fake.statuses[-1][1]  # as the run starts, and after it
+    assert len(fake.statuses) == 2 and start["last_result"] is None and start["schedule"] == "1h"
+    assert last["last_result"] == "failed" and "web1/gone.img" in last["last_message"] and last["last_run_at"]
+    assert cli.main(["status"]) == 0
+    assert "failed: web1/gone.img" in capsys.readouterr().out
+
+    cron_daemon.stop()  # the scheduler is gone: the agent says so, and tells the portal there is no schedule
+    assert cli.main(["status"]) == 9
+    assert "NOT RUNNING" in capsys.readouterr().out
+    good.write_bytes(bytes(make_image(2 * MiB, seed=1)))
+    assert cli.main(["backup", str(good), "--server", "web1"]) == 0
+    assert fake.statuses[-1][1]["schedule"] is None
 
 
 def test_token_near_expiry_is_renewed(fake, cfg_path, tmp_path):
@@ -281,11 +299,11 @@ def test_a_failing_post_hook_makes_the_backup_exit_non_zero(fake, tmp_path, caps
     assert "post-hook failed (exit 9)" in err
 
 
-def test_scheduled_backups_keep_the_hooks_and_freeze_given_at_install(fake, tmp_path, capsys):
+def test_scheduled_backups_keep_the_hooks_and_freeze_given_at_install(fake, tmp_path, capsys, root, cron_daemon):
     source = tmp_path / "disk.img"
     source.write_bytes(bytes(make_image(2 * MiB)))
     log = tmp_path / "hooks.log"
-    assert cli.main(["schedule", "install", "--every", "1h", "--unit-dir", str(tmp_path / "units"), "--server",
+    assert cli.main(["schedule", "install", "--every", "1h", "--root", str(root), "--server",
                      "web1", "--pre-hook", f"echo pre >> {log}", "--post-hook", f"echo post >> {log}",
                      str(source)]) == 0  # fmt: skip
     saved = json.loads((tmp_path / "state" / "schedule.json").read_text())
@@ -293,5 +311,22 @@ def test_scheduled_backups_keep_the_hooks_and_freeze_given_at_install(fake, tmp_
                              "post_hook": f"echo post >> {log}"}  # fmt: skip
     assert cli.main(["backup", "--scheduled"]) == 0
     assert log.read_text() == "pre\npost\n"
-    ((server, body),) = fake.statuses
-    assert body["schedule"] == "1h" and body["next_run"].endswith("Z")
+    server, body = fake.statuses[-1]
+    assert body["schedule"] == "1h" and body["next_run"].endswith("Z") and body["last_result"] == "ok"
+
+
+def test_restore_takes_a_unique_prefix_and_names_the_closest_id_of_an_unknown_one(fake, tmp_path, capsys):
+    source = tmp_path / "disk.img"
+    source.write_bytes(bytes(make_image(2 * MiB)))
+    assert cli.main(["backup", str(source), "--server", "web1"]) == 0
+    backup_id = capsys.readouterr().out.split()[0]
+    assert cli.main(["restore", backup_id[:8], str(tmp_path / "out.img")]) == 0
+    assert (tmp_path / "out.img").read_bytes() == source.read_bytes()
+    capsys.readouterr()
+
+    typo = ("0" if backup_id[0] != "0" else "1") + backup_id[1:12]
+    for wrong in (typo, typo + backup_id[12:]):  # a mistyped prefix, and a whole id that does not exist
+        assert cli.main(["restore", wrong, str(tmp_path / "other.img")]) == 2
+        err = capsys.readouterr().err
+        assert "no restore point with that id" in err and f"The closest is {backup_id}" in err
+        assert "endpoint" not in err and not (tmp_path / "other.img").exists()

@@ -6,10 +6,13 @@ then exactly what a killed process leaves. The end-to-end test at the
 repository root does the same with a real SIGKILL.
 """
 
-import json
+import signal
+import threading
 
+import boto3
 import pytest
 from agent_helpers import BUCKET, FakePortal, make_image, scatter_writes
+from botocore.stub import Stubber
 from moto import mock_aws
 from moto.s3.exceptions import NoSuchUpload
 from moto.s3.models import S3Backend
@@ -118,9 +121,9 @@ def test_a_killed_upload_resumes_and_sends_only_the_missing_parts(portal, tmp_pa
     assert sent_before == [1, 2, 3, 4]
     done = journal(state)
     assert sorted(done) == [1, 2, 3, 4]
-    record = json.loads((state / "uploads" / "srv1" / "sda.json").read_text())
-    assert record["phase"] == "uploading" and record["multipart_id"]
-    assert "SecretAccessKey" not in json.dumps(record)  # credentials are never stored
+    record = UploadState.load(state, "srv1", "sda")
+    assert record.record.phase == "uploading" and record.record.multipart_id
+    assert "SecretAccessKey" not in record.json_path.read_text()  # credentials are never stored
     monkeypatch.undo()
     monkeypatch.setattr("moto.s3.models.S3_UPLOAD_PART_MIN_SIZE", 1024)
 
@@ -131,7 +134,7 @@ def test_a_killed_upload_resumes_and_sends_only_the_missing_parts(portal, tmp_pa
     assert set(sent_after).isdisjoint({1, 2, 3, 4})
     assert result.sent_parts == len(sent_after) and len(sent_after) > 0
     # Same upload, not a new one.
-    assert result.backup_id == portal.uploads[record["upload_id"]]
+    assert result.backup_id == portal.uploads[record.record.upload_id]
     assert len(portal.backups) == 1
     assert_restores(portal, result.backup_id, tmp_path, image)
 
@@ -171,9 +174,9 @@ def test_a_multipart_upload_gone_from_storage_is_made_anew(portal, tmp_path, mon
     state = tmp_path / "state"
     kill_after(portal, monkeypatch, state, source, 2)
     assert sorted(journal(state)) == [1, 2]
-    record = json.loads((state / "uploads" / "srv1" / "sda.json").read_text())
+    record = UploadState.load(state, "srv1", "sda")
     # A lifecycle rule (AbortIncompleteMultipartUpload) or a clean-up got there first.
-    portal.s3.abort_multipart_upload(Bucket=BUCKET, Key=record["key"], UploadId=record["multipart_id"])
+    portal.s3.abort_multipart_upload(Bucket=BUCKET, Key=record.record.key, UploadId=record.record.multipart_id)
 
     no_such_upload_as_s3_answers(monkeypatch)
     sent_after = count_parts(monkeypatch)
@@ -181,7 +184,7 @@ def test_a_multipart_upload_gone_from_storage_is_made_anew(portal, tmp_path, mon
     assert result.status == "verified" and result.resumed
     assert result.skipped_parts == 0
     assert {1, 2} <= set(sent_after)  # journaled, but gone with the upload: sent again
-    assert result.backup_id == portal.uploads[record["upload_id"]]  # the same portal upload
+    assert result.backup_id == portal.uploads[record.record.upload_id]  # the same portal upload
     assert_restores(portal, result.backup_id, tmp_path, image)
 
 
@@ -201,9 +204,9 @@ def test_a_multipart_upload_gone_before_its_complete_is_made_anew(portal, tmp_pa
     with pytest.raises(Killed):
         run(portal, state, str(source))
     monkeypatch.setattr(s3_module.S3Access, "call", real_call)
-    record = json.loads((state / "uploads" / "srv1" / "sda.json").read_text())
+    record = UploadState.load(state, "srv1", "sda")
     every_part = sorted(journal(state))
-    portal.s3.abort_multipart_upload(Bucket=BUCKET, Key=record["key"], UploadId=record["multipart_id"])
+    portal.s3.abort_multipart_upload(Bucket=BUCKET, Key=record.record.key, UploadId=record.record.multipart_id)
     no_such_upload_as_s3_answers(monkeypatch)
 
     # Every part is journaled, so nothing is sent until CompleteMultipartUpload says the upload is gone.
@@ -275,14 +278,14 @@ def test_a_run_killed_while_waiting_for_the_verdict_finishes_without_uploading(p
     with pytest.raises(Killed):
         run(portal, state, str(source))
     record = UploadState.load(state, "srv1", "sda")
-    assert record["phase"] == "completed"
+    assert record.record.phase == "completed"
     assert MapStore(state).load("srv1", "sda")[0] is None  # not committed before the verdict
 
     portal.get_backup = real_get
-    portal.backups[record["backup_id"]]["status"] = "verified"
+    portal.backups[record.record.backup_id]["status"] = "verified"
     sent_after = count_parts(monkeypatch)
     result = run(portal, state, str(source))
-    assert result.backup_id == record["backup_id"] and result.status == "verified"
+    assert result.backup_id == record.record.backup_id and result.status == "verified"
     assert sent_after == []
     assert MapStore(state).load("srv1", "sda")[0].backup_id == result.backup_id
 
@@ -292,7 +295,7 @@ def test_an_expired_upload_starts_over(portal, tmp_path, monkeypatch):
     source.write_bytes(bytes(make_image(4 * MiB)))
     state = tmp_path / "state"
     kill_after(portal, monkeypatch, state, source, 2)
-    old_upload = UploadState.load(state, "srv1", "sda")["upload_id"]
+    old_upload = UploadState.load(state, "srv1", "sda").record.upload_id
     portal.backups[portal.uploads[old_upload]]["status"] = "failed"  # the clean-up job dropped it
 
     result = run(portal, state, str(source))
@@ -309,6 +312,107 @@ def test_full_requested_abandons_an_unfinished_incremental(portal, tmp_path, mon
     run(portal, state, str(source))
     source.write_bytes(bytes(scatter_writes(image, 200)[0]))
     kill_after(portal, monkeypatch, state, source, 1)
-    assert UploadState.load(state, "srv1", "sda")["kind"] == "incremental"
+    assert UploadState.load(state, "srv1", "sda").record.kind == "incremental"
     result = run(portal, state, str(source), full=True)
     assert result.kind == "full" and result.skipped_parts == 0
+
+
+def test_ctrl_c_does_not_wait_for_the_parts_in_flight(portal, tmp_path, monkeypatch):
+    """Ctrl-C while a part is stuck on a slow link: the run ends at once, and the resume sends that part."""
+    image = make_image(6 * MiB, seed=8)
+    source = tmp_path / "disk.img"
+    source.write_bytes(bytes(image))
+    state = tmp_path / "state"
+    stuck, release = threading.Event(), threading.Event()
+    real_call = s3_module.S3Access.call
+
+    def call(self, operation, **kwargs):
+        if operation == "upload_part" and kwargs["PartNumber"] == 3:
+            stuck.set()
+            release.wait(60)  # a link that never answers (until the test lets go)
+            raise Killed()
+        return real_call(self, operation, **kwargs)
+
+    def ctrl_c() -> None:  # the terminal's Ctrl-C: SIGINT to the main thread, once the part is stuck
+        if stuck.wait(60):
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    monkeypatch.setattr(s3_module.S3Access, "call", call)
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(portal, state, str(source), max_in_flight=2)
+        # The run returned while part 3 was still in flight: nobody waited for it.
+        assert not release.is_set() and stuck.is_set()
+        assert 3 not in journal(state)
+    finally:
+        release.set()
+    monkeypatch.undo()
+    monkeypatch.setattr("moto.s3.models.S3_UPLOAD_PART_MIN_SIZE", 1024)
+    sent = count_parts(monkeypatch)
+    result = run(portal, state, str(source))
+    assert result.status == "verified" and 3 in sent
+    assert_restores(portal, result.backup_id, tmp_path, image)
+
+
+def test_the_progress_counts_what_storage_acknowledged(portal, tmp_path, monkeypatch):
+    """The bar reaches a disk position only once the parts holding it are acknowledged."""
+    image = make_image(6 * MiB, seed=9)
+    source = tmp_path / "disk.img"
+    source.write_bytes(bytes(image))
+    seen = []
+    real_call = s3_module.S3Access.call
+
+    class Watched(Reporter):
+        def task(self, description, total):
+            task = super().task(description, total)
+            if description == "backing up":
+                self.watched = task
+            return task
+
+    reporter = Watched(quiet=True)
+
+    def call(self, operation, **kwargs):
+        if operation == "upload_part":
+            seen.append(reporter.watched.done)  # before this part is acknowledged
+        return real_call(self, operation, **kwargs)
+
+    monkeypatch.setattr(s3_module.S3Access, "call", call)
+    options = BackupOptions(str(source), "srv1", "sda", poll_interval=0.01, part_size=PART, max_in_flight=1)
+    result = BackupRun(portal, tmp_path / "state", options, reporter).run()
+    assert result.status == "verified"
+    assert seen[0] == 0  # nothing counted before the first part is acknowledged, though blocks were read
+    assert seen == sorted(seen) and seen[-1] < len(image)
+    assert reporter.watched.done == len(image)
+
+
+def test_a_part_storage_refuses_fails_the_run_and_is_not_journaled(portal, tmp_path, monkeypatch):
+    """S3 refuses a part whose bytes do not match its ChecksumSHA256 (BadDigest); moto checks no
+    checksums, so S3's answer comes from botocore's Stubber (as the AWS documentation gives it)."""
+    image = bytearray(2 * MiB)
+    image[4096:8192] = b"a page of data " * 273 + b"x"  # compresses to one part
+    source = tmp_path / "disk.img"
+    source.write_bytes(bytes(image))
+    stubbed = boto3.client("s3", region_name="us-east-1")
+    stubber = Stubber(stubbed)
+    stubber.add_client_error(
+        "upload_part", "BadDigest", "The SHA256 you specified did not match the calculated checksum.", 400
+    )
+    stubber.activate()
+    real_client = s3_module.S3Access.client
+
+    class Mixed:
+        """UploadPart answered by the stub, everything else by moto."""
+
+        def __init__(self, real):
+            self._real = real
+
+        def __getattr__(self, name):
+            return getattr(stubbed if name == "upload_part" else self._real, name)
+
+    monkeypatch.setattr(s3_module.S3Access, "client", lambda self: Mixed(real_client(self)))
+    with pytest.raises(s3_module.StorageError) as caught:
+        run(portal, tmp_path / "state", str(source))
+    assert caught.value.code == "BadDigest"
+    assert journal(tmp_path / "state") == {}
+    stubber.assert_no_pending_responses()

@@ -3,10 +3,11 @@
 Split by flow: uploads (start, credentials, complete), verification (the
 worker's verdict, the scrub), downloads (restore grants), lifecycle
 (failing, deleting, clean-up jobs), retention (merging old restore points)
-and notifications (overdue emails).
+and notifications (late and silent agents).
 """
 
-from .downloads import DownloadGrant, backup_download_grant, chain_of
+from .downloads import DownloadGrant, backup_download_grant
+from .files import FileDownload, files_browse, files_check, files_download, files_job_run
 from .lifecycle import (
     Deletion,
     backup_delete,
@@ -27,6 +28,7 @@ from .servers import (
     server_credentials_revoke,
     server_enroll,
     server_get,
+    server_remove,
     server_update,
 )
 from .uploads import UploadGrant, backup_complete, backup_credentials_refresh, backup_start, max_file_size
@@ -44,6 +46,7 @@ __all__ = [
     "Deletion",
     "DownloadGrant",
     "EnrollmentGrant",
+    "FileDownload",
     "MergeFailed",
     "UploadGrant",
     "VerificationDeferred",
@@ -58,10 +61,13 @@ __all__ = [
     "backup_start",
     "backup_undelete",
     "backup_verify",
+    "files_browse",
+    "files_check",
+    "files_download",
+    "files_job_run",
     "backups_purge",
     "backups_scrub_pick",
     "chain_mark_broken",
-    "chain_of",
     "enrollment_key_create",
     "lock_period",
     "max_file_size",
@@ -72,6 +78,7 @@ __all__ = [
     "server_credentials_revoke",
     "server_enroll",
     "server_get",
+    "server_remove",
     "server_update",
     "uploads_clean_up",
     "verification_deferred",

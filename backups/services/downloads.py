@@ -6,6 +6,7 @@ from reclo_site import cloud
 from reclo_site.cloud import credentials
 from reclo_site.errors import Code, ServiceError
 
+from ..chains import chain_of
 from ..models import Backup
 from ..naming import tenant_prefix
 
@@ -16,25 +17,6 @@ class DownloadGrant:
 
     chain: list[Backup]
     credentials: credentials.TemporaryCredentials
-
-
-_CHAIN_FIELDS = ("id", "parent_id", "kind", "key", "file_size", "sha256", "status", "failure", "virtual_size",
-                 "version_id", "etag", "deleted_at")  # fmt: skip
-
-
-def chain_of(backup: Backup) -> list[Backup]:
-    """`backup`'s chain, base first, in one query (parents are on the same disk)."""
-    rows = {
-        row.pk: row for row in Backup.objects.filter(server_id=backup.server_id, disk=backup.disk).only(*_CHAIN_FIELDS)
-    }
-    chain, current = [], rows.get(backup.pk, backup)
-    while current is not None:
-        chain.append(current)
-        if len(chain) > len(rows):
-            raise RuntimeError(f"backup {backup.pk}'s parents form a loop")
-        current = rows.get(current.parent_id) if current.parent_id else None
-    chain.reverse()
-    return chain
 
 
 def read_policy(user_id: int, keys: list[str]) -> str:

@@ -16,12 +16,14 @@ from django.db.models import Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from accounts import notify
 from accounts.audit import audit_record
 from accounts.models import AuditEvent
 from reclo_site import cloud
 from reclo_site.cloud import storage
 from reclo_site.errors import Code, ServiceError
 
+from ..chains import descendants_of
 from ..models import AccountLimits, Backup, ObjectDeletion
 
 log = logging.getLogger(__name__)
@@ -108,7 +110,7 @@ def backup_in_use(ids: list) -> str:
     """
     from recovery.models import Drill, Recovery  # recovery depends on backups, not the other way round
 
-    users = [
+    users: list[tuple[type[Recovery] | type[Drill], str, str]] = [
         (Recovery, "A failover", "is using this restore point; delete it once that failover is ready or has failed."),
         (Drill, "A drill", "is booting this restore point; delete it once the drill has finished."),
     ]
@@ -125,19 +127,6 @@ def backup_in_use(ids: list) -> str:
                 f"{run.get_status_display()}) {advice}"
             )
     return ""
-
-
-def descendants_of(backup: Backup, rows: list[Backup]) -> list[tuple[int, Backup]]:
-    """(depth, backup) of everything built on `backup`, from rows of its disk."""
-    children: dict = {}
-    for row in rows:
-        children.setdefault(row.parent_id, []).append(row)
-    found, level, depth = [], [backup], 0
-    while level:
-        depth += 1
-        level = [child for parent in level for child in children.get(parent.pk, [])]
-        found.extend((depth, child) for child in level)
-    return found
 
 
 def failed_branches_drop(parent: Backup, *, keep=None) -> bool:
@@ -228,6 +217,7 @@ def backup_delete(*, user, backup_id, cascade: bool = False) -> Deletion:
                 audit_record(AuditEvent.Kind.BACKUP_DELETED, user=user, server=target.server.name,
                              disk=backup.disk, backup_id=str(backup.pk), backup_kind=backup.kind,
                              scheduled=True)  # fmt: skip
+        _tell_owner_deleted(user, target, doomed, locked_until=max(locks))
         return Deletion(scheduled=ids, locked_until=max(locks))
     with transaction.atomic():
         Backup.objects.filter(pk__in=ids).exclude(status=Backup.Status.FAILED).update(
@@ -249,7 +239,23 @@ def backup_delete(*, user, backup_id, cascade: bool = False) -> Deletion:
         result.deleted.append(backup.pk)
         audit_record(AuditEvent.Kind.BACKUP_DELETED, user=user, server=target.server.name, disk=backup.disk,
                      backup_id=str(backup.pk), backup_kind=backup.kind)  # fmt: skip
+    _tell_owner_deleted(user, target, doomed)
     return result
+
+
+def _tell_owner_deleted(user, target: Backup, doomed: list, locked_until=None) -> None:
+    """One email per deletion (a token that deletes restore points is worth knowing about)."""
+    notify.owner_email(
+        user,
+        "backups/email/restore_point_deleted",
+        {
+            "server": target.server,
+            "disk": target.disk,
+            "backups": sorted(doomed, key=lambda b: b.date_created),
+            "count": len(doomed),
+            "locked_until": locked_until,
+        },
+    )
 
 
 def backup_undelete(*, user, backup_id) -> Backup:
@@ -278,10 +284,11 @@ def backup_undelete(*, user, backup_id) -> Backup:
             return target
         same_disk = Backup.objects.select_for_update().filter(server_id=target.server_id, disk=target.disk)
         rows = {b.pk: b for b in same_disk}
-        chain, current = [], target
+        chain: list[Backup] = []
+        current: Backup | None = target
         while current is not None and current.deleted_at is not None:
             chain.append(current)
-            current = rows.get(current.parent_id)
+            current = rows.get(current.parent_id) if current.parent_id else None
         for point in chain:
             if point.locked_until is None or point.locked_until <= now:
                 raise ServiceError(

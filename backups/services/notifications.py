@@ -1,78 +1,59 @@
-"""Telling owners when their servers stop sending backups."""
+"""Telling owners when a server's agent is late or silent (backups.health)."""
 
-import logging
 from datetime import datetime
 
-from django.conf import settings
-from django.core.mail import send_mail
-from django.db.models import Q
-from django.urls import reverse
+from django.db.models import F, Q
 from django.utils import timezone
-from django.utils.timesince import timesince
 
+from accounts import notify
+
+from ..health import schedule_health
 from ..models import Server
 
-log = logging.getLogger(__name__)
-
 BATCH = 500
+ALERT_KINDS = ("late", "silent")
 
 
 def overdue_notify(*, now: datetime | None = None) -> int:
-    """Beat job: email owners of servers whose backups stopped arriving.
+    """Beat job: email owners of servers whose agent is late or silent; the number of emails sent.
 
-    A disk is overdue when its newest restore point is older than twice its
-    usual interval (see selectors.disk_states). One email per silence: a
-    server is mailed again only after a newer restore point arrived. The
-    mail is claimed with a conditional UPDATE first, so overlapping runs
-    never send it twice. Returns the number of emails sent.
+    Only servers whose agent reports a schedule are looked at; nothing is
+    inferred from the gaps between restore points. One email per incident:
+    an incident is the time since the agent's last report, so a server is
+    mailed again only after a new report (it ended the incident) and a new
+    lapse. The mail is claimed with a conditional UPDATE first, so
+    overlapping runs never send it twice.
     """
-    from .. import selectors  # selectors import services; this breaks the cycle
-
     now = now or timezone.now()
     sent = 0
     last_id = 0
+    pending = Server.objects.exclude(schedule="").filter(status_at__isnull=False, user__is_active=True)
+    # Already told about this report: skip in the query, most servers are fine or told.
+    pending = pending.filter(Q(alerted_report_at__isnull=True) | ~Q(alerted_report_at=F("status_at")))
     while True:
-        servers = list(Server.objects.filter(pk__gt=last_id).select_related("user").order_by("pk")[:BATCH])
+        servers = list(pending.filter(pk__gt=last_id).select_related("user").order_by("pk")[:BATCH])
         if not servers:
             return sent
         last_id = servers[-1].pk
-        states = selectors.disk_states(server_ids=[s.pk for s in servers], now=now)
         for server in servers:
-            overdue = sorted(
-                (d for d in states.values() if d.server_id == server.pk and d.overdue), key=lambda d: d.disk
+            health = schedule_health(server, now)
+            if health.kind not in ALERT_KINDS:
+                continue
+            previous = server.alerted_report_at
+            claim = Q(alerted_report_at__isnull=True) if previous is None else Q(alerted_report_at=previous)
+            claimed = Server.objects.filter(claim, pk=server.pk, status_at=server.status_at).update(
+                alerted_report_at=server.status_at
             )
-            if not overdue or not server.user.is_active:
+            if not claimed:
                 continue
-            newest = max(d.newest_verified_at for d in overdue)
-            previous = server.overdue_notified_at
-            if previous is not None and previous >= newest:
-                continue  # already told about this silence
-            claim = Q(overdue_notified_at__isnull=True) if previous is None else Q(overdue_notified_at=previous)
-            if not Server.objects.filter(claim, pk=server.pk).update(overdue_notified_at=now):
-                continue
-            if _send(server, overdue, now):
+            if _send(server, health):
                 sent += 1
             else:
-                Server.objects.filter(pk=server.pk, overdue_notified_at=now).update(overdue_notified_at=previous)
+                Server.objects.filter(pk=server.pk, alerted_report_at=server.status_at).update(
+                    alerted_report_at=previous
+                )
 
 
-def _send(server: Server, disks: list, now: datetime) -> bool:
-    lines = [
-        f"- {d.disk}: last restore point {timesince(d.newest_verified_at, now)} ago (usually every {d.interval_words})"
-        for d in disks
-    ]
-    body = (
-        f"ReClo has not received backups of {server.name} for longer than twice their usual interval:\n\n"
-        + "\n".join(lines)
-        + "\n\nCheck that the server is running and that its agent can reach ReClo "
-        "(`reclo-agent list` on the server shows what it last sent).\n\n"
-        f"{settings.SITE_URL}{reverse('backups:server-detail', args=[server.pk])}\n"
-    )
-    try:
-        send_mail(
-            f"ReClo: backups of {server.name} are missing", body, settings.DEFAULT_FROM_EMAIL, [server.user.email]
-        )
-    except Exception:  # noqa: BLE001 - try again on the next run
-        log.exception("could not email %s about %s", server.user.email, server.name)
-        return False
-    return True
+def _send(server: Server, health) -> bool:
+    """The late or silent email (templates/backups/email/overdue.txt); False when it could not be sent."""
+    return notify.owner_email(server.user, "backups/email/overdue", {"server": server, "health": health})

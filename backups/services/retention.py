@@ -151,7 +151,7 @@ def backup_merge(*, base_id, child_id) -> Backup | None:
             # Other branches on the old full must be failed ones (gone with it).
             and failed_branches_drop(b, keep=c)
         )
-        if unchanged:
+        if unchanged and b is not None and c is not None:  # (the checks above, spelt out for the type checker)
             old = [(b.key, b.locked_until), (c.key, c.locked_until)]
             c.kind, c.parent, c.key = Backup.Kind.FULL, None, merged_key
             c.file_size, c.sha256, c.merge_claimed_at, c.scrubbed_at = size, digest, None, None
@@ -170,7 +170,7 @@ def backup_merge(*, base_id, child_id) -> Backup | None:
         Backup.objects.filter(pk=child.pk, merge_claimed_at=now).update(merge_claimed_at=None)
         object_forget(merged_key, reason="merge discarded", locked_until=locked_until)
         return None
-    log.info("merged %s into %s (%d bytes)", base.pk, c.pk, size)
+    log.info("merged %s into %s (%d bytes)", base.pk, child.pk, size)
     return c
 
 

@@ -15,7 +15,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from accounts import throttle
+from accounts import notify, throttle
 from accounts.audit import audit_record
 from accounts.models import ApiToken, AuditEvent
 from accounts.services import token_create
@@ -116,7 +116,7 @@ def server_enroll(*, key: str, hostname: str = "", address: str = "") -> tuple[S
             )
             == 1
         )
-        if claimed and row.server.user.is_active:
+        if row is not None and claimed and row.server.user.is_active:
             server = row.server
             if hostname:
                 Server.objects.filter(pk=server.pk).update(hostname=hostname)
@@ -129,6 +129,9 @@ def server_enroll(*, key: str, hostname: str = "", address: str = "") -> tuple[S
         raise _bad_key(address)
     audit_record(AuditEvent.Kind.SERVER_ENROLLED, user=server.user, address=address, server=server.name,
                  hostname=hostname, token_prefix=token.prefix)  # fmt: skip
+    notify.owner_email(
+        server.user, "backups/email/server_enrolled", {"server": server, "hostname": hostname, "address": address}
+    )
     return server, token, raw
 
 
@@ -153,7 +156,28 @@ def server_credentials_revoke(*, user, server: Server, address: str = "") -> int
         revoked = ApiToken.objects.filter(server=server, revoked_at__isnull=True).update(revoked_at=now)
         EnrollmentKey.objects.filter(server=server, used_at__isnull=True).update(used_at=now, voided=True)
     audit_record(AuditEvent.Kind.SERVER_REVOKED, user=user, address=address, server=server.name, revoked=revoked)
+    notify.owner_email(user, "backups/email/server_revoked", {"server": server, "address": address})
     return revoked
+
+
+def server_remove(*, user, server: Server, address: str = "") -> None:
+    """Remove a server that has no restore points left (none at all, not even hidden or failed ones).
+
+    Its credentials and enrollment keys go with it; past failovers and
+    drills keep its name. A server with any restore point answers
+    HAS_DEPENDENTS: delete those first. The row lock keeps a backup from
+    being started on it meanwhile (its insert waits, then finds no server).
+    """
+    if server.user_id != user.pk:
+        raise ServiceError(Code.NOT_FOUND, "No server with that name.")
+    with transaction.atomic():
+        row = Server.objects.select_for_update().filter(pk=server.pk).first()
+        if row is None:
+            return
+        if row.backups.exists():
+            raise ServiceError(Code.HAS_DEPENDENTS, "This server still has restore points; delete them first.")
+        row.delete()
+    audit_record(AuditEvent.Kind.SERVER_REMOVED, user=user, address=address, server=server.name)
 
 
 _UNSET = object()

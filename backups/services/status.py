@@ -11,12 +11,22 @@ PREFLIGHT_FAIL = "fail"
 
 
 def server_status_record(
-    *, user, server: str, schedule: str | None, next_run, agent_version: str, preflight: dict | None
+    *,
+    user,
+    server: str,
+    schedule: str | None,
+    next_run,
+    agent_version: str,
+    preflight: dict | None,
+    last_run_at=None,
+    last_result: str | None = None,
+    last_message: str = "",
 ) -> Server:
     """Store the agent's report on the user's server; 105 when there is no such server.
 
-    Idempotent: the newest report replaces the last. A report without a
-    preflight (an agent on another system) keeps the last one.
+    Idempotent: the newest report replaces the last (and so ends a late or
+    silent incident, backups.health). A report without a preflight (an agent
+    on another system) keeps the last one.
     """
     try:
         check_name(server, "server")
@@ -30,7 +40,8 @@ def server_status_record(
     row.next_run = next_run
     row.agent_version = agent_version or ""
     row.status_at = now
-    fields = ["schedule", "next_run", "agent_version", "status_at"]
+    row.last_run_at, row.last_result, row.last_message = last_run_at, last_result or "", last_message or ""
+    fields = ["schedule", "next_run", "agent_version", "status_at", "last_run_at", "last_result", "last_message"]
     if preflight is not None:
         checks = list(preflight.get("checks") or [])
         # The verdict is the checks', not what the agent claims.

@@ -1,6 +1,8 @@
 """Uploads: grant credentials for one object, refresh them, complete the upload."""
 
+import base64
 import functools
+import hashlib
 import re
 import uuid
 from dataclasses import dataclass
@@ -274,7 +276,23 @@ def _declared(at_start, at_complete, what: str):
     return value
 
 
-def backup_complete(*, user, upload_id, file_size: int | None = None, sha256: str | None = None) -> Backup:
+def _composite(part_sha256: list | None) -> str:
+    """S3's composite SHA-256 of a multipart object made of parts with these digests: base64(SHA-256 of them)-N."""
+    if not part_sha256:
+        return ""
+    if not all(isinstance(h, str) and SHA256_RE.fullmatch(h) for h in part_sha256):
+        raise ServiceError(
+            Code.MALFORMED,
+            "The request has invalid fields: part_sha256.",
+            {"part_sha256": ["A list of 64-hexadecimal-character digests."]},
+        )
+    joined = b"".join(bytes.fromhex(h) for h in part_sha256)
+    return f"{base64.b64encode(hashlib.sha256(joined).digest()).decode()}-{len(part_sha256)}"
+
+
+def backup_complete(
+    *, user, upload_id, file_size: int | None = None, sha256: str | None = None, part_sha256: list | None = None
+) -> Backup:
     """Check the uploaded object at once and hand it to the verifier.
 
     NO_UPLOAD for an unknown, another tenant's, expired or meanwhile deleted upload; OBJECT_MISSING when the
@@ -285,6 +303,10 @@ def backup_complete(*, user, upload_id, file_size: int | None = None, sha256: st
     the account's limit; UPLOAD_COMPLETE_FAILED when storage cannot be asked. Otherwise the
     backup becomes `verifying` and the verification is enqueued after the
     commit. Idempotent: a completed upload is returned as it stands.
+
+    `part_sha256` (optional): each part's SHA-256, in order; recorded as the
+    composite checksum S3 gives such an object, which the verifier compares
+    (docs/api.md, Uploading).
     """
     backup = _pending_upload(user, upload_id)
     if backup.status != Backup.Status.PENDING:
@@ -301,6 +323,7 @@ def backup_complete(*, user, upload_id, file_size: int | None = None, sha256: st
         )
     size = _declared(backup.file_size, file_size, "file_size")
     digest = _declared(backup.sha256, sha256.lower() if sha256 else None, "sha256")
+    composite = _composite(part_sha256)
     _check_size(user, size)
     try:
         stored = storage.head_object(backup.key)
@@ -330,6 +353,7 @@ def backup_complete(*, user, upload_id, file_size: int | None = None, sha256: st
             status=Backup.Status.VERIFYING,
             file_size=size,
             sha256=digest,
+            part_checksum=composite,
             completed_at=timezone.now(),
             verify_queued_at=timezone.now(),
         )

@@ -1,9 +1,22 @@
 """Verifying uploads, and the scrub that re-checks stored restore points.
 
-Nothing the agent declared is trusted: the worker reads the stored object
-itself (ranged reads through the cloud adapter, never a whole download to
-disk), checks its SHA-256, and checks the VHD inside with the agent
-package's seekable zstd reader and validator.
+Nothing the agent declared is trusted. Two ways to a verdict:
+
+- by checksums (an upload whose complete declared its part checksums):
+  S3 checked each part against its SHA-256 on arrival, and the object's
+  composite checksum (GetObjectAttributes) must be the one those
+  declared parts make; then the VHD's structure is checked by ranged
+  reads of the metadata only (seek table, footers, header, BAT). Work
+  and time grow with the metadata, not the disk: a verdict in seconds;
+- by reading (uploads without part checksums, and the weekly scrub): the
+  worker reads the whole stored object (ranged reads through the cloud
+  adapter, never a whole download to disk), checks its SHA-256,
+  decompresses every frame against its checksum, and checks the VHD.
+
+The first leaves the object's whole SHA-256 as the agent declared it,
+and the frames' contents unread: the scrub (and every restore and drill)
+reads them and compares that SHA-256, and a mismatch marks the chain
+broken.
 """
 
 import logging
@@ -14,20 +27,24 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.mail import send_mail
 from django.db import transaction
 from django.db.models import F
-from django.urls import reverse
 from django.utils import timezone
 from reclo_agent import vhd
 
+from accounts import notify
+from accounts.audit import audit_record
+from accounts.models import AuditEvent
 from reclo_site import cloud
 from reclo_site.cloud import storage
 
+from ..chains import descendants_of
 from ..models import Backup
-from .lifecycle import backup_fail, descendants_of, lock_period
+from .lifecycle import backup_fail, lock_period
 
 log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -74,26 +91,70 @@ def object_check(
     CloudUnavailable for storage trouble.
     """
     with storage.ObjectReader(key, version_id=version_id, etag=etag, sha256=True, on_fetch=on_fetch) as raw:
-        if raw.storage_class != storage.STANDARD:
-            raise cloud.ObjectArchived(f"{key} is {raw.storage_class}", "InvalidObjectState", raw.storage_class)
-        disk = vhd.open_seekable(raw)
-        # Refused from the header alone: a BAT of more blocks than any real
-        # writer declares (a few KB of zstd can declare 2 GiB of BAT).
-        info = vhd.validate(
-            disk,
-            expected_kind=kind,
-            parent_unique_id=parent_unique_id,
-            virtual_size=virtual_size,
-            max_blocks=settings.RECLO_VERIFY_MAX_BLOCKS,
-        )
-        # A VHD is never much bigger than its disk (bitmaps and tables add
-        # well under 1%). Refuse a larger one before decompressing it all:
-        # a few kilobytes of zstd can claim terabytes of zeros.
-        if info.file_size > max_vhd_size(virtual_size):
-            raise vhd.VHDError(f"the VHD is {info.file_size} bytes, far more than a {virtual_size}-byte disk needs")
+        info = _structure(raw, kind=kind, virtual_size=virtual_size, parent_unique_id=parent_unique_id)
         vhd.check_seekable(raw)
         digest = raw.sha256_hexdigest()
         return ObjectCheck(size=raw.size, sha256=digest, info=info, version_id=raw.version_id, etag=raw.etag)
+
+
+def _structure(raw, *, kind: str, virtual_size: int, parent_unique_id) -> vhd.VHDInfo:
+    """The storage class, then the VHD's structure through the seek table (metadata reads only)."""
+    if raw.storage_class != storage.STANDARD:
+        raise cloud.ObjectArchived(f"{raw.key} is {raw.storage_class}", "InvalidObjectState", raw.storage_class)
+    # Refused from the header alone: a BAT of more blocks than any real
+    # writer declares (a few KB of zstd can declare 2 GiB of BAT).
+    info = vhd.validate(
+        vhd.open_seekable(raw),
+        expected_kind=kind,
+        parent_unique_id=parent_unique_id,
+        virtual_size=virtual_size,
+        max_blocks=settings.RECLO_VERIFY_MAX_BLOCKS,
+    )
+    # A VHD is never much bigger than its disk (bitmaps and tables add
+    # well under 1%). Refuse a larger one before decompressing it all:
+    # a few kilobytes of zstd can claim terabytes of zeros.
+    if info.file_size > max_vhd_size(virtual_size):
+        raise vhd.VHDError(f"the VHD is {info.file_size} bytes, far more than a {virtual_size}-byte disk needs")
+    return info
+
+
+def object_check_by_checksum(
+    key: str,
+    *,
+    kind: str,
+    virtual_size: int,
+    part_checksum: str,
+    file_size: int,
+    sha256: str,
+    parent_unique_id: uuid.UUID | None = None,
+    on_fetch: Callable[[], None] | None = None,
+) -> ObjectCheck | None:
+    """Check a stored restore point by S3's checksum and its metadata alone (see the module doc).
+
+    `part_checksum` is the composite the declared parts make ("<base64>-<parts>").
+    Returns None when the object has no composite SHA-256 checksum (uploaded
+    without part checksums): the caller then reads it whole. Raises
+    VHDError for a bad file or a checksum that is not the declared one, and
+    what :func:`object_check` raises for storage trouble.
+    """
+    with storage.ObjectReader(key, chunk_size=MiB, cache_chunks=8, on_fetch=on_fetch) as raw:
+        attributes = storage.object_checksum(key, version_id=raw.version_id or None)
+        if attributes["etag"] and raw.etag and attributes["etag"] != raw.etag:
+            raise storage.ObjectChanged(f"{key} changed while it was being checked", "ETagChanged")
+        if not attributes["checksum_sha256"] or attributes["checksum_type"] not in ("", "COMPOSITE"):
+            return None
+        declared, _, parts = part_checksum.partition("-")
+        if attributes["checksum_sha256"] != declared:
+            raise vhd.VHDError(
+                "the object's checksum in storage is not the one its declared part checksums make "
+                "(a part is missing, extra or not the one uploaded)"
+            )
+        if attributes["parts"] is not None and str(attributes["parts"]) != parts:
+            raise vhd.VHDError(f"the object has {attributes['parts']} parts in storage; {parts} were declared")
+        if raw.size != file_size:
+            raise vhd.VHDError(f"the stored object is {raw.size} bytes; {file_size} were declared")
+        info = _structure(raw, kind=kind, virtual_size=virtual_size, parent_unique_id=parent_unique_id)
+        return ObjectCheck(size=raw.size, sha256=sha256, info=info, version_id=raw.version_id, etag=raw.etag)
 
 
 def storage_class_problem(storage_class: str) -> str:
@@ -160,18 +221,39 @@ def read_release(backup: Backup) -> None:
     Backup.objects.filter(pk=backup.pk).update(read_heartbeat=None)
 
 
-def _problem(backup: Backup, *, parent_unique_id, on_fetch=None) -> tuple[ObjectCheck | None, str]:
-    """Check `backup`'s object against its row: (check, "") or (None, reason)."""
+def _problem(
+    backup: Backup, *, parent_unique_id, on_fetch=None, by_checksum: bool = False
+) -> tuple[ObjectCheck | None, str]:
+    """Check `backup`'s object against its row: (check, "") or (None, reason).
+
+    `by_checksum`: verify by S3's checksum and the metadata when the upload
+    declared part checksums (the upload's verdict; the scrub reads all).
+    """
     pinned = bool(backup.version_id or backup.etag)
     try:
-        check = object_check(
-            backup.key,
-            kind=backup.kind,
-            virtual_size=backup.virtual_size,
-            parent_unique_id=parent_unique_id,
-            **backup.pinned,
-            on_fetch=on_fetch,
-        )
+        check = None
+        if by_checksum and backup.part_checksum and backup.sha256 and backup.file_size:
+            check = object_check_by_checksum(
+                backup.key,
+                kind=backup.kind,
+                virtual_size=backup.virtual_size,
+                part_checksum=backup.part_checksum,
+                file_size=backup.file_size,
+                sha256=backup.sha256,
+                parent_unique_id=parent_unique_id,
+                on_fetch=on_fetch,
+            )
+            if check is None:
+                log.info("%s has no composite checksum in storage; reading it whole", backup.key)
+        if check is None:
+            check = object_check(
+                backup.key,
+                kind=backup.kind,
+                virtual_size=backup.virtual_size,
+                parent_unique_id=parent_unique_id,
+                **backup.pinned,
+                on_fetch=on_fetch,
+            )
     except cloud.ObjectNotFound:
         if pinned:
             return None, "The verified version of the object is not in storage."
@@ -248,7 +330,7 @@ def _verify(backup: Backup, heartbeat: Heartbeat) -> Backup:
     if backup.parent and parent_unique_id is None:
         backup_fail(backup=backup, reason="The parent backup's VHD id is unknown.")
         return backup
-    check, reason = _problem(backup, parent_unique_id=parent_unique_id, on_fetch=heartbeat)
+    check, reason = _problem(backup, parent_unique_id=parent_unique_id, on_fetch=heartbeat, by_checksum=True)
     locked_until = None
     if not reason and check.version_id:
         # Locked before the verdict is committed (no cloud call inside the
@@ -281,6 +363,8 @@ def _verify(backup: Backup, heartbeat: Heartbeat) -> Backup:
                         *("version_id", "etag", "locked_until"),
                     ]
                 )
+                # The activity log's "Backup of frontdesk finished: 660 KB of changes".
+                _audit_outcome(row, AuditEvent.Kind.BACKUP_VERIFIED)
                 transaction.on_commit(
                     lambda: tasks.enqueue(tasks.retention_apply, row.server_id, row.disk)  # noqa: B023 - runs once
                 )
@@ -288,7 +372,14 @@ def _verify(backup: Backup, heartbeat: Heartbeat) -> Backup:
     backup.locked_until = locked_until
     backup_fail(backup=backup, reason=reason, from_statuses=(Backup.Status.VERIFYING,))
     backup.refresh_from_db()
+    if backup.status == Backup.Status.FAILED:
+        _audit_outcome(backup, AuditEvent.Kind.BACKUP_FAILED, reason=reason[:300])
     return backup
+
+
+def _audit_outcome(backup: Backup, kind: str, **details) -> None:
+    audit_record(kind, user=backup.user, address="worker", server=backup.server.name, disk=backup.disk,
+                 backup_id=str(backup.pk), backup_kind=backup.kind, file_size=backup.file_size, **details)  # fmt: skip
 
 
 def backup_scrub(*, backup_id) -> str:
@@ -363,25 +454,7 @@ def chain_mark_broken(*, backup: Backup, reason: str) -> list:
 
 
 def _tell_owner_chain_broken(backup: Backup, reason: str, dependents: int) -> None:
-    when = timezone.localtime(backup.date_created).strftime("%Y-%m-%d %H:%M %Z")
-    if dependents:
-        plural = "s" if dependents != 1 else ""
-        lost = f"That restore point and the {dependents} newer restore point{plural} built on it"
-    else:
-        lost = "That restore point"
-    body = (
-        f"ReClo re-read the restore point of {backup.server.name} / {backup.disk} from {when} "
-        f"and found a problem: {reason}\n\n"
-        f"{lost} can no longer be restored. The next backup must be a full one (the agent makes "
-        "one by itself when its next incremental is refused; or run `reclo-agent backup SOURCE --full`).\n\n"
-        f"{settings.SITE_URL}{reverse('backups:server-detail', args=[backup.server_id])}\n"
+    # A mail that fails is logged by owner_email; the marking stands and the page shows it too.
+    notify.owner_email(
+        backup.user, "backups/email/chain_broken", {"backup": backup, "reason": reason, "dependents": dependents}
     )
-    try:
-        send_mail(
-            f"ReClo: a backup of {backup.server.name} is damaged",
-            body,
-            settings.DEFAULT_FROM_EMAIL,
-            [backup.user.email],
-        )
-    except Exception:  # noqa: BLE001 - the marking stands; the page shows it too
-        log.exception("could not email %s about the broken chain", backup.user.email)

@@ -73,7 +73,7 @@ def disk(user, aws):
 
 def stored_chain(backup: Backup) -> list[bytes]:
     """The stored objects of a restore point's chain, base first, as a restore reads them (the verified versions)."""
-    from backups.services import chain_of
+    from backups.chains import chain_of
 
     objects = []
     for point in chain_of(backup):

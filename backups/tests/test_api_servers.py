@@ -164,7 +164,8 @@ class TestServers:
             "warm_standby", "drill_every_days", "last_drill",
         } <= set(desk)  # fmt: skip
         assert [d["disk"] for d in desk["disks"]] == ["sda"]
-        assert desk["health"] == "green" and desk["last_backup"].endswith("Z")
+        assert (desk["health"], desk["health_detail"]) == ("amber", "no schedule installed")  # no report yet
+        assert desk["last_backup"].endswith("Z")
         assert (desk["warm_standby"], desk["drill_every_days"], desk["enrolled_agents"]) == (False, None, 1)
         assert desk["hostname"] == "frontdesk"
         assert servers["archive"]["health"] == "red" and servers["archive"]["last_backup"] is None

@@ -41,7 +41,7 @@ def test_the_server_page_shows_consistency_a_crash_warning_and_the_preflight(liv
         page.wait_for_load_state()
         page.goto(live_server.url + reverse("backups:server-detail", args=[server.pk]))
         badges = page.locator("[data-testid=consistency]").all_inner_texts()
-        assert sorted(badges) == ["crash", "frozen"]
+        assert sorted(badges) == ["crash-consistent (in use)", "frozen file systems"]
         warning = page.locator("[data-testid=crash-warning]")
         assert warning.is_visible() and "crash-consistent" in warning.inner_text()
         checks = page.locator("[data-testid=preflight-check]")

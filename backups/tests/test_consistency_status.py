@@ -112,7 +112,7 @@ class TestServerPage:
         BackupFactory(server=server, kind="incremental", parent=full, consistency="crash")
         page = owner.get(reverse("backups:server-detail", args=[server.pk])).content.decode()
         assert page.count('data-testid="consistency"') == 2
-        assert ">frozen<" in page and ">crash<" in page
+        assert ">frozen file systems<" in page and ">crash-consistent (in use)<" in page
         assert 'data-testid="crash-warning"' in page and "--freeze" in page
 
     def test_no_warning_when_the_newest_was_snapshotted(self, owner, user):
@@ -139,14 +139,14 @@ def test_the_failover_page_names_each_restore_points_consistency(owner, user):
     server = ServerFactory(user=user, name="frontdesk")
     BackupFactory(server=server, consistency="snapshot")
     labels = [label for _, label in FailoverForm(server=server).fields["backup"].choices]
-    assert len(labels) == 1 and " · snapshot · " in labels[0]
+    assert len(labels) == 1 and " · snapshot (LVM) · " in labels[0]
 
 
 def test_the_delete_page_names_the_restore_points_consistency(owner, user):
     server = ServerFactory(user=user, name="frontdesk")
     backup = BackupFactory(server=server, consistency="frozen")
     page = owner.get(reverse("backups:backup-delete", args=[backup.pk])).content.decode()
-    assert 'data-testid="consistency">frozen<' in page
+    assert 'data-testid="consistency">frozen file systems<' in page
 
 
 def test_the_server_page_shows_what_the_agent_reported(owner, user, api):

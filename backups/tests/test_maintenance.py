@@ -1,4 +1,4 @@
-"""Beat jobs: upload clean-up, deferred deletions, overdue emails, and the schedule itself."""
+"""Beat jobs: upload clean-up, deferred deletions, and the schedule itself (the late and silent emails: test_health)."""
 
 from datetime import timedelta
 
@@ -7,7 +7,7 @@ from django.conf import settings as django_settings
 from django.utils import timezone
 
 from backups import services
-from backups.models import Backup, ObjectDeletion, Server
+from backups.models import Backup, ObjectDeletion
 from reclo_site import cloud
 from reclo_site.celery import app as celery_app
 from reclo_site.cloud import clients, storage
@@ -94,57 +94,3 @@ class TestObjectsPurge:
         failing_client(monkeypatch, storage, "s3", "delete_objects")
         assert services.objects_purge() == 0
         assert ObjectDeletion.objects.get().attempts == 1
-
-
-class TestOverdueEmails:
-    @pytest.fixture
-    def hourly(self, user):
-        """A server backed up every hour until three hours ago."""
-        server = ServerFactory(user=user, name="fileserver")
-        last = timezone.now() - timedelta(hours=3)
-        for n in range(5):
-            BackupFactory(server=server, date_created=last - timedelta(hours=n))
-        return server
-
-    def test_the_owner_is_told_once_per_silence(self, hourly, user, mailoutbox):
-        assert services.overdue_notify() == 1
-        (mail,) = mailoutbox
-        assert mail.to == [user.email] and "fileserver" in mail.subject
-        assert "sda: last restore point 3\xa0hours ago (usually every 1 hour)" in mail.body
-        assert services.overdue_notify() == 0
-        # A new backup ends the silence; the next silence is told again.
-        now = timezone.now()
-        BackupFactory(server=hourly, date_created=now + timedelta(minutes=30))
-        assert services.overdue_notify(now=now + timedelta(hours=1)) == 0
-        assert services.overdue_notify(now=now + timedelta(hours=3)) == 1
-
-    def test_a_server_on_schedule_is_not_mentioned(self, user, mailoutbox):
-        server = ServerFactory(user=user)
-        for n in range(3):
-            BackupFactory(server=server, date_created=timezone.now() - timedelta(hours=n, minutes=10))
-        assert services.overdue_notify() == 0 and mailoutbox == []
-
-    def test_without_history_the_default_interval_applies(self, user, settings, mailoutbox):
-        settings.RECLO_DEFAULT_BACKUP_INTERVAL = timedelta(hours=24)
-        server = ServerFactory(user=user)
-        BackupFactory(server=server, date_created=timezone.now() - timedelta(hours=30))
-        assert services.overdue_notify() == 0
-        Backup.objects.update(date_created=timezone.now() - timedelta(hours=49))
-        assert services.overdue_notify() == 1
-
-    def test_deactivated_accounts_get_no_email(self, hourly, user, mailoutbox):
-        user.is_active = False
-        user.save()
-        assert services.overdue_notify() == 0
-
-    def test_a_failed_send_is_tried_again(self, hourly, mailoutbox, monkeypatch):
-        from backups.services import notifications
-
-        def broken(*args, **kwargs):
-            raise OSError("smtp down")
-
-        monkeypatch.setattr(notifications, "send_mail", broken)
-        assert services.overdue_notify() == 0
-        assert Server.objects.get().overdue_notified_at is None
-        monkeypatch.undo()
-        assert services.overdue_notify() == 1

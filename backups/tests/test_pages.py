@@ -46,19 +46,23 @@ class TestDashboard:
         assert "No servers protected yet" in html and 'href="/servers/add/"' in html
 
     def test_each_server_shows_its_disks_newest_point_age_size_and_health(self, owner, user):
-        on_time = ServerFactory(user=user, name="fileserver")
+        now = timezone.now()
+        on_time = ServerFactory(user=user, name="fileserver", schedule="1h", status_at=now - timedelta(minutes=20),
+                                next_run=now + timedelta(minutes=40))  # fmt: skip
         hourly(on_time, last_ago=timedelta(minutes=20))
         hourly(on_time, last_ago=timedelta(minutes=20), disk="sdb")
-        hourly(ServerFactory(user=user, name="late"), last_ago=timedelta(minutes=100))
-        hourly(ServerFactory(user=user, name="silent"), last_ago=timedelta(hours=5))
+        late = ServerFactory(user=user, name="late", schedule="1h", status_at=now - timedelta(hours=3),
+                             next_run=now - timedelta(hours=2))  # fmt: skip
+        hourly(late, last_ago=timedelta(hours=3))
+        hourly(ServerFactory(user=user, name="by-hand"), last_ago=timedelta(minutes=5))  # no schedule reported
         failing = ServerFactory(user=user, name="failing")
         hourly(failing, last_ago=timedelta(minutes=70))
         BackupFactory(server=failing, status="failed", failure="bad", date_created=timezone.now())
         html = owner.get("/").content.decode()
-        assert badges(html) == ["last backup failed", "on schedule", "late", "backups missing"]  # by name
+        assert badges(html) == ["no schedule installed", "last backup failed", "on schedule", "late"]  # by name
         assert 'class="badge green"' in html and 'class="badge amber"' in html and 'class="badge red"' in html
         assert "20\xa0minutes ago" in html
-        assert "usually every 1 hour" in html
+        assert "The agent reports no backup schedule" in html and "has not started" in html
         assert "7.8\xa0KB stored" in html  # fileserver: two disks of four 1000-byte restore points
 
     def test_an_outsider_sees_none_of_the_owners_servers(self, outsider, user):
@@ -90,7 +94,7 @@ class TestServerPage:
         assert html.count('data-testid="restore-point"') == 6
         # Newest chain first; in each chain the full first.
         assert html.index(str(second[0].pk)) < html.index(str(second[1].pk)) < html.index(str(first[0].pk))
-        assert "Chain from the full backup of" in html
+        assert "Full copy of" in html and "and the changes since" in html
         assert "footer checksum mismatch" in html
         assert f'href="/backups/{first[0].pk}/delete/"' in html
 
@@ -222,8 +226,8 @@ class TestAddServer:
         assert EnrollmentKey.objects.get(server__user=user, server__name="front-desk").key_hash == hash_token(key)
         assert f"curl -fsSL https://reclo.example.com/agent/install.sh | sudo sh -s -- --key {key}" in html
         assert f"reclo-agent enroll --portal https://reclo.example.com --key {key}" in html
-        assert "reclo-agent backup /dev/sda --disk sda" in html and "--server" not in html.split("Check and")[0]
-        assert "reclo-agent schedule install --every 1h" in html and "pip install ./agent" in html
+        assert "reclo-agent backup /dev/sda" in html and "--server" not in html.split("Check and")[0]
+        assert "sudo /opt/reclo-agent/bin/reclo-agent-uninstall" in html and "pip install" not in html
         # Shown once: the server page never shows it again.
         server = Server.objects.get(user=user, name="front-desk")
         assert key not in owner.get(f"/servers/{server.pk}/").content.decode()

@@ -6,6 +6,8 @@ clean refusal. No request of docs/api.md nests deeper than a handful of
 levels; anything past ``MAX_DEPTH`` answers 400 with code 104.
 """
 
+from collections.abc import Iterable
+
 from rest_framework import parsers
 from rest_framework.exceptions import ParseError
 
@@ -21,6 +23,7 @@ def depth_of(value) -> int:
     stack = [(value, 1)]
     while stack:
         item, level = stack.pop()
+        children: Iterable
         if isinstance(item, dict):
             children = item.values()
         elif isinstance(item, list):

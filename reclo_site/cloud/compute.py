@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.parsers import ResponseParserError
 
 from .clients import client
 from .errors import CloudError, CloudPermanentError, ObjectNotFound, translate
@@ -57,7 +58,9 @@ def _ec2():
 def _call(operation: str, what: str, **kwargs) -> dict:
     try:
         return getattr(_ec2(), operation)(**kwargs)
-    except (ClientError, BotoCoreError) as exc:
+    # An answer botocore cannot parse (an HTML error page from a proxy or an
+    # emulator lacking the call) is a failed call like any other.
+    except (ClientError, BotoCoreError, ResponseParserError) as exc:
         raise translate(exc, what) from exc
 
 
@@ -127,6 +130,30 @@ def console_output(instance_id: str, *, limit: int = 4000) -> str:
     except ValueError:
         decoded = text
     return decoded[-limit:]
+
+
+def instance_status(instance_id: str) -> tuple[str, str]:
+    """(system status, instance status) of EC2's status checks: ``ok``, ``initializing``, ``impaired``, ...
+
+    ``("", "")`` while AWS reports none yet (it starts a minute or two
+    after the instance is running).
+    """
+    raw = _call(
+        "describe_instance_status",
+        f"read the status checks of {instance_id}",
+        InstanceIds=[instance_id],
+        IncludeAllInstances=True,
+    )
+    for item in raw.get("InstanceStatuses", []):
+        if item.get("InstanceId") == instance_id:
+            return item.get("SystemStatus", {}).get("Status", ""), item.get("InstanceStatus", {}).get("Status", "")
+    return "", ""
+
+
+def console_screenshot(instance_id: str) -> bytes:
+    """A JPEG of the instance's screen (GetConsoleScreenshot); AWS sends it base64-encoded."""
+    raw = _call("get_console_screenshot", f"take a screenshot of {instance_id}", InstanceId=instance_id, WakeUp=True)
+    return base64.b64decode(raw.get("ImageData") or "")
 
 
 def describe_instances(instance_ids: list[str]) -> dict[str, InstanceInfo]:
@@ -262,6 +289,30 @@ def associate_address(*, allocation_id: str, instance_id: str) -> None:
         InstanceId=instance_id,
         AllowReassociation=True,
     )
+
+
+def instance_find_or_run(lookup: dict, **run_kwargs) -> InstanceInfo:
+    """The live instance tagged `lookup`, else a new one from `run_instance(**run_kwargs)`.
+
+    The tags find an instance a killed worker started; `client_token` in
+    `run_kwargs` makes a retried launch return the same one.
+    """
+    found = find_instances(lookup)
+    return found[0] if found else run_instance(**run_kwargs)
+
+
+def address_attach(*, allocation_id: str, lookup: dict, tags: dict, instance_id: str) -> tuple[str, str]:
+    """Give the instance an Elastic IP: `allocation_id` if known, else the one tagged `lookup`, else a new one.
+
+    Returns (allocation id, public address); idempotent, so a step that
+    died half-way can run it again.
+    """
+    if not allocation_id:
+        found = find_addresses(lookup)
+        allocation_id = (found[0] if found else allocate_address(tags=tags)).allocation_id
+    associate_address(allocation_id=allocation_id, instance_id=instance_id)
+    address = describe_address(allocation_id)
+    return allocation_id, address.public_ip if address else ""
 
 
 def release_address(allocation_id: str) -> None:

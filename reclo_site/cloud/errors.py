@@ -1,6 +1,7 @@
 """Our own cloud exceptions, and the translation from botocore's."""
 
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, ReadTimeoutError
+from botocore.parsers import ResponseParserError
 
 # Error codes AWS returns for conditions that go away if we wait.
 TRANSIENT_CODES = frozenset(
@@ -63,6 +64,6 @@ def translate(exc: Exception, what: str) -> CloudError:
         if code in TRANSIENT_CODES or status >= 500:
             return CloudUnavailable(message, code)
         return CloudPermanentError(message, code)
-    if isinstance(exc, (ConnectionError, ReadTimeoutError, BotoCoreError)):
+    if isinstance(exc, (ConnectionError, ReadTimeoutError, BotoCoreError, ResponseParserError)):
         return CloudUnavailable(f"{what}: {exc.__class__.__name__}", exc.__class__.__name__)
     return CloudError(f"{what}: {exc}")

@@ -18,7 +18,7 @@ import base64
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -88,6 +88,14 @@ def find_snapshots(tags: dict) -> list[dict]:
     """Snapshots of ours carrying `tags`: [{snapshot_id, state}]."""
     resp = _call("ec2", "describe_snapshots", "find snapshots", OwnerIds=["self"], Filters=tag_filters(tags))
     return [{"snapshot_id": s["SnapshotId"], "state": s.get("State", "")} for s in resp.get("Snapshots", [])]
+
+
+def tagged_snapshots(key: str) -> list[tuple[str, dict]]:
+    """`(snapshot id, tags)` of our snapshots carrying tag `key` (any value)."""
+    resp = _call(
+        "ec2", "describe_snapshots", "find snapshots", OwnerIds=["self"], Filters=[{"Name": "tag-key", "Values": [key]}]
+    )
+    return [(s["SnapshotId"], {t["Key"]: t["Value"] for t in s.get("Tags", [])}) for s in resp.get("Snapshots", [])]
 
 
 def snapshot_state(snapshot_id: str) -> tuple[str, str]:
@@ -176,7 +184,7 @@ def put_snapshot_blocks(
         return index
 
     written = 0
-    pending: set = set()
+    pending: set[Future] = set()
 
     def settle(below: int) -> None:
         """Wait until fewer than `below` writes are in flight."""

@@ -10,7 +10,7 @@ are idempotent themselves: "already done" answers count as success.
 from botocore.exceptions import BotoCoreError, ClientError
 
 from .clients import client
-from .errors import CloudError, translate
+from .errors import CloudError, ObjectNotFound, translate
 
 # How each kind of resource is described: (operation, list key, id key).
 _DESCRIBE = {
@@ -200,3 +200,63 @@ def ingress_rules(group_id: str) -> list[dict]:
     """The inbound rules of a group, as AWS describes them (for checks and tests)."""
     groups = _call("describe_security_groups", "describe security group", GroupIds=[group_id])["SecurityGroups"]
     return groups[0].get("IpPermissions", []) if groups else []
+
+
+def deny_all_egress(group_id: str) -> None:
+    """Remove a new group's default allow-all outbound rule, so it lets nothing out either. Idempotent."""
+    try:
+        _call(
+            "revoke_security_group_egress",
+            "close outbound traffic",
+            GroupId=group_id,
+            IpPermissions=[{"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}],
+        )
+    except CloudError as exc:
+        if exc.code != "InvalidPermission.NotFound":  # already revoked
+            raise
+
+
+def egress_rules(group_id: str) -> list[dict]:
+    """The outbound rules of a group, as AWS describes them (for checks and tests)."""
+    groups = _call("describe_security_groups", "describe security group", GroupIds=[group_id])["SecurityGroups"]
+    return groups[0].get("IpPermissionsEgress", []) if groups else []
+
+
+def tag_resources(resource_ids: list[str], tags: dict) -> None:
+    """Tag resources after the fact (CreateTags); used where a create call's own tags are not kept."""
+    _call(
+        "create_tags",
+        "tag resources",
+        Resources=resource_ids,
+        Tags=[{"Key": k, "Value": str(v)} for k, v in tags.items()],
+    )
+
+
+def tagged_with_key(kind: str, key: str) -> list[tuple[str, dict]]:
+    """`(id, tags)` of every `kind` resource carrying tag `key` (any value)."""
+    operation, list_key, id_key = _DESCRIBE[kind]
+    found = _call(operation, f"find {kind}", Filters=[{"Name": "tag-key", "Values": [key]}])
+    return [(item[id_key], {t["Key"]: t["Value"] for t in item.get("Tags", [])}) for item in found.get(list_key, [])]
+
+
+_DELETE = {
+    "vpc": ("delete_vpc", "VpcId"),
+    "subnet": ("delete_subnet", "SubnetId"),
+    "security-group": ("delete_security_group", "GroupId"),
+}
+
+
+def delete(kind: str, resource_id: str) -> bool:
+    """Delete a VPC, subnet or security group; False if it was already gone.
+
+    Raises CloudError `DependencyViolation` while something still uses it
+    (an instance not yet terminated): the caller tries again later.
+    """
+    operation, id_key = _DELETE[kind]
+    try:
+        _call(operation, f"delete {resource_id}", **{id_key: resource_id})
+    except CloudError as exc:
+        if isinstance(exc, ObjectNotFound) or exc.code.endswith(".NotFound"):
+            return False
+        raise
+    return True

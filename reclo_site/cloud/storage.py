@@ -5,6 +5,7 @@ import io
 import json
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -139,34 +140,49 @@ def pinned_args(version_id: str | None, etag: str | None) -> dict:
 
 
 def read_error(exc: Exception, key: str, what: str) -> CloudError:
+    """The adapter's error for a failed read of `key`: ObjectChanged when its pinned ETag no longer matches."""
     error = translate(exc, f"{what} {key}")
     if error.code in ("PreconditionFailed", "412"):
         return ObjectChanged(f"{key} in storage is not the version that was verified", error.code)
     return error
 
 
+def _call(operation: str, what: str, **kwargs) -> dict:
+    """One S3 call on the backup bucket; boto3's errors become the adapter's (`what` names the action)."""
+    try:
+        return getattr(client("s3"), operation)(Bucket=bucket_name(), **kwargs)
+    except (ClientError, BotoCoreError) as exc:
+        raise translate(exc, what) from exc
+
+
+def read_call(operation: str, key: str, what: str, *, s3=None, **kwargs) -> dict:
+    """A read of `key` (GetObject, HeadObject): a pinned version that changed raises ObjectChanged.
+
+    `s3`: a client of narrower credentials (`scoped_client`) instead of the portal's own.
+    """
+    try:
+        return getattr(s3 or client("s3"), operation)(Bucket=bucket_name(), Key=key, **kwargs)
+    except (ClientError, BotoCoreError) as exc:
+        raise read_error(exc, key, what) from exc
+
+
 def put_object(key: str, body: bytes, *, metadata: dict | None = None, tags: dict | None = None) -> dict:
     """Write a small object (markers, manifests, tests); returns its `version_id` and `etag`."""
-    kwargs = {"Bucket": bucket_name(), "Key": key, "Body": body, "Metadata": metadata or {}}
+    kwargs = {"Key": key, "Body": body, "Metadata": metadata or {}}
     if tags:
         kwargs["Tagging"] = "&".join(f"{k}={v}" for k, v in tags.items())
-    try:
-        resp = client("s3").put_object(**kwargs)
-    except (ClientError, BotoCoreError) as exc:
-        raise translate(exc, f"put {key}") from exc
+    resp = _call("put_object", f"put {key}", **kwargs)
     return {"version_id": resp.get("VersionId") or "", "etag": resp.get("ETag", "").strip('"')}
 
 
-def head_object(key: str, *, version_id: str | None = None, etag: str | None = None) -> dict:
+def head_object(key: str, *, version_id: str | None = None, etag: str | None = None, s3=None) -> dict:
     """Size, ETag, version, lock and storage class of an object; ObjectNotFound when it (or that version) is missing.
 
     With `version_id` it describes that version; with `etag` it raises
-    ObjectChanged unless the object still has it.
+    ObjectChanged unless the object still has it. `s3`: a client of
+    narrower credentials (`scoped_client`) instead of the portal's own.
     """
-    try:
-        resp = client("s3").head_object(Bucket=bucket_name(), Key=key, **pinned_args(version_id, etag))
-    except (ClientError, BotoCoreError) as exc:
-        raise read_error(exc, key, "head") from exc
+    resp = read_call("head_object", key, "head", s3=s3, **pinned_args(version_id, etag))
     return {
         "size": resp["ContentLength"],
         "etag": resp.get("ETag", "").strip('"'),
@@ -176,6 +192,38 @@ def head_object(key: str, *, version_id: str | None = None, etag: str | None = N
         "locked_until": resp.get("ObjectLockRetainUntilDate"),
         "lock_mode": resp.get("ObjectLockMode", ""),
         "storage_class": resp.get("StorageClass") or STANDARD,
+    }
+
+
+def object_checksum(key: str, *, version_id: str | None = None) -> dict:
+    """The SHA-256 checksum S3 keeps for an object (GetObjectAttributes); ObjectNotFound when it is missing.
+
+    `checksum_sha256`: the base64 checksum, "" when the object has none. For
+    a multipart upload made with ChecksumAlgorithm SHA256 it is composite:
+    the SHA-256 of the parts' SHA-256s, each part checked by S3 on arrival
+    (`checksum_type` "COMPOSITE"; AWS leaves out the "-<parts>" that HEAD
+    shows, and is dropped here if present). `parts`: the part count S3
+    reports, None when it does not say. Also `size`, `etag`, `version_id`.
+    """
+    args = {"VersionId": version_id} if version_id else {}
+    try:
+        resp = client("s3").get_object_attributes(
+            Bucket=bucket_name(),
+            Key=key,
+            ObjectAttributes=["ETag", "Checksum", "ObjectParts", "ObjectSize"],
+            MaxParts=1,
+            **args,
+        )
+    except (ClientError, BotoCoreError) as exc:
+        raise read_error(exc, key, "attributes of") from exc
+    checksum = resp.get("Checksum") or {}
+    return {
+        "checksum_sha256": (checksum.get("ChecksumSHA256") or "").split("-")[0],
+        "checksum_type": checksum.get("ChecksumType") or "",
+        "parts": (resp.get("ObjectParts") or {}).get("TotalPartsCount"),
+        "size": resp.get("ObjectSize"),
+        "etag": (resp.get("ETag") or "").strip('"'),
+        "version_id": "" if resp.get("VersionId") in (None, "null") else resp["VersionId"],
     }
 
 
@@ -191,15 +239,13 @@ def lock_version(key: str, version_id: str, until: datetime) -> datetime:
     current = head_object(key, version_id=version_id)["locked_until"]
     if current is not None and current >= until:
         return current
-    try:
-        client("s3").put_object_retention(
-            Bucket=bucket_name(),
-            Key=key,
-            VersionId=version_id,
-            Retention={"Mode": LOCK_MODE, "RetainUntilDate": until},
-        )
-    except (ClientError, BotoCoreError) as exc:
-        raise translate(exc, f"lock {key}") from exc
+    _call(
+        "put_object_retention",
+        f"lock {key}",
+        Key=key,
+        VersionId=version_id,
+        Retention={"Mode": LOCK_MODE, "RetainUntilDate": until},
+    )
     return until
 
 
@@ -218,16 +264,14 @@ def _versions(s3, key: str) -> list[str]:
         kwargs["VersionIdMarker"] = resp["NextVersionIdMarker"]
 
 
-def _delete_versions(s3, pairs: list[tuple[str, str]]) -> None:
+def _delete_versions(pairs: list[tuple[str, str]]) -> None:
     for start in range(0, len(pairs), 1000):  # DeleteObjects takes up to 1,000 entries
         batch = pairs[start : start + 1000]
-        try:
-            resp = s3.delete_objects(
-                Bucket=bucket_name(),
-                Delete={"Objects": [{"Key": k, "VersionId": v} for k, v in batch], "Quiet": True},
-            )
-        except (ClientError, BotoCoreError) as exc:
-            raise translate(exc, f"delete {len(batch)} object versions") from exc
+        resp = _call(
+            "delete_objects",
+            f"delete {len(batch)} object versions",
+            Delete={"Objects": [{"Key": k, "VersionId": v} for k, v in batch], "Quiet": True},
+        )
         errors = resp.get("Errors") or []
         if errors:
             first = errors[0]
@@ -259,7 +303,7 @@ def delete_objects(keys: list[str]) -> None:
         pairs = [(key, version) for key in keys for version in _versions(s3, key)]
     except (ClientError, BotoCoreError) as exc:
         raise translate(exc, f"list versions of {len(keys)} objects") from exc
-    _delete_versions(s3, pairs)
+    _delete_versions(pairs)
 
 
 def multipart_uploads(*, prefix: str, initiated_before: datetime | None = None, key: str | None = None) -> list:
@@ -289,11 +333,10 @@ def multipart_uploads(*, prefix: str, initiated_before: datetime | None = None, 
 def abort_multipart_upload(key: str, upload_id: str) -> None:
     """Abort one incomplete upload; one already gone is not an error."""
     try:
-        client("s3").abort_multipart_upload(Bucket=bucket_name(), Key=key, UploadId=upload_id)
-    except (ClientError, BotoCoreError) as exc:
-        error = translate(exc, f"abort upload of {key}")
+        _call("abort_multipart_upload", f"abort upload of {key}", Key=key, UploadId=upload_id)
+    except CloudError as error:
         if error.code != "NoSuchUpload":
-            raise error from exc
+            raise
 
 
 class SeekableObject(io.RawIOBase):
@@ -350,16 +393,17 @@ class ObjectReader(SeekableObject):
         cache_chunks: int = 4,
         sha256: bool = False,
         on_fetch: Callable[[], None] | None = None,
+        s3=None,
     ):
         super().__init__()
         self._on_fetch = on_fetch  # called after every GET: a long read's heartbeat
         self.key = key
-        info = head_object(key, version_id=version_id, etag=etag)
+        self._s3 = s3 or client("s3")
+        info = head_object(key, version_id=version_id, etag=etag, s3=self._s3)
         self.size = info["size"]
         self.etag = info["etag"]
         self.version_id = info["version_id"]
         self.storage_class = info["storage_class"]
-        self._s3 = client("s3")
         self._chunk_size = chunk_size
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_chunks = cache_chunks
@@ -403,15 +447,10 @@ class ObjectReader(SeekableObject):
     def _get(self, start: int, end: int):
         """The body stream of bytes [start, end)."""
         self.requests += 1
-        try:
-            resp = self._s3.get_object(
-                Bucket=bucket_name(),
-                Key=self.key,
-                Range=f"bytes={start}-{end - 1}",
-                **pinned_args(self.version_id, self.etag),
-            )
-        except (ClientError, BotoCoreError) as exc:
-            raise read_error(exc, self.key, "read") from exc
+        resp = read_call(
+            "get_object", self.key, "read", s3=self._s3, Range=f"bytes={start}-{end - 1}",
+            **pinned_args(self.version_id, self.etag),
+        )  # fmt: skip
         return resp["Body"]
 
     def sha256_hexdigest(self) -> str:
@@ -431,33 +470,50 @@ class ObjectReader(SeekableObject):
         return self._hash.hexdigest()
 
 
+def scoped_client(creds):
+    """An S3 client acting with temporary credentials (a `credentials.TemporaryCredentials`), not the portal's own.
+
+    Pass it as `s3=` to `ObjectReader`: a reader for one chain then can read
+    that chain's objects and nothing else, whatever asks it to.
+    """
+    return client(
+        "s3",
+        aws_access_key_id=creds.access_key_id,
+        aws_secret_access_key=creds.secret_access_key,
+        aws_session_token=creds.session_token,
+    )
+
+
 class ObjectWriter(io.RawIOBase):
     """A write-only stream into a new object, sent as a multipart upload.
 
-    For objects the worker makes itself (retention's merged fulls): parts go
-    up as they fill, so memory holds one part whatever the object's size.
-    `expected_size` picks the first part size; since the final size is
-    only a guess, the part size also doubles every 1,000 parts, which keeps
-    any object up to S3's 5 TiB within its 10,000 parts. Used as a context
-    manager, an exception (in the block or in the final part and completion)
-    aborts the upload, so a failed write leaves neither an object nor parts.
+    For objects the worker makes itself (retention's merged fulls, the
+    merged disk VM Import reads): parts go up as they fill, up to
+    `in_flight` of them on threads while the caller fills the next, so
+    producing the data and sending it overlap; memory holds `in_flight + 1`
+    parts whatever the object's size. `expected_size` picks the first part
+    size; since the final size is only a guess, the part size also doubles
+    every 1,000 parts, which keeps any object up to S3's 5 TiB within its
+    10,000 parts. Used as a context manager, an exception (in the block or
+    in the final part and completion) aborts the upload, so a failed write
+    leaves neither an object nor parts.
     """
 
-    def __init__(self, key: str, *, expected_size: int = 0, part_size: int = 16 * MiB):
+    def __init__(self, key: str, *, expected_size: int = 0, part_size: int = 16 * MiB, in_flight: int = 1):
         super().__init__()
         self.key = key
         needed = -(-int(expected_size * 1.05) // (MAX_PARTS - 100)) if expected_size else 0
         self.part_size = max(part_size, MIN_PART_SIZE, -(-needed // MiB) * MiB)
-        self._s3 = client("s3")
+        self._in_flight = max(1, in_flight)
         self._buffer = bytearray()
+        self._pending: list[Future] = []
         self._parts: list[dict] = []
+        self._sent = 0  # parts handed to the pool (done or pending)
         self.size = 0
         self.version_id = ""  # of the object written, once finished
-        try:
-            self._upload_id = self._s3.create_multipart_upload(Bucket=bucket_name(), Key=key)["UploadId"]
-        except (ClientError, BotoCoreError) as exc:
-            raise translate(exc, f"start upload of {key}") from exc
         self._done = False
+        self._upload_id = _call("create_multipart_upload", f"start upload of {key}", Key=key)["UploadId"]
+        self._pool = ThreadPoolExecutor(max_workers=self._in_flight, thread_name_prefix="s3-part")
 
     def writable(self) -> bool:
         return True
@@ -470,47 +526,63 @@ class ObjectWriter(io.RawIOBase):
         self.size += len(view)
         while len(self._buffer) >= self._next_part_size():
             size = self._next_part_size()
-            self._send(bytes(self._buffer[:size]))
+            self._submit(bytes(self._buffer[:size]))
             del self._buffer[:size]
         return len(view)
 
     def _next_part_size(self) -> int:
-        return self.part_size << (len(self._parts) // 1000)
+        return self.part_size << (self._sent // 1000)
 
-    def _send(self, body: bytes) -> None:
-        number = len(self._parts) + 1
-        try:
-            resp = self._s3.upload_part(
-                Bucket=bucket_name(), Key=self.key, UploadId=self._upload_id, PartNumber=number, Body=body
-            )
-        except (ClientError, BotoCoreError) as exc:
-            raise translate(exc, f"upload part {number} of {self.key}") from exc
-        self._parts.append({"PartNumber": number, "ETag": resp["ETag"]})
+    def _send(self, number: int, body: bytes) -> dict:
+        resp = _call(
+            "upload_part",
+            f"upload part {number} of {self.key}",
+            Key=self.key,
+            UploadId=self._upload_id,
+            PartNumber=number,
+            Body=body,
+        )
+        return {"PartNumber": number, "ETag": resp["ETag"]}
+
+    def _submit(self, body: bytes) -> None:
+        while len(self._pending) >= self._in_flight:
+            self._parts.append(self._pending.pop(0).result())
+        self._sent += 1
+        self._pending.append(self._pool.submit(self._send, self._sent, body))
 
     def finish(self) -> int:
-        """Send the last part and complete the upload; returns the object's size."""
+        """Send the last part, wait for all, complete the upload; returns the object's size."""
         if self._done:
             return self.size
-        if self._buffer or not self._parts:
-            self._send(bytes(self._buffer))
+        if self._buffer or not self._sent:
+            self._submit(bytes(self._buffer))
             self._buffer.clear()
-        try:
-            resp = self._s3.complete_multipart_upload(
-                Bucket=bucket_name(), Key=self.key, UploadId=self._upload_id, MultipartUpload={"Parts": self._parts}
-            )
-        except (ClientError, BotoCoreError) as exc:
-            raise translate(exc, f"complete upload of {self.key}") from exc
+        while self._pending:
+            self._parts.append(self._pending.pop(0).result())
+        self._pool.shutdown()
+        resp = _call(
+            "complete_multipart_upload",
+            f"complete upload of {self.key}",
+            Key=self.key,
+            UploadId=self._upload_id,
+            MultipartUpload={"Parts": sorted(self._parts, key=lambda part: part["PartNumber"])},
+        )
         self.version_id = resp.get("VersionId") or ""
         self._done = True
         return self.size
 
     def abort(self) -> None:
-        if not self._done:
-            self._done = True
-            try:
-                abort_multipart_upload(self.key, self._upload_id)
-            except CloudError:
-                pass  # the bucket's lifecycle rule and the beat job clean it up
+        """Give up: cancel parts not sent yet and abort the upload (its sent parts go too)."""
+        if self._done:
+            return
+        self._done = True
+        for future in self._pending:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        try:
+            abort_multipart_upload(self.key, self._upload_id)
+        except CloudError:
+            pass  # the bucket's lifecycle rule and the beat job clean it up
 
     def __exit__(self, exc_type, exc, tb):
         try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from reclo_site.testing import ROOT, free_port, require_tool
+from reclo_site.testing import ROOT, agent_bundle, free_port, require_tool
 
 
 def descendants(pid: int) -> set[int]:
@@ -64,6 +64,8 @@ def start_make_run(var_dir: Path, tmp_path: Path):
     moto_port, web_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL")}
     env |= {"RECLO_VAR_DIR": str(var_dir), "MOTO_PORT": str(moto_port), "PORT": str(web_port)}
+    # The bundle the test run built: make run's build_agent finds it up to date instead of taking a minute.
+    env["RECLO_AGENT_BUNDLE_DIR"] = str(agent_bundle().parent)
     env.pop("AWS_ENDPOINT_URL", None)
     log = open(tmp_path / "make-run.log", "wb")  # noqa: SIM115 - closed by the caller
     make = subprocess.Popen(
@@ -115,6 +117,8 @@ def test_a_signal_stops_every_process_make_run_started(var_dir, tmp_path, signum
     started: set[int] = set()
     try:
         wait_for_portal(make, web_port, tmp_path / "make-run.log")
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/agent/reclo-agent.tar.gz", timeout=30) as got:  # noqa: S310
+            assert got.status == 200 and got.headers["X-Reclo-Agent-Version"]  # make run built the agent bundle
         stack = devstack_pid(make)
         started = descendants(stack)
         # moto, worker (and its pool), beat, portal: at least four.

@@ -20,23 +20,23 @@ def default_queue():
 
 def test_failover_and_drill_tasks_go_to_the_failover_queue_the_rest_to_the_default(default_queue):
     default_queue("celery")
-    assert queue_of("recovery.tasks.recovery_run_step") == "recovery"
-    assert queue_of("recovery.tasks.reconcile_recoveries") == "recovery"
+    assert queue_of("recovery.tasks.failover_step_run") == "recovery"
+    assert queue_of("recovery.tasks.failovers_reconcile") == "recovery"
     assert queue_of("drills.tasks.drill_run") == "recovery"
     assert queue_of("backups.tasks.backup_verify") == "celery"
-    assert queue_of("accounts.tasks.expire_tokens") == "celery"
+    assert queue_of("accounts.tasks.tokens_expire") == "celery"
 
 
 def test_a_process_with_a_queue_of_its_own_sends_failovers_to_a_failover_queue_of_its_own(default_queue):
     default_queue("test-run-42")
-    assert queue_of("recovery.tasks.recovery_run_step") == "test-run-42-recovery"
+    assert queue_of("recovery.tasks.failover_step_run") == "test-run-42-recovery"
     assert queue_of("backups.tasks.backup_verify") == "test-run-42"
 
 
 def test_an_explicit_failover_queue_wins(default_queue, settings):
     settings.CELERY_RECOVERY_QUEUE = "failovers"
     default_queue("celery")
-    assert queue_of("recovery.tasks.recovery_run_step") == "failovers"
+    assert queue_of("recovery.tasks.failover_step_run") == "failovers"
 
 
 def test_the_test_worker_consumes_both_queues_by_default(monkeypatch):

@@ -37,8 +37,16 @@ run's lease lets the next ``run`` -- or a periodic ``LocalSandbox().reap()``
 -- remove the folder; see :mod:`.local`. The raw file is never written (QEMU
 opens it read-only under ``snapshot=on``), so it may be a cached copy.
 
+The ``aws`` sandbox (:mod:`.aws`, ``AwsSandbox``) takes an EC2 image id
+instead of a raw file: ``AwsSandbox.prepare(blocks, ...)`` makes that image
+from the chain's 512 KiB EBS blocks (the failover's EBS-direct way), and
+``run(image_id, request)`` boots it in an isolated subnet and deletes the
+instance and network; ``destroy(label)`` deletes everything of a run, the
+image too. It is imported from its module (it needs the cloud adapter).
+
 Modules: :mod:`.base` (the interface: :class:`BootRequest`,
 :class:`Check`, :class:`Verdict`, :class:`Sandbox`), :mod:`.local` (QEMU),
+:mod:`.aws` (EC2),
 :mod:`.verdict` (console patterns, the port probe, the checks),
 :mod:`.disk` (materialising a chain). The tests' bootable disks come from
 :mod:`reclo_site.testing_disks`.

@@ -86,6 +86,45 @@ class Verdict:
     sandbox: str
     details: dict = field(default_factory=dict)
 
+    @classmethod
+    def judged(
+        cls,
+        checks: list[Check],
+        *,
+        console_excerpt: str,
+        console_path: Path | None,
+        screenshot_path: Path | None,
+        moments: tuple[float, float, float, float],
+        answered_after: float | None,
+        sandbox: str,
+        details: dict,
+    ) -> Verdict:
+        """The verdict of ``checks``: passed when all passed, the first failure's detail as the reason.
+
+        ``moments`` are the run's monotonic clock readings: started,
+        powered on, booted (ready line, failure or limit), checked; the
+        timings are the spans between them.
+        """
+        started, powered_on, booted, checked = moments
+        failed = [c for c in checks if not c.passed]
+        return cls(
+            passed=not failed,
+            checks=checks,
+            reason=failed[0].detail if failed else "",
+            console_excerpt=console_excerpt,
+            console_path=console_path,
+            screenshot_path=screenshot_path,
+            timings={
+                "prepare": round(powered_on - started, 3),
+                "boot": round(booted - powered_on, 3),
+                "checks": round(checked - booted, 3),
+                "total": round(checked - started, 3),
+            },
+            answered_after=round(answered_after, 3) if answered_after is not None else None,
+            sandbox=sandbox,
+            details=details,
+        )
+
     def as_dict(self) -> dict:
         """JSON-ready facts (paths as strings), e.g. for the drill's stored record."""
         return {

@@ -79,7 +79,7 @@ def _start_time(pid: int) -> int | None:
 
 
 def _alive(pid: int | None, started: int | None) -> bool:
-    return bool(pid) and started is not None and _start_time(pid) == started
+    return pid is not None and pid > 0 and started is not None and _start_time(pid) == started
 
 
 def _kill_group(pid: int) -> None:
@@ -145,18 +145,20 @@ def accel_works(accel: str, *, timeout: float = KVM_PROBE_TIMEOUT) -> bool:
                                     start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
         except OSError:
             return False
+        stdout = proc.stdout
+        assert stdout is not None  # stdout=PIPE
         try:
             deadline = time.monotonic() + timeout
             out = b""
-            os.set_blocking(proc.stdout.fileno(), False)
+            os.set_blocking(stdout.fileno(), False)
             while time.monotonic() < deadline and _PROBE_LINE not in out and proc.poll() is None:
                 time.sleep(0.05)
-                out += proc.stdout.read() or b""
+                out += stdout.read() or b""
             return _PROBE_LINE in out
         finally:
             _kill_group(proc.pid)
             proc.wait()
-            proc.stdout.close()
+            stdout.close()
 
 
 @lru_cache(maxsize=1)
@@ -174,7 +176,8 @@ def choose_accel() -> str:
 
 def ppm_to_png(ppm: bytes) -> bytes:
     """A binary PPM (P6, 8-bit, what QEMU's screendump writes) as an RGB PNG."""
-    fields, pos = [], 0
+    fields: list[bytes] = []
+    pos = 0
     while len(fields) < 4:  # magic, width, height, maxval, separated by whitespace and # comments
         while ppm[pos : pos + 1].isspace() or ppm[pos : pos + 1] == b"#":
             if ppm[pos : pos + 1] == b"#":
@@ -251,7 +254,7 @@ class LocalSandbox(Sandbox):
 
     def reap(self) -> list[str]:
         """Kill the QEMU and remove the folder of every run whose owner died or whose deadline passed."""
-        removed = []
+        removed: list[str] = []
         if not self.state_dir.is_dir():
             return removed
         now = time.time()
@@ -419,21 +422,13 @@ class LocalSandbox(Sandbox):
             raw = b""
         console_path = evidence / "console.log"
         console_path.write_bytes(raw)
-        failed = [c for c in checks if not c.passed]
-        return Verdict(
-            passed=not failed,
-            checks=checks,
-            reason=failed[0].detail if failed else "",
+        return Verdict.judged(
+            checks,
             console_excerpt=judge.excerpt(text, match),
             console_path=console_path,
             screenshot_path=screenshot,
-            timings={
-                "prepare": round(powered_on - started, 3),
-                "boot": round(boot_seconds, 3),
-                "checks": round(checked - booted, 3),
-                "total": round(checked - started, 3),
-            },
-            answered_after=round(answered_after, 3) if answered_after is not None else None,
+            moments=(started, powered_on, booted, checked),
+            answered_after=answered_after,
             sandbox=self.name,
             details={
                 "accel": self.accel,

@@ -33,3 +33,23 @@ def inventory(tenant: int | None = None) -> dict:
         ),
         "vpcs": len(ec2.describe_vpcs(Filters=[*tags, {"Name": "tag:reclo:role", "Values": ["vpc"]}])["Vpcs"]),
     }
+
+
+def drill_inventory() -> dict:
+    """Everything a drill's aws sandbox may have made that still exists (tag `reclo:drill`, any value)."""
+    ec2 = client("ec2")
+    drill = [{"Name": "tag-key", "Values": ["reclo:drill"]}]
+    live = {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped", "shutting-down"]}
+    return {
+        "instances": sum(len(r["Instances"]) for r in ec2.describe_instances(Filters=[*drill, live])["Reservations"]),
+        "images": len(
+            ec2.describe_images(Owners=["self"], Filters=[{"Name": "name", "Values": ["reclo-drill-*"]}])["Images"]
+        ),
+        "snapshots": len(ec2.describe_snapshots(OwnerIds=["self"], Filters=drill)["Snapshots"]),
+        "vpcs": len(ec2.describe_vpcs(Filters=drill)["Vpcs"]),
+        "subnets": len(ec2.describe_subnets(Filters=drill)["Subnets"]),
+        "security_groups": len(ec2.describe_security_groups(Filters=drill)["SecurityGroups"]),
+    }
+
+
+NOTHING = {"instances": 0, "images": 0, "snapshots": 0, "vpcs": 0, "subnets": 0, "security_groups": 0}

@@ -108,7 +108,7 @@ def test_fail_over_follow_the_progress_and_download_the_vpn_config(
         page.click("[data-testid=confirm-action]")
         page.wait_for_selector("text=The server is stopping.")
         assert page.locator("[data-testid=instance-state]").inner_text() in ("stopping", "stopped")
-        Instance.objects.filter(pk=instance.pk).update(state="stopped")  # as sync_instances would record
+        Instance.objects.filter(pk=instance.pk).update(state="stopped")  # as instances_sync would record
         page.reload()
         assert "terminated on" in page.locator(f"[data-instance={instance.instance_id}]").inner_text()
         shot(page, "instances-stopped")

@@ -1,4 +1,4 @@
-"""Beat jobs: free_instances (stopped for 14 days), sync_instances, with frozen time."""
+"""Beat jobs: instances_free (stopped for 14 days), instances_sync, with frozen time."""
 
 from datetime import UTC, datetime, timedelta
 from unittest import mock
@@ -41,7 +41,7 @@ def stopped_at_t0(aws, user, server):
 def test_an_instance_stopped_for_15_days_is_terminated(stopped_at_t0, django_capture_on_commit_callbacks):
     ours, theirs = stopped_at_t0
     with time_machine.travel(T0 + timedelta(days=15)), django_capture_on_commit_callbacks(execute=True):
-        assert tasks.free_instances() == [ours.instance_id]
+        assert tasks.instances_free() == [ours.instance_id]
     ours.refresh_from_db()
     assert ours.state == "terminated" and ours.released
     assert compute.describe_instance(ours.instance_id).state == "terminated"
@@ -52,7 +52,7 @@ def test_an_instance_stopped_for_15_days_is_terminated(stopped_at_t0, django_cap
 def test_an_instance_stopped_for_13_days_and_untagged_ones_are_untouched(stopped_at_t0):
     ours, theirs = stopped_at_t0
     with time_machine.travel(T0 + timedelta(days=13, hours=23)):
-        assert tasks.free_instances() == []
+        assert tasks.instances_free() == []
     assert Instance.objects.get(pk=ours.pk).state == "stopped"
     assert compute.describe_instance(ours.instance_id).state == "stopped"
     assert compute.describe_instance(theirs).state == "stopped"
@@ -62,7 +62,7 @@ def test_running_instances_are_never_freed(aws, user):
     with time_machine.travel(T0, tick=False):
         running = recovered_instance(user=user, state="running")
     with time_machine.travel(T0 + timedelta(days=400)):
-        assert tasks.free_instances() == []
+        assert tasks.instances_free() == []
     assert compute.describe_instance(running.instance_id).state == "running"
 
 
@@ -71,9 +71,9 @@ def test_a_tagged_instance_the_portal_lost_track_of_goes_by_the_clouds_stop_time
         orphan = recovered_instance(user=user, state="stopped")
     Instance.objects.filter(pk=orphan.pk).delete()  # e.g. a restored database backup
     with time_machine.travel(T0 + timedelta(days=13)):
-        assert tasks.free_instances() == []
+        assert tasks.instances_free() == []
     with time_machine.travel(T0 + timedelta(days=15)):
-        assert tasks.free_instances() == [orphan.instance_id]
+        assert tasks.instances_free() == [orphan.instance_id]
 
 
 def test_it_works_in_bounded_batches(aws, user):
@@ -111,7 +111,7 @@ def test_a_failed_terminate_is_left_for_the_next_run(stopped_at_t0, monkeypatch)
     assert Instance.objects.get(pk=ours.pk).state == "stopped"
 
 
-# --- sync_instances -------------------------------------------------------------------------------
+# --- instances_sync -------------------------------------------------------------------------------
 
 
 def test_an_instance_stopped_outside_the_portal_shows_as_stopped(aws, user):
@@ -119,7 +119,7 @@ def test_an_instance_stopped_outside_the_portal_shows_as_stopped(aws, user):
     with time_machine.travel(T0, tick=False):
         client("ec2").stop_instances(InstanceIds=[instance.instance_id])
     with time_machine.travel(T0 + timedelta(minutes=5)):
-        assert tasks.sync_instances() == 1
+        assert tasks.instances_sync() == 1
     instance.refresh_from_db()
     assert instance.state == "stopped"
     assert instance.stopped_at == T0  # from AWS's "User initiated (...)" reason
@@ -130,7 +130,7 @@ def test_an_instance_terminated_outside_the_portal_is_released(aws, user, django
     instance = recovered_instance(user=user)
     client("ec2").terminate_instances(InstanceIds=[instance.instance_id])
     with django_capture_on_commit_callbacks(execute=True):
-        tasks.sync_instances()
+        tasks.instances_sync()
     instance.refresh_from_db()
     assert instance.state == "terminated" and instance.terminated_at and instance.released
     assert compute.describe_address(instance.allocation_id) is None
@@ -139,7 +139,7 @@ def test_an_instance_terminated_outside_the_portal_is_released(aws, user, django
 def test_an_instance_started_outside_the_portal_shows_as_running(aws, user):
     instance = recovered_instance(user=user, state="stopped")
     client("ec2").start_instances(InstanceIds=[instance.instance_id])
-    tasks.sync_instances()
+    tasks.instances_sync()
     instance.refresh_from_db()
     assert instance.state == "running" and instance.stopped_at is None and instance.running_since
 
@@ -160,5 +160,5 @@ def test_sync_never_overwrites_a_change_made_while_it_looked(aws, user, monkeypa
 
 def test_the_beat_schedule_runs_the_jobs(settings):
     tasks_in_beat = {entry["task"] for entry in settings.CELERY_BEAT_SCHEDULE.values()}
-    assert {"recovery.tasks.free_instances", "recovery.tasks.sync_instances",
-            "recovery.tasks.reconcile_recoveries"} <= tasks_in_beat  # fmt: skip
+    assert {"recovery.tasks.instances_free", "recovery.tasks.instances_sync",
+            "recovery.tasks.failovers_reconcile"} <= tasks_in_beat  # fmt: skip

@@ -2,13 +2,15 @@
 the dashboard's warning, the Test failover button, the screenshot and the PDF."""
 
 import io
-from datetime import timedelta
+import json
+from datetime import UTC, timedelta
 
 import pytest
 from django.utils import timezone
 from PIL import Image
 
 from reclo_site.cloud import storage
+from reclo_site.localtime import when
 from recovery import drill_report
 from recovery.models import Drill
 
@@ -72,7 +74,7 @@ def test_restore_points_show_boot_verified_or_the_drill_failure(owner, chain):
     passed = finished_drill(backups[-1], passed=True, screenshot=True)
     page = owner.get(f"/servers/{backups[0].server_id}/").content.decode()
     assert page.count('data-testid="boot-verified"') == 1
-    assert f"boot-verified on {passed.finished:%Y-%m-%d %H:%M} UTC" in page
+    assert f"boot-verified on {when(passed.finished, UTC)}" in page  # the owner's zone: UTC here
     assert page.count('data-testid="drill-failed"') == 1 and "VFS: Unable to mount root fs" in page
     assert "measured RTO <strong>42 s</strong>" in page  # the last drill, with its screenshot
     assert f"/recovery/drills/{passed.pk}/screenshot.png" in page
@@ -136,8 +138,8 @@ def test_the_contingency_report_shows_only_the_tenants_own_drills(outsider, chai
 def test_drill_tasks_run_on_the_failover_queue_not_the_uploads_one():
     from reclo_site.queues import route_task
 
-    assert route_task("recovery.tasks.drill_run_step", (), {}, {}) == {"queue": "recovery"}
-    assert route_task("recovery.tasks.reconcile_drills", (), {}, {}) == {"queue": "recovery"}
+    assert route_task("recovery.tasks.drill_step_run", (), {}, {}) == {"queue": "recovery"}
+    assert route_task("recovery.tasks.drills_reconcile", (), {}, {}) == {"queue": "recovery"}
 
 
 def test_the_backup_object_says_bootable_from_its_newest_drill_and_the_api_gives_the_report(api, chain):
@@ -161,3 +163,52 @@ def test_the_backup_object_says_bootable_from_its_newest_drill_and_the_api_gives
     # A newer failed drill takes the badge away.
     finished_drill(top, passed=False)
     assert api.get(f"/api/v1/backups/{top.pk}").json()["backup"]["bootable"] is None
+
+
+def test_the_evidence_is_stored_under_the_restore_points_lock_and_the_portal_cannot_remove_it(chain, settings):
+    from reclo_site.cloud import clients
+
+    settings.RECLO_LOCK_DAYS = 12
+    drill = finished_drill(chain[0][-1], passed=True)
+    # As the checking step and the teardown store them.
+    drill_report.put_evidence(drill, "screenshot.png", PNG)
+    Drill.objects.filter(pk=drill.pk).update(screenshot_key=drill.evidence["screenshot.png"]["key"])
+    drill_report.store_evidence(Drill.objects.get(pk=drill.pk))
+    drill.refresh_from_db()
+    assert set(drill.evidence) == {"screenshot.png", "report.pdf", "report.json"}
+    assert drill.report_key == drill.evidence["report.pdf"]["key"] == f"drills/{drill.user_id}/{drill.pk}/report.pdf"
+    s3 = clients.client("s3")
+    for stored in drill.evidence.values():
+        head = storage.head_object(stored["key"], version_id=stored["version_id"])
+        assert head["lock_mode"] == "COMPLIANCE"  # as verification locks restore points
+        assert timedelta(days=11, hours=23) < head["locked_until"] - timezone.now() <= timedelta(days=12)
+        with storage.ObjectReader(stored["key"], version_id=stored["version_id"]) as reader:
+            original = reader.read()
+        # The portal's own credentials can neither delete it...
+        with pytest.raises(storage.ObjectLocked):
+            storage.delete_object(stored["key"])
+        with pytest.raises(Exception, match="AccessDenied"):
+            s3.delete_object(
+                Bucket=settings.RECLO_BUCKET,
+                Key=stored["key"],
+                VersionId=stored["version_id"],
+                BypassGovernanceRetention=True,
+            )
+        # ...nor change it: a write only adds a version, the locked one reads as it was.
+        storage.put_object(stored["key"], b"forged")
+        with storage.ObjectReader(stored["key"], version_id=stored["version_id"]) as reader:
+            assert reader.read() == original
+    facts = json.loads(_stored(drill.evidence["report.json"]))
+    assert facts["drill_id"] == str(drill.pk) and facts["rto_seconds"] == 42.0
+    assert _stored(drill.evidence["report.pdf"]).startswith(b"%PDF")
+    # The pages serve the locked screenshot, not what was written over it.
+    assert drill_report.screenshot_bytes(drill) == PNG
+    # Stored once: the teardown running again adds no versions.
+    versions = s3.list_object_versions(Bucket=settings.RECLO_BUCKET, Prefix=drill.report_key)["Versions"]
+    drill_report.store_evidence(drill)
+    assert s3.list_object_versions(Bucket=settings.RECLO_BUCKET, Prefix=drill.report_key)["Versions"] == versions
+
+
+def _stored(record: dict) -> bytes:
+    with storage.ObjectReader(record["key"], version_id=record["version_id"]) as reader:
+        return reader.read()

@@ -87,7 +87,7 @@ def test_a_worker_killed_mid_step_is_taken_over_and_nothing_is_made_twice(moto_s
         def ready_or_nudge():
             status = Recovery.objects.get(pk=recovery.pk).status
             if status not in Recovery.FINISHED:
-                tasks.reconcile_recoveries.delay()
+                tasks.failovers_reconcile.delay()
             return status in Recovery.FINISHED
 
         testing.wait_until(ready_or_nudge, timeout=120, interval=STALE_SECONDS, what="the failover to finish")

@@ -45,7 +45,7 @@ DRILL_LIKE = Pipeline(
         Step("preparing", "Preparing the sandbox", f"{__name__}.prepare", timedelta(minutes=5), Code.SANDBOX_FAILED),
         Step("checking", "Checking the server", f"{__name__}.check", timedelta(minutes=5), Code.SANDBOX_FAILED),
     ),
-    task="recovery.tasks.recovery_run_step",
+    task="recovery.tasks.failover_step_run",
     succeeded="passed",
     on_exit=f"{__name__}.teardown",
 )

@@ -438,6 +438,43 @@ def test_accel_probe_guest_runs_under_tcg():
     assert choose_accel() in ("kvm", "tcg")
 
 
+def test_a_probe_guest_that_does_not_answer_within_the_timeout_means_no(monkeypatch):
+    testing.require_tool("qemu-system-x86_64")
+    # What a hung nested KVM looks like to the probe: no line in time. QEMU
+    # alone takes longer than this to start, so even TCG "does not work".
+    started = time.monotonic()
+    assert accel_works("tcg", timeout=0.01) is False
+    assert time.monotonic() - started < 10  # the guest was killed, not waited for
+
+
+def test_the_sandbox_uses_kvm_only_when_the_probe_guest_ran_under_it(monkeypatch):
+    testing.require_tool("qemu-system-x86_64")
+    monkeypatch.delenv("RECLO_SANDBOX_ACCEL", raising=False)
+    choose_accel.cache_clear()
+    try:
+        # On these machines /dev/kvm exists but nested KVM hangs the guest: the probe decides, not the device.
+        assert choose_accel() == ("kvm" if accel_works("kvm") else "tcg")
+        monkeypatch.setenv("RECLO_SANDBOX_ACCEL", "tcg")
+        choose_accel.cache_clear()
+        assert choose_accel() == "tcg"
+    finally:
+        choose_accel.cache_clear()
+
+
+@pytest.mark.parametrize("mode", ["bios", "uefi"])
+def test_the_firmware_is_the_one_the_boot_mode_names(mode, tmp_path):
+    # The real boots are above (test_good_disk_passes_every_check, test_good_disk_boots_under_uefi).
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    request = BootRequest(evidence_dir=tmp_path, boot_mode=mode, label="test-firmware")
+    cmd = " ".join(LocalSandbox(tmp_path, accel="tcg")._command(tmp_path / "disk.raw", request, run_dir, None))
+    if mode == "uefi":
+        assert "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE" in cmd
+        assert (run_dir / "ovmf_vars.fd").is_file() and "sercon-port" not in cmd
+    else:
+        assert "pflash" not in cmd and "name=etc/sercon-port" in cmd  # SeaBIOS, QEMU's default
+
+
 # -- the verdict's parts --------------------------------------------------------
 
 

@@ -201,4 +201,4 @@ def test_the_watch_gives_up_after_its_polls(aws, user, monkeypatch):
     looked = []
     monkeypatch.setattr(compute, "describe_instances", lambda ids: looked.append(ids) or {ids[0]: stuck})
     assert services.instance_watch(instance_pk=instance.pk, polls_left=3) == "stopping"
-    assert len(looked) == 3  # it re-scheduled itself twice (eager here), then left it to sync_instances
+    assert len(looked) == 3  # it re-scheduled itself twice (eager here), then left it to instances_sync

@@ -57,7 +57,7 @@ def test_an_object_pinned_to_its_etag_only_is_refused_once_overwritten(stored):
 
 def test_the_parallel_writer_uploads_parts_in_order(aws):
     data = os.urandom(23 * MiB + 7)
-    with streams.ParallelObjectWriter("images/1/out.vhd", part_size=5 * MiB, in_flight=3) as out:
+    with storage.ObjectWriter("images/1/out.vhd", part_size=5 * MiB, in_flight=3) as out:
         for at in range(0, len(data), 1_000_003):
             out.write(data[at : at + 1_000_003])
     reader = streams.SequentialObjectReader("images/1/out.vhd")
@@ -66,7 +66,10 @@ def test_the_parallel_writer_uploads_parts_in_order(aws):
 
 
 def test_a_failed_write_leaves_no_object_and_no_upload(aws):
-    with pytest.raises(RuntimeError), streams.ParallelObjectWriter("images/1/failed.vhd", part_size=5 * MiB) as out:
+    with (
+        pytest.raises(RuntimeError),
+        storage.ObjectWriter("images/1/failed.vhd", part_size=5 * MiB, in_flight=3) as out,
+    ):
         out.write(os.urandom(11 * MiB))
         raise RuntimeError("merge failed")
     with pytest.raises(ObjectNotFound):
@@ -75,7 +78,7 @@ def test_a_failed_write_leaves_no_object_and_no_upload(aws):
 
 
 def test_an_empty_object_can_be_written(aws):
-    with streams.ParallelObjectWriter("images/1/empty"):
+    with storage.ObjectWriter("images/1/empty", in_flight=3):
         pass
     assert storage.head_object("images/1/empty")["size"] == 0
 

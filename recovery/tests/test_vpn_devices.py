@@ -61,7 +61,7 @@ def test_a_device_config_is_plain_text_with_its_own_key(api, gateway):
 
 
 def test_the_dns_entry_the_owner_set_is_in_the_config(api, gateway, user):
-    RecoveryNetwork.objects.filter(user=user).update(vpn_dns="10.213.1.10")
+    RecoveryNetwork.objects.filter(user=user).update(vpn_dns_mode="custom", vpn_dns="10.213.1.10")
     device = devices.device_create(user=user, name="PC")
     assert "DNS = 10.213.1.10\n" in api.get(f"/api/v1/vpn/devices/{device.pk}/config").content.decode()
 

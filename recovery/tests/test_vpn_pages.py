@@ -1,15 +1,18 @@
 """The VPN devices page: a browser adds a device, downloads its file and scans its QR code."""
 
 import subprocess
+from datetime import timedelta
 
 import pytest
 from django.urls import reverse
+from django.utils import timezone
 
 from reclo_site import testing
 from recovery import devices, networks
 from recovery.models import RecoveryNetwork, VpnDevice, VpnGateway
 from tests.browser import chromium_page
 
+from .factories import recovered_instance
 from .test_browser import log_in, shot
 
 pytestmark = pytest.mark.django_db
@@ -84,3 +87,43 @@ def test_an_empty_name_gets_a_friendly_message(owner):
 
 def test_the_page_needs_a_login(client):
     assert client.get(reverse("recovery:vpn-devices")).status_code == 302
+
+
+@pytest.mark.browser
+@pytest.mark.django_db(transaction=True)
+def test_a_browser_sees_vpn_down_and_sets_the_dns(aws, live_server, user, password):
+    _gateway_up(user)
+    devices.device_create(user=user, name="Reception PC")
+    silent_since = timezone.now() - timedelta(minutes=12)
+    VpnGateway.objects.filter(network__user=user).update(last_report=silent_since)
+    with chromium_page() as page:
+        log_in(page, live_server, password)
+        page.goto(live_server.url + reverse("recovery:vpn-devices"))
+        status = page.locator("[data-testid=vpn-status]")
+        assert status.get_attribute("role") == "alert"
+        assert status.locator("h2").inner_text() == "VPN down"
+        assert (
+            page.locator("[data-testid=vpn-status-message]")
+            .inner_text()
+            .startswith("VPN down: the VPN gateway has not reported to ReClo since")
+        )
+        assert page.locator("[data-testid=dns-now]").inner_text() == "the recovered server's address, once one runs"
+        shot(page, "vpn-down")
+        page.select_option("#dns-mode", "custom")
+        page.fill("#dns-custom", "10.213.1.10, practice.local")
+        page.click("[data-testid=dns-submit]")
+        page.wait_for_selector("[data-testid=dns-now]")
+        assert page.locator("[data-testid=dns-now]").inner_text() == "10.213.1.10, practice.local"
+        assert "Saved: the VPN files now use DNS 10.213.1.10, practice.local." in page.content()
+        page.fill("#dns-custom", "practice.local")
+        page.click("[data-testid=dns-submit]")
+        assert page.locator("[role=alert].error").inner_text().startswith("Give at least one DNS server address")
+        shot(page, "vpn-dns-error")
+        # The recovery page of a recovered server says it too.
+        instance = recovered_instance(user=user)
+        page.goto(live_server.url + reverse("recovery:detail", args=[instance.recovery_id]))
+        down = page.locator("[data-testid=vpn-down]")
+        assert down.get_attribute("role") == "alert" and down.inner_text().startswith("VPN down:")
+        shot(page, "recovery-vpn-down")
+    device = VpnDevice.objects.get(user=user)
+    assert "DNS = 10.213.1.10, practice.local\n" in devices.device_config(device=device)

@@ -6,7 +6,10 @@ The gateway runs its exact user-data (taken from the launch request moto
 recorded) with only dnf, yum and systemctl swapped for shims: dnf fails its
 first two calls; systemctl runs wg-quick and, for the timer, the unit's
 ExecStart every 2 seconds. Its peer-sync agent talks to this test's portal,
-served from inside the portal namespace. The devices use their downloaded
+served from inside the portal namespace. A reboot kills every process of
+the gateway's namespace, wipes its NAT rules and forwarding, and starts
+the units the user-data enabled (as systemd would; cloud-init does not run
+user-data twice). The devices use their downloaded
 configs with wg-quick. Kernel WireGuard where `ip link add type wireguard`
 works, else wg-quick falls back to wireguard-go by itself. The hub has no
 link to the host, so no packet leaves these namespaces; every namespace
@@ -21,6 +24,7 @@ import socket
 import subprocess
 import textwrap
 import threading
+from types import SimpleNamespace
 
 import pytest
 from django.core.handlers.wsgi import WSGIHandler
@@ -30,7 +34,7 @@ from rest_framework.test import APIClient
 from reclo_site import testing
 from reclo_site.cloud.clients import client
 from recovery import devices, networks
-from recovery.models import RecoveryNetwork, VpnGateway
+from recovery.models import RecoveryNetwork, VpnDevice, VpnGateway
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -76,7 +80,7 @@ def namespaces():
         if testing.IN_CI:
             pytest.fail("the VPN tunnel test needs root (network namespaces)")
         pytest.skip("needs root")
-    for tool in ("ip", "wg", "wg-quick", "iptables", "curl", "ping", "unshare", "nsenter"):
+    for tool in ("ip", "ss", "wg", "wg-quick", "iptables", "curl", "ping", "unshare", "nsenter"):
         testing.require_tool(tool)
     if sh("ip", "link", "add", "rvprobe0", "type", "wireguard", check=False).returncode == 0:
         sh("ip", "link", "del", "rvprobe0")
@@ -172,20 +176,48 @@ SHIMS = {
         """,
     "systemctl": """\
         #!/bin/bash
-        # Test shim for what the user-data asks of systemd.
+        # Test shim for what the user-data asks of systemd. `enable` records the unit in /etc (which
+        # outlives a reboot, like the disk) so that reboot_gateway starts what systemd would.
         echo "systemctl $*" >> "$RECLO_TEST_DIR/systemctl.log"
-        case "$*" in
-          "enable --now wg-quick@wg0") exec wg-quick up wg0 ;;
-          "daemon-reload") exit 0 ;;
-          "enable --now reclo-peer-sync.timer")
-            grep -q '^OnUnitActiveSec=' /etc/systemd/system/reclo-peer-sync.timer || exit 1
-            run=$(sed -n 's/^ExecStart=//p' /etc/systemd/system/reclo-peer-sync.service)
-            ( while true; do $run >> "$RECLO_TEST_DIR/sync.log" 2>&1; sleep 2; done ) </dev/null >/dev/null 2>&1 &
-            echo $! > "$RECLO_TEST_DIR/timer.pid"; exit 0 ;;
+        start() {
+          case "$1" in
+            wg-quick@wg0) wg-quick up wg0 ;;
+            reclo-peer-sync.timer)
+              grep -q '^OnUnitActiveSec=' /etc/systemd/system/reclo-peer-sync.timer || return 1
+              run=$(sed -n 's/^ExecStart=//p' /etc/systemd/system/reclo-peer-sync.service)
+              ( while true; do $run >> "$RECLO_TEST_DIR/sync.log" 2>&1; sleep 2; done ) </dev/null >/dev/null 2>&1 &
+              echo $! > "$RECLO_TEST_DIR/timer.pid" ;;
+            *) echo "systemctl shim: cannot start $1" >&2; return 1 ;;
+          esac
+        }
+        case "$1 $2" in
+          "enable --now") echo "$3" >> /etc/systemd/reclo-shim-enabled; start "$3" ;;
+          "daemon-reload ") exit 0 ;;
+          "start "*) start "$2" ;;
           *) echo "systemctl shim: unexpected $*" >&2; exit 1 ;;
         esac
         """,
 }
+
+
+def _gateway_mounts(tmp_path) -> str:
+    """The gateway's own disk (/etc, /usr/local: overlays kept in tmp_path), a fresh /run and its console."""
+    t = tmp_path
+    return textwrap.dedent(f"""\
+        set -u
+        mount -t overlay overlay -o lowerdir=/etc,upperdir={t}/etc-up,workdir={t}/etc-work /etc
+        mount -t overlay overlay -o lowerdir=/usr/local,upperdir={t}/local-up,workdir={t}/local-work /usr/local
+        mount -t tmpfs tmpfs /run
+        mount --bind {t}/console /dev/console
+        export PATH={t}/shims:$PATH RECLO_TEST_DIR={t} RECLO_RETRY_DELAY=1
+        """)
+
+
+def _run_on_gateway(tmp_path, script: str) -> str:
+    (tmp_path / "launcher").write_text(_gateway_mounts(tmp_path) + script)
+    done = in_ns("gw", "unshare", "--mount", "--propagation", "private", "bash", str(tmp_path / "launcher"),
+                 check=False, timeout=180)  # fmt: skip
+    return done.stdout + done.stderr
 
 
 def boot_gateway(tmp_path, user_data: str) -> str:
@@ -199,20 +231,32 @@ def boot_gateway(tmp_path, user_data: str) -> str:
     for d in ("etc-up", "etc-work", "local-up", "local-work"):
         (tmp_path / d).mkdir()
     (tmp_path / "console").write_text("")
-    t = tmp_path
-    launcher = textwrap.dedent(f"""\
-        set -u
-        mount -t overlay overlay -o lowerdir=/etc,upperdir={t}/etc-up,workdir={t}/etc-work /etc
-        mount -t overlay overlay -o lowerdir=/usr/local,upperdir={t}/local-up,workdir={t}/local-work /usr/local
-        mount -t tmpfs tmpfs /run
-        mount --bind {t}/console /dev/console
-        export PATH={shims}:$PATH RECLO_TEST_DIR={t} RECLO_RETRY_DELAY=1
-        bash {t}/user-data
-        """)
-    (tmp_path / "launcher").write_text(launcher)
-    done = in_ns("gw", "unshare", "--mount", "--propagation", "private", "bash", str(tmp_path / "launcher"),
-                 check=False, timeout=180)  # fmt: skip
-    return done.stdout + done.stderr
+    return _run_on_gateway(tmp_path, f"bash {tmp_path}/user-data\n")
+
+
+def reboot_gateway(tmp_path) -> str:
+    """Power the gateway off and boot it again, as EC2 would: what it had in memory is lost, its disk is kept.
+
+    Off: every process of the gw namespace ends (the timer, wireguard-go), so wg0, /run and the mount
+    namespace go with them; the NAT rules and IP forwarding are reset. On: cloud-init does not run the
+    user-data again; systemd starts the units it enabled (wg-quick@wg0, then the peer-sync timer).
+    """
+    for pid in sh("ip", "netns", "pids", ns("gw")).stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    testing.wait_until(lambda: not sh("ip", "netns", "pids", ns("gw")).stdout.split(), timeout=20, what="gw off")
+    in_ns("gw", "ip", "link", "del", "wg0", check=False)  # kernel WireGuard outlives its processes
+    # A killed wireguard-go's threads may still be closing its UDP socket after it left the pid list.
+    testing.wait_until(lambda: not in_ns("gw", "ss", "-Hlun", "sport = :51820").stdout.strip(), timeout=20,
+                       what="the old gateway's port closed")  # fmt: skip
+    in_ns("gw", "iptables", "-t", "nat", "-F")
+    in_ns("gw", "sysctl", "-q", "-w", "net.ipv4.ip_forward=0")
+    assert "wg0" not in in_ns("gw", "ip", "link", "show").stdout
+    return _run_on_gateway(
+        tmp_path, 'while read -r unit; do systemctl start "$unit"; done < /etc/systemd/reclo-shim-enabled\n'
+    )
 
 
 def device_up(tmp_path, role: str, config: str):
@@ -257,7 +301,34 @@ def gateway_peers(tmp_path) -> str:
     return sh("nsenter", "-t", pid, "-m", "-n", "wg", "show", "wg0", "peers").stdout
 
 
-def test_two_devices_reach_two_recovered_servers_through_one_gateway(aws, portal, user, tmp_path):
+def assert_sealed():
+    """Nothing can leave: no namespace has a default route, and the hub's bridges link only our veths."""
+    for role in ROLES:
+        assert in_ns(role, "ip", "route", "show", "default").stdout.strip() == "", role
+    host_links = sh("ip", "-o", "link", "show").stdout
+    assert not any(name in host_links for name in ("i-gw", "v-gw", "i-dev1", "v-srv1")), host_links
+
+
+def both_reach_both(count=25):
+    """Both devices ping both servers at the same time, with no loss, and open TCP 445 and 3389 on each."""
+    for role in ("dev1", "dev2"):
+        for server in ("srv1", "srv2"):
+            testing.wait_until(lambda r=role, s=server: ping(r, VPC[s]).returncode == 0, timeout=60, what=f"{role}")
+    runs = [(r, s, subprocess.Popen(["ip", "netns", "exec", ns(r), "ping", "-n", "-q", "-c", str(count), "-i", "0.1",
+                                     "-W", "2", VPC[s]], stdout=subprocess.PIPE, text=True))
+            for r in ("dev1", "dev2") for s in ("srv1", "srv2")]  # fmt: skip
+    for role, server, proc in runs:
+        out, _ = proc.communicate(timeout=60)
+        assert " 0% packet loss" in out, (role, server, out)
+    for role in ("dev1", "dev2"):
+        for server in ("srv1", "srv2"):
+            for port in (445, 3389):
+                assert tcp(role, VPC[server], port) == f"{server}:{port}"
+
+
+@pytest.fixture
+def office(aws, portal, user, tmp_path):
+    """The gateway booted from its exact user-data (dnf failing twice), two devices connected, two servers."""
     api = APIClient()
     api.credentials(HTTP_AUTHORIZATION=f"Token {testing.token_for(user)}")
     first = devices.device_create(user=user, name="Reception PC")  # known at launch: in the user-data
@@ -280,25 +351,18 @@ def test_two_devices_reach_two_recovered_servers_through_one_gateway(aws, portal
     for role, device_id in (("dev1", first.pk), ("dev2", second["device_id"])):
         config = api.get(f"/api/v1/vpn/devices/{device_id}/config")
         assert config.status_code == 200, config.content
+        # No server recovered in the portal here, so no DNS line (wg-quick would hand it to the host's resolvconf).
+        assert "DNS" not in config.content.decode()
         device_up(tmp_path, role, config.content.decode())
     start_servers()
-
     # The second device reaches the gateway through the peer sync, without a restart.
     testing.wait_until(lambda: ping("dev2", VPC["srv1"]).returncode == 0, timeout=30, what="dev2 through the sync")
-    for role in ("dev1", "dev2"):
-        for server in ("srv1", "srv2"):
-            testing.wait_until(lambda r=role, s=server: ping(r, VPC[s]).returncode == 0, timeout=20, what=f"{role}")
-    # Both devices to both servers at the same time: no loss.
-    runs = [(r, s, subprocess.Popen(["ip", "netns", "exec", ns(r), "ping", "-n", "-q", "-c", "25", "-i", "0.1",
-                                     "-W", "2", VPC[s]], stdout=subprocess.PIPE, text=True))
-            for r in ("dev1", "dev2") for s in ("srv1", "srv2")]  # fmt: skip
-    for role, server, proc in runs:
-        out, _ = proc.communicate(timeout=60)
-        assert " 0% packet loss" in out, (role, server, out)
-    for role in ("dev1", "dev2"):
-        for server in ("srv1", "srv2"):
-            for port in (445, 3389):
-                assert tcp(role, VPC[server], port) == f"{server}:{port}"
+    return SimpleNamespace(api=api, first=first, second=second, gateway=gateway)
+
+
+def test_two_devices_reach_two_recovered_servers_through_one_gateway(office, tmp_path):
+    api, first, second = office.api, office.first, office.second
+    both_reach_both()
     # MTU 1420 on both ends.
     assert "mtu 1420" in in_ns("dev1", "ip", "link", "show", "rc1").stdout
     pid = (tmp_path / "timer.pid").read_text().strip()
@@ -317,3 +381,29 @@ def test_two_devices_reach_two_recovered_servers_through_one_gateway(aws, portal
     assert " 100% packet loss" in ping("dev2", VPC["srv1"], count=5).stdout
     assert tcp("dev2", VPC["srv2"], 445) == ""
     assert " 0% packet loss" in ping("dev1", VPC["srv2"], count=10, interval="0.1").stdout
+    assert_sealed()
+
+
+def test_the_tunnel_survives_a_gateway_reboot(office, tmp_path):
+    both_reach_both(count=10)
+    keys = {office.first.public_key, VpnDevice.objects.get(pk=office.second["device_id"]).public_key}
+    before = VpnGateway.objects.get(pk=office.gateway.pk).last_report
+    # The config on the gateway's disk knows only the device of launch time; the other comes back by the sync.
+    launch_config = (tmp_path / "etc-up" / "wireguard" / "wg0.conf").read_text()
+    assert launch_config.count("[Peer]") == 1 and office.first.public_key in launch_config
+
+    console = reboot_gateway(tmp_path)
+    assert (tmp_path / "dnf.count").read_text().strip() == "3", console  # no user-data again: no install
+    assert "wg0" in in_ns("gw", "ip", "link", "show").stdout, console
+    testing.wait_until(lambda: VpnGateway.objects.get(pk=office.gateway.pk).last_report > before, timeout=30,
+                       what="the gateway reporting again")  # fmt: skip
+    try:
+        both_reach_both()
+    except BaseException:
+        print(console, (tmp_path / "sync.log").read_text()[-3000:])
+        raise
+    assert set(gateway_peers(tmp_path).split()) == keys
+    # What a reboot wiped, the boot put back: the NAT rule and forwarding.
+    assert "MASQUERADE" in in_ns("gw", "iptables", "-t", "nat", "-S").stdout
+    assert in_ns("gw", "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
+    assert_sealed()

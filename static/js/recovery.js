@@ -17,10 +17,16 @@
   elapsed.textContent = fmt(seconds);
   setInterval(function () { seconds += 1; elapsed.textContent = fmt(seconds); }, 1000);
 
+  var announce = document.getElementById("progress-announce");
   function show(data) {
     data.steps.forEach(function (step) {
       var li = list.querySelector('[data-step="' + step.name + '"]');
       if (!li) return;
+      var before = li.className;
+      if (announce && before !== "progress-step " + step.status && step.status !== "pending") {
+        // A live region: screen readers say "Starting the server: done" as it happens.
+        announce.textContent = li.querySelector(".progress-title").textContent + ": " + step.status;
+      }
       li.className = "progress-step " + step.status;
       li.querySelector(".progress-state").textContent = step.status;
       li.querySelector(".progress-detail").textContent = step.detail || "";

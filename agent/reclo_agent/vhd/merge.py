@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import uuid
-from typing import BinaryIO
 
 from .format import VHDInfo
 from .reader import ChainReader
+from .streams import Writable
 from .writer import VHDWriter
 
 
 def merge_chain(
     chain: ChainReader,
-    out: BinaryIO,
+    out: Writable,
     *,
     unique_id: uuid.UUID | None = None,
     timestamp: int | None = None,

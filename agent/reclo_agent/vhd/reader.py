@@ -26,9 +26,8 @@ from __future__ import annotations
 import heapq
 import sys
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import groupby, pairwise
-from typing import BinaryIO
 
 from . import bitmap
 from .errors import VHDError
@@ -50,6 +49,7 @@ from .format import (
     VHDInfo,
     bitmap_size,
 )
+from .streams import Readable
 
 # BAT entries read at once: 256 KiB of BAT, 32 GiB of disk at 2 MiB blocks.
 BAT_WINDOW = 64 * 1024
@@ -59,7 +59,7 @@ _UNALLOCATED_RUN = b"\xff" * (4 * _BAT_RUN)
 _UNALLOCATED_WINDOW = b"\xff" * (4 * BAT_WINDOW)  # compared with memcmp, far faster than counting
 
 
-def read_at(f: BinaryIO, offset: int, n: int, what: str) -> bytes:
+def read_at(f: Readable, offset: int, n: int, what: str) -> bytes:
     """Exactly ``n`` bytes at ``offset`` (looping over short reads)."""
     f.seek(offset)
     chunks, left = [], n
@@ -81,7 +81,7 @@ class VHDReader:
     block's raw parts.
     """
 
-    def __init__(self, f: BinaryIO, *, max_blocks: int | None = None) -> None:
+    def __init__(self, f: Readable, *, max_blocks: int | None = None) -> None:
         """Open and check ``f``; ``max_blocks`` refuses a header declaring more blocks.
 
         The limit is checked from the header alone, before the BAT is read:
@@ -111,7 +111,7 @@ class VHDReader:
         self._sectors_per_block = self.block_size // SECTOR
         self._full_bitmap = bitmap.full_bitmap(self._sectors_per_block, self._bitmap_size)
         header = self.header
-        differencing = self.disk_type == DiskType.DIFFERENCING
+        differencing = header is not None and self.disk_type == DiskType.DIFFERENCING
         self.info = VHDInfo(
             disk_type=DISK_TYPE_NAMES[self.disk_type],
             unique_id=footer.unique_id,
@@ -120,9 +120,9 @@ class VHDReader:
             allocated_blocks=self.allocated_count,
             timestamp=footer.timestamp,
             file_size=self.file_size,
-            parent_unique_id=header.parent_unique_id if differencing else None,
-            parent_timestamp=header.parent_timestamp if differencing else None,
-            parent_name=header.parent_name if differencing else None,
+            parent_unique_id=header.parent_unique_id if header is not None and differencing else None,
+            parent_timestamp=header.parent_timestamp if header is not None and differencing else None,
+            parent_name=header.parent_name if header is not None and differencing else None,
         )
 
     def _open_fixed(self) -> None:
@@ -281,6 +281,11 @@ class VHDReader:
     def size(self) -> int:
         return self.virtual_size
 
+    @property
+    def bitmap_size(self) -> int:
+        """Bytes of a stored block's sector bitmap (before its data)."""
+        return self._bitmap_size
+
     def block_length(self, index: int) -> int:
         """Bytes of block ``index`` inside the virtual disk (the last may be short)."""
         return min(self.block_size, self.virtual_size - index * self.block_size)
@@ -316,6 +321,42 @@ class VHDReader:
     def read(self, offset: int, length: int) -> bytes:
         """Bytes of this layer alone at ``offset`` of the virtual disk."""
         return ChainReader([self], _check=False).read(offset, length)
+
+
+def stack_block(layers: Iterable, block_size: int, length: int) -> bytes:
+    """One block of a chain from its layers' stored blocks: ``(bitmap, data)``, top layer first.
+
+    ``data`` may be a callable returning the data (read only when the layer
+    has a sector still needed). A sector comes from the topmost layer whose
+    bitmap has it; sectors no layer has are zeros. Returns ``length`` bytes.
+    """
+    nsect_block = block_size // SECTOR
+    nsect = length // SECTOR
+    # Sectors still needed, as an integer whose top bit is sector 0.
+    need = ((1 << nsect) - 1) << (nsect_block - nsect)
+    out: bytes | bytearray | None = None
+    for layer_bitmap, data in layers:
+        have = bitmap.to_int(layer_bitmap, nsect_block)
+        take = need & have
+        if take:
+            if callable(data):
+                data = data()
+            if out is None and take == need:
+                out = data  # the whole block from one layer: no copying
+            else:
+                # (A whole block taken from one layer above ends the loop, so out is None here.)
+                if not isinstance(out, bytearray):
+                    out = bytearray(block_size)
+                take_map = bitmap.from_int(take, nsect_block, -(-nsect_block // 8))
+                for start, count in bitmap.set_runs(take_map, nsect_block):
+                    lo, hi = start * SECTOR, (start + count) * SECTOR
+                    out[lo:hi] = data[lo:hi]
+        need &= ~have
+        if not need:
+            break
+    if out is None:
+        return bytes(length)
+    return out[:length] if isinstance(out, bytes) and len(out) == length else bytes(out[:length])
 
 
 class ChainReader:
@@ -380,32 +421,14 @@ class ChainReader:
         """Block ``index`` of the virtual disk (the last one may be short)."""
         if self._cache and self._cache[0] == index:
             return self._cache[1]
-        length = self.layers[-1].block_length(index)
-        nsect = length // SECTOR
-        # Sectors still needed, as an integer whose top bit is sector 0.
-        need = ((1 << nsect) - 1) << (self._nsect - nsect)
-        out: bytes | bytearray | None = None
-        for layer in reversed(self.layers):
-            layer_bitmap = layer.read_bitmap(index)
-            if layer_bitmap is None:
-                continue
-            have = bitmap.to_int(layer_bitmap, self._nsect)
-            take = need & have
-            if take:
-                data = layer.read_block_data(index)
-                if out is None and take == need:
-                    out = data  # the whole block from one layer: no copying
-                else:
-                    if out is None:
-                        out = bytearray(self.block_size)
-                    take_map = bitmap.from_int(take, self._nsect, -(-self._nsect // 8))
-                    for start, count in bitmap.set_runs(take_map, self._nsect):
-                        lo, hi = start * SECTOR, (start + count) * SECTOR
-                        out[lo:hi] = data[lo:hi]
-            need &= ~have
-            if not need:
-                break
-        block = bytes(length) if out is None else bytes(out[:length])
+
+        def stored():  # top layer first; each layer's data read only if needed
+            for layer in reversed(self.layers):
+                layer_bitmap = layer.read_bitmap(index)
+                if layer_bitmap is not None:
+                    yield layer_bitmap, lambda layer=layer: layer.read_block_data(index)
+
+        block = stack_block(stored(), self.block_size, self.layers[-1].block_length(index))
         self._cache = (index, block)
         return block
 
@@ -434,6 +457,6 @@ class ChainReader:
         return b"".join(parts)
 
 
-def open_chain(files: Sequence[BinaryIO]) -> ChainReader:
+def open_chain(files: Sequence[Readable]) -> ChainReader:
     """A :class:`ChainReader` over file objects, base first."""
     return ChainReader([VHDReader(f) for f in files])

@@ -7,30 +7,37 @@ frame's compressed and decompressed size). Any zstd tool decompresses it
 (``zstd -d`` skips the skippable frame), and a reader that has the seek
 table reaches any block by decompressing one frame.
 
-pyzstd's ``SeekableZstdFile`` reads and writes this format. In write mode it
-does not need a seekable output: it only calls ``write()`` (trusting its
-return value as the number of bytes written) and ``flush()``, and appends the
-seek table at ``close()`` -- so it streams straight into an upload, and we
-need not write the seek table ourselves. We wrap the output so short writes
-cannot corrupt the table, and to count the bytes and hash them: the upload's
-``file_size`` and ``sha256`` are known the moment the stream ends.
+pyzstd's ``SeekableZstdFile`` reads this format. Its writer compresses in the
+calling thread, one frame after the other; the agent compresses blocks on
+every core, so :class:`SeekableZstdWriter` is our own (the format is a
+seek table of two integers per frame, see ``write_seek_table``): it
+compresses what is written into it, and also takes frames compressed
+elsewhere (:meth:`SeekableZstdWriter.add_frame`, with
+:func:`compress_frame` in pool threads; zstd releases the GIL). It never
+seeks its output, so it streams straight into an upload, and it counts and
+hashes what it writes: the upload's ``file_size`` and ``sha256`` are known
+the moment the stream ends. Output is deterministic (single-threaded zstd
+per frame, fixed level), which a resumed upload relies on.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
+import sys
+import threading
 from array import array
 from bisect import bisect_right
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple, cast
 
 import pyzstd
 
 from .errors import VHDError
 from .format import DEFAULT_BLOCK_SIZE
 from .reader import read_at
+from .streams import Readable, Writable
 
 DEFAULT_LEVEL = 3
 SKIPPABLE_MAGIC = 0x184D2A5E  # the seek table is skippable frame 0xE
@@ -42,12 +49,12 @@ _CORRUPT = (pyzstd.ZstdError, pyzstd.SeekableFormatError, EOFError)
 class _CountingSink:
     """Writes everything to ``dst``, counting and hashing it."""
 
-    def __init__(self, dst: BinaryIO) -> None:
+    def __init__(self, dst: Writable) -> None:
         self._dst = dst
         self.size = 0
         self.sha256 = hashlib.sha256()
 
-    def write(self, data: bytes) -> int:
+    def write(self, data) -> int:
         view = memoryview(data).cast("B")
         self.size += len(view)
         self.sha256.update(view)
@@ -64,26 +71,160 @@ class _CountingSink:
             self._dst.flush()
 
 
-class SeekableZstdWriter(pyzstd.SeekableZstdFile):
+def _options(level: int) -> dict:
+    # Frames carry zstd's content checksum: corruption shows on decompression.
+    return {pyzstd.CParameter.compressionLevel: level, pyzstd.CParameter.checksumFlag: 1}
+
+
+_local = threading.local()
+
+
+def compress_frame(data, level: int = DEFAULT_LEVEL) -> bytes:
+    """``data`` as one complete zstd frame (callable from any thread; one context per thread)."""
+    compressors = getattr(_local, "compressors", None)
+    if compressors is None:
+        compressors = _local.compressors = {}
+    compressor = compressors.get(level)
+    if compressor is None:
+        compressor = compressors[level] = pyzstd.ZstdCompressor(_options(level))
+    return compressor.compress(data, pyzstd.ZstdCompressor.FLUSH_FRAME)
+
+
+# Zero runs (the unused room before a streamed VHD's BAT) go in frames of
+# this size; one such frame is compressed once per process and repeated.
+ZERO_FRAME = 256 * 1024 * 1024
+_ZERO_CHUNK = 2 * 1024 * 1024
+_zero_frames: dict[tuple[int, int], bytes] = {}
+
+
+def zero_frame(size: int, level: int = DEFAULT_LEVEL) -> bytes:
+    """A zstd frame of ``size`` zero bytes (cached), compressed in chunks so memory stays small."""
+    frame = _zero_frames.get((size, level))
+    if frame is None:
+        compressor = pyzstd.ZstdCompressor(_options(level))
+        zeros = bytes(min(size, _ZERO_CHUNK))
+        out, left = [], size
+        while left > len(zeros):
+            out.append(compressor.compress(zeros, compressor.CONTINUE))
+            left -= len(zeros)
+        out.append(compressor.compress(zeros[:left], compressor.FLUSH_FRAME))
+        frame = b"".join(out)
+        if size == ZERO_FRAME:
+            _zero_frames[(size, level)] = frame
+    return frame
+
+
+def write_seek_table(out, frames: array) -> None:
+    """The seek table of the zstd seekable format: a skippable frame listing every frame.
+
+    ``frames`` holds (compressed size, decompressed size) pairs, flat. No
+    per-frame checksums (the frames carry their own).
+    """
+    count = len(frames) // 2
+    entries = array("I", frames)
+    if sys.byteorder != "little":
+        entries.byteswap()
+    body = entries.tobytes() + _SEEK_FOOTER.pack(count, 0, SEEKABLE_MAGIC)
+    out.write(struct.pack("<II", SKIPPABLE_MAGIC, len(body)) + body)
+
+
+class SeekableZstdWriter:
     """A write-only seekable zstd stream into any writable ``dst``.
 
-    ``dst`` need not be seekable and is not closed. A frame ends when
-    :meth:`end_frame` is called (the VHD writers call it after every block)
-    or after ``max_frame_size`` bytes. Frames carry zstd's content checksum,
-    so corruption is detected on decompression. After :meth:`close`,
+    ``dst`` need not be seekable and is not closed. What is written is
+    compressed into the current frame; a frame ends when :meth:`end_frame`
+    is called (the VHD writers call it after every block) or after
+    ``max_frame_size`` bytes. :meth:`add_frame` appends a frame compressed
+    elsewhere (:func:`compress_frame`), :meth:`write_zeros` a run of zeros
+    for almost nothing. :meth:`close` writes the seek table; then
     :attr:`compressed_size` and :meth:`sha256` describe the stored object.
+    Memory: 8 bytes per frame for the seek table.
     """
 
     def __init__(
-        self, dst: BinaryIO, *, level: int = DEFAULT_LEVEL, max_frame_size: int = 2 * DEFAULT_BLOCK_SIZE
+        self, dst: Writable, *, level: int = DEFAULT_LEVEL, max_frame_size: int = 2 * DEFAULT_BLOCK_SIZE
     ) -> None:
+        if not 0 < max_frame_size < 1 << 32:
+            raise ValueError("a frame's size must fit the seek table's 32 bits")
         self._sink = _CountingSink(dst)
-        options = {pyzstd.CParameter.compressionLevel: level, pyzstd.CParameter.checksumFlag: 1}
-        super().__init__(self._sink, "w", level_or_option=options, max_frame_content_size=max_frame_size)
+        self.level = level
+        self._compressor = pyzstd.ZstdCompressor(_options(level))
+        self._max_frame = max_frame_size
+        self._frame_in = 0  # bytes of the current frame, before and after compression
+        self._frame_out = 0
+        self._frames = array("I")  # (compressed, decompressed) per frame, flat
+        self.closed = False
+
+    @property
+    def frame_count(self) -> int:
+        return len(self._frames) // 2
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        """Compress ``data`` into the current frame (frames end at ``max_frame_size``)."""
+        if self.closed:
+            raise ValueError("write to a closed SeekableZstdWriter")
+        view = memoryview(data).cast("B")
+        total = len(view)
+        while view:
+            chunk = view[: self._max_frame - self._frame_in]
+            out = self._compressor.compress(chunk, self._compressor.CONTINUE)
+            self._frame_in += len(chunk)
+            self._emit(out)
+            view = view[len(chunk) :]
+            if self._frame_in >= self._max_frame:
+                self.end_frame()
+        return total
+
+    def _emit(self, out: bytes) -> None:
+        if out:
+            self._sink.write(out)
+            self._frame_out += len(out)
 
     def end_frame(self) -> None:
         """End the current frame (no-op if nothing was written since)."""
-        self.flush(self.FLUSH_FRAME)
+        if self._frame_in:
+            self._emit(self._compressor.flush(self._compressor.FLUSH_FRAME))
+            self._frames.extend((self._frame_out, self._frame_in))
+            self._frame_in = self._frame_out = 0
+
+    def add_frame(self, frame: bytes, size: int) -> None:
+        """Append one complete zstd frame, compressed elsewhere, of ``size`` bytes decompressed."""
+        if self.closed:
+            raise ValueError("add_frame() on a closed SeekableZstdWriter")
+        if not 0 < size < 1 << 32:
+            raise ValueError("a frame's size must fit the seek table's 32 bits")
+        self.end_frame()
+        self._sink.write(frame)
+        self._frames.extend((len(frame), size))
+
+    def write_zeros(self, size: int) -> None:
+        """Append ``size`` zero bytes as repeated, cached zero frames."""
+        self.end_frame()
+        while size:
+            n = min(size, ZERO_FRAME)
+            self.add_frame(zero_frame(n, self.level), n)
+            size -= n
+
+    def flush(self) -> None:
+        self._sink.flush()
+
+    def close(self) -> None:
+        """End the last frame and write the seek table (once)."""
+        if self.closed:
+            return
+        self.end_frame()
+        write_seek_table(self._sink, self._frames)
+        self.closed = True
+        self._sink.flush()
+
+    def __enter__(self) -> SeekableZstdWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
 
     @property
     def compressed_size(self) -> int:
@@ -103,7 +244,7 @@ class Stored(NamedTuple):
 
 
 def compress_seekable(
-    src: BinaryIO, dst: BinaryIO, frame_size: int = DEFAULT_BLOCK_SIZE, *, level: int = DEFAULT_LEVEL
+    src: Readable, dst: Writable, frame_size: int = DEFAULT_BLOCK_SIZE, *, level: int = DEFAULT_LEVEL
 ) -> Stored:
     """Compress all of ``src`` (read sequentially) into ``dst`` as seekable zstd.
 
@@ -150,7 +291,7 @@ class SeekableReader(pyzstd.SeekableZstdFile):
             return super().seek(offset, whence)
 
 
-def open_seekable(fileobj: BinaryIO) -> SeekableReader:
+def open_seekable(fileobj: Readable) -> SeekableReader:
     """Open a stored object (any readable, seekable binary file object).
 
     Only the seek table is read on opening; each read then fetches and
@@ -158,7 +299,7 @@ def open_seekable(fileobj: BinaryIO) -> SeekableReader:
     object. Raises :class:`VHDError` if there is no valid seek table.
     """
     with _corrupt_as_vhderror():
-        return SeekableReader(fileobj, "r")
+        return SeekableReader(cast(BinaryIO, fileobj), "r")  # any object with read/seek/tell
 
 
 def _seek_table_at(fileobj: BinaryIO) -> tuple[int, int, int]:
@@ -270,7 +411,7 @@ def check_seekable(fileobj: BinaryIO, *, chunk_size: int = 1 << 20) -> int:
     return total
 
 
-def _check_frame(f: BinaryIO, offset: int, c_size: int, d_size: int, frame: int, chunk_size: int) -> None:
+def _check_frame(f: Readable, offset: int, c_size: int, d_size: int, frame: int, chunk_size: int) -> None:
     decompressor = pyzstd.ZstdDecompressor()
     produced = 0
     done = 0

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import uuid
-from typing import BinaryIO
 
 from .errors import VHDError
 from .format import VHDInfo
 from .reader import VHDReader
 from .seekzstd import check_seekable, open_seekable
+from .streams import Readable
 
 # The backup kinds of the API and the VHD disk type each must be.
 KIND_DISK_TYPES = {"full": "dynamic", "incremental": "differencing"}
 
 
 def validate(
-    fileobj: BinaryIO,
+    fileobj: Readable,
     *,
     expected_kind: str | None = None,
     parent_unique_id: uuid.UUID | None = None,
@@ -56,7 +56,7 @@ def validate(
 
 
 def validate_stored(
-    fileobj: BinaryIO,
+    fileobj: Readable,
     *,
     expected_kind: str | None = None,
     parent_unique_id: uuid.UUID | None = None,

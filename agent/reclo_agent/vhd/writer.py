@@ -1,24 +1,39 @@
 """Streaming VHD writers: dynamic, differencing and fixed.
 
 The agent compresses while it uploads, so a VHD is written front to back to
-a non-seekable output, never patched afterwards. A dynamic VHD's BAT (which
-block lives where) sits before the data, so :class:`VHDWriter` is told up
-front which blocks will be allocated; it then lays the file out as
+a non-seekable output, never patched afterwards. Two layouts of a dynamic
+VHD, both plain VHDs any reader opens (the header's table offset says where
+the BAT is):
 
-    footer copy | dynamic header | BAT | parent locators | blocks... | footer
+- BAT first, when the allocated blocks are known up front (``allocated``
+  given: merges, tests, :func:`write_dynamic_from_raw`)::
 
-where the n-th allocated block (in increasing block order) is at a fixed
-place, and the caller pushes exactly those blocks in that order. The agent
-knows the allocated blocks after hashing its pages; for a raw image file,
-:func:`write_dynamic_from_raw` pre-scans it for all-zero blocks (one extra
-read, which beats buffering or rewriting the output). Memory stays bounded
-whatever the disk size: the BAT is generated and written a window at a time
-from the allocated indices, never held as one list, plus one block.
+      footer copy | dynamic header | BAT | parent locators | blocks... | footer
+
+  the n-th allocated block (in increasing block order) at a fixed place;
+- BAT last (``allocated=None``: the agent's one pass, which decides each
+  block as it reads it)::
+
+      footer copy | dynamic header | parent locators | blocks... | zeros | BAT | footer
+
+  The header comes first, so the BAT's offset must be known before any
+  block is: it is where the data would end if every block were stored,
+  and the room no block took is zeros (the writer's ``write_zeros``, when
+  it has one: the seekable zstd writer stores a run of zeros in a few
+  bytes). The BAT is kept in memory until the end: 4 bytes per block of
+  the disk (2 MiB per TiB at 2 MiB blocks).
+
+Memory stays bounded whatever the disk size: in the BAT-first layout the
+BAT is generated and written a window at a time from the allocated
+indices, never held as one list, plus one block.
 
 If ``out`` has an ``end_frame()`` method (as
 :class:`~reclo_agent.vhd.seekzstd.SeekableZstdWriter` does), it is called
 after the metadata and after every block, so each VHD block becomes exactly
 one zstd frame of the stored object and a ranged read reaches it directly.
+:meth:`VHDWriter.block_payload` builds a block's bytes without touching the
+writer, so pool threads can build and compress blocks
+(:meth:`VHDWriter.add_compressed_block` then appends them in order).
 """
 
 from __future__ import annotations
@@ -27,7 +42,7 @@ import sys
 import uuid
 from array import array
 from collections.abc import Callable, Iterable, Iterator
-from typing import BinaryIO, Self
+from typing import Self
 
 from . import bitmap
 from .format import (
@@ -52,6 +67,7 @@ from .format import (
     bitmap_size,
     vhd_timestamp,
 )
+from .streams import Readable, Writable
 
 
 def _check_size(size: int) -> None:
@@ -69,6 +85,8 @@ def _pad(n: int) -> int:
 class VHDWriter:
     """Writes a dynamic VHD, or a differencing one when ``parent`` is given.
 
+    ``allocated=None`` writes the BAT-last layout (see the module doc):
+    blocks come in increasing order, none announced. Otherwise
     ``allocated`` names every block index that :meth:`write_block` will be
     called for (any iterable, any order); the calls must then come in
     increasing block order. It is kept as a sorted array of those indices
@@ -82,9 +100,9 @@ class VHDWriter:
 
     def __init__(
         self,
-        out: BinaryIO,
+        out: Writable,
         virtual_size: int,
-        allocated: Iterable[int],
+        allocated: Iterable[int] | Callable[[], Iterator[int]] | None,
         *,
         parent: ParentInfo | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
@@ -113,29 +131,39 @@ class VHDWriter:
         self._closed = False
 
         # The metadata, in file order.
-        table_offset = FOOTER_SIZE + HEADER_SIZE
-        bat_bytes = _pad(self.block_count * 4)
-        locators, locator_data = self._locators(parent, table_offset + bat_bytes)
-        data_start = table_offset + bat_bytes + len(locator_data)
-
-        # Which blocks come, in increasing order, as a fresh iterator per call.
-        if callable(allocated):
-            self._indices: Callable[[], Iterator[int]] = allocated
-        else:
-            indices = array("I", sorted(set(allocated)))
-            self._indices = lambda: iter(indices)
         self._stride = (self._bitmap_size + block_size) // SECTOR
-        self._data_start = data_start // SECTOR
         self.allocated_count = 0
-        previous = -1
-        for index in self._indices():
-            if not 0 <= index < self.block_count:
-                raise ValueError(f"block {index} is outside a {self.block_count}-block disk")
-            if index <= previous:
-                raise ValueError(f"allocated blocks must come in increasing order ({index} after {previous})")
-            previous = index
-            self.allocated_count += 1
-        sector = self._data_start + self.allocated_count * self._stride
+        self._streaming = allocated is None
+        if self._streaming:
+            locators, locator_data = self._locators(parent, FOOTER_SIZE + HEADER_SIZE)
+            data_start = FOOTER_SIZE + HEADER_SIZE + len(locator_data)
+            self._data_start = data_start // SECTOR
+            # Where the data would end with every block stored.
+            table_offset = data_start + self.block_count * self._stride * SECTOR
+            self._bat_bytes = _pad(self.block_count * 4)
+            sector = (table_offset + self._bat_bytes) // SECTOR
+            self._bat = array("I", [UNALLOCATED]) * self.block_count
+        else:
+            table_offset = FOOTER_SIZE + HEADER_SIZE
+            bat_bytes = _pad(self.block_count * 4)
+            locators, locator_data = self._locators(parent, table_offset + bat_bytes)
+            data_start = table_offset + bat_bytes + len(locator_data)
+            # Which blocks come, in increasing order, as a fresh iterator per call.
+            if callable(allocated):
+                self._indices: Callable[[], Iterator[int]] = allocated
+            else:
+                indices = array("I", sorted(set(allocated)))
+                self._indices = lambda: iter(indices)
+            self._data_start = data_start // SECTOR
+            previous = -1
+            for index in self._indices():
+                if not 0 <= index < self.block_count:
+                    raise ValueError(f"block {index} is outside a {self.block_count}-block disk")
+                if index <= previous:
+                    raise ValueError(f"allocated blocks must come in increasing order ({index} after {previous})")
+                previous = index
+                self.allocated_count += 1
+            sector = self._data_start + self.allocated_count * self._stride
         if sector > UNALLOCATED:  # the final footer's sector must fit too
             raise ValueError("VHD would exceed the 2 TiB reachable by 32-bit BAT entries")
         self.file_size = sector * SECTOR + FOOTER_SIZE
@@ -151,10 +179,14 @@ class VHDWriter:
         )
         self._write(self._footer.pack())
         self._write(header.pack())
-        self._write_bat(bat_bytes)
-        self._write(locator_data)
-        self._order = self._indices()
-        self._next = next(self._order, None)
+        if self._streaming:
+            self._write(locator_data)
+            self._last = -1
+        else:
+            self._write_bat(bat_bytes)
+            self._write(locator_data)
+            self._order = self._indices()
+            self._next = next(self._order, None)
         if self._end_frame:
             self._end_frame()
 
@@ -197,21 +229,11 @@ class VHDWriter:
             self._write(window.tobytes())
         self._write(b"\xff" * (bat_bytes - 4 * self.block_count))
 
-    def write_block(self, index: int, data: bytes, sectors: bytes | None = None) -> None:
-        """Write block ``index``: ``data`` plus which sectors it holds.
+    def block_payload(self, index: int, data: bytes, sectors: bytes | None = None) -> bytes:
+        """Block ``index`` as stored: its sector bitmap, then its data (see :meth:`write_block`).
 
-        ``data`` is the block's bytes (``block_size``, or up to the end of the
-        disk for the last block). ``sectors`` is a sector bitmap (see
-        :mod:`.bitmap`; ``make_bitmap`` builds one from runs); ``None`` means
-        every sector. Sectors not in it are zero-filled in the data and clear
-        in the bitmap: in a differencing VHD they come from the parent.
+        Changes nothing in the writer: safe to call from other threads.
         """
-        if self._closed:
-            raise ValueError("write_block() on a closed VHDWriter")
-        if index != self._next:
-            raise ValueError(
-                f"block {index} written out of order or not announced in `allocated` (expected block {self._next})"
-            )
         in_disk = min(self.block_size, self.virtual_size - index * self.block_size)
         if len(data) not in (in_disk, self.block_size):
             raise ValueError(f"block {index} must be {in_disk} bytes, got {len(data)}")
@@ -229,25 +251,63 @@ class VHDWriter:
             # Sectors past the end of the disk are never present.
             present &= ((1 << nsect) - 1) << (spb - nsect)
             block_bitmap = bitmap.from_int(present, spb, self._bitmap_size)
-        payload = bytes(data).ljust(self.block_size, b"\0")
-        if block_bitmap is not self._full_bitmap:
-            holes = bitmap.clear_runs(block_bitmap, self._sectors_per_block)
-            if holes:
-                buf = bytearray(payload)
-                for start, count in holes:
-                    buf[start * SECTOR : (start + count) * SECTOR] = bytes(count * SECTOR)
-                payload = bytes(buf)
-        self._write(block_bitmap)
-        self._write(payload)
-        self._next = next(self._order, None)
+        if block_bitmap is self._full_bitmap:
+            return block_bitmap + data
+        buf = bytearray(block_bitmap)
+        buf += data
+        buf += bytes(self.block_size - len(data))
+        for start, count in bitmap.clear_runs(block_bitmap, self._sectors_per_block):
+            at = self._bitmap_size + start * SECTOR
+            buf[at : at + count * SECTOR] = bytes(count * SECTOR)
+        return bytes(buf)
+
+    def _place(self, index: int) -> None:
+        """Check that block ``index`` comes now; in the BAT-last layout, give it the next place."""
+        if self._closed:
+            raise ValueError("write_block() on a closed VHDWriter")
+        if self._streaming:
+            if not self._last < index < self.block_count:
+                raise ValueError(f"block {index} written out of order or outside the disk (after {self._last})")
+            self._bat[index] = self._data_start + self.allocated_count * self._stride
+            self.allocated_count += 1
+            self._last = index
+        elif index != self._next:
+            raise ValueError(
+                f"block {index} written out of order or not announced in `allocated` (expected block {self._next})"
+            )
+
+    def _placed(self) -> None:
+        if not self._streaming:
+            self._next = next(self._order, None)
         if self._end_frame:
             self._end_frame()
+
+    def write_block(self, index: int, data: bytes, sectors: bytes | None = None) -> None:
+        """Write block ``index``: ``data`` plus which sectors it holds.
+
+        ``data`` is the block's bytes (``block_size``, or up to the end of the
+        disk for the last block). ``sectors`` is a sector bitmap (see
+        :mod:`.bitmap`; ``make_bitmap`` builds one from runs); ``None`` means
+        every sector. Sectors not in it are zero-filled in the data and clear
+        in the bitmap: in a differencing VHD they come from the parent.
+        """
+        self._place(index)
+        self._write(self.block_payload(index, data, sectors))
+        self._placed()
+
+    def add_compressed_block(self, index: int, frame: bytes) -> None:
+        """Append block ``index`` as one zstd frame of its :meth:`block_payload` (``out.add_frame``)."""
+        self._place(index)
+        self._out.add_frame(frame, self._stride * SECTOR)
+        self._placed()
 
     def close(self) -> VHDInfo:
         """Write the footer (after checking every announced block came)."""
         if self._closed:
             raise ValueError("VHDWriter already closed")
-        if self._next is not None:
+        if self._streaming:
+            self._write_tail()
+        elif self._next is not None:
             raise ValueError(f"block {self._next} was announced but never written")
         self._write(self._footer.pack())
         self._closed = True
@@ -265,6 +325,22 @@ class VHDWriter:
             parent_name=parent.file_name if parent else None,
         )
 
+    def _write_tail(self) -> None:
+        """BAT-last layout: zeros where no block went, then the BAT."""
+        room = (self.block_count - self.allocated_count) * self._stride * SECTOR
+        write_zeros = getattr(self._out, "write_zeros", None)
+        if write_zeros is not None:
+            write_zeros(room)
+        else:
+            zeros = bytes(min(room, 1 << 20))
+            while room:
+                self._write(zeros[: min(room, len(zeros))])
+                room -= min(room, len(zeros))
+        bat = array("I", self._bat)
+        if sys.byteorder == "little":
+            bat.byteswap()  # the BAT is big-endian on disk
+        self._write(bat.tobytes() + b"\xff" * (self._bat_bytes - 4 * self.block_count))
+
     def __enter__(self) -> Self:
         return self
 
@@ -273,7 +349,7 @@ class VHDWriter:
             self.close()
 
 
-def _read_exactly(src: BinaryIO, n: int) -> bytes:
+def _read_exactly(src: Readable, n: int) -> bytes:
     """``n`` bytes from ``src`` (looping over short reads), or fail."""
     chunks, left = [], n
     while left:
@@ -285,7 +361,7 @@ def _read_exactly(src: BinaryIO, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def _source_size(src: BinaryIO, size: int | None) -> int:
+def _source_size(src: Readable, size: int | None) -> int:
     if size is None:
         size = src.seek(0, 2)
         src.seek(0)
@@ -293,7 +369,7 @@ def _source_size(src: BinaryIO, size: int | None) -> int:
     return size
 
 
-def scan_allocated(src: BinaryIO, size: int, block_size: int = DEFAULT_BLOCK_SIZE) -> array:
+def scan_allocated(src: Readable, size: int, block_size: int = DEFAULT_BLOCK_SIZE) -> array:
     """Indices of the blocks of a raw disk image that are not all zeros.
 
     Reads ``src`` from its current position; the caller seeks back. Returns
@@ -309,8 +385,8 @@ def scan_allocated(src: BinaryIO, size: int, block_size: int = DEFAULT_BLOCK_SIZ
 
 
 def write_dynamic_from_raw(
-    src: BinaryIO,
-    out: BinaryIO,
+    src: Readable,
+    out: Writable,
     *,
     size: int | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
@@ -333,8 +409,8 @@ def write_dynamic_from_raw(
 
 
 def write_fixed(
-    src: BinaryIO,
-    out: BinaryIO,
+    src: Readable,
+    out: Writable,
     *,
     size: int | None = None,
     unique_id: uuid.UUID | None = None,

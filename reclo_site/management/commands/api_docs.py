@@ -29,7 +29,7 @@ def code_table() -> str:
 
 
 def _errors(operation: dict) -> list[int]:
-    codes = set()
+    codes: set[int] = set()
     for status, response in operation.get("responses", {}).items():
         if int(status) >= 400:
             codes.update(int(code) for code in re.findall(r"\b(\d{3}):", response.get("description", "")))
