@@ -18,7 +18,7 @@ import base64
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -184,7 +184,7 @@ def put_snapshot_blocks(
         return index
 
     written = 0
-    pending: set = set()
+    pending: set[Future] = set()
 
     def settle(below: int) -> None:
         """Wait until fewer than `below` writes are in flight."""
