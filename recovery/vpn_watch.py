@@ -110,10 +110,11 @@ def _send(gateway: VpnGateway, kind: str, now: datetime, *, since: datetime | No
     user = gateway.network.user
     if not user.is_active or not user.email:
         return True  # nobody to tell; the pages still say it
+    last = gateway.last_report or now  # both callers passed a gateway that has reported
     context = {
         "user": user,
-        "last_report": _when(gateway.last_report),
-        "ago": timesince(gateway.last_report, now),
+        "last_report": _when(last),
+        "ago": timesince(last, now),
         "down_for": timesince(since, now) if since else "",
         "vpn_url": settings.SITE_URL.rstrip("/") + reverse("recovery:vpn-devices"),
     }
