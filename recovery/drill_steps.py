@@ -43,7 +43,7 @@ from .models import Drill
 from .pipeline import Done, StepFailed
 from .sandbox import BootRequest, LocalSandbox, SandboxError, materialise_chain
 from .sandbox.aws import DRILL_TAG, AwsSandbox, image_name
-from .steps import _ebs_pieces
+from .snapshot_write import ebs_pieces
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def _prepare_image(ctx: StepContext, chain: list) -> Done:
         with _chain_reader(drill, chain) as reader:
             per = reader.block_size // imaging.EBS_BLOCK_SIZE
             # The failover's cut of VHD blocks into EBS's 512 KiB ones (zero pieces are never written).
-            pieces = (p for index, data in _Beating(reader, ctx).iter_blocks() for p in _ebs_pieces(index, data, per))
+            pieces = (p for index, data in _Beating(reader, ctx).iter_blocks() for p in ebs_pieces(index, data, per))
             image_id = sandbox.prepare(
                 pieces,
                 virtual_size=reader.virtual_size,
