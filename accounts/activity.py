@@ -5,6 +5,8 @@ the owner reads sentences such as "Backup of frontdesk finished: 660 KB of
 changes". Ids stay in the details, shown behind "technical details".
 """
 
+from collections.abc import Callable
+
 from django.template.defaultfilters import filesizeformat
 
 from .models import AuditEvent
@@ -71,7 +73,7 @@ def _token(d, verb):
     return f"API token “{name}”{for_server} {verb}"
 
 
-SENTENCES = {
+SENTENCES: dict[str, Callable] = {
     K.LOGIN_OK: _login_ok,
     K.LOGIN_FAILED: _login_failed,
     K.TOKEN_CREATED: lambda d: _token(d, "created"),

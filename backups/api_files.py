@@ -28,7 +28,8 @@ class PartitionOutput(serializers.Serializer):
     partition = serializers.IntegerField(help_text="1-based, in table order; give it as `partition=`.")
     filesystem = serializers.CharField(help_text="ext2, ext3, ext4, xfs, ntfs, fat12, fat16, fat32, exfat or unknown.")
     size = serializers.IntegerField(help_text="Bytes.")
-    label = serializers.CharField(help_text="The partition's name (GPT) or type (MBR).")
+    # A field named like Field.label: DRF's metaclass takes it out of the class, so nothing is shadowed.
+    label = serializers.CharField(help_text="The partition's name (GPT) or type (MBR).")  # type: ignore[assignment]
 
 
 class EntryOutput(serializers.Serializer):
@@ -110,6 +111,7 @@ class FileContentApi(APIView):
     def get(self, request, backup_id: uuid.UUID):
         services.files_check(user=request.user, backup_id=backup_id)
         partition, path = _query(request, need_partition=True)
+        assert partition is not None  # _query answered 104 without one
         download = services.files_download(
             user=request.user, backup_id=backup_id, partition=partition, path=path, request=request
         )

@@ -193,7 +193,7 @@ class _Image:
     def __new__(cls, disk: RemoteDisk):
         pytsk3 = _tsk()
 
-        class Image(pytsk3.Img_Info):
+        class Image(pytsk3.Img_Info):  # type: ignore[name-defined]  # pytsk3 is imported at run time, in the child
             def __init__(self) -> None:
                 super().__init__(url="", type=pytsk3.TSK_IMG_TYPE_EXTERNAL)
 

@@ -32,6 +32,11 @@ class Code(IntEnum):
         member.text = text
         return member
 
+    @classmethod
+    def of(cls, value: int) -> Code:
+        """The member numbered `value` (``Code(value)`` does the same; type checkers take it for the constructor)."""
+        return cls(value)  # type: ignore[call-arg]
+
     # 1xx: system
     INTERNAL = 100, 500, "internal error"
     DATABASE_UNAVAILABLE = 101, 503, "cannot connect to database"

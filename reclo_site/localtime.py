@@ -1,7 +1,7 @@
 """The owner's time zone: which one, and times written in it with the zone named."""
 
 import zoneinfo
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from functools import lru_cache
 
 from django.utils import timezone
@@ -18,7 +18,7 @@ def valid_zone(name: str) -> bool:
     return name in zone_names()
 
 
-def user_zone(user) -> zoneinfo.ZoneInfo | type(UTC):
+def user_zone(user) -> tzinfo:
     """The zone `user` reads times in; UTC for anyone without a valid one."""
     name = getattr(user, "time_zone", "") or "UTC"
     if name == "UTC" or not valid_zone(name):

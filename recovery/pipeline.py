@@ -48,7 +48,7 @@ class StepFailed(Exception):
 
     def __init__(self, code: Code, reason: str):
         super().__init__(reason)
-        self.code = Code(code)  # type: ignore[call-arg]  # a lookup by value (an int becomes its member)
+        self.code = Code.of(code)
         self.reason = reason
 
 

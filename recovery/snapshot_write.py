@@ -41,6 +41,7 @@ from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 from reclo_agent.vhd import (
     ChainReader,
@@ -182,15 +183,19 @@ class _SpanLayer:
             return None
         if self._fixed:
             return self._vhd.read_bitmap(index)  # all sectors: no read
-        return self._frames.read(offset, self._bitmap_size)
+        return self._reader().read(offset, self._bitmap_size)
+
+    def _reader(self) -> _Frames:
+        assert self._frames is not None, "read after close"
+        return self._frames
 
     def read_block_data(self, index: int) -> bytes:
         offset = self._where.get(index)
         if offset is None:
             return bytes(self.block_size)
         if self._fixed:
-            return self._frames.read(offset, self.block_length(index)).ljust(self.block_size, b"\0")
-        return self._frames.read(offset + self._bitmap_size, self.block_size)
+            return self._reader().read(offset, self.block_length(index)).ljust(self.block_size, b"\0")
+        return self._reader().read(offset + self._bitmap_size, self.block_size)
 
     def close(self) -> None:
         if self._frames is not None:
@@ -224,7 +229,7 @@ class _Progress:
         self._starts = [span[0] for span in spans]
         self._per = per
         self._lock = threading.Lock()
-        self._open = [dict() for _ in spans]  # per span: block -> [pieces in flight, pieces written]
+        self._open: list[dict] = [{} for _ in spans]  # per span: block -> [pieces in flight, pieces written]
         self._read = [span[2] for span in spans]  # every block before this was handed on
 
     def queued(self, span: int, index: int, pieces: int) -> None:
@@ -302,7 +307,8 @@ def write_chain(
         first, end, next_block, _ = spans[n]
         views = [_SpanLayer(layer, next_block, end) for layer in layers]
         try:
-            merged = ChainReader(views, _check=False)  # the links were checked when the chain was opened
+            # The links were checked when the chain was opened; a span view reads like a VHDReader.
+            merged = ChainReader(cast(list[VHDReader], views), _check=False)
             for index in allocated[bisect_left(allocated, next_block) : bisect_left(allocated, end)]:
                 if stop.is_set():
                     return

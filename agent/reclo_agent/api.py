@@ -205,7 +205,8 @@ class PortalClient:
         """The streamed answer of ``files/content`` (a file, or a folder as a zip); errors raise as ``request``."""
         url = self._url(f"/backups/{backup_id}/files/content")
         try:
-            resp = self._session.get(url, params={"partition": partition, "path": path}, stream=True, timeout=TIMEOUT)
+            params = {"partition": str(partition), "path": path}
+            resp = self._session.get(url, params=params, stream=True, timeout=TIMEOUT)
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
             raise Unreachable(f"Cannot reach the portal at {self.portal} ({type(exc).__name__}).") from exc
         if not resp.ok:

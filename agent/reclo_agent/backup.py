@@ -161,14 +161,13 @@ class BackupRun:
                          state.record.upload_id, decision.kind)  # fmt: skip
                 self._abandon(state)
                 state = None
-            resumed = state is not None
-            if resumed:
+            grant = None
+            if state is not None:
                 log.info("resuming the %s backup of %s/%s (upload %s)", state.record.kind, opt.server, opt.disk,
                          state.record.upload_id)  # fmt: skip
                 grant = self._regrant(state)
-                if grant is None:
-                    state, resumed = None, False
-            if state is None:
+            resumed = state is not None and grant is not None
+            if state is None or grant is None:
                 state, grant, decision = self._start(decision, src.size)
             return self._upload(src, state, grant, decision, resumed)
 
@@ -263,7 +262,9 @@ class BackupRun:
             opt.server,
             opt.disk,
             grant["upload_id"],
-            f": {decision.reason}" if decision.reason else f" on top of {decision.parent.backup_id}",
+            f" on top of {decision.parent.backup_id}"
+            if decision.parent and not decision.reason
+            else f": {decision.reason}",
         )
         return state, grant, decision
 
@@ -293,7 +294,7 @@ class BackupRun:
     # --- the pass: read, pack, upload --------------------------------------------------------
 
     def _upload(self, src: Source, state: UploadState, grant: dict, decision: Decision, resumed: bool) -> BackupResult:
-        timings = {}
+        timings: dict[str, float] = {}
         with consistency.reading(self.plan, src, self.hooks, freeze_limit=self.opt.freeze_limit,
                                  lvm_run=self.lvm_run) as reader:  # fmt: skip
             uploader = self._read_and_send(reader, state, grant, decision, timings)
@@ -380,6 +381,7 @@ class BackupRun:
                     task.set_done(disk)
                 task.set_note(f"sent {human_bytes(uploader.sent_bytes)}")
 
+            assert rec.multipart_id and rec.part_size, "a started upload has both"
             uploader = PartUploader(
                 s3,
                 rec.key,
@@ -422,6 +424,7 @@ class BackupRun:
         parent = None
         if decision.kind == "incremental":
             meta = decision.parent
+            assert meta is not None, "an incremental has a parent"
             parent = ParentInfo(uuid.UUID(meta.vhd_unique_id), meta.vhd_timestamp, meta.file_name)
         log.debug("reading %s (%d bytes)", src.path, src.size)
         return pack(
@@ -441,6 +444,7 @@ class BackupRun:
     def _finish(self, state: UploadState, *, resumed: bool) -> BackupResult:
         opt = self.opt
         if state.record.phase == "uploaded":
+            assert state.record.file_size is not None and state.record.sha256, "an uploaded record has both"
             try:
                 backup = self.api.complete_upload(state.record.upload_id, file_size=state.record.file_size,
                                                   sha256=state.record.sha256,
@@ -461,6 +465,7 @@ class BackupRun:
                 raise
             state.save(phase="completed", backup_id=backup["backup_id"])
         else:
+            assert state.record.backup_id, "a completed record names its backup"
             backup = self.api.get_backup(state.record.backup_id)
         backup = self._await_verdict(backup)
         result = BackupResult(
@@ -480,6 +485,7 @@ class BackupRun:
                 f"{backup.get('failure') or 'no reason given'}. The block map is unchanged, so the next "
                 "backup builds on the last verified restore point; run it again."
             )
+        assert state.record.pending_map, "a verified upload has its new block map"
         self.maps.commit(
             Path(state.record.pending_map),
             MapMeta(

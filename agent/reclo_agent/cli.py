@@ -30,6 +30,7 @@ import socket
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from . import __version__, config, files, names, preflight, schedule
 from .api import PortalClient, normalize_portal_url
@@ -574,7 +575,7 @@ def _common_options(*, suppress: bool) -> argparse.ArgumentParser:
     would overwrite a value given before the command name.
     """
     common = argparse.ArgumentParser(add_help=False)
-    default = {"default": argparse.SUPPRESS} if suppress else {}
+    default: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
     common.add_argument(
         "--config", help=f"config file (default: ${config.ENV_CONFIG}, or {config.default_config_path()})", **default
     )

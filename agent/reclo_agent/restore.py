@@ -39,7 +39,7 @@ import pyzstd
 
 from .api import PortalClient
 from .errors import DiskError, NoSpace, UsageError, VerificationFailed
-from .progress import Reporter, human_bytes
+from .progress import Reporter, Task, human_bytes
 from .s3 import S3Access, StorageError
 from .s3stream import ObjectStream
 from .scan import workers
@@ -271,7 +271,7 @@ class RestoreRun:
         self.force = force
         self.downloaded = 0
         self._lock = threading.Lock()
-        self._task = None
+        self._task: Task | None = None
         self._total_stored = 0
 
     def _count(self, n: int) -> None:
@@ -342,8 +342,8 @@ class RestoreRun:
             head = {"VersionId": pinned["version_id"]} if pinned["version_id"] else {}
             size = s3.call("head_object", Key=item["key"], **head)["ContentLength"]
         chunk, ahead = stream_plan(int(size), layers)
-        return ObjectStream(s3, item["key"], int(size), pool, chunk_size=chunk, ahead=ahead,
-                            on_bytes=self._count, **pinned)  # fmt: skip
+        return ObjectStream(s3, item["key"], int(size), pool, chunk_size=chunk, ahead=ahead, on_bytes=self._count,
+                            version_id=pinned["version_id"], etag=pinned["etag"])  # fmt: skip
 
 
 def write_disk(layers: list[Layer], chain: ChainReader, allocated: list[int], target: Target, task,

@@ -214,6 +214,7 @@ def pack(
     scan = Scan(source, pending_map, page_size=page_size, old_map=old_map, pack=compress)
     for block in scan:
         if block.store:
+            assert block.frame is not None, "a stored block was compressed"
             writer.add_compressed_block(block.index, block.frame)
         if on_block:
             on_block(zstd.compressed_size, block.index * DEFAULT_BLOCK_SIZE + block.length)

@@ -79,7 +79,7 @@ class UploadRecord:
 class UploadState:
     """One resumable upload (see the module doc): its :class:`UploadRecord` and its journal of parts."""
 
-    def __init__(self, root: Path, server: str, disk: str, record: UploadRecord | None = None) -> None:
+    def __init__(self, root: Path, server: str, disk: str, record: UploadRecord) -> None:
         self.dir = root / "uploads" / server
         self.json_path = self.dir / f"{disk}.json"
         self.parts_path = self.dir / f"{disk}.parts"
@@ -89,14 +89,15 @@ class UploadState:
 
     @classmethod
     def load(cls, root: Path, server: str, disk: str) -> UploadState | None:
-        state = cls(root, server, disk)
+        json_path = root / "uploads" / server / f"{disk}.json"
         try:
-            state.record = UploadRecord.from_json(json.loads(state.json_path.read_text(encoding="utf-8")))
+            record = UploadRecord.from_json(json.loads(json_path.read_text(encoding="utf-8")))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError) as exc:
-            log.warning("ignoring the unreadable upload record %s (%s)", state.json_path, exc)
+            log.warning("ignoring the unreadable upload record %s (%s)", json_path, exc)
             return None
+        state = cls(root, server, disk, record)
         try:
             with open(state.parts_path, encoding="utf-8") as f:
                 for line in f:

@@ -19,6 +19,7 @@ The disk is never materialised: the child asks for the ranges it needs.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from django.core.cache import cache
 from kombu.exceptions import OperationalError as BrokerError
@@ -156,25 +158,28 @@ def sandbox_run(disk, command: dict, *, on_head: Callable[[dict], None], on_data
     failures: list = []
     server = threading.Thread(target=_serve, args=(parent, disk, failures), daemon=True)
     server.start()
+    # stdin, stdout and stderr are PIPEs: buffered files.
+    stdin, stdout, stderr = (cast(io.BufferedWriter, proc.stdin), cast(io.BufferedReader, proc.stdout),
+                             cast(io.BufferedReader, proc.stderr))  # fmt: skip
     errors: list[bytes] = []
-    drain = threading.Thread(target=lambda: errors.append(proc.stderr.read()), daemon=True)
+    drain = threading.Thread(target=lambda: errors.append(stderr.read()), daemon=True)
     drain.start()
     timer = threading.Timer(wall, proc.kill)
     timer.start()
     head: dict = {}
     try:
-        proc.stdin.write(json.dumps(command).encode() + b"\n")
-        proc.stdin.close()
-        line = proc.stdout.readline(1 << 24)
+        stdin.write(json.dumps(command).encode() + b"\n")
+        stdin.close()
+        line = stdout.readline(1 << 24)
         if line.endswith(b"\n"):
             head = json.loads(line)
             on_head(head)
             while on_data is not None:
-                data = proc.stdout.read1(1 << 20)
+                data = stdout.read1(1 << 20)
                 if not data:
                     break
                 on_data(data)
-        proc.stdout.close()
+        stdout.close()
         proc.wait()
     except BaseException:
         proc.kill()
@@ -191,7 +196,7 @@ def sandbox_run(disk, command: dict, *, on_head: Callable[[dict], None], on_data
         log.warning("reading the chain for the file browser failed: %s", failures[0])
     message = _child_error(b"".join(errors))
     if message is not None:
-        raise ServiceError(Code(message["code"]), message["message"])
+        raise ServiceError(Code.of(message["code"]), message["message"])
     if proc.returncode < 0:  # killed: its wall time (SIGKILL), its CPU limit (SIGXCPU), or a crash
         raise ServiceError(
             Code.FILESYSTEM_UNREADABLE, "Reading this file system took too long, needed too much memory or failed."
@@ -342,7 +347,7 @@ def _answer(job: str) -> dict:
     if head is None:
         raise ServiceError(Code.FILESYSTEM_UNREADABLE, "Reading the restore point took too long; try again shortly.")
     if "code" in head:
-        raise ServiceError(Code(head["code"]), head["message"])
+        raise ServiceError(Code.of(head["code"]), head["message"])
     return head
 
 

@@ -251,12 +251,11 @@ def backup_credentials_refresh(*, user, upload_id) -> UploadGrant:
         raise ServiceError(
             Code.UPLOAD_CREDENTIALS_FAILED, "Could not get temporary storage credentials; try again shortly."
         ) from exc
-    changed = Backup.objects.filter(pk=backup.pk, status=Backup.Status.PENDING).update(
-        credentials_expire=max(grant.expiration, backup.credentials_expire)
-    )
+    expires = max(grant.expiration, backup.credentials_expire) if backup.credentials_expire else grant.expiration
+    changed = Backup.objects.filter(pk=backup.pk, status=Backup.Status.PENDING).update(credentials_expire=expires)
     if not changed:
         raise ServiceError(Code.NO_UPLOAD, "That upload is already completed.")
-    backup.credentials_expire = max(grant.expiration, backup.credentials_expire)
+    backup.credentials_expire = expires
     audit_record(AuditEvent.Kind.UPLOAD_CREDENTIALS, user=user, server=backup.server.name, disk=backup.disk,
                  backup_id=str(backup.pk), object_key=backup.key, refresh=True)  # fmt: skip
     return UploadGrant(backup=backup, credentials=grant)

@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -332,12 +333,13 @@ def _verify(backup: Backup, heartbeat: Heartbeat) -> Backup:
         return backup
     check, reason = _problem(backup, parent_unique_id=parent_unique_id, on_fetch=heartbeat, by_checksum=True)
     locked_until = None
-    if not reason and check.version_id:
+    # (_problem gives a check whenever it gives no reason.)
+    if not reason and check is not None and check.version_id:
         # Locked before the verdict is committed (no cloud call inside the
         # transaction): a verified restore point is never unlocked. If the
         # verdict then goes the other way, the deletion waits for the lock.
         locked_until = storage.lock_version(backup.key, check.version_id, timezone.now() + lock_period(backup.user))
-    if not reason:
+    if not reason and check is not None:
         with transaction.atomic():
             row = Backup.objects.select_for_update().filter(pk=backup.pk, status=Backup.Status.VERIFYING).first()
             if row is None:
@@ -405,10 +407,10 @@ def backup_scrub(*, backup_id) -> str:
 def _scrub(backup: Backup, heartbeat: Heartbeat) -> str:
     parent_unique_id = backup.parent.vhd_unique_id if backup.parent else None
     check, problem = _problem(backup, parent_unique_id=parent_unique_id, on_fetch=heartbeat)
-    if not problem and backup.vhd_unique_id and check.info.unique_id != backup.vhd_unique_id:
+    if not problem and check is not None and backup.vhd_unique_id and check.info.unique_id != backup.vhd_unique_id:
         problem = f"The VHD id changed from {backup.vhd_unique_id} to {check.info.unique_id}."
-    stamp = {"scrubbed_at": timezone.now()}
-    if not problem and not (backup.version_id or backup.etag):
+    stamp: dict[str, Any] = {"scrubbed_at": timezone.now()}
+    if not problem and check is not None and not (backup.version_id or backup.etag):
         stamp.update(version_id=check.version_id, etag=check.etag)
         if check.version_id:
             until = timezone.now() + lock_period(backup.user)

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import time_machine
+from django.core import mail
 from rest_framework.test import APIClient
 
 from backups import selectors, services
@@ -30,6 +31,7 @@ def agent(user):
 
     grant = enrollment_key_create(user=user, server="fileserver")
     _, _, token = server_enroll(key=grant.key, hostname="fs")
+    mail.outbox.clear()  # the "server enrolled" notice: these tests count the late and silent emails
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {token}")
 

@@ -151,7 +151,7 @@ class VHDWriter:
             # Which blocks come, in increasing order, as a fresh iterator per call.
             if callable(allocated):
                 self._indices: Callable[[], Iterator[int]] = allocated
-            else:
+            elif allocated is not None:
                 indices = array("I", sorted(set(allocated)))
                 self._indices = lambda: iter(indices)
             self._data_start = data_start // SECTOR
@@ -298,7 +298,10 @@ class VHDWriter:
     def add_compressed_block(self, index: int, frame: bytes) -> None:
         """Append block ``index`` as one zstd frame of its :meth:`block_payload` (``out.add_frame``)."""
         self._place(index)
-        self._out.add_frame(frame, self._stride * SECTOR)
+        add_frame = getattr(self._out, "add_frame", None)  # SeekableZstdWriter's; other outputs lack it
+        if add_frame is None:
+            raise TypeError("add_compressed_block needs an output that takes frames (a SeekableZstdWriter)")
+        add_frame(frame, self._stride * SECTOR)
         self._placed()
 
     def close(self) -> VHDInfo:
