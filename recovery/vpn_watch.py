@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from django.conf import settings
-from django.core.mail import send_mail
-from django.template.loader import render_to_string
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.timesince import timesince
+
+from accounts import notify
 
 from .models import VpnGateway
 
@@ -112,17 +112,10 @@ def _send(gateway: VpnGateway, kind: str, now: datetime, *, since: datetime | No
         return True  # nobody to tell; the pages still say it
     last = gateway.last_report or now  # both callers passed a gateway that has reported
     context = {
-        "user": user,
-        "last_report": _when(last),
+        "last_report": last,  # shown in the owner's zone
         "ago": timesince(last, now),
         "down_for": timesince(since, now) if since else "",
         "vpn_url": settings.SITE_URL.rstrip("/") + reverse("recovery:vpn-devices"),
     }
-    subject = "ReClo: your office VPN is down" if kind == "down" else "ReClo: your office VPN is back up"
-    body = render_to_string(f"recovery/email/vpn_{kind}.txt", context)
-    try:
-        send_mail(subject, body, None, [user.email])
-    except OSError as exc:  # the mail server is down: try again on the next run
-        log.warning("VPN gateway %s: could not email the owner (%s)", gateway.pk, exc)
-        return False
-    return True
+    # False when the mail server refused: the next run tries again.
+    return notify.owner_email(user, f"recovery/email/vpn_{kind}", context)

@@ -111,7 +111,7 @@ def test_a_silent_gateway_is_emailed_once_per_incident_and_once_when_back(client
     assert tasks.gateways_watch.delay().get() == 1  # the beat job, through Celery
     assert [m.subject for m in mail.outbox] == ["ReClo: your office VPN is down"]
     body = mail.outbox[0].body
-    assert "has not reported to ReClo since 2026-03-02 09:00 UTC (4\xa0minutes ago)" in body
+    assert "has not reported to ReClo since 2 Mar 2026, 09:00 UTC (4\xa0minutes ago)" in body
     assert "/recovery/vpn/" in body
     for _ in range(3):  # every minute the reports stay away: no more email
         clock.shift(timedelta(minutes=1))
@@ -241,3 +241,12 @@ def test_a_gateway_that_never_reports_fails_the_vpn_step_at_its_deadline_with_40
     assert failed.error.startswith(f"The VPN gateway {gw.instance_id} did not report to the portal within 10 minutes.")
     # What the gateway's console said (moto's sample boot log stands in for the user-data's lines).
     assert "Enabling fast FPU save and restore... done." in failed.error
+
+
+def test_the_down_email_gives_the_last_report_in_the_owners_zone(client, gateway, user, clock):
+    user.time_zone = "Asia/Kolkata"  # UTC+05:30 all year
+    user.save(update_fields=["time_zone"])
+    report(client, gateway)
+    clock.shift(timedelta(minutes=4))
+    assert vpn_watch.gateways_watch() == 1
+    assert "since 2 Mar 2026, 14:30 IST" in mail.outbox[0].body
