@@ -67,7 +67,9 @@ class ServerOutput(serializers.Serializer):
         allow_null=True,
         help_text="The agent's bootability preflight and the newest drill's verdict; null until either exists.",
     )
-    warm_standby = serializers.BooleanField(help_text="Keep a failover image of this server ready (owner setting).")
+    warm_standby = serializers.BooleanField(
+        help_text="Stage each verified restore point as a failover image (stored; staging is not built yet)."
+    )
     drill_every_days = serializers.IntegerField(
         allow_null=True, help_text="A recovery drill runs every this many days; null: no scheduled drills."
     )
