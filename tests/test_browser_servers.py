@@ -43,6 +43,7 @@ def test_add_a_server_see_the_key_once_and_revoke_it(live_server, user, settings
         assert len(key) == 32 and key.isalnum()
         install = page.locator("[data-testid=install-command]").inner_text().strip()
         assert install == f"curl -fsSL {live_server.url}/agent/install.sh | sudo sh -s -- --key {key}"
+        page.click("text=Already installed, or uninstalling")  # the enrol line sits in a folded section
         enroll = page.locator("[data-testid=enroll-command]").inner_text().strip()
         assert enroll == f"reclo-agent enroll --portal {live_server.url} --key {key}"
         assert "UTC" in page.locator("[data-testid=expires]").inner_text()
