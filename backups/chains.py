@@ -5,7 +5,7 @@ failover or drill reads), down it (what a delete takes along) and across a
 disk's history (how the server page groups restore points).
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 
 from .models import Backup
 
@@ -32,14 +32,24 @@ def chain_of(backup: Backup, *, fields: Iterable[str] | None = READ_FIELDS) -> l
         rows_query = rows_query.only(*fields)
     rows = {row.pk: row for row in rows_query}
     chain: list[Backup] = []
-    current: Backup | None = rows.get(backup.pk, backup)
-    while current is not None:
-        chain.append(current)
+    for point in walk_up(rows.get(backup.pk, backup), rows):
+        chain.append(point)
         if len(chain) > min(len(rows), MAX_CHAIN):
             raise ChainError("The backup chain is too long or loops.")
-        current = rows.get(current.parent_id) if current.parent_id else None
     chain.reverse()
     return chain
+
+
+def walk_up(start: Backup, rows: Mapping) -> Iterator[Backup]:
+    """`start`, then each parent found in `rows` (pk -> Backup of its disk), nearest first.
+
+    Ends where a parent is not in `rows`; a caller that trusts no data
+    bounds the walk (a parent loop never ends).
+    """
+    current: Backup | None = start
+    while current is not None:
+        yield current
+        current = rows.get(current.parent_id) if current.parent_id else None
 
 
 def restorable_chain(backup: Backup) -> list[Backup]:

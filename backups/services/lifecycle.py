@@ -6,6 +6,7 @@ it, and what could not be deleted is written down (ObjectDeletion) for the
 purge job instead of being forgotten.
 """
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -23,6 +24,7 @@ from reclo_site import cloud
 from reclo_site.cloud import storage
 from reclo_site.errors import Code, ServiceError
 
+from .. import chains
 from ..chains import descendants_of
 from ..models import AccountLimits, Backup, ObjectDeletion
 
@@ -284,11 +286,8 @@ def backup_undelete(*, user, backup_id) -> Backup:
             return target
         same_disk = Backup.objects.select_for_update().filter(server_id=target.server_id, disk=target.disk)
         rows = {b.pk: b for b in same_disk}
-        chain: list[Backup] = []
-        current: Backup | None = target
-        while current is not None and current.deleted_at is not None:
-            chain.append(current)
-            current = rows.get(current.parent_id) if current.parent_id else None
+        # The hidden restore point and the hidden ones it builds on.
+        chain = list(itertools.takewhile(lambda b: b.deleted_at is not None, chains.walk_up(target, rows)))
         for point in chain:
             if point.locked_until is None or point.locked_until <= now:
                 raise ServiceError(
