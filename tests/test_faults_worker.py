@@ -28,7 +28,7 @@ import kombu.pools
 import pytest
 from django.db import connection
 from django.utils import timezone
-from moto.s3.models import S3Backend
+from moto.s3.responses import S3Response
 
 from accounts.models import ApiToken
 from backups.models import Backup
@@ -65,14 +65,18 @@ class SlowGets:
 
 @pytest.fixture
 def slow_gets(monkeypatch):
+    # The GetObject request's handler, not the backend's get_object: moto's
+    # PutObject and HeadObject call that too, and a slowed PUT of the test's
+    # own upload would let the verification run at full speed (and be over
+    # before the test kills it).
     slow = SlowGets()
-    real = S3Backend.get_object
+    real = S3Response.get_object
 
-    def get_object(self, *args, **kwargs):
+    def get_object(self):
         time.sleep(slow.take())
-        return real(self, *args, **kwargs)
+        return real(self)
 
-    monkeypatch.setattr(S3Backend, "get_object", get_object)
+    monkeypatch.setattr(S3Response, "get_object", get_object)
     return slow
 
 
@@ -124,9 +128,31 @@ def verified(backup_id, timeout: float) -> Backup:
 
 
 def pool_processes(worker) -> list[int]:
-    """Pids of a worker's pool processes (the main process's children)."""
-    children = Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()
-    return [int(pid) for pid in children]
+    """Pids of a worker's live pool processes.
+
+    Zombies are left out: a killed process stays listed until the worker
+    reaps it, which a loaded machine delays. Every thread's children, in
+    case a pool forks from a thread of its own (billiard's threaded pool).
+    """
+    pids = []
+    for task in Path(f"/proc/{worker.pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+        for pid in children:
+            if _state(int(pid)) not in ("Z", "X", None):
+                pids.append(int(pid))
+    return sorted(pids)
+
+
+def _state(pid: int) -> str | None:
+    """A process's state letter from /proc (None once it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
 
 
 def test_a_sigkilled_pool_process_is_replaced_and_its_verification_taken_over(worker_env, api, slow_gets):
@@ -151,6 +177,7 @@ def test_a_sigkilled_pool_process_is_replaced_and_its_verification_taken_over(wo
         # verification is finished there (taken over once its claim is stale).
         verified(first, timeout=60)
         assert worker.poll() is None
+        testing.wait_until(lambda: len(pool_processes(worker)) == 1, timeout=30, what="one live pool process")
         (replacement,) = pool_processes(worker)
         assert replacement != victim
 
