@@ -13,7 +13,7 @@ uses the same reading, and claims each change with a conditional UPDATE of
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from django.conf import settings
 from django.urls import reverse
@@ -21,6 +21,7 @@ from django.utils import timezone
 from django.utils.timesince import timesince
 
 from accounts import notify
+from reclo_site.localtime import when
 
 from .models import VpnGateway
 
@@ -42,12 +43,11 @@ class Health:
         return self.status == "down"
 
 
-def _when(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
-
-
 def health_of(gateway: VpnGateway | None, *, now: datetime | None = None) -> Health:
-    """Read a gateway's state and its last report (None: the account has none)."""
+    """Read a gateway's state and its last report (None: the account has none).
+
+    Times are written in the active zone: the owner's on pages, UTC in the API.
+    """
     now = now or timezone.now()
     if gateway is None or gateway.state not in (VpnGateway.State.PROVISIONING, VpnGateway.State.READY):
         return Health("none", "No VPN gateway is running: it starts with your next failover.")
@@ -59,7 +59,7 @@ def health_of(gateway: VpnGateway | None, *, now: datetime | None = None) -> Hea
         return Health("up", f"The VPN is up: the gateway last reported {timesince(last, now)} ago.", last)
     return Health(
         "down",
-        f"VPN down: the VPN gateway has not reported to ReClo since {_when(last)} ({timesince(last, now)} ago). "
+        f"VPN down: the VPN gateway has not reported to ReClo since {when(last)} ({timesince(last, now)} ago). "
         "Office devices may not reach the recovered servers. ReClo keeps watching it and emails you when it is "
         "back; if it is not back within a few minutes, reply to the email for help.",
         last,

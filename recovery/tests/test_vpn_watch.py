@@ -76,7 +76,7 @@ def test_the_api_says_whether_the_vpn_is_up_starting_down_or_not_running(api, cl
     down = status(api)
     assert down["status"] == "down"
     assert down["message"].startswith(
-        "VPN down: the VPN gateway has not reported to ReClo since 2026-03-02 09:00 UTC (3\xa0minutes ago)."
+        "VPN down: the VPN gateway has not reported to ReClo since 2 Mar 2026, 09:00 UTC (3\xa0minutes ago)."
     )
     # The next report brings it back at once, without waiting for a beat run.
     report(client, gw)
@@ -180,6 +180,15 @@ def test_the_vpn_page_says_vpn_down_in_plain_words(owner, client, gateway, clock
     page = owner.get(reverse("recovery:vpn-devices")).content.decode()
     assert 'role="alert"' in page and "VPN down: the VPN gateway has not reported to ReClo since" in page
     assert "Office devices may not reach the recovered servers." in page
+
+
+def test_the_vpn_page_gives_the_last_report_in_the_owners_zone(owner, client, gateway, user, clock):
+    user.time_zone = "Asia/Kolkata"  # UTC+05:30 all year
+    user.save(update_fields=["time_zone"])
+    report(client, gateway)
+    clock.shift(timedelta(minutes=7))
+    page = owner.get(reverse("recovery:vpn-devices")).content.decode()
+    assert "has not reported to ReClo since 2 Mar 2026, 14:30 IST" in page
 
 
 def test_the_recovery_page_says_vpn_down(owner, client, chain, user, clock):
