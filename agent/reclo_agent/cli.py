@@ -279,7 +279,7 @@ def _report_status(client: PortalClient, cfg: config.Config, server: str, *, pre
     }
     if preflight_run and sys.platform.startswith("linux"):
         try:
-            body["preflight"] = preflight.run("/", disk=preflight.disk_of("/"))
+            body["preflight"] = preflight.run("/", disk=preflight.disk_of("/"), cache_dir=cfg.state)
         except OSError as exc:
             log.warning("the bootability preflight could not run: %s", exc)
         else:

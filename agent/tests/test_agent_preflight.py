@@ -148,3 +148,27 @@ def test_initramfs_listing_reads_compressed_archives(tmp_path, compress, require
     path = tmp_path / "initrd"
     path.write_bytes(cpio(tmp_path, ["early.bin"], "e") + compress(cpio(tmp_path, ["a/nvme.ko.zst", "b"], "m")))
     assert preflight.initramfs_files(path) == ["early.bin", "a/nvme.ko.zst", "b"]
+
+
+def test_the_initramfs_listing_is_kept_until_the_file_changes(tmp_path, require_tool, monkeypatch):
+    require_tool("cpio")
+    path, cache = tmp_path / "initrd", tmp_path / "state"
+    path.write_bytes(gzip.compress(cpio(tmp_path, ["a/nvme.ko", "b"], "m")))
+    assert preflight.initramfs_files_cached(path, cache) == ["a/nvme.ko", "b"]
+    assert (cache / "initramfs-names.json").is_file()
+
+    unpacked = []
+    real = preflight.initramfs_files
+    monkeypatch.setattr(preflight, "initramfs_files", lambda p: unpacked.append(p) or real(p))
+    assert preflight.initramfs_files_cached(path, cache) == ["a/nvme.ko", "b"]
+    assert unpacked == []  # read from the cache, not unpacked again
+
+    # A kernel update rewrites the file: listed anew.
+    path.write_bytes(gzip.compress(cpio(tmp_path, ["c/ena.ko"], "n")))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    assert preflight.initramfs_files_cached(path, cache) == ["c/ena.ko"]
+    assert unpacked == [path]
+
+    # A cache that cannot be read is no cache, not a failure.
+    (cache / "initramfs-names.json").write_text("{not json")
+    assert preflight.initramfs_files_cached(path, cache) == ["c/ena.ko"]
