@@ -80,6 +80,8 @@ def test_test_failover_passes_and_leaves_a_screenshot_and_a_report(live_server, 
         assert status.text_content() == "Passed", page.locator("[data-testid=drill-error]").all_text_contents()
         assert page.locator("[data-testid=drill-check]").count() >= 2
         assert "Measured RTO" in page.locator("[data-testid=drill-rto]").text_content()
+        # The verdict's sections came in place without a reload: their image loads after them.
+        page.wait_for_function("() => document.querySelector('[data-testid=drill-screenshot] img')?.naturalWidth > 0")
         page.screenshot(path=str(tmp_path / "drill-page.png"), full_page=True)
         if SHOTS:
             Path(SHOTS).mkdir(parents=True, exist_ok=True)

@@ -42,28 +42,39 @@
     return changed;
   }
 
-  function showVerdict(data) {
-    var badge = document.getElementById("drill-status");
-    badge.textContent = data.status_label;
-    badge.className = "badge " + (data.passed ? "green" : data.status === "failed" ? "red" : "amber");
-    if (data.active) return "";
+  function badge(data) {
+    var el = document.getElementById("drill-status");
+    el.textContent = data.status_label;
+    el.className = "badge " + (data.passed ? "green" : data.status === "failed" ? "red" : "amber");
+  }
+
+  function verdict(data) {
+    if (data.passed) {
+      return "Test failover passed." + (data.rto_seconds === null ? "" : " Measured RTO: " + data.rto_seconds + " s.");
+    }
+    return "Test failover " + data.status_label.toLowerCase() + (data.error ? ": " + data.error : ".");
+  }
+
+  // The finished page's own sections (badge, report link, RTO, checks, screenshot, console), put in
+  // place of the running page's so it reads as if reloaded while the live region stays; then `done`.
+  function finish(data, done) {
     if (note) note.remove();
-    // The finished page's own sections, so the page reads as if reloaded (the live region stays).
     fetch(window.location.href, { credentials: "same-origin" })
       .then(function (r) { return r.ok ? r.text() : Promise.reject(r.status); })
       .then(function (html) {
         var fresh = new DOMParser().parseFromString(html, "text/html");
-        ["drill-actions", "drill-rto", "drill-error", "drill-results"].forEach(function (id) {
+        ["drill-status", "drill-actions", "drill-rto", "drill-error", "drill-results"].forEach(function (id) {
           var mine = document.getElementById(id);
           var theirs = fresh.getElementById(id);
           if (mine && theirs) mine.replaceWith(document.importNode(theirs, true));
         });
       })
-      .catch(function () { /* the verdict and the steps are shown; the rest is a reload away */ });
-    if (data.passed) {
-      return "Test failover passed." + (data.rto_seconds === null ? "" : " Measured RTO: " + data.rto_seconds + " s.");
-    }
-    return "Test failover " + data.status_label.toLowerCase() + (data.error ? ": " + data.error : ".");
+      .catch(function () { badge(data); })  // the verdict and the steps are shown; the rest is a reload away
+      .then(done);
+  }
+
+  function say(parts) {
+    if (parts.length && announce) announce.textContent = parts.join(" ");
   }
 
   function poll() {
@@ -71,10 +82,14 @@
       .then(function (r) { return r.ok ? r.json() : Promise.reject(r.status); })
       .then(function (data) {
         var said = showSteps(data.steps);
-        var verdict = showVerdict(data);
-        if (verdict) said.push(verdict);
-        if (said.length && announce) announce.textContent = said.join(" ");
-        if (data.active) setTimeout(poll, 2000);
+        if (data.active) {
+          badge(data);
+          say(said);
+          setTimeout(poll, 2000);
+          return;
+        }
+        // Finished: no more polls; the verdict is said once the page shows it.
+        finish(data, function () { say(said.concat([verdict(data)])); });
       })
       .catch(function () { setTimeout(poll, 5000); });
   }
