@@ -23,6 +23,7 @@ from reportlab.platypus import Image, Paragraph, Preformatted, SimpleDocTemplate
 from reclo_site import cloud
 from reclo_site.cloud import storage
 
+from . import drill_cost
 from .drills import DRILL_STEPS
 from .models import Drill
 
@@ -79,15 +80,29 @@ def drill_facts(drill: Drill) -> dict:
         "error": drill.error,
         "console_excerpt": drill.console_excerpt,
         "resources": drill.resources,
+        "cost": _cost(drill),
+    }
+
+
+def _cost(drill: Drill) -> dict:
+    """What the drill cost: nothing in the local sandbox, an estimate with its parts in the aws one."""
+    if drill.sandbox == Drill.Sandbox.LOCAL:
         # The local sandbox runs on ReClo's own worker: nothing is billed.
-        "cost": {"amount": "0.00", "currency": "USD", "note": "Local sandbox on ReClo's worker: no cloud charges."}
-        if drill.sandbox == Drill.Sandbox.LOCAL
-        else {
-            "amount": None,
+        return {
+            "amount": "0.00",
             "currency": "USD",
-            "note": "Not measured: AWS bills the instance's minutes, the EBS snapshot and its direct API calls; "
-            f"they carry the tag reclo:drill=drill-{drill.pk} on the bill.",
-        },
+            "estimated": False,
+            "parts": [],
+            "note": "Local sandbox on ReClo's worker: no cloud charges.",
+        }
+    estimate = drill_cost.estimate(drill_cost.drill_usage(drill))
+    return {
+        "amount": str(estimate.total),
+        "currency": "USD",
+        "estimated": True,
+        "parts": [{"what": p.what, "usd": None if p.usd is None else str(p.usd)} for p in estimate.parts],
+        "note": f"{estimate.text()}, at AWS's us-east-1 list prices. AWS's bill is the measure: "
+        f"everything the drill made carries the tag reclo:drill=drill-{drill.pk}.",
     }
 
 
@@ -163,9 +178,10 @@ def render_pdf(drill: Drill, facts: dict | None = None) -> bytes:
                 ],
                 [
                     "Cost",
-                    f"{facts['cost']['amount']} {facts['cost']['currency']}: {facts['cost']['note']}"
-                    if facts["cost"]["amount"] is not None
-                    else facts["cost"]["note"],
+                    # An estimate names its amount and parts in its note.
+                    facts["cost"]["note"]
+                    if facts["cost"].get("estimated") or facts["cost"]["amount"] is None
+                    else f"{facts['cost']['amount']} {facts['cost']['currency']}: {facts['cost']['note']}",
                 ],
             ]
             + ([["Reason", facts["error"]]] if facts["error"] else []),

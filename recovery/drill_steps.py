@@ -22,7 +22,7 @@ import os
 import shutil
 import signal
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import timedelta
 from pathlib import Path
 
@@ -126,13 +126,16 @@ def _prepare_image(ctx: StepContext, chain: list) -> Done:
     placeholder = f"EBS snapshot and image {image_name(request.label)}"
     _note(drill, placeholder, created=True)
     started = timezone.now()
+    # Each piece handed over is one PutSnapshotBlock call, billed (drill_cost): counted over every try.
+    written = _Counted(ctx.outputs.get("blocks_written", 0))
     try:
         with _chain_reader(drill, chain) as reader:
+            ctx.save(volume_gib=imaging.volume_gib(reader.virtual_size))
             per = reader.block_size // imaging.EBS_BLOCK_SIZE
             # The failover's cut of VHD blocks into EBS's 512 KiB ones (zero pieces are never written).
             pieces = (p for index, data in _Beating(reader, ctx).iter_blocks() for p in ebs_pieces(index, data, per))
             image_id = sandbox.prepare(
-                pieces,
+                written.counting(pieces),
                 virtual_size=reader.virtual_size,
                 request=request,
                 description=f"ReClo drill of {drill.server_name}, restore point {drill.backup_ref}",
@@ -140,6 +143,10 @@ def _prepare_image(ctx: StepContext, chain: list) -> Done:
             )
     except SandboxError as exc:
         raise StepFailed(Code.SANDBOX_FAILED, str(exc)) from exc
+    finally:
+        if written.added:
+            with suppress(LostClaim):  # taken over: the count of this try is lost, the estimate errs low
+                ctx.save(blocks_written=written.total)
     when = next((r["created"] for r in Drill.objects.get(pk=drill.pk).resources if r["what"] == placeholder), None)
     for snapshot in imaging.find_snapshots({DRILL_TAG: request.label}):
         _note(drill, f"snapshot {snapshot['snapshot_id']}", created=True, when=when, replaces=placeholder)
@@ -171,6 +178,20 @@ def _chain_reader(drill: Drill, chain: list):
         ) from exc
     except VHDError as exc:
         raise StepFailed(Code.SANDBOX_FAILED, f"A restore point of the chain is damaged: {exc}") from exc
+
+
+class _Counted:
+    """How many items went through `counting`, on top of `total` (what earlier tries counted)."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.added = 0
+
+    def counting(self, items):
+        for item in items:
+            self.total += 1
+            self.added += 1
+            yield item
 
 
 class _Beating:

@@ -2,7 +2,8 @@
 
 Prices are AWS's on-demand list prices in us-east-1 (Linux; Windows adds its
 licence, shown separately), checked 2025. They are for the customer's
-orientation on the fail-over page, not for billing.
+orientation on the fail-over page and for a drill's cost estimate
+(`recovery.drill_cost`), not for billing.
 """
 
 from dataclasses import dataclass
@@ -38,6 +39,18 @@ BY_TYPE = {size.instance_type: size for size in SIZES}
 # (t3.nano) and the public IPv4 addresses (server and gateway).
 VPN_GATEWAY_HOURLY_USD = Decimal("0.0052")
 PUBLIC_IPV4_HOURLY_USD = Decimal("0.005")
+
+# What an aws drill is billed for besides its instance's hours (`recovery.drill_cost`), us-east-1 list
+# prices. Storage: the Amazon EBS pricing page (aws.amazon.com/ebs/pricing), gp3 volume storage and
+# standard-tier snapshot storage per GB-month, the 2025 prices like those above. PutSnapshotBlock:
+# "Pricing for EBS direct APIs" in the Amazon EBS user guide, per 1,000 blocks written, read 2 Dec 2026.
+EBS_GP3_GB_MONTH_USD = Decimal("0.08")
+EBS_SNAPSHOT_GB_MONTH_USD = Decimal("0.05")
+EBS_PUT_SNAPSHOT_BLOCK_PER_1000_USD = Decimal("0.006")
+# AWS prorates storage by the second over the month, and bills a Linux instance and a gp3 volume per
+# second with a one-minute minimum.
+SECONDS_PER_MONTH = 30 * 24 * 3600
+BILLED_SECONDS_MINIMUM = 60
 
 
 def size_for_disk(virtual_size: int) -> Size:

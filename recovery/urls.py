@@ -15,6 +15,7 @@ urlpatterns = [
     path("servers/<int:server_id>/drill/", views.drill_start, name="drill-start"),
     path("drills/report/", views.contingency_report, name="contingency-report"),
     path("drills/<uuid:drill_id>/", views.drill_detail, name="drill"),
+    path("drills/<uuid:drill_id>/status.json", views.drill_status, name="drill-status"),
     path("drills/<uuid:drill_id>/screenshot.png", views.drill_screenshot, name="drill-screenshot"),
     path("drills/<uuid:drill_id>/report.pdf", views.drill_report_pdf, name="drill-report"),
     path("<uuid:recovery_id>/", views.recovery_detail, name="detail"),

@@ -15,6 +15,7 @@ from django.views.decorators.http import require_GET, require_http_methods
 
 from accounts import twofactor
 from reclo_site.errors import ServiceError
+from reclo_site.localtime import when
 
 from . import drill_report, drill_services, paths, selectors, services, sizes, vpn_watch
 from .api import vpn_file_name
@@ -293,24 +294,44 @@ def drill_start(request, server_id: int):
     return redirect("recovery:drill", drill_id=drill.pk)
 
 
-@login_required
-@require_GET
-def drill_detail(request, drill_id):
-    drill = _drill_or_404(request, drill_id)
-    zone = drill_report.owner_zone(drill)
+def _drill_progress(drill: Drill) -> dict:
+    """What the drill page shows and its script polls: the verdict so far, each step with its times as written."""
     steps = [
         {
+            "name": step.name,
             "title": DRILL_STEPS.title(step.name),
             "status": step.status,
-            "started": step.started,
-            "finished": step.finished,
-            "started_local": step.started.astimezone(zone) if step.started else None,
-            "finished_local": step.finished.astimezone(zone) if step.finished else None,
+            "started": when(step.started, seconds=True),
+            "finished": when(step.finished, seconds=True),
             "detail": step.error or step.detail,
         }
         for step in drill.steps.all()
     ]
-    return render(request, "recovery/drill.html", {"drill": drill, "steps": steps, "zone": zone})
+    return {
+        "status": drill.status,
+        "status_label": drill.get_status_display(),
+        "active": drill.is_active,
+        "passed": drill.passed,
+        "rto_seconds": None if drill.rto_seconds is None else round(drill.rto_seconds),
+        "error": drill.error,
+        "steps": steps,
+    }
+
+
+@login_required
+@require_GET
+def drill_detail(request, drill_id):
+    drill = _drill_or_404(request, drill_id)
+    return render(request, "recovery/drill.html", {"drill": drill, "progress": _drill_progress(drill)})
+
+
+@login_required
+@require_GET
+def drill_status(request, drill_id):
+    """The drill's progress as JSON, for the drill page's polling script (static/js/drill.js)."""
+    response = JsonResponse(_drill_progress(_drill_or_404(request, drill_id)))
+    response["Cache-Control"] = "no-store"
+    return response
 
 
 @login_required

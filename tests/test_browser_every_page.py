@@ -28,7 +28,7 @@ from reclo_site import testing
 from reclo_site.cloud import storage
 from recovery import devices, networks
 from recovery.failover import FAILOVER_STEPS
-from recovery.models import Recovery, RecoveryNetwork, VpnGateway
+from recovery.models import Drill, Recovery, RecoveryNetwork, VpnGateway
 from recovery.tests.factories import MiB, backup_chain, recovered_instance
 from recovery.tests.test_drill_pages import PNG, finished_drill
 
@@ -48,6 +48,7 @@ NOT_PAGES = {
     "backups:backup-undelete": "POST only",
     "recovery:drill-start": "POST only",
     "recovery:status": "JSON for the recovery page's script",
+    "recovery:drill-status": "JSON for the drill page's script",
     "recovery:drill-screenshot": "a PNG",
     "recovery:drill-report": "a PDF",
     "recovery:vpn-config": "a WireGuard file",
@@ -94,6 +95,14 @@ def make_data(user, twofactor_user):
     empty = ServerFactory(user=user, name="old-reception-pc")
     drill = finished_drill(backups[-1], passed=True, screenshot=True)
     finished_drill(backups[0], passed=False)
+    # A drill still booting: the page that polls and speaks through its live region.
+    running_drill = Drill.objects.create(
+        user=user, server=server, server_name=server.name, backup=backups[-1], backup_ref=backups[-1].pk,
+        backup_created=backups[-1].date_created, status="booting", trigger=Drill.Trigger.PORTAL,
+    )  # fmt: skip
+    for n, (step, status) in enumerate((("preparing", "done"), ("booting", "running"), ("checking", "pending"))):
+        running_drill.steps.create(name=step, position=n, status=status, started=timezone.now() if n < 2 else None,
+                                   detail="Read 1 restore point(s); 8 MiB of data." if n == 0 else "")  # fmt: skip
     storage.put_object(f"drills/{user.pk}/{drill.pk}/screenshot.png", PNG)
 
     ready = recovered_instance(user=user, server=server)
@@ -130,6 +139,7 @@ def make_data(user, twofactor_user):
         "empty": empty.pk,
         "backup": backups[-1].pk,
         "drill": drill.pk,
+        "running drill": running_drill.pk,
         "ready": ready.recovery_id,
         "failed": failed.pk,
         "running": running.pk,
@@ -170,6 +180,7 @@ def pages(d) -> dict[str, tuple[str, str]]:
         "stop a server in the cloud": ("owner", r("recovery:instance-action", args=[d["instance"], "stop"])),
         "terminate a server in the cloud": ("owner", r("recovery:instance-action", args=[d["stopped"], "terminate"])),
         "drill": ("owner", r("recovery:drill", args=[d["drill"]])),
+        "drill running": ("owner", r("recovery:drill", args=[d["running drill"]])),
         "contingency report": ("owner", r("recovery:contingency-report")),
         "vpn devices": ("owner", r("recovery:vpn-devices")),
         "revoke a vpn device": ("owner", r("recovery:vpn-device-revoke", args=[d["device"]])),

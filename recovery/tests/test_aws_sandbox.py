@@ -23,6 +23,7 @@ import os
 import signal
 import time
 from datetime import timedelta
+from decimal import Decimal
 
 import pytest
 from botocore.awsrequest import AWSResponse
@@ -148,8 +149,12 @@ def drilled(user, **server_fields) -> Drill:
 
 
 # moto for everything but GetConsoleOutput's text and GetConsoleScreenshot (EC2Extension).
-def test_a_drill_boots_the_image_in_an_isolated_subnet_passes_and_leaves_nothing(aws_drills):
+def test_a_drill_boots_the_image_in_an_isolated_subnet_passes_and_leaves_nothing(aws_drills, settings):
     ext = EC2Extension()
+    puts: list[int] = []  # the PutSnapshotBlock calls moto answered (its cost is per block written)
+    ext.ebs.meta.events.register(
+        "before-parameter-build.ebs.PutSnapshotBlock", lambda params, **kwargs: puts.append(params["BlockIndex"])
+    )
     drill = drilled(aws_drills, preflight={"boot_mode": "uefi", "os": "linux"})
     assert drill.status == "passed", drill.error
     assert [c["name"] for c in drill.checks] == [
@@ -184,6 +189,17 @@ def test_a_drill_boots_the_image_in_an_isolated_subnet_passes_and_leaves_nothing
     assert drill_inventory() == NOTHING
     facts = drill_report.drill_facts(drill)
     assert facts["sandbox"] == "aws" and "reclo:drill=drill-" in facts["cost"]["note"]
+    # Its cost, estimated from what it did: the instance's minutes and disk, the snapshot, every block written.
+    prepared = drill.steps.get(name="preparing").outputs
+    assert prepared["blocks_written"] == len(puts) > 0 and prepared["volume_gib"] == 1
+    cost = facts["cost"]
+    assert cost["estimated"] is True and cost["note"].startswith("Estimated cost: ")
+    assert [p["what"].split(" ")[0] for p in cost["parts"]] == ["instance", "its", "snapshot", f"{len(puts):,}"]
+    assert cost["parts"][0]["what"] == f"instance {settings.RECLO_DRILL_INSTANCE_TYPE} 1 min"
+    assert cost["parts"][-1] == {
+        "what": f"{len(puts)} PutSnapshotBlock calls",
+        "usd": str(Decimal("0.000006") * len(puts)),
+    }
     made = [r["what"] for r in drill.resources]
     for kind in ("image ami-", "snapshot snap-", "VPC vpc-", "subnet subnet-", "security group sg-", "instance i-"):
         assert sum(w.startswith(kind) for w in made) == 1, (kind, made)

@@ -3,6 +3,7 @@ the dashboard's warning, the Test failover button, the screenshot and the PDF.""
 
 import io
 import json
+import uuid
 from datetime import UTC, timedelta
 
 import pytest
@@ -66,6 +67,47 @@ def test_another_tenants_drill_pages_are_404(outsider, chain):
     for url in ("", "screenshot.png", "report.pdf"):
         assert outsider.get(f"/recovery/drills/{drill.pk}/{url}").status_code == 404, url
     assert outsider.post(f"/recovery/servers/{drill.server_id}/drill/").status_code == 404
+
+
+def test_the_status_json_gives_the_owner_the_steps_and_the_verdict(owner, chain, user):
+    from recovery import drill_services
+
+    drill = drill_services.drill_start(user=user, backup_id=chain[0][-1].pk, trigger=Drill.Trigger.PORTAL)
+    response = owner.get(f"/recovery/drills/{drill.pk}/status.json")
+    assert (response.status_code, response["Cache-Control"]) == (200, "no-store")
+    data = response.json()
+    assert (data["status"], data["status_label"], data["active"], data["passed"]) == ("queued", "Queued", True, False)
+    assert [(s["name"], s["title"], s["status"], s["started"]) for s in data["steps"]] == [
+        ("preparing", "Preparing the disk", "pending", ""),
+        ("booting", "Booting in the sandbox", "pending", ""),
+        ("checking", "Checking the server", "pending", ""),
+    ]
+    page = owner.get(f"/recovery/drills/{drill.pk}/").content.decode()
+    # The page polls it with its script; without JavaScript a plain link refreshes it, nothing reloads by itself.
+    assert "js/drill.js" in page and f'data-status-url="/recovery/drills/{drill.pk}/status.json"' in page
+    assert 'http-equiv="refresh"' not in page and f'<a href="/recovery/drills/{drill.pk}/">Refresh</a>' in page
+    assert 'aria-live="polite" id="drill-announce"' in page
+
+    done = finished_drill(chain[0][-1], passed=True)
+    data = owner.get(f"/recovery/drills/{done.pk}/status.json").json()
+    assert (data["status_label"], data["active"], data["passed"], data["rto_seconds"]) == ("Passed", False, True, 42)
+    assert data["steps"][0]["finished"] == when(done.steps.get(name="preparing").finished, UTC, seconds=True)
+    page = owner.get(f"/recovery/drills/{done.pk}/").content.decode()
+    assert "js/drill.js" not in page and "data-status-url" not in page and ">Refresh</a>" not in page
+
+
+def test_the_status_json_is_the_owners_only(owner, outsider, chain, client):
+    drill = finished_drill(chain[0][-1], passed=False)
+    url = f"/recovery/drills/{drill.pk}/status.json"
+    assert outsider.get(url).status_code == 404  # owner and outsider share the client: the outsider is signed in
+    assert outsider.get(f"/recovery/drills/{uuid.uuid4()}/status.json").status_code == 404
+    client.logout()
+    anonymous = client.get(url)
+    assert anonymous.status_code == 302 and anonymous["Location"].startswith("/accounts/login/")
+    assert client.post(url).status_code == 302  # sign-in first; then GET only
+    client.force_login(drill.user)
+    assert client.post(url).status_code == 405
+    assert client.get(url).json()["error"] == drill.error
 
 
 def test_restore_points_show_boot_verified_or_the_drill_failure(owner, chain):
