@@ -29,9 +29,16 @@ def user_zone(user) -> tzinfo:
 def when(value: datetime | None, zone=None, *, seconds: bool = False) -> str:
     """`value` in `zone` (default: the active one) as "2 Dec 2026, 09:14 CET".
 
+    `value` may be an ISO 8601 string (from a JSON field); other strings are given back as they are.
+
     The zone's abbreviation names it; where a zone has none (many print an
     offset such as "+04"), the offset is written "UTC+04".
     """
+    if isinstance(value, str) and value:
+        try:  # a time kept in a JSON field (a drill's resources), as ISO 8601
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return value
     if not isinstance(value, datetime):  # None, or a template's empty string for a missing value
         return "" if not value else str(value)
     local = timezone.localtime(value, zone) if timezone.is_aware(value) else value

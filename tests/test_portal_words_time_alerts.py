@@ -101,6 +101,12 @@ def test_when_names_a_zone_without_an_abbreviation_by_its_offset():
     assert when(None) == ""
 
 
+def test_when_reads_an_iso_time_from_a_json_field():
+    berlin = zoneinfo.ZoneInfo("Europe/Berlin")
+    assert when("2026-07-01T12:00:00+00:00", berlin, seconds=True) == "1 Jul 2026, 14:00:00 CEST"
+    assert when("not a time", berlin) == "not a time"
+
+
 # --- Plain words ----------------------------------------------------------------------------
 
 

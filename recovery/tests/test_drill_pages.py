@@ -62,6 +62,19 @@ def test_the_drill_page_shows_steps_checks_console_and_screenshot(owner, chain):
     assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF")
 
 
+def test_the_drill_page_gives_when_each_resource_was_removed_in_the_owners_zone(owner, chain, user):
+    user.time_zone = "Asia/Kolkata"  # UTC+05:30 all year
+    user.save(update_fields=["time_zone"])
+    resources = [
+        {"what": "QEMU guest", "created": "2026-03-02T09:00:00+00:00", "removed": "2026-03-02T09:05:07+00:00"},
+        {"what": "the disk image", "created": "2026-03-02T09:00:00+00:00", "removed": None},
+    ]
+    drill = finished_drill(chain[0][-1], passed=True, resources=resources)
+    page = owner.get(f"/recovery/drills/{drill.pk}/").content.decode()
+    assert "QEMU guest · removed 2 Mar 2026, 14:35:07 IST" in page
+    assert "the disk image · <strong>still there</strong>" in page
+
+
 def test_another_tenants_drill_pages_are_404(outsider, chain):
     drill = finished_drill(chain[0][-1], passed=True, screenshot=True)
     for url in ("", "screenshot.png", "report.pdf"):
