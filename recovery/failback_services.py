@@ -124,7 +124,7 @@ def failback_finished(failback_id, status: str) -> bool:
     }
     with transaction.atomic():
         failback = (
-            Failback.objects.select_for_update()
+            Failback.objects.select_for_update(of=("self",))
             .filter(pk=failback_id)
             .select_related("user", "recovery", "parent")
             .first()

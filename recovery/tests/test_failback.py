@@ -8,14 +8,20 @@ cloud" into it, and answers ListChangedBlocks as AWS documents it.
 """
 
 import random
+from datetime import timedelta
+from unittest import mock
 
 import pytest
+from django.utils import timezone
 from reclo_agent import restore as agent_restore
 from reclo_agent.errors import UsageError
 from reclo_agent.progress import Reporter
 
 from accounts.models import AuditEvent
+
 from backups.models import Backup
+from reclo_site import cloud
+from reclo_site.errors import Code, ServiceError
 from recovery import engine, failback_services, services
 from recovery.failback import FAILBACK
 from recovery.models import Failback, FailbackStep, Instance
@@ -80,6 +86,10 @@ def work_in_the_cloud(cloud_disk, instance, disk: bytes, seed: int = 7) -> bytes
     return bytes(new)
 
 
+def outputs(failback, step):
+    return FailbackStep.objects.get(failback=failback, name=step).outputs
+
+
 def restore_to(api, backup_id, path, **kwargs):
     return agent_restore.restore(PortalThroughApi(api), str(backup_id), str(path), Reporter(quiet=True), **kwargs)
 
@@ -105,4 +115,197 @@ def test_failback_round_trips_the_clouds_changes_bit_for_bit_full_and_changed_si
     assert repaired.read_bytes() == top
     result = restore_to(api, backup.pk, repaired, force=True, changed_since=str(recovery.backup_ref))
     assert repaired.read_bytes() == worked
+    # Only the failback's own object was read, and only its blocks written.
     assert result.layers == 1
+    assert result.written == 3 * 2 * MiB  # the three 2 MiB VHD blocks holding the changes, of six
+    # The five EBS blocks the office changed (one write spans two), nothing else.
+    assert outputs(failback, "copying")["blocks"] == 5
+
+
+def test_the_restore_point_is_verified_like_any_upload_and_the_owner_told(failed_over, cloud_disk, user, mailoutbox):
+    recovery, instance, top = failed_over
+    work_in_the_cloud(cloud_disk, instance, top)
+    failback = drive_failback(failback_services.failback_start(user=user, recovery=recovery).pk)
+    backup = Backup.objects.get(pk=failback.backup_ref)
+    assert backup.verified_at and backup.vhd_unique_id and backup.version_id  # read back and pinned by the verifier
+    assert backup.locked_until is not None  # locked like every verified restore point
+    assert backup.server_id == recovery.server_id and backup.disk == recovery.disk
+    assert backup.date_created == failback.snapshot_at
+    # The pipeline's on_exit hook runs after commit (never inside a test's transaction): run it, then again
+    # (a crash, a redelivery), as the engine may.
+    assert failback_services.failback_finished(failback.pk, failback.status) is True
+    assert failback_services.failback_finished(failback.pk, failback.status) is False
+    kinds = list(AuditEvent.objects.filter(user=user).values_list("kind", flat=True))
+    assert {"failback.started", "failback.ready", "backup.verified"} <= set(kinds)
+    mails = [m for m in mailoutbox if "saved as a restore point" in m.subject]
+    assert len(mails) == 1 and str(failback.backup_ref) in mails[0].body and mails[0].to == [user.email]
+
+
+def test_a_full_restore_point_when_the_failovers_point_has_a_newer_backup_on_it(
+    failed_over, cloud_disk, user, api, tmp_path
+):
+    recovery, instance, top = failed_over
+    # The office made one more backup before it failed over from the older point: the failback cannot fork it.
+    backups, _ = backup_chain(user=user, server=recovery.server, size=12 * MiB, incrementals=0, seed=5, disk_name="sdz")
+    newer = backups[0]
+    Backup.objects.filter(pk=newer.pk).update(disk=recovery.disk, kind="incremental", parent=recovery.backup_ref)
+    worked = work_in_the_cloud(cloud_disk, instance, top, seed=11)
+    failback = drive_failback(failback_services.failback_start(user=user, recovery=recovery).pk)
+    assert failback.status == "ready", failback.error
+    assert failback.kind == "full" and failback.parent_id is None
+    backup = Backup.objects.get(pk=failback.backup_ref)
+    assert backup.kind == "full" and backup.parent_id is None and backup.status == "verified"
+    target = tmp_path / "disk.img"
+    restore_to(api, backup.pk, target)
+    assert target.read_bytes() == worked
+
+
+def test_a_full_restore_point_after_a_vm_import_failover(failed_over, cloud_disk, user):
+    recovery, instance, top = failed_over
+    # VM Import installs drivers into the disk it imports: its snapshot is not the restore point's disk.
+    type(recovery).objects.filter(pk=recovery.pk).update(import_method="vm_import")
+    failback = drive_failback(failback_services.failback_start(user=user, recovery=recovery).pk)
+    assert failback.status == "ready", failback.error
+    assert failback.kind == "full"
+    assert "VM Import" in outputs(failback, "snapshotting")["why"]
+
+
+class Killed(BaseException):
+    """A worker killed mid-step: nothing after this point ran, not even except clauses."""
+
+
+def test_a_worker_killed_mid_copy_resumes_from_the_same_snapshot(
+    failed_over, cloud_disk, user, api, tmp_path, monkeypatch, django_capture_on_commit_callbacks
+):
+    from reclo_site.cloud import volumes
+
+    recovery, instance, top = failed_over
+    worked = work_in_the_cloud(cloud_disk, instance, top)
+    failback = failback_services.failback_start(user=user, recovery=recovery)
+    real = volumes._get_block
+    reads = []
+
+    def die_on_the_third(snapshot_id, index, token):
+        reads.append(index)
+        if len(reads) == 3:
+            raise Killed("worker killed mid-copy")
+        return real(snapshot_id, index, token)
+
+    monkeypatch.setattr(volumes, "_get_block", die_on_the_third)
+    with pytest.raises(Killed):
+        drive_failback(failback.pk)
+    assert Failback.objects.get(pk=failback.pk).status == "copying"
+    assert not Backup.objects.filter(pk=failback.backup_ref).exists()
+    # The reconciler takes the step over once the dead worker's lease ran out.
+    Failback.objects.filter(pk=failback.pk).update(lease_until=timezone.now() - timedelta(seconds=1))
+    with mock.patch.object(engine, "enqueue") as sent, django_capture_on_commit_callbacks(execute=True):
+        assert engine.reconcile(pipeline=FAILBACK) == 1
+    assert sent.call_args.args[:2] == (failback.pk, "copying")
+    failback = drive_failback(failback.pk)
+    assert failback.status == "ready", failback.error
+    assert len(cloud_disk.snapshots_of_volumes) == 1  # no second snapshot
+    target = tmp_path / "disk.img"
+    restore_to(api, failback.backup_ref, target)
+    assert target.read_bytes() == worked
+
+
+def test_a_worker_killed_right_after_the_snapshot_call_finds_it_by_its_tag(failed_over, cloud_disk, user, monkeypatch):
+    from reclo_site.cloud import volumes
+
+    recovery, _instance, _top = failed_over
+    failback = failback_services.failback_start(user=user, recovery=recovery)
+    real = volumes.create_snapshot
+
+    def then_die(*args, **kwargs):
+        real(*args, **kwargs)
+        raise Killed("killed before the id was saved")
+
+    monkeypatch.setattr(volumes, "create_snapshot", then_die)
+    with pytest.raises(Killed):
+        drive_failback(failback.pk)
+    monkeypatch.setattr(volumes, "create_snapshot", real)
+    failback = drive_failback(failback.pk)
+    assert failback.status == "ready", failback.error
+    assert len(cloud_disk.snapshots_of_volumes) == 1
+    assert failback.snapshot_id == cloud_disk.snapshots_of_volumes[0]
+
+
+def test_a_failback_of_a_terminated_server_is_refused(failed_over, user):
+    recovery, instance, _top = failed_over
+    Instance.objects.filter(pk=instance.pk).update(state="terminated")
+    with pytest.raises(ServiceError) as caught:
+        failback_services.failback_start(user=user, recovery=recovery)
+    assert caught.value.code == Code.INSTANCE_STATE_CONFLICT and "terminated" in caught.value.message
+
+
+def test_one_failback_at_a_time(failed_over, user):
+    recovery, _instance, _top = failed_over
+    failback_services.failback_start(user=user, recovery=recovery)
+    with pytest.raises(ServiceError) as caught:
+        failback_services.failback_start(user=user, recovery=recovery)
+    assert caught.value.code == Code.FAILOVER_RUNNING
+
+
+def test_a_server_gone_from_the_cloud_fails_the_failback_readably(failed_over, user):
+    from reclo_site.cloud import compute
+
+    recovery, instance, _top = failed_over
+    failback = failback_services.failback_start(user=user, recovery=recovery)
+    compute.terminate_instance(instance.instance_id)
+    with mock.patch("reclo_site.cloud.volumes.root_volume", side_effect=cloud.ObjectNotFound("gone", "x")):
+        failback = drive_failback(failback.pk)
+    assert failback.status == "failed" and "gone" in failback.error
+
+
+# --- the agent's --changed-since ----------------------------------------------------------------
+
+
+@pytest.fixture
+def brought_home(failed_over, cloud_disk, user):
+    recovery, instance, top = failed_over
+    worked = work_in_the_cloud(cloud_disk, instance, top)
+    failback = drive_failback(failback_services.failback_start(user=user, recovery=recovery).pk)
+    return recovery, failback, top, worked
+
+
+def test_changed_since_a_point_not_in_the_chain_is_refused_before_writing(brought_home, api, tmp_path):
+    _recovery, failback, top, _worked = brought_home
+    target = tmp_path / "disk.img"
+    target.write_bytes(top)
+    with pytest.raises(UsageError, match="not one that"):
+        restore_to(api, failback.backup_ref, target, force=True, changed_since="0123456789abcdef")
+    with pytest.raises(UsageError, match="itself"):
+        restore_to(api, failback.backup_ref, target, force=True, changed_since=str(failback.backup_ref))
+    assert target.read_bytes() == top
+
+
+def test_changed_since_needs_a_target_that_can_hold_the_earlier_point(brought_home, api, tmp_path):
+    recovery, failback, top, _worked = brought_home
+    with pytest.raises(UsageError, match="does not exist"):
+        restore_to(api, failback.backup_ref, tmp_path / "none.img", force=True, changed_since=str(recovery.backup_ref))
+    small = tmp_path / "small.img"
+    small.write_bytes(top[: len(top) // 2])
+    with pytest.raises(UsageError, match="cannot hold"):
+        restore_to(api, failback.backup_ref, small, force=True, changed_since=str(recovery.backup_ref))
+    assert small.read_bytes() == top[: len(top) // 2]
+    whole = tmp_path / "whole.img"
+    whole.write_bytes(top)
+    with pytest.raises(UsageError, match="--force"):
+        restore_to(api, failback.backup_ref, whole, changed_since=str(recovery.backup_ref))
+
+
+def test_the_command_line_takes_changed_since(monkeypatch):
+    from reclo_agent import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_load_config", lambda args: None)
+    monkeypatch.setattr(cli, "_client", lambda config: None)
+    monkeypatch.setattr(cli, "_resolve_backup_id", lambda client, given: f"full-{given}")
+
+    def fake_restore(client, backup_id, target, reporter, *, force, changed_since):
+        seen.update(backup_id=backup_id, target=target, force=force, changed_since=changed_since)
+        return agent_restore.RestoreResult(backup_id, 1, 1, 0, 0)
+
+    monkeypatch.setattr(cli, "restore", fake_restore)
+    assert cli.main(["restore", "abc", "/dev/sdb", "--force", "--changed-since", "def"]) == 0
+    assert seen == {"backup_id": "full-abc", "target": "/dev/sdb", "force": True, "changed_since": "full-def"}
