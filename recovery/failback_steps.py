@@ -256,7 +256,8 @@ def _write_blocks(ctx, writer: VHDWriter, snapshot_id: str, listed: list, block_
     per = block_size // EBS
     sectors_per_piece = EBS // SECTOR
     bitmap_bytes = block_size // SECTOR // 8
-    current, data, pieces = -1, bytearray(), []
+    current, data = -1, bytearray()
+    pieces: list[int] = []
 
     def flush() -> None:
         if current < 0:

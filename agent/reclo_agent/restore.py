@@ -41,6 +41,7 @@ import threading
 import time
 from bisect import bisect_right
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -484,7 +485,7 @@ def write_changed(layers: list[Layer], chain: ChainReader, allocated: list[int],
         return data.ljust(block_size, b"\0")
 
     def assemble(index: int, length: int, pieces: list) -> bytes:
-        stored = []
+        stored: list[tuple[bytes, bytes | Callable[[], bytes]]] = []
         for frames, at in pieces:
             try:
                 raw = pyzstd.decompress(frames)

@@ -8,17 +8,19 @@ cloud" into it, and answers ListChangedBlocks as AWS documents it.
 """
 
 import random
+import uuid
 from datetime import timedelta
 from unittest import mock
 
 import pytest
+from django.test import Client
+from django.urls import reverse
 from django.utils import timezone
 from reclo_agent import restore as agent_restore
 from reclo_agent.errors import UsageError
 from reclo_agent.progress import Reporter
 
 from accounts.models import AuditEvent
-
 from backups.models import Backup
 from reclo_site import cloud
 from reclo_site.errors import Code, ServiceError
@@ -26,7 +28,7 @@ from recovery import engine, failback_services, services
 from recovery.failback import FAILBACK
 from recovery.models import Failback, FailbackStep, Instance
 
-from .factories import MiB, backup_chain
+from .factories import MiB, backup_chain, recovered_instance
 from .moto_cloud_disk import EBS_BLOCK, CloudDisk
 
 pytestmark = pytest.mark.django_db
@@ -309,3 +311,121 @@ def test_the_command_line_takes_changed_since(monkeypatch):
     monkeypatch.setattr(cli, "restore", fake_restore)
     assert cli.main(["restore", "abc", "/dev/sdb", "--force", "--changed-since", "def"]) == 0
     assert seen == {"backup_id": "full-abc", "target": "/dev/sdb", "force": True, "changed_since": "full-def"}
+
+
+# --- the pages ----------------------------------------------------------------------------------
+
+
+def test_bring_it_home_from_the_recovery_page_to_the_restore_commands(failed_over, cloud_disk, owner, user):
+    recovery, instance, top = failed_over
+    page = owner.get(reverse("recovery:detail", args=[recovery.pk])).content.decode()
+    start = reverse("recovery:failback-start", args=[recovery.pk])
+    assert start in page and 'data-testid="bring-home-link"' in page
+    confirm = owner.get(start).content.decode()
+    assert "Bring front-desk home?" in confirm and 'data-testid="bring-home"' in confirm
+    response = owner.post(start)
+    failback = Failback.objects.get(recovery=recovery)
+    assert response.status_code == 302 and response["Location"] == reverse("recovery:failback", args=[failback.pk])
+    page = owner.get(response["Location"]).content.decode()
+    assert "Snapshotting the cloud server" in page and "restore-full" not in page
+    work_in_the_cloud(cloud_disk, instance, top)
+    drive_failback(failback.pk)
+    page = owner.get(response["Location"]).content.decode()
+    assert f"reclo-agent restore {failback.backup_ref} /dev/sdX --force --changed-since {recovery.backup_ref}" in page
+    assert f"reclo-agent restore {failback.backup_ref} /dev/sdX --force</pre>" in page
+
+
+def test_bring_it_home_is_refused_kindly_for_a_terminated_server(failed_over, owner):
+    recovery, instance, _top = failed_over
+    Instance.objects.filter(pk=instance.pk).update(state="terminated")
+    start = reverse("recovery:failback-start", args=[recovery.pk])
+    page = owner.get(start).content.decode()
+    assert 'data-testid="not-allowed"' in page and "this one is terminated" in page
+    assert "bring-home-link" not in owner.get(reverse("recovery:detail", args=[recovery.pk])).content.decode()
+    response = owner.post(start, follow=True)
+    assert "Only a running or stopped server" in response.content.decode()
+    assert not Failback.objects.exists()
+
+
+def test_another_tenant_gets_404_on_the_failback_pages(failed_over, outsider, user):
+    recovery, _instance, _top = failed_over
+    failback = failback_services.failback_start(user=user, recovery=recovery)
+    for url in [
+        reverse("recovery:failback-start", args=[recovery.pk]),
+        reverse("recovery:failback", args=[failback.pk]),
+    ]:
+        assert outsider.get(url).status_code == 404, url
+        assert outsider.post(url).status_code in (404, 405), url
+    assert Failback.objects.count() == 1
+
+
+def test_unknown_and_malformed_failback_ids_are_404_and_pages_need_a_login(owner, client, aws):
+    assert owner.get(reverse("recovery:failback", args=[uuid.uuid4()])).status_code == 404
+    assert owner.get(reverse("recovery:failback-start", args=[uuid.uuid4()])).status_code == 404
+    assert owner.get("/recovery/failbacks/not-a-uuid/").status_code == 404
+    assert failback_services.failback_get(user=None, failback_id="'; drop table") is None
+    client.logout()
+    response = client.get(reverse("recovery:failback", args=[uuid.uuid4()]))
+    assert response.status_code == 302 and "/accounts/login/" in response["Location"]
+
+
+def test_bring_it_home_needs_the_forms_csrf_token(failed_over, user):
+    recovery, _instance, _top = failed_over
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(user)
+    assert browser.post(reverse("recovery:failback-start", args=[recovery.pk])).status_code == 403
+    assert not Failback.objects.exists()
+
+
+def saved(instance, *, at):
+    """A failback of the instance that made its restore point at `at` (as the pipeline leaves it)."""
+    return Failback.objects.create(
+        user=instance.user, recovery=instance.recovery, server=instance.recovery.server,
+        server_name=instance.recovery.server_name, instance_id=instance.instance_id,
+        status=Failback.Status.READY, kind="full", snapshot_at=at, finished=at,
+    )  # fmt: skip
+
+
+def test_terminate_asks_for_the_typed_name_while_the_cloud_holds_unsaved_work(owner, aws, user):
+    instance = recovered_instance(user=user)
+    name = instance.recovery.server_name
+    url = reverse("recovery:instance-action", args=[instance.instance_id, "terminate"])
+    page = owner.get(url).content.decode()
+    assert 'data-testid="unsaved-warning"' in page and 'data-testid="confirm-name"' in page
+    assert reverse("recovery:failback-start", args=[instance.recovery_id]) in page
+    empty = owner.post(url)
+    assert empty.status_code == 400 and f"Type the server&#x27;s name, {name}, to confirm." in empty.content.decode()
+    wrong = owner.post(url, {"server_name": name.upper()})
+    assert wrong.status_code == 400 and "That is not the server&#x27;s name." in wrong.content.decode()
+    assert 'aria-invalid="true"' in wrong.content.decode()
+    assert Instance.objects.get(pk=instance.pk).state == "running"
+    right = owner.post(url, {"server_name": f" {name} "})
+    assert right.status_code == 302 and Instance.objects.get(pk=instance.pk).state == "terminated"
+
+
+def test_terminate_asks_nothing_more_once_the_stopped_server_was_brought_home(owner, aws, user):
+    instance = recovered_instance(user=user, state="stopped")
+    saved(instance, at=timezone.now() + timedelta(seconds=1))
+    assert failback_services.unsaved_changes(instance) is False
+    url = reverse("recovery:instance-action", args=[instance.instance_id, "terminate"])
+    page = owner.get(url).content.decode()
+    assert "unsaved-warning" not in page and "confirm-name" not in page
+    response = owner.post(url)
+    assert response.status_code == 302 and Instance.objects.get(pk=instance.pk).state == "terminated"
+
+
+def test_work_after_the_last_failback_is_unsaved_again(aws, user):
+    instance = recovered_instance(user=user, state="stopped")
+    saved(instance, at=instance.stopped_at - timedelta(minutes=5))  # brought home while it still ran, then stopped
+    assert failback_services.unsaved_changes(instance) is True
+    saved(instance, at=instance.stopped_at + timedelta(minutes=1))
+    assert failback_services.unsaved_changes(instance) is False
+    # Started again: whatever it writes from now on is in no restore point.
+    Instance.objects.filter(pk=instance.pk).update(state="running", running_since=timezone.now() + timedelta(minutes=2))
+    instance.refresh_from_db()
+    assert failback_services.unsaved_changes(instance) is True
+    # A failed failback saves nothing.
+    Failback.objects.update(status=Failback.Status.FAILED)
+    Instance.objects.filter(pk=instance.pk).update(state="stopped")
+    instance.refresh_from_db()
+    assert failback_services.unsaved_changes(instance) is True
