@@ -16,6 +16,8 @@ from django.utils import timezone
 from accounts import notify
 from accounts.audit import audit_record
 from accounts.models import AuditEvent
+from reclo_site import cloud
+from reclo_site.cloud import imaging
 from reclo_site.errors import Code, ServiceError
 
 from . import engine
@@ -140,6 +142,22 @@ def failback_finished(failback_id, status: str) -> bool:
         else:
             details["backup_id"] = str(failback.backup_ref)
         audit_record(event_kind, user=failback.user, address="worker", **details)
+    _snapshot_drop(failback)
     template = "failback_ready" if failback.status == Failback.Status.READY else "failback_failed"
     notify.owner_email(failback.user, f"recovery/email/{template}", {"failback": failback})
     return True
+
+
+def _snapshot_drop(failback: Failback) -> None:
+    """Delete the failback's snapshot of the cloud disk: the restore point holds it now (or it failed).
+
+    A next failback compares with the failover's snapshot, never with this
+    one, and a retry takes a new one. A cloud error is logged: the snapshot
+    (tagged `reclo:failback`) then waits for the next end of this hook.
+    """
+    if not failback.snapshot_id:
+        return
+    try:
+        imaging.delete_snapshot(failback.snapshot_id)
+    except cloud.CloudError:
+        log.warning("failback %s: could not delete snapshot %s", failback.pk, failback.snapshot_id, exc_info=True)

@@ -42,7 +42,8 @@ def failback_tags(failback: Failback) -> dict:
     return {
         "reclo:managed": "true",
         "reclo:tenant": str(failback.user_id),
-        "reclo:recovery": str(failback.recovery_id),
+        # Not `reclo:recovery`: the failover finds its own snapshot by that tag.
+        "reclo:failback-of": str(failback.recovery_id),
         "reclo:failback": str(failback.pk),
         "reclo:role": "failback-disk",
         "Name": f"reclo {failback.server_name} (failback)",

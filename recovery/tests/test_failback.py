@@ -23,6 +23,7 @@ from reclo_agent.progress import Reporter
 from accounts.models import AuditEvent
 from backups.models import Backup
 from reclo_site import cloud
+from reclo_site.cloud import imaging
 from reclo_site.errors import Code, ServiceError
 from recovery import engine, failback_services, services
 from recovery.failback import FAILBACK
@@ -135,8 +136,12 @@ def test_the_restore_point_is_verified_like_any_upload_and_the_owner_told(failed
     assert backup.date_created == failback.snapshot_at
     # The pipeline's on_exit hook runs after commit (never inside a test's transaction): run it, then again
     # (a crash, a redelivery), as the engine may.
+    assert imaging.snapshot_state(failback.snapshot_id)[0] == "completed"
     assert failback_services.failback_finished(failback.pk, failback.status) is True
     assert failback_services.failback_finished(failback.pk, failback.status) is False
+    # The snapshot of the cloud disk is let go: the verified restore point holds it.
+    with pytest.raises(cloud.ObjectNotFound):
+        imaging.snapshot_state(failback.snapshot_id)
     kinds = list(AuditEvent.objects.filter(user=user).values_list("kind", flat=True))
     assert {"failback.started", "failback.ready", "backup.verified"} <= set(kinds)
     mails = [m for m in mailoutbox if "saved as a restore point" in m.subject]
