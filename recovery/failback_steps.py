@@ -183,7 +183,7 @@ def copy(ctx: StepContext) -> Done:
         listed = volumes.changed_blocks(before["base_snapshot_id"], snapshot_id)
     else:
         parent_vhd, block_size = None, DEFAULT_BLOCK_SIZE
-        listed = [(index, token) for index, token in volumes.snapshot_block_list(snapshot_id)]
+        listed = list(volumes.snapshot_block_list(snapshot_id))
     # The volume is whole GiB; the disk is the restore point's size. Blocks past it hold nothing of the disk.
     beyond = sum(1 for index, _ in listed if index * EBS >= size)
     listed = [(index, token) for index, token in listed if index * EBS < size]

@@ -148,6 +148,29 @@ def test_the_restore_point_is_verified_like_any_upload_and_the_owner_told(failed
     assert len(mails) == 1 and str(failback.backup_ref) in mails[0].body and mails[0].to == [user.email]
 
 
+def test_no_change_in_the_cloud_makes_an_empty_incremental_and_writes_nothing(failed_over, user, api, tmp_path):
+    recovery, _instance, top = failed_over
+    failback = drive_failback(failback_services.failback_start(user=user, recovery=recovery).pk)
+    assert failback.status == "ready", failback.error
+    assert outputs(failback, "copying")["blocks"] == 0
+    target = tmp_path / "disk.img"
+    restore_to(api, recovery.backup_ref, target)
+    result = restore_to(api, failback.backup_ref, target, force=True, changed_since=str(recovery.backup_ref))
+    assert result.written == 0 and target.read_bytes() == top
+
+
+def test_writes_past_the_disks_end_on_the_whole_gib_volume_are_left_out(failed_over, cloud_disk, user, api, tmp_path):
+    recovery, instance, top = failed_over
+    worked = work_in_the_cloud(cloud_disk, instance, top)
+    cloud_disk.write(instance.instance_id, len(top) + 3 * EBS_BLOCK, b"past the end" * 100)
+    failback = drive_failback(failback_services.failback_start(user=user, recovery=recovery).pk)
+    assert failback.status == "ready", failback.error
+    assert outputs(failback, "copying")["beyond_disk"] == 1
+    target = tmp_path / "disk.img"
+    restore_to(api, failback.backup_ref, target)
+    assert target.read_bytes() == worked
+
+
 def test_a_full_restore_point_when_the_failovers_point_has_a_newer_backup_on_it(
     failed_over, cloud_disk, user, api, tmp_path
 ):
