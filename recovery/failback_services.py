@@ -51,13 +51,13 @@ def can_bring_home(instance: Instance | None) -> bool:
 def failback_start(*, user, recovery: Recovery) -> Failback:
     """Queue a failback of the recovered server of `recovery` (the caller's own).
 
-    Raises ServiceError INSTANCE_STATE_CONFLICT (no running or stopped
+    Raises ServiceError NOT_FOUND (another tenant's), INSTANCE_STATE_CONFLICT (no running or stopped
     server to bring home, or its server was removed from the portal),
     FAILOVER_RUNNING (a failback of it is already on its way; the database
     decides a race between two clicks).
     """
     if recovery.user_id != user.pk:
-        raise ServiceError(Code.NO_RESTORABLE_BACKUP, "No such failover.")
+        raise ServiceError(Code.NOT_FOUND, "No failover of yours has that id.")
     instance = Instance.objects.filter(recovery=recovery).select_related("recovery").first()
     if not can_bring_home(instance):
         state = instance.state if instance else "not started"

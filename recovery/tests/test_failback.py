@@ -19,6 +19,7 @@ from django.utils import timezone
 from reclo_agent import restore as agent_restore
 from reclo_agent.errors import UsageError
 from reclo_agent.progress import Reporter
+from rest_framework.test import APIClient
 
 from accounts.models import AuditEvent
 from backups.models import Backup
@@ -457,3 +458,57 @@ def test_work_after_the_last_failback_is_unsaved_again(aws, user):
     Instance.objects.filter(pk=instance.pk).update(state="stopped")
     instance.refresh_from_db()
     assert failback_services.unsaved_changes(instance) is True
+
+
+# --- the API ------------------------------------------------------------------------------------
+
+
+def assert_error(response, status, code):
+    assert response.status_code == status, response.content
+    body = response.json()
+    assert body["error"] == code and body["message"]
+
+
+def test_the_api_brings_a_server_home_and_follows_it(failed_over, cloud_disk, api):
+    recovery, instance, top = failed_over
+    work_in_the_cloud(cloud_disk, instance, top)
+    response = api.post(f"/api/v1/recoveries/{recovery.pk}/failback")
+    assert response.status_code == 202, response.content
+    body = response.json()
+    assert body["status"] == "queued" and body["failback"]["recovery_id"] == str(recovery.pk)
+    assert [s["name"] for s in body["failback"]["steps"]] == ["snapshotting", "copying", "verifying"]
+    drive_failback(body["failback_id"])
+    failback = api.get(f"/api/v1/failbacks/{body['failback_id']}").json()["failback"]
+    assert failback["status"] == "ready" and failback["kind"] == "incremental" and failback["error"] is None
+    assert failback["parent_id"] == str(recovery.backup_ref) and failback["snapshot_at"]
+    assert api.get(f"/api/v1/backups/{failback['backup_id']}").json()["backup"]["status"] == "verified"
+
+
+def test_the_api_refuses_what_cannot_be_brought_home(failed_over, api):
+    recovery, instance, _top = failed_over
+    assert api.post(f"/api/v1/recoveries/{recovery.pk}/failback").status_code == 202
+    assert_error(api.post(f"/api/v1/recoveries/{recovery.pk}/failback"), 409, 402)
+    Failback.objects.update(status=Failback.Status.FAILED)
+    Instance.objects.filter(pk=instance.pk).update(state="terminated")
+    assert_error(api.post(f"/api/v1/recoveries/{recovery.pk}/failback"), 409, 406)
+
+
+def test_the_api_answers_404_for_another_tenants_unknown_and_malformed_ids(failed_over, user, other_api, api):
+    recovery, _instance, _top = failed_over
+    failback = failback_services.failback_start(user=user, recovery=recovery)
+    assert_error(other_api.post(f"/api/v1/recoveries/{recovery.pk}/failback"), 404, 105)
+    assert_error(other_api.get(f"/api/v1/failbacks/{failback.pk}"), 404, 105)
+    assert_error(api.get(f"/api/v1/failbacks/{uuid.uuid4()}"), 404, 105)
+    assert_error(api.get("/api/v1/failbacks/not-a-uuid"), 404, 105)
+    assert_error(api.post("/api/v1/recoveries/not-a-uuid/failback"), 404, 105)
+    assert Failback.objects.count() == 1
+
+
+def test_the_api_needs_a_valid_token(failed_over, anon_api):
+    recovery, _instance, _top = failed_over
+    forged = APIClient()
+    forged.credentials(HTTP_AUTHORIZATION="Token not-a-real-token")
+    for client in (anon_api, forged):
+        assert_error(client.post(f"/api/v1/recoveries/{recovery.pk}/failback"), 401, 102)
+        assert_error(client.get(f"/api/v1/failbacks/{uuid.uuid4()}"), 401, 102)
+    assert not Failback.objects.exists()
