@@ -512,3 +512,23 @@ def test_the_api_needs_a_valid_token(failed_over, anon_api):
         assert_error(client.post(f"/api/v1/recoveries/{recovery.pk}/failback"), 401, 102)
         assert_error(client.get(f"/api/v1/failbacks/{uuid.uuid4()}"), 401, 102)
     assert not Failback.objects.exists()
+
+
+def test_a_disk_that_ends_inside_a_block_round_trips_too(cloud_disk, user, server, drive, api, tmp_path):
+    size = 5 * MiB + 256 * 1024  # ends inside a VHD block and inside an EBS block
+    backups, top = backup_chain(user=user, server=server, size=size, incrementals=1)
+    recovery = drive(services.recovery_start(user=user, backup_id=backups[-1].pk, import_method="ebs_direct").pk)
+    assert recovery.status == "ready", recovery.error
+    instance = Instance.objects.get(recovery=recovery)
+    worked = bytearray(top)
+    for offset in (0, size - 700):
+        cloud_disk.write(instance.instance_id, offset, b"\xa5" * 600)
+        worked[offset : offset + 600] = b"\xa5" * 600
+    failback = drive_failback(failback_services.failback_start(user=user, recovery=recovery).pk)
+    assert failback.status == "ready", failback.error
+    target = tmp_path / "disk.img"
+    restore_to(api, recovery.backup_ref, target)
+    restore_to(api, failback.backup_ref, target, force=True, changed_since=str(recovery.backup_ref))
+    assert target.read_bytes() == bytes(worked)
+    restore_to(api, failback.backup_ref, target, force=True)
+    assert target.read_bytes() == bytes(worked)
