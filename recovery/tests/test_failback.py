@@ -21,6 +21,7 @@ from reclo_agent.errors import UsageError
 from reclo_agent.progress import Reporter
 from rest_framework.test import APIClient
 
+from accounts.activity import event_sentence
 from accounts.models import AuditEvent
 from backups.models import Backup
 from reclo_site import cloud
@@ -145,6 +146,9 @@ def test_the_restore_point_is_verified_like_any_upload_and_the_owner_told(failed
         imaging.snapshot_state(failback.snapshot_id)
     kinds = list(AuditEvent.objects.filter(user=user).values_list("kind", flat=True))
     assert {"failback.started", "failback.ready", "backup.verified"} <= set(kinds)
+    ready = AuditEvent.objects.get(user=user, kind="failback.ready")
+    assert event_sentence(ready) == "front-desk brought home: its work in the cloud is a verified restore point"
+    assert ready.details["backup_id"] == str(failback.backup_ref)
     mails = [m for m in mailoutbox if "saved as a restore point" in m.subject]
     assert len(mails) == 1 and str(failback.backup_ref) in mails[0].body and mails[0].to == [user.email]
 
