@@ -12,6 +12,7 @@ upload is only complete once the whole VHD went up).
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 
 from django.db.models import Q
 from django.utils import timezone
@@ -63,6 +64,10 @@ def snapshot(ctx: StepContext) -> Done | Wait:
     failback: Failback = ctx.run
     snapshot_id = ctx.outputs.get("snapshot_id")
     if not snapshot_id:
+        # When it is taken, as a lower bound saved before the call: a worker that finds the snapshot
+        # by its tag after a crash must not date it later than the disk it holds.
+        if "requested_at" not in ctx.outputs:
+            ctx.save(requested_at=timezone.now().isoformat())
         found = imaging.find_snapshots({"reclo:failback": str(failback.pk)})
         if found:
             snapshot_id = found[0]["snapshot_id"]
@@ -81,7 +86,7 @@ def snapshot(ctx: StepContext) -> Done | Wait:
         # Saved the moment it exists: a worker killed now is followed by one that finds it.
         ctx.save(snapshot_id=snapshot_id)
         Failback.objects.filter(pk=failback.pk, snapshot_at__isnull=True).update(
-            snapshot_id=snapshot_id, snapshot_at=timezone.now()
+            snapshot_id=snapshot_id, snapshot_at=datetime.fromisoformat(ctx.outputs["requested_at"])
         )
     state, message = imaging.snapshot_state(snapshot_id)
     if state == "pending":

@@ -251,7 +251,10 @@ def test_a_worker_killed_right_after_the_snapshot_call_finds_it_by_its_tag(faile
     failback = failback_services.failback_start(user=user, recovery=recovery)
     real = volumes.create_snapshot
 
+    called = []
+
     def then_die(*args, **kwargs):
+        called.append(timezone.now())
         real(*args, **kwargs)
         raise Killed("killed before the id was saved")
 
@@ -263,6 +266,7 @@ def test_a_worker_killed_right_after_the_snapshot_call_finds_it_by_its_tag(faile
     assert failback.status == "ready", failback.error
     assert len(cloud_disk.snapshots_of_volumes) == 1
     assert failback.snapshot_id == cloud_disk.snapshots_of_volumes[0]
+    assert failback.snapshot_at <= called[0]  # dated no later than the disk it holds, though found after a crash
 
 
 def test_a_failback_of_a_terminated_server_is_refused(failed_over, user):
