@@ -89,6 +89,13 @@ SENTENCES: dict[str, Callable] = {
     K.FAILOVER_FAILED: lambda d: (
         f"Failover of {d.get('server', 'a server')} failed" + (f": {d['reason']}" if d.get("reason") else "")
     ),
+    K.FAILBACK_STARTED: lambda d: f"Bringing {d.get('server', 'a server')} home started",
+    K.FAILBACK_READY: lambda d: (
+        f"{d.get('server', 'A server')} brought home: its work in the cloud is a verified restore point"
+    ),
+    K.FAILBACK_FAILED: lambda d: (
+        f"Bringing {d.get('server', 'a server')} home failed" + (f": {d['reason']}" if d.get("reason") else "")
+    ),
     K.INSTANCE_STARTED: lambda d: "Your server in the cloud was started",
     K.INSTANCE_STOPPED: lambda d: "Your server in the cloud was stopped",
     K.INSTANCE_TERMINATED: lambda d: "Your server in the cloud was terminated (removed for good)",
@@ -113,7 +120,7 @@ SENTENCES: dict[str, Callable] = {
 
 # Kinds that are worth a second look: shown with a red badge.
 WARNING_KINDS = frozenset(
-    {K.LOGIN_FAILED, K.ENROLLMENT_FAILED, K.BACKUP_FAILED, K.FAILOVER_FAILED, K.TWOFACTOR_DISABLED}
+    {K.LOGIN_FAILED, K.ENROLLMENT_FAILED, K.BACKUP_FAILED, K.FAILOVER_FAILED, K.FAILBACK_FAILED, K.TWOFACTOR_DISABLED}
 )
 
 

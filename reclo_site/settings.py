@@ -368,6 +368,8 @@ CELERY_BEAT_SCHEDULE = {
     "backups-requeue-verifications": {"task": "backups.tasks.verifications_requeue", "schedule": 120.0},
     # Re-enqueue failover steps whose worker died or whose message was lost.
     "recovery-reconcile-failover-steps": {"task": "recovery.tasks.failovers_reconcile", "schedule": 60.0},
+    # Re-enqueue failback steps whose worker died or whose message was lost.
+    "recovery-reconcile-failbacks": {"task": "recovery.tasks.failbacks_reconcile", "schedule": 60.0},
     # Record instance states changed outside the portal (stopped in the console, ...).
     "recovery-sync-instances": {"task": "recovery.tasks.instances_sync", "schedule": crontab(minute="*/5")},
     # Terminate ReClo's recovery instances stopped for more than 14 days.

@@ -1,8 +1,8 @@
-"""Admin views of failovers and instances (read-mostly: the pipeline owns these rows)."""
+"""Admin views of failovers, failbacks and instances (read-mostly: the pipeline owns these rows)."""
 
 from django.contrib import admin
 
-from .models import Instance, Recovery, RecoveryNetwork, RecoveryStep, VpnDevice, VpnGateway
+from .models import Failback, FailbackStep, Instance, Recovery, RecoveryNetwork, RecoveryStep, VpnDevice, VpnGateway
 
 
 class RecoveryStepInline(admin.TabularInline):
@@ -54,3 +54,20 @@ class VpnGatewayAdmin(admin.ModelAdmin):
 class VpnDeviceAdmin(admin.ModelAdmin):
     list_display = ("name", "user", "address", "created", "last_handshake")
     exclude = ("private_key_enc",)
+
+
+class FailbackStepInline(admin.TabularInline):
+    model = FailbackStep
+    extra = 0
+    can_delete = False
+    fields = ("name", "status", "started", "finished", "attempts", "retries", "detail", "error", "outputs")
+    readonly_fields = fields
+
+
+@admin.register(Failback)
+class FailbackAdmin(admin.ModelAdmin):
+    list_display = ("id", "user", "server_name", "status", "kind", "error_code", "snapshot_at", "finished")
+    list_filter = ("status", "kind")
+    search_fields = ("id", "server_name", "user__email", "backup_ref")
+    readonly_fields = ("lease_token", "lease_until", "due_at", "created", "updated", "finished")
+    inlines = [FailbackStepInline]

@@ -16,9 +16,11 @@ urlpatterns = [
     path("vpn/gateway/peers", vpn_api.GatewayPeerListApi.as_view(), name="vpn-gateway-peers"),
 ]
 
-from . import drill_api  # noqa: E402 - drills after the failover routes
+from . import drill_api, failback_api  # noqa: E402 - drills and failbacks after the failover routes
 
 urlpatterns += [
+    path("recoveries/<str:recovery_id>/failback", failback_api.FailbackStartApi.as_view(), name="recovery-failback"),
+    path("failbacks/<str:failback_id>", failback_api.FailbackDetailApi.as_view(), name="failback-detail"),
     path("drills", drill_api.DrillListApi.as_view(), name="drills"),
     path("drills/<str:drill_id>", drill_api.DrillDetailApi.as_view(), name="drill-detail"),
     path("drills/<str:drill_id>/report", drill_api.DrillReportApi.as_view(), name="drill-report"),

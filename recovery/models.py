@@ -9,6 +9,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from .drills import DRILL
+from .failback import FAILBACK
 from .failover import FAILOVER, FAILOVER_STEPS
 
 
@@ -387,3 +388,81 @@ class DrillStep(PipelineStep):
 
     class Meta(PipelineStep.Meta):
         constraints = [models.UniqueConstraint(fields=["drill", "name"], name="drill_step_unique")]
+
+
+class Failback(models.Model):
+    """One "Bring it home": the recovered server's disk in the cloud made a restore point of its server.
+
+    Advanced by the engine like a failover (`recovery.failback.FAILBACK`).
+    `kind` is decided by the first step: `incremental` (a differencing VHD
+    on `parent`, the failover's restore point, holding only the blocks
+    changed in the cloud) when the failover wrote its disk by EBS direct
+    (so the imported snapshot holds exactly that restore point) and the
+    point is still there with nothing verified on it since; else `full`.
+    `backup_ref` is the id the new restore point gets; `snapshot_id` the
+    snapshot of the cloud server's volume, and `snapshot_at` when it was
+    taken: what the cloud had written by then is what comes home.
+    """
+
+    Status = models.TextChoices("Status", FAILBACK.status_choices(), module=__name__, qualname="Failback.Status")  # type: ignore[call-overload]
+
+    class Kind(models.TextChoices):
+        FULL = "full"
+        INCREMENTAL = "incremental"
+
+    ACTIVE = FAILBACK.active
+    FINISHED = FAILBACK.finished
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="failbacks")
+    recovery = models.ForeignKey(Recovery, on_delete=models.CASCADE, related_name="failbacks")
+    server = models.ForeignKey(
+        "backups.Server", on_delete=models.SET_NULL, null=True, blank=True, related_name="failbacks"
+    )
+    server_name = models.CharField(max_length=63)
+    instance_id = models.CharField(max_length=32)
+    kind = models.CharField(max_length=16, choices=Kind.choices, blank=True)
+    parent = models.ForeignKey(
+        "backups.Backup", on_delete=models.SET_NULL, null=True, blank=True, related_name="failback_children"
+    )
+    backup_ref = models.UUIDField(default=uuid.uuid4, help_text="The id of the restore point it makes.")
+    snapshot_id = models.CharField(max_length=32, blank=True)
+    snapshot_at = models.DateTimeField(null=True, blank=True)
+
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    error_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    lease_token = models.UUIDField(null=True, blank=True)
+    lease_until = models.DateTimeField(null=True, blank=True)
+    due_at = models.DateTimeField(null=True, blank=True)
+
+    created = models.DateTimeField(default=timezone.now, db_index=True)
+    updated = models.DateTimeField(default=timezone.now)
+    finished = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created"]
+        constraints = [
+            # One failback at a time per recovered server (code FAILOVER_RUNNING).
+            models.UniqueConstraint(
+                fields=["recovery"], condition=Q(status__in=list(FAILBACK.active)), name="failback_one_active"
+            ),
+        ]
+        indexes = [models.Index(fields=["status", "due_at"])]
+
+    def __str__(self):
+        return f"failback of {self.server_name} ({self.status})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in self.ACTIVE
+
+
+class FailbackStep(PipelineStep):
+    """One step of a failback."""
+
+    failback = models.ForeignKey(Failback, on_delete=models.CASCADE, related_name="steps")
+
+    class Meta(PipelineStep.Meta):
+        constraints = [models.UniqueConstraint(fields=["failback", "name"], name="failback_step_unique")]

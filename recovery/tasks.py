@@ -12,6 +12,7 @@ from reclo_site.cloud import CloudUnavailable
 
 from . import drill_services, engine, services, vpn_watch
 from .drills import DRILL
+from .failback import FAILBACK
 from .failover import FAILOVER
 
 # A step may stream a large disk; it renews its lease while it works, so a
@@ -89,3 +90,18 @@ def drills_reconcile() -> int:
 def drills_schedule() -> list[str]:
     """Start the drills that servers' intervals make due (a bounded batch per run)."""
     return drill_services.drills_schedule()
+
+
+# --- Failbacks ------------------------------------------------------------------------------
+
+
+@shared_task(soft_time_limit=STEP_SOFT_LIMIT, time_limit=STEP_HARD_LIMIT)
+def failback_step_run(failback_id: str, step: str) -> str:
+    """One go of one failback step: claim, work, record, enqueue the next."""
+    return engine.run_step(failback_id, step, pipeline=FAILBACK)
+
+
+@shared_task
+def failbacks_reconcile() -> int:
+    """Re-enqueue failback steps whose worker died or whose message was lost."""
+    return engine.reconcile(pipeline=FAILBACK)

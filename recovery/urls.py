@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views, vpn_views
+from . import failback_views, views, vpn_views
 
 app_name = "recovery"
 
@@ -20,6 +20,8 @@ urlpatterns = [
     path("drills/<uuid:drill_id>/report.pdf", views.drill_report_pdf, name="drill-report"),
     path("<uuid:recovery_id>/", views.recovery_detail, name="detail"),
     path("<uuid:recovery_id>/status.json", views.recovery_status, name="status"),
+    path("<uuid:recovery_id>/bring-home/", failback_views.failback_start, name="failback-start"),
+    path("failbacks/<uuid:failback_id>/", failback_views.failback_detail, name="failback"),
     path("instances/<str:instance_id>/vpn.conf", views.vpn_config, name="vpn-config"),
     path("instances/<str:instance_id>/vpn-qr.svg", views.vpn_qr, name="vpn-qr"),
     path("instances/<str:instance_id>/<str:action>/", views.instance_action, name="instance-action"),

@@ -17,7 +17,7 @@ from accounts import twofactor
 from reclo_site.errors import ServiceError
 from reclo_site.localtime import when
 
-from . import drill_report, drill_services, paths, selectors, services, sizes, vpn_watch
+from . import drill_report, drill_services, failback_services, paths, selectors, services, sizes, vpn_watch
 from .api import vpn_file_name
 from .drill_api import report_response
 from .drills import DRILL_STEPS
@@ -187,6 +187,7 @@ def recovery_detail(request, recovery_id):
             "vpn_ready": vpn_ready,
             "vpn_health": vpn_watch.gateway_health(request.user.pk) if vpn_ready else None,
             "vpn_file": vpn_file_name(instance) if instance else "",
+            "can_bring_home": failback_services.can_bring_home(instance),
         },
     )
 
@@ -212,14 +213,26 @@ def instance_action(request, instance_id, action):
         return asked
     spec = ACTIONS[action]
     allowed = instance.state in services.ALLOWED[action]
+    # Work done in the cloud that no restore point holds: the name, typed, confirms it is let go.
+    unsaved = action == "terminate" and allowed and failback_services.unsaved_changes(instance)
+    name_error = ""
     if request.method == "POST":
-        try:
-            spec["service"](instance=instance)
-        except ServiceError as exc:
-            messages.error(request, exc.message)
+        typed = request.POST.get("server_name", "")
+        if unsaved and typed.strip() != instance.recovery.server_name:
+            name_error = (
+                f"That is not the server's name. Type {instance.recovery.server_name} exactly to terminate it, "
+                "or bring it home first."
+                if typed
+                else f"Type the server's name, {instance.recovery.server_name}, to confirm."
+            )
         else:
-            messages.success(request, spec["done"])
-        return redirect("recovery:instances")
+            try:
+                spec["service"](instance=instance)
+            except ServiceError as exc:
+                messages.error(request, exc.message)
+            else:
+                messages.success(request, spec["done"])
+            return redirect("recovery:instances")
     return render(
         request,
         "recovery/instance_action.html",
@@ -229,7 +242,11 @@ def instance_action(request, instance_id, action):
             "spec": spec,
             "warning": spec["warning"].format(days=settings.RECLO_STOPPED_INSTANCE_LIFETIME.days),
             "allowed": allowed,
+            "unsaved": unsaved,
+            "last_saved": failback_services.last_saved(instance) if unsaved else None,
+            "name_error": name_error,
         },
+        status=400 if name_error else 200,
     )
 
 

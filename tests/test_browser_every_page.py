@@ -27,8 +27,9 @@ from backups.tests.factories import ServerFactory
 from reclo_site import testing
 from reclo_site.cloud import storage
 from recovery import devices, networks
+from recovery.failback import FAILBACK_STEPS
 from recovery.failover import FAILOVER_STEPS
-from recovery.models import Drill, Recovery, RecoveryNetwork, VpnGateway
+from recovery.models import Drill, Failback, Recovery, RecoveryNetwork, VpnGateway
 from recovery.tests.factories import MiB, backup_chain, recovered_instance
 from recovery.tests.test_drill_pages import PNG, finished_drill
 
@@ -122,6 +123,14 @@ def make_data(user, twofactor_user):
         status = "done" if n < 1 else "running" if n == 1 else "pending"
         running.steps.create(name=step.name, position=n, status=status, started=timezone.now() if n <= 1 else None)
 
+    failback = Failback.objects.create(
+        user=user, recovery=ready.recovery, server=server, server_name=server.name, instance_id=ready.instance_id,
+        kind="incremental", parent=backups[-1], status=Failback.Status.READY, snapshot_at=timezone.now(),
+        finished=timezone.now(),
+    )  # fmt: skip
+    for n, step in enumerate(FAILBACK_STEPS):
+        failback.steps.create(name=step.name, position=n, status="done", detail="Done.")
+
     net = RecoveryNetwork.objects.create(user=user, ready=True)
     gateway = networks._gateway_row(net)
     VpnGateway.objects.filter(pk=gateway.pk).update(state=VpnGateway.State.READY, public_ip="203.0.113.9")
@@ -144,6 +153,7 @@ def make_data(user, twofactor_user):
         "failed": failed.pk,
         "running": running.pk,
         "stopped": stopped.instance_id,
+        "failback": failback.pk,
         "instance": ready.instance_id,
         "device": device.pk,
         "token": token.pk,
@@ -179,6 +189,8 @@ def pages(d) -> dict[str, tuple[str, str]]:
         "recovery": ("owner", r("recovery:instances")),
         "stop a server in the cloud": ("owner", r("recovery:instance-action", args=[d["instance"], "stop"])),
         "terminate a server in the cloud": ("owner", r("recovery:instance-action", args=[d["stopped"], "terminate"])),
+        "bring a server home": ("owner", r("recovery:failback-start", args=[d["ready"]])),
+        "brought home": ("owner", r("recovery:failback", args=[d["failback"]])),
         "drill": ("owner", r("recovery:drill", args=[d["drill"]])),
         "drill running": ("owner", r("recovery:drill", args=[d["running drill"]])),
         "contingency report": ("owner", r("recovery:contingency-report")),
@@ -204,6 +216,7 @@ COVERS = {
     "backups:server-detail", "backups:server-revoke", "backups:server-remove", "backups:backup-delete",
     "recovery:instances", "recovery:vpn-devices", "recovery:vpn-device-revoke", "recovery:failover-start",
     "recovery:contingency-report", "recovery:drill", "recovery:detail", "recovery:instance-action",
+    "recovery:failback-start", "recovery:failback",
 }  # fmt: skip
 
 

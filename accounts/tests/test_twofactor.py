@@ -281,7 +281,7 @@ class TestDestructivePages:
         owner.post(terminate)
         assert Instance.objects.get(pk=instance.pk).state == "running"
         assert owner.get(stop).status_code == 200
-        owner.post(terminate, {"otp_code": app.now()})
+        owner.post(terminate, {"otp_code": app.now(), "server_name": instance.recovery.server_name})
         assert Instance.objects.get(pk=instance.pk).state == "terminated"
 
     def test_revoking_a_server_asks_for_a_code_first(self, owner, user):

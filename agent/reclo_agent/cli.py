@@ -5,7 +5,7 @@
     reclo-agent backup SOURCE [--server NAME] [--disk NAME] [--full] [--bandwidth-limit RATE]
                        [--freeze [--freeze-limit SECONDS]] [--pre-hook CMD] [--post-hook CMD]
     reclo-agent list [--json]
-    reclo-agent restore BACKUP_ID TARGET [--force]
+    reclo-agent restore BACKUP_ID TARGET [--force] [--changed-since BACKUP_ID]
     reclo-agent schedule install --every 1h [SOURCE ...] | schedule remove | schedule status
     reclo-agent status
 
@@ -414,7 +414,9 @@ def _resolve_backup_id(client: PortalClient, given: str) -> str:
 def cmd_restore(args) -> int:
     client = _client(_load_config(args))
     reporter = Reporter(plain=args.plain or None, quiet=args.quiet)
-    result = restore(client, _resolve_backup_id(client, args.backup_id), args.target, reporter, force=args.force)
+    changed_since = _resolve_backup_id(client, args.changed_since) if args.changed_since else None
+    result = restore(client, _resolve_backup_id(client, args.backup_id), args.target, reporter, force=args.force,
+                     changed_since=changed_since)  # fmt: skip
     if args.json:
         print(json.dumps(dataclasses.asdict(result)))
         return EXIT_OK
@@ -652,6 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("backup_id", metavar="BACKUP_ID")
     p.add_argument("target", metavar="TARGET", help="block device or image file to write")
     p.add_argument("--force", action="store_true", help="overwrite an existing file or a block device")
+    p.add_argument("--changed-since", metavar="BACKUP_ID",
+                   help="TARGET already holds this earlier restore point of the chain: write only the blocks "
+                   "that differ from it (a failback onto the repaired disk)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the result as JSON (sizes, timings)")
     p.set_defaults(func=cmd_restore)
 

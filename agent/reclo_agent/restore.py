@@ -15,6 +15,15 @@ Checks: zstd frame checksums and the VHD structure as the data is read; at
 the end every object's size and SHA-256 against what the portal recorded.
 A mismatch fails the restore (exit 7) -- the target must not be trusted.
 
+``--changed-since BACKUP_ID`` (``changed_since``): the target already holds
+restore point BACKUP_ID, an ancestor of the one restored (a failback's
+restore point on the failover's, say). Only the objects above BACKUP_ID
+in the chain are downloaded, and only the blocks they store are written:
+each one's sectors from them, its other sectors as the target has them.
+The target is neither truncated nor zero-filled; it must be exactly the
+disk's size (a file) or at least it (a device), and needs ``--force`` like
+any overwrite.
+
 Targets: a regular file is truncated and written sparse (blocks that are
 all zeros are skipped); a block device (or an existing file, which would be
 overwritten) needs ``--force``, and on a device every block is written,
@@ -32,6 +41,7 @@ import threading
 import time
 from bisect import bisect_right
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -89,7 +99,8 @@ class RestoreResult:
 class Target:
     """The restore target, opened for writing (see the module doc)."""
 
-    def __init__(self, path: str, size: int, *, force: bool) -> None:
+    def __init__(self, path: str, size: int, *, force: bool, keep: bool = False) -> None:
+        """``keep``: write onto what the target holds (``--changed-since``): no truncation, sizes must fit."""
         self.path = path
         try:
             st = os.stat(path)
@@ -101,10 +112,21 @@ class Target:
         self.is_device = st is not None and stat.S_ISBLK(st.st_mode)
         if st is not None and not (self.is_device or stat.S_ISREG(st.st_mode)):
             raise UsageError(f"{path} is neither a block device nor a regular file.")
+        if keep and st is None:
+            raise UsageError(
+                f"{path} does not exist: --changed-since writes onto a disk that holds the earlier restore point."
+            )
+        if keep and not self.is_device and st is not None and st.st_size != size:
+            raise UsageError(
+                f"{path} is {st.st_size} bytes, the restore point a {size}-byte disk: it cannot hold the earlier "
+                "restore point. Restore without --changed-since."
+            )
         if st is not None and (self.is_device or st.st_size > 0) and not force:
             what = "the block device" if self.is_device else "the existing file"
             raise UsageError(f"Restoring would overwrite {what} {path}. Add --force if that is what you want.")
-        flags = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0) | (0 if self.is_device else os.O_CREAT)
+        # Written onto (keep), its blocks are read too: those the restore point holds only in part.
+        mode = os.O_RDWR if keep else os.O_WRONLY
+        flags = mode | getattr(os, "O_CLOEXEC", 0) | (0 if self.is_device or keep else os.O_CREAT)
         try:
             self.fd = os.open(path, flags, 0o600)
         except PermissionError as exc:
@@ -119,7 +141,7 @@ class Target:
                         f"{path} holds {device_size} bytes; the restore point is a {size}-byte disk. "
                         "Restore to a device at least that large."
                     )
-            else:
+            elif not keep:
                 # Truncate to nothing first, so every block not written reads as zeros.
                 os.ftruncate(self.fd, 0)
                 os.ftruncate(self.fd, size)
@@ -200,10 +222,19 @@ class _Writer:
 
 
 def restore(
-    api: PortalClient, backup_id: str, target_path: str, reporter: Reporter, *, force: bool = False
+    api: PortalClient,
+    backup_id: str,
+    target_path: str,
+    reporter: Reporter,
+    *,
+    force: bool = False,
+    changed_since: str | None = None,
 ) -> RestoreResult:
-    """Write restore point ``backup_id`` to ``target_path`` (see the module doc)."""
-    return RestoreRun(api, backup_id, target_path, reporter, force=force).run()
+    """Write restore point ``backup_id`` to ``target_path`` (see the module doc).
+
+    ``changed_since``: the target holds that ancestor already; write only what differs from it.
+    """
+    return RestoreRun(api, backup_id, target_path, reporter, force=force, changed_since=changed_since).run()
 
 
 class Layer:
@@ -263,7 +294,8 @@ class RestoreRun:
     """One restore (see the module doc); :meth:`run` returns the :class:`RestoreResult`."""
 
     def __init__(self, api: PortalClient, backup_id: str, target_path: str, reporter: Reporter, *,
-                 force: bool = False) -> None:  # fmt: skip
+                 force: bool = False, changed_since: str | None = None) -> None:  # fmt: skip
+        self.changed_since = changed_since
         self.api = api
         self.backup_id = backup_id
         self.target_path = target_path
@@ -287,6 +319,8 @@ class RestoreRun:
         chain = grant.get("chain") or []
         if not chain:
             raise VerificationFailed(f"The portal returned an empty chain for backup {backup_id}.")
+        if self.changed_since:
+            chain = _above(chain, self.changed_since, backup_id)
         # Fresh read credentials for a long restore come from asking again.
         s3 = S3Access(grant, refresh=lambda: self.api.download(backup_id)["credentials"],
                       max_connections=DOWNLOAD_THREADS + 2)  # fmt: skip
@@ -300,17 +334,25 @@ class RestoreRun:
                     streams.append(self._open(s3, item, pool, len(chain)))
                 try:
                     layers = [Layer(stream, VHDReader(open_seekable(stream))) for stream in streams]
-                    chain_reader = ChainReader([layer.reader for layer in layers])
+                    # Above an ancestor the target holds, the lowest layer's parent is not read:
+                    # the links among the layers read are still checked.
+                    chain_reader = ChainReader([layer.reader for layer in layers], _check=not self.changed_since)
+                    if self.changed_since:
+                        _check_links_above(layers)
                 except VHDError as exc:
                     raise VerificationFailed(f"Restore point {backup_id} is not a readable chain: {exc}") from exc
                 size = chain_reader.virtual_size
-                target = Target(target_path, size, force=self.force)
+                target = Target(target_path, size, force=self.force, keep=bool(self.changed_since))
                 try:
                     allocated = list(chain_reader.allocated_blocks())
-                    target.check_space(len(allocated) * chain_reader.block_size)
+                    if not self.changed_since:
+                        target.check_space(len(allocated) * chain_reader.block_size)
                     with self.reporter.task("restoring", size) as task:
                         self._task = task
-                        written = write_disk(layers, chain_reader, allocated, target, task)
+                        if self.changed_since:
+                            written = write_changed(layers, chain_reader, allocated, target, task)
+                        else:
+                            written = write_disk(layers, chain_reader, allocated, target, task)
                         task.set_note(f"downloaded {human_bytes(self.downloaded)}")
                     _verify(chain, streams, backup_id)
                 finally:
@@ -386,6 +428,97 @@ def write_disk(layers: list[Layer], chain: ChainReader, allocated: list[int], ta
         for _, _, future in queued:
             if future is not None:
                 future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+        writer.close()
+    return writer.written
+
+
+def _above(chain: list[dict], ancestor: str, backup_id: str) -> list[dict]:
+    """The chain's entries above `ancestor` (which the target holds); UsageError when it is not in the chain."""
+    ids = [str(item.get("backup_id") or "") for item in chain]
+    wanted = ancestor.lower()
+    matches = [
+        n
+        for n, found in enumerate(ids)
+        if found.lower() == wanted or (len(wanted) >= 6 and found.lower().startswith(wanted))
+    ]
+    if len(matches) != 1:
+        raise UsageError(
+            f"Restore point {ancestor} is not one that {backup_id} is built on, so the disk holding it cannot be "
+            "brought up to date block by block. Restore without --changed-since (the whole disk)."
+        )
+    above = chain[matches[0] + 1 :]
+    if not above:
+        raise UsageError(f"{backup_id} is {ancestor} itself: the disk already holds it, nothing to write.")
+    return above
+
+
+def _check_links_above(layers: list[Layer]) -> None:
+    """The layers above the ancestor: each differencing, each the parent of the next (as ChainReader checks)."""
+    for n, layer in enumerate(layers):
+        if layer.reader.info.disk_type != "differencing":
+            raise VHDError(f"layer {n} above the earlier restore point is a full VHD, not a differencing one")
+        if n and layer.reader.info.parent_unique_id != layers[n - 1].reader.info.unique_id:
+            raise VHDError(f"layer {n}'s parent is not the layer below it")
+        if layer.reader.virtual_size != layers[0].reader.virtual_size:
+            raise VHDError(f"layer {n} has another disk size")
+
+
+def write_changed(layers: list[Layer], chain: ChainReader, allocated: list[int], target: Target, task,
+                  *, threads: int | None = None) -> int:  # fmt: skip
+    """Only the blocks the layers store, onto what the target holds; returns bytes written.
+
+    A block whose sectors the layers hold only in part keeps the target's
+    other sectors: the target's block is read and stacked under them.
+    """
+    block_size = chain.block_size
+    bitmap_size = chain.top.bitmap_size
+    nsect = block_size // 512
+    full_bitmap = bytes([0xFF]) * (nsect // 8) + bytes(bitmap_size - nsect // 8)
+    writer = _Writer(target)
+    threads = threads or workers()
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="reclo-unpack")
+    queued: deque[tuple[int, Future]] = deque()
+
+    def on_disk(index: int, length: int) -> bytes:
+        data = os.pread(target.fd, length, index * block_size)
+        return data.ljust(block_size, b"\0")
+
+    def assemble(index: int, length: int, pieces: list) -> bytes:
+        stored: list[tuple[bytes, bytes | Callable[[], bytes]]] = []
+        for frames, at in pieces:
+            try:
+                raw = pyzstd.decompress(frames)
+            except pyzstd.ZstdError as exc:
+                raise VHDError(f"block {index}: corrupt compressed frame ({exc})") from exc
+            block = raw[at : at + bitmap_size + block_size]
+            if len(block) != bitmap_size + block_size:
+                raise VHDError(f"block {index}: its frames are shorter than the block")
+            stored.append((block[:bitmap_size], block[bitmap_size:]))
+        # What the target holds, as the lowest layer: read only when a sector is still needed.
+        stored.append((full_bitmap, lambda: on_disk(index, length)))
+        return stack_block(stored, block_size, length)
+
+    def drain(keep: int) -> None:
+        while len(queued) > keep:
+            index, future = queued.popleft()
+            writer.put(index * block_size, future.result())
+
+    advanced = 0
+    try:
+        for index in allocated:
+            length = min(block_size, chain.virtual_size - index * block_size)
+            pieces = [p for layer in reversed(layers) if (p := layer.frames_of(index)) is not None]
+            # Each block comes once, so its read of the target never meets a write of it.
+            queued.append((index, pool.submit(assemble, index, length, pieces)))
+            drain(2 * threads)
+            task.advance(length)
+            advanced += length
+        drain(0)
+        task.advance(chain.virtual_size - advanced)  # the blocks left as they are count as done
+    finally:
+        for _, future in queued:
+            future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
         writer.close()
     return writer.written

@@ -113,6 +113,8 @@ def test_fail_over_follow_the_progress_and_download_the_vpn_config(
         assert "terminated on" in page.locator(f"[data-instance={instance.instance_id}]").inner_text()
         shot(page, "instances-stopped")
         page.click(f"[data-instance={instance.instance_id}] [data-testid=action-terminate]")
+        # Nothing was brought home: the work in the cloud goes only with the server's name typed.
+        page.fill("[data-testid=confirm-name]", instance.recovery.server_name)
         page.click("[data-testid=confirm-action]")
         page.wait_for_selector("text=The server is terminated.")
         assert Instance.objects.get(pk=instance.pk).state == "terminated"
