@@ -370,6 +370,9 @@ CELERY_BEAT_SCHEDULE = {
     "recovery-reconcile-failover-steps": {"task": "recovery.tasks.failovers_reconcile", "schedule": 60.0},
     # Record instance states changed outside the portal (stopped in the console, ...).
     "recovery-sync-instances": {"task": "recovery.tasks.instances_sync", "schedule": crontab(minute="*/5")},
+    # Warm standby: stage restore points whose message was lost or whose worker died; delete
+    # the staged snapshots of restore points that went (deleted, retention, standby turned off).
+    "recovery-standby-reconcile": {"task": "recovery.tasks.standby_reconcile", "schedule": crontab(minute="*/5")},
     # Terminate ReClo's recovery instances stopped for more than 14 days.
     "recovery-free-instances": {"task": "recovery.tasks.instances_free", "schedule": crontab(minute=47)},
     # Re-enqueue drill steps whose worker died (the drill then ends and is torn down).
