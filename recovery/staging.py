@@ -373,3 +373,31 @@ def monthly_cost(server: Server) -> Cost:
             changes += 2 * (point.file_size or 0)
     stored = sum(sizes_by_disk.values()) + changes
     return Cost(stored, sizes.snapshot_monthly(stored))
+
+
+@dataclass(frozen=True)
+class Standing:
+    """Warm standby of one server as its page shows it."""
+
+    on: bool
+    applies: bool  # a failover of this server takes the EBS direct path (staging shortens it)
+    staged: int  # restore points with a completed snapshot
+    points: int  # live restore points
+    cost: Cost
+    expected_seconds: int  # time to ready of a staged point's failover (no disk to write)
+
+
+def standing(server: Server) -> Standing:
+    """Whether warm standby is on for `server`, how far staging is, what it costs or would cost."""
+    points = live_points(server)
+    staged = StagedSnapshot.objects.filter(
+        backup__in=points, state=StagedSnapshot.State.COMPLETED, snapshot_id__gt=""
+    ).count()
+    return Standing(
+        on=bool(server.warm_standby),
+        applies=paths.image_path(server).method == paths.EBS_DIRECT,
+        staged=staged,
+        points=points.count(),
+        cost=monthly_cost(server),
+        expected_seconds=paths.DEFAULT_FIXED_SECONDS[paths.EBS_DIRECT],
+    )
