@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
 
-from django.db import models, transaction
+from django.db import models
 from django.utils import timezone
 from reclo_agent.vhd import VHDError
 
@@ -106,7 +106,8 @@ def stage_server(server_id: int) -> Outcome:
     if server is None:
         return Outcome()
     if not wanted(server):
-        return Outcome(again=not sweep(server_id=server_id))
+        sweep(server_id=server_id)  # what it cannot delete yet (an image uses it), the beat job retries
+        return Outcome()
     staged, again = 0, False
     todo = list(live_points(server).exclude(staged__state=StagedSnapshot.State.COMPLETED)[: BATCH + 1])
     for point in todo[:BATCH]:
@@ -120,8 +121,8 @@ def stage_server(server_id: int) -> Outcome:
             break
         except chains.ChainError as exc:
             log.info("not staging %s: %s", point.pk, exc)
-    again = again or len(todo) > BATCH
-    return Outcome(staged=staged, again=not sweep(server_id=server_id) or again)
+    sweep(server_id=server_id)
+    return Outcome(staged=staged, again=again or len(todo) > BATCH)
 
 
 def staged_snapshot(backup: Backup | None) -> str:
@@ -308,20 +309,21 @@ def sweep(*, server_id: int | None = None, limit: int = 200) -> bool:
     """Delete the staged snapshots nothing needs any more (of one server, plus orphans); True when none is left.
 
     A snapshot is kept while an image uses it (a failover's, until its
-    server is terminated) or a running failover may be about to register
-    one from it; the next sweep tries again. Its row goes once AWS has
-    deleted it.
+    server is terminated), while a running failover may be about to
+    register one from it, or while a worker is still staging it (it is
+    deleted once that worker let go); the next sweep tries again. Its row
+    goes once AWS has deleted it.
     """
     left = False
+    now = timezone.now()
     for row in _doomed(server_id)[:limit]:
-        if backup_in_use([row.backup_ref]):
+        if (row.lease_until and row.lease_until > now) or backup_in_use([row.backup_ref]):
             left = True
             continue
         if row.snapshot_id and not imaging.delete_snapshot_unless_in_use(row.snapshot_id):
             left = True
             continue
-        with transaction.atomic():
-            StagedSnapshot.objects.filter(pk=row.pk, snapshot_id=row.snapshot_id).delete()
+        StagedSnapshot.objects.filter(pk=row.pk, snapshot_id=row.snapshot_id).delete()
     return not left
 
 

@@ -416,3 +416,15 @@ def test_the_monthly_cost_counts_each_disk_and_the_incrementals_changes(aws, use
     assert cost.stored_bytes == SIZE + changes
     assert cost.monthly_usd == staging.sizes.snapshot_monthly(SIZE + changes)
     assert staging.sizes.snapshot_monthly(100 * 1000**3) == 5  # $0.05 per GB-month
+
+
+def test_the_sweep_waits_for_a_worker_still_staging_the_point(ebs_parents, user, standby):
+    backups, _disks, _runs = build_chain(user, standby, incrementals=0)
+    row = staging.stage(backups[0])
+    StagedSnapshot.objects.filter(pk=row.pk).update(lease_until=timezone.now() + staging.LEASE)
+    Backup.objects.filter(pk=backups[0].pk).update(deleted_at=timezone.now())
+    assert staging.sweep() is False
+    assert snapshot_exists(row.snapshot_id)
+    StagedSnapshot.objects.filter(pk=row.pk).update(lease_until=None)
+    assert staging.sweep() is True
+    assert not snapshot_exists(row.snapshot_id)
