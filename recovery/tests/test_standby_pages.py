@@ -70,3 +70,13 @@ def test_a_windows_server_is_told_that_staging_does_not_apply(owner, server):
     Server.objects.filter(pk=server.pk).update(preflight={"os": "windows", "boot_mode": "uefi"})
     page = owner.get(reverse("recovery:standby", args=[server.pk])).content.decode()
     assert "fails over by VM Import" in page
+
+
+def test_the_failover_form_expects_minutes_for_a_staged_point(owner, user, server, aws, monkeypatch):
+    backups, _top = backup_chain(user=user, server=server, size=8 * MiB, incrementals=0)
+    url = reverse("recovery:failover-start", args=[server.pk])
+    assert "staged by warm standby" not in owner.get(url).content.decode()
+    monkeypatch.setattr(staging, "staged_snapshot", lambda backup: "snap-1" if backup == backups[0] else "")
+    page = owner.get(url).content.decode()
+    assert "staged by warm standby" in page
+    assert "about 3 minutes" in page
