@@ -59,6 +59,9 @@ RENEW_EVERY = timedelta(seconds=30)
 # Restore points staged per run of `stage_server` (a long history is staged over several runs).
 BATCH = 20
 TAG = "reclo:staged"
+# A restore point whose snapshot AWS failed this many times is left unstaged
+# (its failover writes the disk, as without warm standby); the log says why.
+MAX_RESTARTS = 3
 
 
 class Busy(Exception):
@@ -112,8 +115,7 @@ def stage_server(server_id: int) -> Outcome:
     todo = list(live_points(server).exclude(staged__state=StagedSnapshot.State.COMPLETED)[: BATCH + 1])
     for point in todo[:BATCH]:
         try:
-            stage(point)
-            staged += 1
+            row = stage(point)
         except Busy as exc:
             # Its children wait for its snapshot (else each would be written whole). Another
             # worker's staging carries on by itself (or the reconciler takes it over).
@@ -121,6 +123,12 @@ def stage_server(server_id: int) -> Outcome:
             break
         except chains.ChainError as exc:
             log.info("not staging %s: %s", point.pk, exc)
+            continue
+        if row.state != StagedSnapshot.State.COMPLETED:
+            # Its snapshot failed: the next run starts it over, before its children.
+            again = row.restarts < MAX_RESTARTS
+            break
+        staged += 1
     sweep(server_id=server_id)
     return Outcome(staged=staged, again=again or len(todo) > BATCH)
 
@@ -159,7 +167,9 @@ def stage(backup: Backup) -> StagedSnapshot:
             "parent_snapshot_id": parent_snapshot,
         },
     )
-    if row.state == StagedSnapshot.State.COMPLETED:
+    if row.state == StagedSnapshot.State.COMPLETED or (
+        row.state == StagedSnapshot.State.FAILED and row.restarts >= MAX_RESTARTS
+    ):
         return row
     if not _claim(row):
         raise Busy(f"{backup.pk} is being staged by another worker")

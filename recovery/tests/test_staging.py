@@ -428,3 +428,14 @@ def test_the_sweep_waits_for_a_worker_still_staging_the_point(ebs_parents, user,
     StagedSnapshot.objects.filter(pk=row.pk).update(lease_until=None)
     assert staging.sweep() is True
     assert not snapshot_exists(row.snapshot_id)
+
+
+def test_a_point_aws_keeps_failing_is_given_up_after_a_few_new_snapshots(ebs_parents, user, standby, monkeypatch):
+    backups, _disks, _runs = build_chain(user, standby, incrementals=1, zero_last=False)
+    monkeypatch.setattr(imaging, "snapshot_state", lambda sid: ("error", "broken"))
+    outcomes = [staging.stage_server(standby.pk) for _ in range(staging.MAX_RESTARTS + 2)]
+    assert [o.again for o in outcomes] == [True] * staging.MAX_RESTARTS + [False, False]
+    row = StagedSnapshot.objects.get(backup=backups[0])
+    assert (row.state, row.restarts) == ("failed", staging.MAX_RESTARTS)
+    assert not StagedSnapshot.objects.filter(backup=backups[1]).exists()  # its child waits, is not written whole
+    assert len(imaging.find_snapshots({"reclo:managed": "true"})) == 1  # each failed one was deleted
