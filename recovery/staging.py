@@ -60,7 +60,8 @@ RENEW_EVERY = timedelta(seconds=30)
 BATCH = 20
 TAG = "reclo:staged"
 # A restore point whose snapshot AWS failed this many times is left unstaged
-# (its failover writes the disk, as without warm standby); the log says why.
+# (its failover writes the disk, as without warm standby; the log says why)
+# and the points built on it are staged whole.
 MAX_RESTARTS = 3
 
 
@@ -125,9 +126,10 @@ def stage_server(server_id: int) -> Outcome:
             log.info("not staging %s: %s", point.pk, exc)
             continue
         if row.state != StagedSnapshot.State.COMPLETED:
-            # Its snapshot failed: the next run starts it over, before its children.
-            again = row.restarts < MAX_RESTARTS
-            break
+            if row.restarts < MAX_RESTARTS:
+                again = True  # its snapshot failed: the next run starts it over, before its children
+                break
+            continue  # given up: its children are staged whole (no parent snapshot to start on)
         staged += 1
     sweep(server_id=server_id)
     return Outcome(staged=staged, again=again or len(todo) > BATCH)

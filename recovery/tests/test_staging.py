@@ -431,11 +431,26 @@ def test_the_sweep_waits_for_a_worker_still_staging_the_point(ebs_parents, user,
 
 
 def test_a_point_aws_keeps_failing_is_given_up_after_a_few_new_snapshots(ebs_parents, user, standby, monkeypatch):
-    backups, _disks, _runs = build_chain(user, standby, incrementals=1, zero_last=False)
-    monkeypatch.setattr(imaging, "snapshot_state", lambda sid: ("error", "broken"))
-    outcomes = [staging.stage_server(standby.pk) for _ in range(staging.MAX_RESTARTS + 2)]
-    assert [o.again for o in outcomes] == [True] * staging.MAX_RESTARTS + [False, False]
+    backups, disks, _runs = build_chain(user, standby, incrementals=1, zero_last=False)
+    real_state = imaging.snapshot_state
+    full_snapshots: set = set()
+
+    def state(snapshot_id):  # AWS fails every snapshot of the full
+        if snapshot_id in full_snapshots or not StagedSnapshot.objects.filter(backup=backups[1]).exists():
+            full_snapshots.add(snapshot_id)
+            return "error", "broken"
+        return real_state(snapshot_id)
+
+    monkeypatch.setattr(imaging, "snapshot_state", state)
+    outcomes = [staging.stage_server(standby.pk) for _ in range(staging.MAX_RESTARTS)]
+    assert [o.again for o in outcomes] == [True] * staging.MAX_RESTARTS
+    assert not StagedSnapshot.objects.filter(backup=backups[1]).exists()  # its child waits meanwhile
+    assert staging.stage_server(standby.pk) == staging.Outcome(staged=1, again=False)
     row = StagedSnapshot.objects.get(backup=backups[0])
     assert (row.state, row.restarts) == ("failed", staging.MAX_RESTARTS)
-    assert not StagedSnapshot.objects.filter(backup=backups[1]).exists()  # its child waits, is not written whole
-    assert len(imaging.find_snapshots({"reclo:managed": "true"})) == 1  # each failed one was deleted
+    child = StagedSnapshot.objects.get(backup=backups[1])
+    assert (child.state, child.parent_snapshot_id) == ("completed", "")  # staged whole
+    assert read_back(child.snapshot_id) == disks[1]
+    assert staging.stage_server(standby.pk) == staging.Outcome(staged=0, again=False)
+    # Each failed snapshot of the full was deleted when it was given up for a new one.
+    assert len(imaging.find_snapshots({staging.TAG: str(backups[0].pk)})) == 1
