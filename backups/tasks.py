@@ -49,8 +49,8 @@ def enqueue(task, *args) -> None:
 
 
 def standby_enqueue(server_id: int) -> None:
-    """Bring a server's warm standby in step (`recovery.tasks.standby_stage`); its beat job covers a lost message."""
-    from recovery.tasks import standby_stage  # recovery depends on backups, not the other way round
+    """Bring a server's warm standby in step (`recovery.standby_tasks.standby_stage`); beat covers a lost message."""
+    from recovery.standby_tasks import standby_stage  # recovery depends on backups, not the other way round
 
     enqueue(standby_stage, server_id)
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
 
+from django.conf import settings
 from django.db import models
 from django.utils import timezone
 from reclo_agent.vhd import VHDError
@@ -52,10 +53,17 @@ from .models import StagedSnapshot
 
 log = logging.getLogger(__name__)
 
-# A staging worker renews its claim this often while it writes; one older
-# than LEASE belongs to a worker that died (the next run takes over).
-LEASE = timedelta(minutes=5)
-RENEW_EVERY = timedelta(seconds=30)
+# A staging worker renews its claim (for RECLO_STANDBY_STALE_AFTER) at most
+# this often while it writes; an expired one belongs to a worker that died
+# (the next run takes over).
+RENEW_EVERY = timedelta(seconds=5)
+
+
+def lease() -> timedelta:
+    """How long a staging worker's claim holds without being renewed."""
+    return settings.RECLO_STANDBY_STALE_AFTER
+
+
 # Restore points staged per run of `stage_server` (a long history is staged over several runs).
 BATCH = 20
 TAG = "reclo:staged"
@@ -195,7 +203,7 @@ def _claim(row: StagedSnapshot) -> bool:
         StagedSnapshot.objects.filter(pk=row.pk)
         .exclude(state=StagedSnapshot.State.COMPLETED)
         .filter(models.Q(lease_until__isnull=True) | models.Q(lease_until__lt=now))
-        .update(lease_until=now + LEASE, attempts=models.F("attempts") + 1)
+        .update(lease_until=now + lease(), attempts=models.F("attempts") + 1)
     )
 
 
@@ -261,13 +269,13 @@ def _write(row: StagedSnapshot, chain: list[Backup]) -> bool:
 
         def save(saved: list[list[int]]) -> None:
             StagedSnapshot.objects.filter(pk=row.pk).update(
-                spans=saved, changed_blocks=sum(span[3] for span in saved), lease_until=timezone.now() + LEASE
+                spans=saved, changed_blocks=sum(span[3] for span in saved), lease_until=timezone.now() + lease()
             )
 
         def heartbeat(_detail: str) -> None:
             now = timezone.now()
             if now - renewed[0] > RENEW_EVERY:
-                StagedSnapshot.objects.filter(pk=row.pk).update(lease_until=now + LEASE)
+                StagedSnapshot.objects.filter(pk=row.pk).update(lease_until=now + lease())
                 renewed[0] = now
 
         written = snapshot_write.write_chain(

@@ -10,9 +10,10 @@ from celery import shared_task
 
 from reclo_site.cloud import CloudUnavailable
 
-from . import drill_services, engine, services, staging, vpn_watch
+from . import drill_services, engine, services, vpn_watch
 from .drills import DRILL
 from .failover import FAILOVER
+from .standby_tasks import standby_reconcile, standby_stage  # noqa: F401 - registered with the worker from here
 
 # A step may stream a large disk; it renews its lease while it works, so a
 # long run is not mistaken for a dead one. The limits only stop a hung call.
@@ -89,36 +90,3 @@ def drills_reconcile() -> int:
 def drills_schedule() -> list[str]:
     """Start the drills that servers' intervals make due (a bounded batch per run)."""
     return drill_services.drills_schedule()
-
-
-# --- Warm standby ---------------------------------------------------------------------------
-
-# How soon a server's staging runs again when AWS is still sealing a snapshot.
-STANDBY_AGAIN = 15
-
-
-@shared_task(
-    soft_time_limit=STEP_SOFT_LIMIT,
-    time_limit=STEP_HARD_LIMIT,
-    autoretry_for=(CloudUnavailable,),
-    retry_backoff=10,
-    retry_backoff_max=600,
-    retry_jitter=True,
-    max_retries=10,
-)
-def standby_stage(server_id: int) -> int:
-    """Bring a server's staged snapshots in step (after a verified backup, a change of its setting)."""
-    outcome = staging.stage_server(server_id)
-    if outcome.again:
-        standby_stage.apply_async((server_id,), countdown=STANDBY_AGAIN)
-    return outcome.staged
-
-
-@shared_task
-def standby_reconcile() -> int:
-    """Beat job: stage what lost messages and dead workers left, delete the staged snapshots nothing needs."""
-    servers = staging.servers_to_stage()
-    for server_id in servers:
-        standby_stage.delay(server_id)
-    staging.sweep()
-    return len(servers)

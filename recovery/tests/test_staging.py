@@ -224,7 +224,7 @@ def test_a_worker_killed_mid_staging_is_resumed_in_the_same_snapshot(ebs_parents
     row = StagedSnapshot.objects.get(backup=full)
     assert row.state == "writing" and row.snapshot_id and 0 < row.changed_blocks < total
     first_snapshot = row.snapshot_id
-    StagedSnapshot.objects.filter(pk=row.pk).update(lease_until=timezone.now() + staging.LEASE)
+    StagedSnapshot.objects.filter(pk=row.pk).update(lease_until=timezone.now() + staging.lease())
     with pytest.raises(staging.Busy):
         staging.stage(full)  # the dead worker's lease still holds
     StagedSnapshot.objects.filter(pk=row.pk).update(lease_until=timezone.now() - timedelta(seconds=1))
@@ -387,7 +387,7 @@ def test_turning_warm_standby_off_deletes_the_staged_snapshots(
     snapshots = list(StagedSnapshot.objects.values_list("snapshot_id", flat=True))
     assert len(snapshots) == 2
     sent = []
-    from recovery import tasks
+    from recovery import standby_tasks as tasks
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(tasks.standby_stage, "delay", lambda server_id: sent.append(server_id))
@@ -421,7 +421,7 @@ def test_the_monthly_cost_counts_each_disk_and_the_incrementals_changes(aws, use
 def test_the_sweep_waits_for_a_worker_still_staging_the_point(ebs_parents, user, standby):
     backups, _disks, _runs = build_chain(user, standby, incrementals=0)
     row = staging.stage(backups[0])
-    StagedSnapshot.objects.filter(pk=row.pk).update(lease_until=timezone.now() + staging.LEASE)
+    StagedSnapshot.objects.filter(pk=row.pk).update(lease_until=timezone.now() + staging.lease())
     Backup.objects.filter(pk=backups[0].pk).update(deleted_at=timezone.now())
     assert staging.sweep() is False
     assert snapshot_exists(row.snapshot_id)

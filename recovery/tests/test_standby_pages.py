@@ -7,7 +7,8 @@ from django.test import Client
 from django.urls import reverse
 
 from backups.models import Backup, Server
-from recovery import staging, tasks
+from recovery import staging
+from recovery import standby_tasks as tasks
 
 from .factories import MiB, backup_chain
 
