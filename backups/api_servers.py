@@ -68,7 +68,9 @@ class ServerOutput(serializers.Serializer):
         help_text="The agent's bootability preflight and the newest drill's verdict; null until either exists.",
     )
     warm_standby = serializers.BooleanField(
-        help_text="Stage each verified restore point as a failover image (stored; staging is not built yet)."
+        help_text="Warm standby: each verified restore point is staged as an EBS snapshot (an incremental on its "
+        "parent's), so its failover starts the server without writing the disk; off deletes the staged snapshots. "
+        "Costs EBS snapshot storage (the server's warm standby page shows how much). Linux (EBS direct) servers only."
     )
     drill_every_days = serializers.IntegerField(
         allow_null=True, help_text="A recovery drill runs every this many days; null: no scheduled drills."

@@ -48,6 +48,13 @@ def enqueue(task, *args) -> None:
         log.exception("could not enqueue %s%r", task.name, args)
 
 
+def standby_enqueue(server_id: int) -> None:
+    """Bring a server's warm standby in step (`recovery.standby_tasks.standby_stage`); beat covers a lost message."""
+    from recovery.standby_tasks import standby_stage  # recovery depends on backups, not the other way round
+
+    enqueue(standby_stage, server_id)
+
+
 @shared_task(bind=True, **RETRY_CLOUD, **LONG_TASK)
 def backup_verify(self, backup_id: str) -> str | None:
     """Verify a completed upload (idempotent: only a `verifying` backup no worker is on is read).

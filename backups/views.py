@@ -17,6 +17,7 @@ from accounts import twofactor
 from reclo_site.errors import Code, ServiceError
 from reclo_site.http import client_address
 from recovery import selectors as drill_selectors
+from recovery import staging
 
 from . import selectors, services
 from .api_files import file_response
@@ -57,6 +58,7 @@ def server_detail(request, server_id: int):
         "crash_disks": crash_disks,
         "preflight": overview.server.preflight,
         "drills": drills,
+        "standby": staging.standing(overview.server),
     }
     return render(request, "backups/server.html", context)
 

@@ -372,6 +372,12 @@ CELERY_BEAT_SCHEDULE = {
     "recovery-reconcile-failbacks": {"task": "recovery.tasks.failbacks_reconcile", "schedule": 60.0},
     # Record instance states changed outside the portal (stopped in the console, ...).
     "recovery-sync-instances": {"task": "recovery.tasks.instances_sync", "schedule": crontab(minute="*/5")},
+    # Warm standby: stage restore points whose message was lost or whose worker died; delete
+    # the staged snapshots of restore points that went (deleted, retention, standby turned off).
+    "recovery-standby-reconcile": {
+        "task": "recovery.standby_tasks.standby_reconcile",
+        "schedule": crontab(minute="*/5"),
+    },
     # Terminate ReClo's recovery instances stopped for more than 14 days.
     "recovery-free-instances": {"task": "recovery.tasks.instances_free", "schedule": crontab(minute=47)},
     # Re-enqueue drill steps whose worker died (the drill then ends and is torn down).
@@ -487,6 +493,8 @@ RECLO_VPN_GATEWAY_DOWN_AFTER = timedelta(minutes=env.int("RECLO_VPN_GATEWAY_DOWN
 # A step whose worker has not reported for this long is taken over by the
 # reconciler (the worker died); long steps report every few seconds.
 RECLO_RECOVERY_STALE_AFTER = timedelta(seconds=env.int("RECLO_RECOVERY_STALE_SECONDS", default=300))
+# A warm standby staging whose worker stopped renewing its lease this long ago is taken over.
+RECLO_STANDBY_STALE_AFTER = timedelta(seconds=env.int("RECLO_STANDBY_STALE_SECONDS", default=300))
 # Stopped recovery instances are terminated after this long (the original's FreeInstances).
 RECLO_STOPPED_INSTANCE_LIFETIME = timedelta(days=env.int("RECLO_STOPPED_INSTANCE_DAYS", default=14))
 

@@ -466,3 +466,50 @@ class FailbackStep(PipelineStep):
 
     class Meta(PipelineStep.Meta):
         constraints = [models.UniqueConstraint(fields=["failback", "name"], name="failback_step_unique")]
+
+
+class StagedSnapshot(models.Model):
+    """A restore point of a warm-standby server, kept ready as a completed EBS snapshot (`recovery.staging`).
+
+    The snapshot id is recorded before any block is written, so a worker
+    killed mid-staging is followed by one that writes into the same
+    snapshot (from `spans`, the writer's checkpoints) instead of starting a
+    second one. `backup` is SET_NULL: whatever removes a restore point
+    (deletion, retention, the purge) leaves its staged snapshot behind with
+    no backup, and the sweep (`staging.sweep`) deletes it from AWS.
+    """
+
+    class State(models.TextChoices):
+        STARTING = "starting"  # no snapshot id known yet
+        WRITING = "writing"  # the snapshot is started (its id recorded); blocks are being written
+        SEALING = "sealing"  # CompleteSnapshot was called; AWS is sealing it
+        COMPLETED = "completed"  # ready: a failover registers an image from it
+        FAILED = "failed"  # the snapshot went to error; the next try starts a new one cleanly
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="staged_snapshots")
+    backup = models.OneToOneField(
+        "backups.Backup", on_delete=models.SET_NULL, null=True, blank=True, related_name="staged"
+    )
+    backup_ref = models.UUIDField(help_text="The restore point's id, kept when its row goes.")
+    state = models.CharField(max_length=12, choices=State.choices, default=State.STARTING)
+    snapshot_id = models.CharField(max_length=64, blank=True)
+    parent_snapshot_id = models.CharField(max_length=64, blank=True)
+    volume_gib = models.PositiveIntegerField()
+    # The one-pass writer's checkpoints ([first, end, next block, pieces written] per span).
+    spans = models.JSONField(null=True, blank=True)
+    changed_blocks = models.PositiveIntegerField(default=0)
+    # Bumped when a failed snapshot is given up for a new one: the new StartSnapshot's ClientToken.
+    restarts = models.PositiveSmallIntegerField(default=0)
+    attempts = models.PositiveIntegerField(default=0)
+    error = models.TextField(blank=True)
+    # A worker staging it holds this and renews it while it writes; an old one is a dead worker's.
+    lease_until = models.DateTimeField(null=True, blank=True)
+    created = models.DateTimeField(default=timezone.now)
+    started = models.DateTimeField(null=True, blank=True)
+    completed = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["created"]
+
+    def __str__(self):
+        return f"staged {self.backup_ref} ({self.state} {self.snapshot_id or '-'})"

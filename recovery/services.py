@@ -239,9 +239,11 @@ def instance_release(*, instance_pk: int) -> bool:
         or {}
     )
     image_id = instance.image_id or imported.get("image_id")
+    # A staged snapshot (warm standby) stays: it is its restore point's, which the sweep deletes with it.
+    staged = {imported["snapshot_id"]} if imported.get("staged") else set()
     if image_id:
-        imaging.delete_image(image_id)  # with the snapshots AWS lists for it
-    if imported.get("snapshot_id"):  # EBS direct's, by our own record (moto lists none)
+        imaging.delete_image(image_id, keep=staged)  # with the snapshots AWS lists for it
+    if imported.get("snapshot_id") and not staged:  # EBS direct's, by our own record (moto lists none)
         imaging.delete_snapshot(imported["snapshot_id"])
     recovery = instance.recovery
     reused = Recovery.objects.filter(

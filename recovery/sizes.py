@@ -71,3 +71,13 @@ def size_for_disk(virtual_size: int) -> Size:
 def total_hourly(size: Size) -> Decimal:
     """The server, its VPN gateway and two public addresses, per hour (Linux prices)."""
     return size.hourly_usd + VPN_GATEWAY_HOURLY_USD + 2 * PUBLIC_IPV4_HOURLY_USD
+
+
+# EBS snapshot storage (standard tier), per GB-month: what warm standby's
+# staged snapshots cost (recovery.staging.monthly_cost).
+SNAPSHOT_GB_MONTH_USD = Decimal("0.05")
+
+
+def snapshot_monthly(stored_bytes: int) -> Decimal:
+    """The monthly price of `stored_bytes` kept in EBS snapshots, to the cent."""
+    return (Decimal(stored_bytes) / 1000**3 * SNAPSHOT_GB_MONTH_USD).quantize(Decimal("0.01"))

@@ -212,6 +212,26 @@ def ebs_pieces(index: int, data: bytes, per: int) -> Iterator[tuple[int, bytes]]
             yield index * per + part, piece.ljust(size, b"\0")
 
 
+def changed_pieces(index: int, data: bytes, bitmap: bytes, per: int) -> Iterator[tuple[int, bytes]]:
+    """(EBS block index, 512 KiB) of the parts of VHD block `index` whose sectors `bitmap` marks, zeros included.
+
+    For an incremental written on its parent's snapshot: a marked piece is
+    written even when it is all zeros (it may hide data of the parent's), an
+    unmarked one never (the parent's reads through).
+    """
+    size = imaging.EBS_BLOCK_SIZE
+    marks = size // SECTOR // 8  # bitmap bytes per EBS block
+    for part in range(per):
+        piece = data[part * size : (part + 1) * size]
+        if piece and any(bitmap[part * marks : (part + 1) * marks]):
+            yield index * per + part, piece.ljust(size, b"\0")
+
+
+def blocks_to_write(chain: ChainReader, layers: list[Layer], *, changed_only: bool = False) -> array:
+    """The VHD blocks `write_chain` goes through: the chain's stored ones, or with `changed_only` the top layer's."""
+    return array("q", layers[-1].indices) if changed_only else array("q", chain.allocated_blocks())
+
+
 def plan_spans(allocated: array, total: int, count: int | None = None) -> list[list[int]]:
     """`[first block, end block, next block, pieces written]`: `count` (READERS) spans, equal in stored blocks."""
     if not allocated:
@@ -279,8 +299,14 @@ def write_chain(
     *,
     save: Callable[[list[list[int]]], None],
     heartbeat: Callable[[str], None],
+    changed_only: bool = False,
 ) -> int:
     """Write every non-zero piece of the chain's disk into `snapshot_id`, from each span's next block on.
+
+    With `changed_only` (an incremental staged on its parent's snapshot,
+    `recovery.staging`) only the pieces the top layer's sector bitmaps
+    mark are written, each as the merged chain reads there (`changed_pieces`);
+    `spans` then come from `plan_spans` of `blocks_to_write(..., changed_only=True)`.
 
     `spans` as from `plan_spans` (or as saved by an earlier try). `save` is
     called with the spans at each checkpoint and at the end, `heartbeat`
@@ -290,7 +316,7 @@ def write_chain(
     and of the writes come out here, after every thread stopped.
     """
     per = chain.block_size // imaging.EBS_BLOCK_SIZE
-    allocated = array("q", chain.allocated_blocks())
+    allocated = blocks_to_write(chain, layers, changed_only=changed_only)
     progress = _Progress(spans, per)
     pieces: queue.Queue = queue.Queue(maxsize=QUEUE)
     stop = threading.Event()
@@ -312,7 +338,11 @@ def write_chain(
             for index in allocated[bisect_left(allocated, next_block) : bisect_left(allocated, end)]:
                 if stop.is_set():
                     return
-                found = list(ebs_pieces(index, merged.read_block(index), per))
+                if changed_only:
+                    bitmap = views[-1].read_bitmap(index) or b""  # before the merge reads on past it
+                    found = list(changed_pieces(index, merged.read_block(index), bitmap, per))
+                else:
+                    found = list(ebs_pieces(index, merged.read_block(index), per))
                 progress.queued(n, index, len(found))
                 for piece in found:
                     hand_on(piece)

@@ -20,7 +20,7 @@ from reclo_site import cloud
 from reclo_site.cloud import compute, imaging, storage, streams
 from reclo_site.errors import Code
 
-from . import networks, paths, snapshot_write, vpn_watch
+from . import networks, paths, snapshot_write, staging, vpn_watch
 from .engine import StepContext
 from .models import Instance, Recovery
 from .pipeline import Done, StepFailed, Wait
@@ -107,6 +107,12 @@ def consolidate(ctx: StepContext) -> Done:
         # EBS direct merges the chain straight into the snapshot's blocks
         # (`_write_snapshot_blocks`): no merged copy. Only check the chain here.
         chain = _chain_or_fail(recovery)
+        if staging.staged_snapshot(recovery.backup):
+            return Done(
+                {"direct": True, "layers": len(chain), "staged": True},
+                "The restore point is staged as a cloud snapshot already (warm standby): nothing to prepare.",
+                True,
+            )
         return Done(
             {"direct": True, "layers": len(chain)},
             f"The {len(chain)} restore point(s) will be merged straight into the cloud disk: no copy needed.",
@@ -207,6 +213,11 @@ def _ebs_direct(ctx: StepContext) -> Done | Wait:
 
     gib = imaging.volume_gib(recovery.virtual_size)
     snapshot_id = ctx.outputs.get("snapshot_id")
+    if not snapshot_id:
+        # Warm standby: the restore point's snapshot is written and sealed already; no block to write.
+        snapshot_id = staging.staged_snapshot(recovery.backup)
+        if snapshot_id:
+            ctx.save(snapshot_id=snapshot_id, staged=True, blocks_written=True, snapshot_completed=True)
     if not snapshot_id:
         found = imaging.find_snapshots({"reclo:recovery": str(recovery.pk)})
         snapshot_id = (

@@ -14,6 +14,7 @@ from . import drill_services, engine, services, vpn_watch
 from .drills import DRILL
 from .failback import FAILBACK
 from .failover import FAILOVER
+from .standby_tasks import standby_reconcile, standby_stage  # noqa: F401 - registered with the worker from here
 
 # A step may stream a large disk; it renews its lease while it works, so a
 # long run is not mistaken for a dead one. The limits only stop a hung call.

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import failback_views, views, vpn_views
+from . import failback_views, standby_views, views, vpn_views
 
 app_name = "recovery"
 
@@ -13,6 +13,7 @@ urlpatterns = [
     path("vpn/<uuid:device_id>/revoke/", vpn_views.vpn_device_revoke, name="vpn-device-revoke"),
     path("servers/<int:server_id>/failover/", views.failover_start, name="failover-start"),
     path("servers/<int:server_id>/drill/", views.drill_start, name="drill-start"),
+    path("servers/<int:server_id>/standby/", standby_views.standby_settings, name="standby"),
     path("drills/report/", views.contingency_report, name="contingency-report"),
     path("drills/<uuid:drill_id>/", views.drill_detail, name="drill"),
     path("drills/<uuid:drill_id>/status.json", views.drill_status, name="drill-status"),

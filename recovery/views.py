@@ -17,7 +17,7 @@ from accounts import twofactor
 from reclo_site.errors import ServiceError
 from reclo_site.localtime import when
 
-from . import drill_report, drill_services, failback_services, paths, selectors, services, sizes, vpn_watch
+from . import drill_report, drill_services, failback_services, paths, selectors, services, sizes, staging, vpn_watch
 from .api import vpn_file_name
 from .drill_api import report_response
 from .drills import DRILL_STEPS
@@ -102,6 +102,10 @@ def failover_start(request, server_id: int):
         if latest
         else ""
     )
+    # Warm standby: the newest point's disk is in a snapshot already; only the fixed part is left.
+    staged = bool(latest and path.method == paths.EBS_DIRECT and staging.staged_snapshot(latest))
+    if staged:
+        expected = paths.about(paths.DEFAULT_FIXED_SECONDS[paths.EBS_DIRECT])
     if request.method == "POST" and form.is_valid():
         try:
             recovery = services.recovery_start(
@@ -123,6 +127,7 @@ def failover_start(request, server_id: int):
             "has_points": form.points.exists(),
             "path": path,
             "expected": expected,
+            "staged": staged,
             "extras": {
                 "gateway": sizes.VPN_GATEWAY_HOURLY_USD,
                 "addresses": 2 * sizes.PUBLIC_IPV4_HOURLY_USD,

@@ -183,6 +183,7 @@ def pages(d) -> dict[str, tuple[str, str]]:
         "remove a server": ("owner", r("backups:server-remove", args=[d["empty"]])),
         "delete a restore point": ("owner", r("backups:backup-delete", args=[d["backup"]])),
         "fail over": ("owner", r("recovery:failover-start", args=[d["server"]])),
+        "warm standby": ("owner", r("recovery:standby", args=[d["server"]])),
         "recovery ready": ("owner", r("recovery:detail", args=[d["ready"]])),
         "recovery running": ("owner", r("recovery:detail", args=[d["running"]])),
         "recovery failed": ("owner", r("recovery:detail", args=[d["failed"]])),
@@ -217,6 +218,7 @@ COVERS = {
     "recovery:instances", "recovery:vpn-devices", "recovery:vpn-device-revoke", "recovery:failover-start",
     "recovery:contingency-report", "recovery:drill", "recovery:detail", "recovery:instance-action",
     "recovery:failback-start", "recovery:failback",
+    "recovery:standby",
 }  # fmt: skip
 
 

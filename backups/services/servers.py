@@ -208,6 +208,11 @@ def server_update(
         raise ServiceError(Code.MALFORMED, "The request has invalid fields: " + ", ".join(sorted(fields)) + ".", fields)
     if changes:
         Server.objects.filter(pk=server.pk).update(**changes)
+        if "warm_standby" in changes and changes["warm_standby"] != server.warm_standby:
+            from .. import tasks  # tasks import the services
+
+            # On: stage its restore points; off: delete its staged snapshots (recovery.staging).
+            transaction.on_commit(lambda: tasks.standby_enqueue(server.pk))
         for name, value in changes.items():
             setattr(server, name, value)
     return server

@@ -370,6 +370,8 @@ def _verify(backup: Backup, heartbeat: Heartbeat) -> Backup:
                 transaction.on_commit(
                     lambda: tasks.enqueue(tasks.retention_apply, row.server_id, row.disk)  # noqa: B023 - runs once
                 )
+                if row.server.warm_standby:
+                    transaction.on_commit(lambda: tasks.standby_enqueue(row.server_id))  # noqa: B023 - runs once
                 return row
     backup.locked_until = locked_until
     backup_fail(backup=backup, reason=reason, from_statuses=(Backup.Status.VERIFYING,))

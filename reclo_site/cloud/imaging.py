@@ -62,13 +62,21 @@ def volume_gib(virtual_size: int) -> int:
 # --- EBS direct ---------------------------------------------------------------------
 
 
-def start_snapshot(*, volume_size_gib: int, client_token: str, tags: dict, description: str) -> str:
-    """Start an empty snapshot to write blocks into; returns its id.
+def start_snapshot(
+    *, volume_size_gib: int, client_token: str, tags: dict, description: str, parent_snapshot_id: str = ""
+) -> str:
+    """Start a snapshot to write blocks into; returns its id.
 
+    Empty, or with `parent_snapshot_id` an incremental of that completed
+    snapshot: it reads as the parent wherever no block is written into it
+    (AWS's EBS direct guide, "Write snapshots"), and it stays whole when the
+    parent is deleted later (DeleteSnapshot: "all active snapshots will have
+    access to all the information needed to restore the volume").
     Idempotent on AWS through `client_token`; callers also look for the tag
     first (`find_snapshots`), which covers moto. A started snapshot must be
     completed within the timeout (24 h here) or AWS marks it as failed.
     """
+    parent = {"ParentSnapshotId": parent_snapshot_id} if parent_snapshot_id else {}
     resp = _call(
         "ebs",
         "start_snapshot",
@@ -78,7 +86,8 @@ def start_snapshot(*, volume_size_gib: int, client_token: str, tags: dict, descr
         Description=description,
         Tags=[{"Key": k, "Value": str(v)} for k, v in tags.items()],
         Timeout=24 * 60,
-        # moto ignores both (tests check the request instead).
+        **parent,
+        # moto ignores these and the parent (tests check the request instead).
         **encryption_args("KmsKeyArn"),
     )
     return resp["SnapshotId"]
@@ -313,8 +322,8 @@ def image_state(image_id: str) -> tuple[str, str]:
     return images[0].get("State", ""), images[0].get("StateReason", {}).get("Message", "")
 
 
-def delete_image(image_id: str) -> None:
-    """Deregister an image and delete its snapshots. Idempotent."""
+def delete_image(image_id: str, *, keep: Iterable[str] = ()) -> None:
+    """Deregister an image and delete its snapshots, except those in `keep` (staged ones). Idempotent."""
     try:
         resp = _call("ec2", "describe_images", f"describe {image_id}", ImageIds=[image_id])
     except ObjectNotFound:
@@ -331,8 +340,26 @@ def delete_image(image_id: str) -> None:
     ]
     if resp.get("Images"):
         _call("ec2", "deregister_image", f"deregister {image_id}", ImageId=image_id)
+    kept = set(keep)
     for snapshot_id in snapshots:
-        delete_snapshot(snapshot_id)
+        if snapshot_id not in kept:
+            delete_snapshot(snapshot_id)
+
+
+def delete_snapshot_unless_in_use(snapshot_id: str) -> bool:
+    """Delete a snapshot; False (and kept) while a registered image uses it. Idempotent.
+
+    AWS refuses to delete the root snapshot of a registered image
+    (InvalidSnapshot.InUse) until that image is deregistered.
+    """
+    try:
+        _call("ec2", "delete_snapshot", f"delete {snapshot_id}", SnapshotId=snapshot_id)
+    except CloudError as exc:
+        if exc.code == "InvalidSnapshot.InUse":
+            return False
+        if not (isinstance(exc, ObjectNotFound) or exc.code.startswith("InvalidSnapshot")):
+            raise
+    return True
 
 
 def delete_snapshot(snapshot_id: str) -> None:
