@@ -13,7 +13,40 @@ from .failback import FAILBACK
 from .failover import FAILOVER, FAILOVER_STEPS
 
 
-class Recovery(models.Model):
+class PipelineRun(models.Model):
+    """What every run of a pipeline (a failover, a drill, a failback) keeps besides its status.
+
+    The engine (`recovery.engine`) works on the current step only while the
+    run holds the lease (`lease_token` until `lease_until`), taken with a
+    conditional UPDATE; `due_at` is when the step's next task should run, so
+    the reconciler can re-enqueue work a dead worker or a lost message left.
+    Each run declares its own `status` (its pipeline's choices), `ACTIVE`
+    and Meta.
+    """
+
+    ACTIVE: tuple[str, ...] = ()
+    status: str  # each run's own field
+
+    error_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    lease_token = models.UUIDField(null=True, blank=True)
+    lease_until = models.DateTimeField(null=True, blank=True)
+    due_at = models.DateTimeField(null=True, blank=True)
+
+    created = models.DateTimeField(default=timezone.now, db_index=True)
+    updated = models.DateTimeField(default=timezone.now)
+    finished = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        abstract = True
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in self.ACTIVE
+
+
+class Recovery(PipelineRun):
     """One failover: a restore point on its way to a running server behind a VPN.
 
     A state machine persisted here and advanced by small Celery tasks (see
@@ -54,16 +87,6 @@ class Recovery(models.Model):
     import_method = models.CharField(max_length=16, choices=ImportMethod.choices)
 
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
-    error_code = models.PositiveSmallIntegerField(null=True, blank=True)
-    error = models.TextField(blank=True)
-
-    lease_token = models.UUIDField(null=True, blank=True)
-    lease_until = models.DateTimeField(null=True, blank=True)
-    due_at = models.DateTimeField(null=True, blank=True)
-
-    created = models.DateTimeField(default=timezone.now, db_index=True)
-    updated = models.DateTimeField(default=timezone.now)
-    finished = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created"]
@@ -81,10 +104,6 @@ class Recovery(models.Model):
 
     def __str__(self):
         return f"failover of {self.server_name} ({self.status})"
-
-    @property
-    def is_active(self) -> bool:
-        return self.status in self.ACTIVE
 
     @property
     def elapsed(self) -> timedelta:
@@ -290,7 +309,7 @@ class Instance(models.Model):
         return timezone.now() - self.running_since
 
 
-class Drill(models.Model):
+class Drill(PipelineRun):
     """One drill: a restore point booted in an isolated sandbox, checked, and torn down.
 
     Persisted and advanced by the engine like a failover (`recovery.drills.DRILL`).
@@ -331,8 +350,6 @@ class Drill(models.Model):
     probe_port = models.PositiveIntegerField(null=True, blank=True)
 
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
-    error_code = models.PositiveSmallIntegerField(null=True, blank=True)
-    error = models.TextField(blank=True)
 
     checks = models.JSONField(default=list, blank=True)
     rto_seconds = models.FloatField(null=True, blank=True)
@@ -344,14 +361,6 @@ class Drill(models.Model):
     evidence = models.JSONField(default=dict, blank=True)
     resources = models.JSONField(default=list, blank=True)
     torn_down = models.DateTimeField(null=True, blank=True)
-
-    lease_token = models.UUIDField(null=True, blank=True)
-    lease_until = models.DateTimeField(null=True, blank=True)
-    due_at = models.DateTimeField(null=True, blank=True)
-
-    created = models.DateTimeField(default=timezone.now, db_index=True)
-    updated = models.DateTimeField(default=timezone.now)
-    finished = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created"]
@@ -366,10 +375,6 @@ class Drill(models.Model):
 
     def __str__(self):
         return f"drill of {self.server_name} ({self.status})"
-
-    @property
-    def is_active(self) -> bool:
-        return self.status in self.ACTIVE
 
     @property
     def passed(self) -> bool:
@@ -390,7 +395,7 @@ class DrillStep(PipelineStep):
         constraints = [models.UniqueConstraint(fields=["drill", "name"], name="drill_step_unique")]
 
 
-class Failback(models.Model):
+class Failback(PipelineRun):
     """One "Bring it home": the recovered server's disk in the cloud made a restore point of its server.
 
     Advanced by the engine like a failover (`recovery.failback.FAILBACK`).
@@ -430,16 +435,6 @@ class Failback(models.Model):
     snapshot_at = models.DateTimeField(null=True, blank=True)
 
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
-    error_code = models.PositiveSmallIntegerField(null=True, blank=True)
-    error = models.TextField(blank=True)
-
-    lease_token = models.UUIDField(null=True, blank=True)
-    lease_until = models.DateTimeField(null=True, blank=True)
-    due_at = models.DateTimeField(null=True, blank=True)
-
-    created = models.DateTimeField(default=timezone.now, db_index=True)
-    updated = models.DateTimeField(default=timezone.now)
-    finished = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created"]
@@ -453,10 +448,6 @@ class Failback(models.Model):
 
     def __str__(self):
         return f"failback of {self.server_name} ({self.status})"
-
-    @property
-    def is_active(self) -> bool:
-        return self.status in self.ACTIVE
 
 
 class FailbackStep(PipelineStep):
