@@ -277,6 +277,11 @@ def _read_exactly(f, n: int) -> bytes:
 
 def _assemble(index: int, length: int, pieces: list, block_size: int, bitmap_size: int) -> bytes:
     """In a pool thread: decompress each layer's frames of the block and stack them (top layer first)."""
+    return stack_block(_stored_blocks(index, pieces, block_size, bitmap_size), block_size, length)
+
+
+def _stored_blocks(index: int, pieces: list, block_size: int, bitmap_size: int) -> list:
+    """Each layer's stored block ``(bitmap, data)``, decompressed from its frames (top layer first)."""
     stored = []
     for frames, at in pieces:
         try:
@@ -287,7 +292,7 @@ def _assemble(index: int, length: int, pieces: list, block_size: int, bitmap_siz
         if len(block) != bitmap_size + block_size:
             raise VHDError(f"block {index}: its frames are shorter than the block")
         stored.append((block[:bitmap_size], block[bitmap_size:]))
-    return stack_block(stored, block_size, length)
+    return stored
 
 
 class RestoreRun:
@@ -485,16 +490,7 @@ def write_changed(layers: list[Layer], chain: ChainReader, allocated: list[int],
         return data.ljust(block_size, b"\0")
 
     def assemble(index: int, length: int, pieces: list) -> bytes:
-        stored: list[tuple[bytes, bytes | Callable[[], bytes]]] = []
-        for frames, at in pieces:
-            try:
-                raw = pyzstd.decompress(frames)
-            except pyzstd.ZstdError as exc:
-                raise VHDError(f"block {index}: corrupt compressed frame ({exc})") from exc
-            block = raw[at : at + bitmap_size + block_size]
-            if len(block) != bitmap_size + block_size:
-                raise VHDError(f"block {index}: its frames are shorter than the block")
-            stored.append((block[:bitmap_size], block[bitmap_size:]))
+        stored: list[tuple[bytes, bytes | Callable[[], bytes]]] = _stored_blocks(index, pieces, block_size, bitmap_size)
         # What the target holds, as the lowest layer: read only when a sector is still needed.
         stored.append((full_bitmap, lambda: on_disk(index, length)))
         return stack_block(stored, block_size, length)
