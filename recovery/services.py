@@ -19,9 +19,9 @@ from reclo_site import cloud
 from reclo_site.cloud import compute, imaging, storage
 from reclo_site.errors import Code, ServiceError
 
-from . import drill_services, engine, networks, paths, selectors, sizes
+from . import drill_services, engine, failback_services, networks, paths, selectors, sizes
 from .failover import FAILOVER
-from .models import Instance, Recovery, RecoveryNetwork, RecoveryStep
+from .models import Failback, Instance, Recovery, RecoveryNetwork, RecoveryStep
 from .steps import merged_key
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,8 @@ ALLOWED = {
 SYNC_BATCH = 200
 FREE_BATCH = 50
 FREE_MAX_PAGES = 20
+# Failbacks tried before a server stopped for 14 days is terminated without its cloud work.
+FREE_SAVE_TRIES = 3
 
 
 # --- Failover ------------------------------------------------------------------------------
@@ -311,8 +313,39 @@ def instances_sync(*, batch_size: int = SYNC_BATCH) -> int:
     return changed
 
 
+def _saving_first(row: Instance) -> bool:
+    """Whether the cloud server's work is being brought home before it is terminated.
+
+    A server that may hold work no restore point has (see
+    `failback_services.unsaved_changes`) gets a failback first; the run
+    after it is ready terminates the server. After FREE_SAVE_TRIES failed
+    failbacks since the stop (each emailed to the owner) it is terminated
+    anyway: the 14 days are the owner's promise as much as ours.
+    """
+    if not failback_services.unsaved_changes(row) or not failback_services.can_bring_home(row):
+        return False
+    tries = Failback.objects.filter(recovery_id=row.recovery_id, created__gte=row.stopped_at or row.launched)
+    if tries.filter(status__in=list(Failback.ACTIVE)).exists():
+        return True
+    if tries.filter(status=Failback.Status.FAILED).count() >= FREE_SAVE_TRIES:
+        log.warning("instances_free: %s is terminated without its cloud work: bringing it home failed", row.instance_id)
+        return False
+    try:
+        failback_services.failback_start(user=row.recovery.user, recovery=row.recovery)
+    except ServiceError as exc:
+        if exc.code == Code.FAILOVER_RUNNING:
+            return True
+        log.warning("instances_free: could not bring %s home first: %s", row.instance_id, exc)
+        return False
+    log.info("instances_free: bringing %s home before it is terminated", row.instance_id)
+    return True
+
+
 def instances_free(*, batch_size: int = FREE_BATCH, max_pages: int = FREE_MAX_PAGES) -> list[str]:
     """Terminate ReClo's recovery instances stopped for longer than the lifetime (14 days).
+
+    One that may hold work no restore point has is first brought home (a
+    failback, see `_saving_first`) and terminated by a later run.
 
     Only instances carrying ReClo's tags (managed, role server) are looked
     at, by the cloud's own filter; untagged ones are never touched. The stop
@@ -334,6 +367,8 @@ def instances_free(*, batch_size: int = FREE_BATCH, max_pages: int = FREE_MAX_PA
             row = Instance.objects.filter(instance_id=info.instance_id).first()
             since = (row.stopped_at if row else None) or info.transitioned_at
             if since is None or since > cutoff:
+                continue
+            if row is not None and _saving_first(row):
                 continue
             if row is not None:
                 claimed = (

@@ -253,3 +253,14 @@ def slow_snapshot_writes(monkeypatch, delay: float = 0.03) -> SnapshotWrites:
 
     monkeypatch.setattr(EBSBackend, "put_snapshot_block", slow_put)
     return writes
+
+
+def saved(instance, *, at, status="ready"):
+    """A failback of the instance that made its restore point at `at` (as the pipeline leaves it)."""
+    from recovery.models import Failback
+
+    return Failback.objects.create(
+        user=instance.user, recovery=instance.recovery, server=instance.recovery.server,
+        server_name=instance.recovery.server_name, instance_id=instance.instance_id,
+        status=status, kind="full", snapshot_at=at, finished=at, created=at, updated=at,
+    )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Beat jobs: instances_free (stopped for 14 days), instances_sync, with frozen time."""
+"""Beat jobs: instances_free (stopped for 14 days, brought home first), instances_sync, with frozen time."""
 
 from datetime import UTC, datetime, timedelta
 from unittest import mock
@@ -9,9 +9,9 @@ import time_machine
 from reclo_site.cloud import compute
 from reclo_site.cloud.clients import client
 from recovery import services, tasks
-from recovery.models import Instance
+from recovery.models import Failback, Instance
 
-from .factories import GATEWAY_AMI_PARAMETER, recovered_instance
+from .factories import GATEWAY_AMI_PARAMETER, recovered_instance, saved
 
 pytestmark = pytest.mark.django_db
 
@@ -29,11 +29,19 @@ def untagged_stopped_instance() -> str:
     return instance_id
 
 
+def stopped_and_saved(user, server=None) -> Instance:
+    """One of ours stopped at T0 whose work was brought home just after (nothing left to save)."""
+    with time_machine.travel(T0, tick=False):
+        instance = recovered_instance(user=user, server=server, state="stopped")
+    saved(instance, at=T0 + timedelta(minutes=10))
+    return instance
+
+
 @pytest.fixture
 def stopped_at_t0(aws, user, server):
-    """Instances stopped at T0: one of ours (in the database) and one untagged."""
+    """Instances stopped at T0: one of ours (in the database, its work brought home) and one untagged."""
+    ours = stopped_and_saved(user, server)
     with time_machine.travel(T0, tick=False):
-        ours = recovered_instance(user=user, server=server, state="stopped")
         theirs = untagged_stopped_instance()
     return ours, theirs
 
@@ -77,8 +85,7 @@ def test_a_tagged_instance_the_portal_lost_track_of_goes_by_the_clouds_stop_time
 
 
 def test_it_works_in_bounded_batches(aws, user):
-    with time_machine.travel(T0, tick=False):
-        ids = {recovered_instance(user=user, state="stopped").instance_id for _ in range(3)}
+    ids = {stopped_and_saved(user).instance_id for _ in range(3)}
     with time_machine.travel(T0 + timedelta(days=15)):
         first = services.instances_free(batch_size=2)
         second = services.instances_free(batch_size=2)
@@ -109,6 +116,47 @@ def test_a_failed_terminate_is_left_for_the_next_run(stopped_at_t0, monkeypatch)
     with time_machine.travel(T0 + timedelta(days=15)):
         assert services.instances_free() == []
     assert Instance.objects.get(pk=ours.pk).state == "stopped"
+
+
+def test_a_stopped_server_with_unsaved_work_is_brought_home_before_it_is_terminated(aws, user):
+    with time_machine.travel(T0, tick=False):
+        instance = recovered_instance(user=user, state="stopped")
+    with time_machine.travel(T0 + timedelta(days=15)):
+        assert tasks.instances_free() == []
+        (failback,) = Failback.objects.filter(recovery=instance.recovery)
+        assert failback.status == "queued" and failback.instance_id == instance.instance_id
+        assert tasks.instances_free() == []  # on its way: not a second one, still not terminated
+        assert Failback.objects.filter(recovery=instance.recovery).count() == 1
+    assert compute.describe_instance(instance.instance_id).state == "stopped"
+    assert Instance.objects.get(pk=instance.pk).state == "stopped"
+
+    # Brought home: the next run terminates it.
+    Failback.objects.filter(pk=failback.pk).update(status="ready", snapshot_at=T0 + timedelta(days=15))
+    with time_machine.travel(T0 + timedelta(days=15, hours=1)):
+        assert tasks.instances_free() == [instance.instance_id]
+    assert compute.describe_instance(instance.instance_id).state == "terminated"
+
+
+def test_a_server_that_cannot_be_brought_home_is_terminated_after_three_failed_tries(aws, user):
+    with time_machine.travel(T0, tick=False):
+        instance = recovered_instance(user=user, state="stopped")
+    saved(instance, at=T0 - timedelta(days=1), status="failed")  # before the stop: not a try for this one
+    for hour in (1, 2):
+        saved(instance, at=T0 + timedelta(hours=hour), status="failed")
+    with time_machine.travel(T0 + timedelta(days=15)):
+        assert tasks.instances_free() == []  # two failed since the stop: a third try
+        Failback.objects.filter(status="queued").update(status="failed")
+        assert tasks.instances_free() == [instance.instance_id]
+    assert Failback.objects.filter(recovery=instance.recovery).count() == 4
+
+
+def test_a_server_removed_from_the_portal_is_terminated_without_a_failback(aws, user, server):
+    with time_machine.travel(T0, tick=False):
+        instance = recovered_instance(user=user, server=server, state="stopped")
+    server.delete()  # its recovery keeps the name; nothing to make a restore point of
+    with time_machine.travel(T0 + timedelta(days=15)):
+        assert tasks.instances_free() == [instance.instance_id]
+    assert not Failback.objects.exists()
 
 
 # --- instances_sync -------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from recovery import engine, failback_services, services
 from recovery.failback import FAILBACK
 from recovery.models import Failback, FailbackStep, Instance
 
-from .factories import MiB, backup_chain, recovered_instance
+from .factories import MiB, backup_chain, recovered_instance, saved
 from .moto_cloud_disk import EBS_BLOCK, CloudDisk
 
 pytestmark = pytest.mark.django_db
@@ -412,15 +412,6 @@ def test_bring_it_home_needs_the_forms_csrf_token(failed_over, user):
     browser.force_login(user)
     assert browser.post(reverse("recovery:failback-start", args=[recovery.pk])).status_code == 403
     assert not Failback.objects.exists()
-
-
-def saved(instance, *, at):
-    """A failback of the instance that made its restore point at `at` (as the pipeline leaves it)."""
-    return Failback.objects.create(
-        user=instance.user, recovery=instance.recovery, server=instance.recovery.server,
-        server_name=instance.recovery.server_name, instance_id=instance.instance_id,
-        status=Failback.Status.READY, kind="full", snapshot_at=at, finished=at,
-    )  # fmt: skip
 
 
 def test_terminate_asks_for_the_typed_name_while_the_cloud_holds_unsaved_work(owner, aws, user):
