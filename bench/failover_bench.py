@@ -218,6 +218,8 @@ def main() -> int:
             "AWS_REGION": "us-east-1",
             "RECLO_BUCKET": "reclo-bench",
             "LOG_LEVEL": "WARNING",
+            # The owner's "ready" email would be printed among the figures.
+            "EMAIL_BACKEND": "django.core.mail.backends.locmem.EmailBackend",
             # moto's gateway instance runs nothing that could report in: do not wait for it.
             "RECLO_VPN_GATEWAY_MUST_REPORT": "false",
         }
