@@ -22,8 +22,8 @@ from reclo_site import testing
 from reclo_site.cloud import storage
 from recovery import devices as vpn_devices
 from recovery import services as recovery_services
-from recovery.models import Drill, Instance, Recovery, VpnGateway
-from recovery.tests.factories import MiB, ServerFactory, backup_chain, drive_recovery
+from recovery.models import Drill, Failback, Instance, Recovery, StagedSnapshot, VpnGateway
+from recovery.tests.factories import MiB, ServerFactory, backup_chain, drive_recovery, saved
 
 pytestmark = pytest.mark.django_db
 
@@ -76,6 +76,7 @@ def owner_data(aws, user, token):
         "instance_id": instance.instance_id,
         "token_id": ApiToken.objects.get(user=user).pk,
         "drill_id": drill.pk,
+        "failback_id": saved(instance, at=timezone.now()).pk,
         "device_id": vpn_devices.device_create(user=user, name="Reception PC").pk,
     }
 
@@ -102,6 +103,8 @@ def snapshot(user) -> str:
         "recoveries": list(Recovery.objects.filter(user=user).order_by("pk").values()),
         "instances": list(Instance.objects.filter(user=user).order_by("pk").values()),
         "drills": list(Drill.objects.filter(user=user).order_by("pk").values()),
+        "failbacks": list(Failback.objects.filter(user=user).order_by("pk").values()),
+        "staged": list(StagedSnapshot.objects.filter(user=user).order_by("pk").values()),
         "gateways": list(VpnGateway.objects.filter(network__user=user).order_by("pk").values()),
         "tokens": list(ApiToken.objects.filter(user=user).order_by("pk").values("pk", "revoked_at", "expires")),
         "audit": AuditEvent.objects.filter(user=user).count(),
