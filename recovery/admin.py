@@ -5,12 +5,21 @@ from django.contrib import admin
 from .models import Failback, FailbackStep, Instance, Recovery, RecoveryNetwork, RecoveryStep, VpnDevice, VpnGateway
 
 
-class RecoveryStepInline(admin.TabularInline):
-    model = RecoveryStep
+class StepInline(admin.TabularInline):
+    """A pipeline run's steps, read-only."""
+
     extra = 0
     can_delete = False
     fields = ("name", "status", "started", "finished", "attempts", "retries", "detail", "error", "outputs")
     readonly_fields = fields
+
+
+# What the engine writes on every run (a lease, its due time, its dates).
+RUN_READONLY = ("lease_token", "lease_until", "due_at", "created", "updated", "finished")
+
+
+class RecoveryStepInline(StepInline):
+    model = RecoveryStep
 
 
 @admin.register(Recovery)
@@ -18,7 +27,7 @@ class RecoveryAdmin(admin.ModelAdmin):
     list_display = ("id", "user", "server_name", "status", "error_code", "instance_type", "created", "finished")
     list_filter = ("status", "import_method")
     search_fields = ("id", "server_name", "user__email")
-    readonly_fields = ("lease_token", "lease_until", "due_at", "created", "updated", "finished")
+    readonly_fields = RUN_READONLY
     inlines = [RecoveryStepInline]
 
 
@@ -56,12 +65,8 @@ class VpnDeviceAdmin(admin.ModelAdmin):
     exclude = ("private_key_enc",)
 
 
-class FailbackStepInline(admin.TabularInline):
+class FailbackStepInline(StepInline):
     model = FailbackStep
-    extra = 0
-    can_delete = False
-    fields = ("name", "status", "started", "finished", "attempts", "retries", "detail", "error", "outputs")
-    readonly_fields = fields
 
 
 @admin.register(Failback)
@@ -69,5 +74,5 @@ class FailbackAdmin(admin.ModelAdmin):
     list_display = ("id", "user", "server_name", "status", "kind", "error_code", "snapshot_at", "finished")
     list_filter = ("status", "kind")
     search_fields = ("id", "server_name", "user__email", "backup_ref")
-    readonly_fields = ("lease_token", "lease_until", "due_at", "created", "updated", "finished")
+    readonly_fields = RUN_READONLY
     inlines = [FailbackStepInline]

@@ -23,6 +23,7 @@ from reclo_site.errors import Code, ServiceError
 from . import engine
 from .failback import FAILBACK
 from .models import Failback, Instance, Recovery
+from .notify import end_claimed
 
 log = logging.getLogger(__name__)
 
@@ -120,28 +121,16 @@ def failback_finished(failback_id, status: str) -> bool:
     Can run twice (the engine's contract): the audit event, taken under the
     run's row lock, is the claim, so the email goes out once.
     """
-    kind = {
+    kinds = {
         Failback.Status.READY: AuditEvent.Kind.FAILBACK_READY,
         Failback.Status.FAILED: AuditEvent.Kind.FAILBACK_FAILED,
     }
-    with transaction.atomic():
-        failback = (
-            Failback.objects.select_for_update(of=("self",))
-            .filter(pk=failback_id)
-            .select_related("user", "recovery", "parent")
-            .first()
-        )
-        if failback is None or failback.status not in kind:
-            return False
-        event_kind = kind[failback.status]
-        if AuditEvent.objects.filter(kind=event_kind, details__failback_id=str(failback.pk)).exists():
-            return False
-        details = {"server": failback.server_name, "failback_id": str(failback.pk)}
-        if failback.status == Failback.Status.FAILED:
-            details["reason"] = failback.error[:300]
-        else:
-            details["backup_id"] = str(failback.backup_ref)
-        audit_record(event_kind, user=failback.user, address="worker", **details)
+    failback = end_claimed(
+        Failback, failback_id, kinds, "failback_id", related=("user", "recovery", "parent"),
+        details=lambda run: {} if run.status == Failback.Status.FAILED else {"backup_id": str(run.backup_ref)},
+    )  # fmt: skip
+    if failback is None:
+        return False
     _snapshot_drop(failback)
     template = "failback_ready" if failback.status == Failback.Status.READY else "failback_failed"
     notify.owner_email(failback.user, f"recovery/email/{template}", {"failback": failback})
