@@ -421,7 +421,8 @@ def cmd_restore(args) -> int:
         print(json.dumps(dataclasses.asdict(result)))
         return EXIT_OK
     size = human_bytes(result.virtual_size)
-    print(f"Restored {result.backup_id} ({size}, {result.layers} objects) to {args.target}.")
+    objects = f"{result.layers} object" + ("s" if result.layers != 1 else "")
+    print(f"Restored {result.backup_id} ({size}, {objects}) to {args.target}.")
     return EXIT_OK
 
 
