@@ -49,6 +49,7 @@ from .errors import (
     UsageError,
 )
 from .freeze import DEFAULT_LIMIT as DEFAULT_FREEZE_LIMIT
+from .memory import keep_freed_buffers
 from .progress import Reporter, human_bytes
 from .restore import restore
 from .state import UploadState
@@ -706,6 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
+    keep_freed_buffers()
     # SIGTERM unwinds like Ctrl-C: frozen file systems are thawed, snapshots removed.
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:

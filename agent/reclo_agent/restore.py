@@ -33,6 +33,7 @@ zeros included, since its old content must not show through.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import queue
@@ -45,8 +46,6 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import pyzstd
-
 from .api import PortalClient
 from .errors import DiskError, NoSpace, UsageError, VerificationFailed
 from .progress import Reporter, Task, human_bytes
@@ -55,7 +54,7 @@ from .s3stream import ObjectStream
 from .scan import workers
 from .vhd import ChainReader, VHDError, VHDReader, open_seekable
 from .vhd.reader import stack_block
-from .vhd.seekzstd import read_seek_table
+from .vhd.seekzstd import decompress_frame, read_seek_table
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +66,9 @@ WRITE_QUEUE = 8  # blocks waiting for the writer thread
 DOWNLOAD_THREADS = 8
 # Read-ahead memory shared by the chain's objects.
 READ_AHEAD_BUDGET = 256 * MiB
+# Written out behind the restore every so much (see _Writer._flush_behind).
+FLUSH_WINDOW = 64 * MiB
+Block = bytes | memoryview
 
 
 def stream_plan(size: int, layers: int) -> tuple[int, int]:
@@ -94,6 +96,7 @@ class RestoreResult:
     downloaded: int
     written: int
     timings: dict = field(default_factory=dict)
+    requests: int = 0  # GETs sent to cloud storage
 
 
 class Target:
@@ -189,6 +192,7 @@ class _Writer:
         self._queue: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE)
         self._error: BaseException | None = None
         self.written = 0
+        self._window_start = self._previous_start = self._window_bytes = 0
         self._thread = threading.Thread(target=self._run, name="reclo-write", daemon=True)
         self._thread.start()
 
@@ -206,10 +210,30 @@ class _Writer:
                     n = os.pwrite(self._target.fd, view, offset)
                     view, offset = view[n:], offset + n
                 self.written += len(data)
+                self._flush_behind(offset, len(data))
             except OSError as exc:
                 self._error = _write_error(self._target.path, exc)
 
-    def put(self, offset: int, data: bytes) -> None:
+    def _flush_behind(self, end: int, written: int) -> None:
+        """Every FLUSH_WINDOW written, start writing it out, and drop the window before it from the page cache.
+
+        Otherwise the kernel holds the restore dirty in memory and writes it
+        at the final fsync, which the restore waits for, and a disk-sized
+        restore pushes everything else out of the cache. POSIX_FADV_DONTNEED
+        starts the writeback of a range without waiting for it, and drops
+        the range's pages that are already written. Writes come in disk
+        order, so the windows move forward.
+        """
+        self._window_bytes += written
+        if self._window_bytes < FLUSH_WINDOW:
+            return
+        try:
+            os.posix_fadvise(self._target.fd, self._previous_start, end - self._previous_start, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass  # advice only
+        self._previous_start, self._window_start, self._window_bytes = self._window_start, end, 0
+
+    def put(self, offset: int, data: bytes | memoryview) -> None:
         if self._error is not None:
             raise self._error
         self._queue.put((offset, data))
@@ -246,8 +270,9 @@ class Layer:
         self.c_offsets, self.d_offsets = read_seek_table(stream)
         self.stride = reader.block_size + reader.bitmap_size
 
-    def frames_of(self, index: int) -> tuple[bytes, int] | None:
-        """The compressed frames holding block ``index`` (bitmap and data) and where it starts in them.
+    def frames_of(self, index: int) -> tuple[bytes | memoryview, int, list[tuple[int, int]]] | None:
+        """The compressed frames holding block ``index`` (bitmap and data), where it starts in them, and each frame's
+        ``(compressed, decompressed)`` size.
 
         None when this layer does not store the block. Blocks are asked for
         in increasing order, so the reads move forward through the stream.
@@ -259,9 +284,15 @@ class Layer:
         last = bisect_right(self.d_offsets, start + self.stride - 1) - 1
         if first < 0 or last + 1 >= len(self.c_offsets):
             raise VHDError(f"block {index} is outside the stored frames")
-        c_start, c_end = self.c_offsets[first], self.c_offsets[last + 1]
-        self.stream.seek(c_start)
-        return _read_exactly(self.stream, c_end - c_start), start - self.d_offsets[first]
+        c, d = self.c_offsets, self.d_offsets
+        sizes = [(c[n + 1] - c[n], d[n + 1] - d[n]) for n in range(first, last + 1)]
+        span = getattr(self.stream, "read_span", None)
+        if span is not None:  # an ObjectStream: a view of its chunk, not a copy
+            frames = span(c[first], c[last + 1] - c[first])
+        else:
+            self.stream.seek(c[first])
+            frames = _read_exactly(self.stream, c[last + 1] - c[first])
+        return frames, start - d[first], sizes
 
 
 def _read_exactly(f, n: int) -> bytes:
@@ -275,24 +306,56 @@ def _read_exactly(f, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def _assemble(index: int, length: int, pieces: list, block_size: int, bitmap_size: int) -> bytes:
-    """In a pool thread: decompress each layer's frames of the block and stack them (top layer first)."""
-    return stack_block(_stored_blocks(index, pieces, block_size, bitmap_size), block_size, length)
+def _assemble(index: int, length: int, pieces: list, block_size: int, bitmap_size: int) -> tuple[Block, bool]:
+    """In a pool thread: decompress each layer's frames of the block and stack them (top layer first).
+
+    Returns the block and whether it is all zeros (checked here, off the main thread).
+    """
+    stored, origins = _stored_blocks(index, pieces, block_size, bitmap_size)
+    return _with_zero_flag(stack_block(stored, block_size, length), origins, length)
 
 
-def _stored_blocks(index: int, pieces: list, block_size: int, bitmap_size: int) -> list:
-    """Each layer's stored block ``(bitmap, data)``, decompressed from its frames (top layer first)."""
-    stored = []
-    for frames, at in pieces:
-        try:
-            raw = pyzstd.decompress(frames)
-        except pyzstd.ZstdError as exc:
-            raise VHDError(f"block {index}: corrupt compressed frame ({exc})") from exc
-        block = raw[at : at + bitmap_size + block_size]
-        if len(block) != bitmap_size + block_size:
+@functools.lru_cache(maxsize=4)
+def _zeros(n: int) -> bytes:
+    return bytes(n)
+
+
+def _with_zero_flag(block: Block, origins: list[tuple[bytes, int]], length: int) -> tuple[Block, bool]:
+    zero = _zeros(length)
+    if isinstance(block, memoryview):
+        # A view of one layer's decompressed frame (memoryviews compare item by item: compare the bytes under it).
+        raw, start = next((raw, start) for raw, start in origins if block.obj is raw)
+        return block, raw.startswith(zero, start)
+    return block, block == zero
+
+
+def _stored_blocks(index: int, pieces: list, block_size: int, bitmap_size: int) -> tuple[list, list]:
+    """Each layer's stored block ``(bitmap, data)``, decompressed from its frames (top layer first), and where
+    each data starts in its decompressed bytes.
+
+    The data is a view into the decompressed frame: restoring copies each block once, into the target.
+    """
+    stored, origins = [], []
+    for frames, at, sizes in pieces:
+        raw = _decompress(index, frames, sizes)
+        if len(raw) < at + bitmap_size + block_size:
             raise VHDError(f"block {index}: its frames are shorter than the block")
-        stored.append((block[:bitmap_size], block[bitmap_size:]))
-    return stored
+        view, start = memoryview(raw), at + bitmap_size
+        stored.append((bytes(view[at:start]), view[start : start + block_size]))
+        origins.append((raw, start))
+    return stored, origins
+
+
+def _decompress(index: int, frames, sizes: list[tuple[int, int]]) -> bytes:
+    """Whole zstd frames, each to exactly its seek table size (the output allocated once, at that size)."""
+    view, out, pos = memoryview(frames), [], 0
+    try:
+        for c_size, d_size in sizes:
+            out.append(decompress_frame(view[pos : pos + c_size], d_size))
+            pos += c_size
+    except VHDError as exc:
+        raise VHDError(f"block {index}: corrupt compressed frame ({exc})") from exc
+    return out[0] if len(out) == 1 else b"".join(out)
 
 
 class RestoreRun:
@@ -380,7 +443,8 @@ class RestoreRun:
         elapsed = time.monotonic() - t_start
         log.info("restored %s to %s in %.1fs", human_bytes(size), target_path, elapsed)
         timings = {"restore": elapsed, "fsync": target.fsync_seconds}
-        return RestoreResult(backup_id, size, len(chain), self.downloaded, written, timings)
+        requests = sum(stream.requests for stream in streams)
+        return RestoreResult(backup_id, size, len(chain), self.downloaded, written, timings, requests)
 
     def _open(self, s3: S3Access, item: dict, pool, layers: int) -> ObjectStream:
         pinned = {"version_id": item.get("version_id") or None, "etag": item.get("etag") or None}
@@ -411,8 +475,8 @@ def write_disk(layers: list[Layer], chain: ChainReader, allocated: list[int], ta
     def drain(keep: int) -> None:
         while len(queued) > keep:
             index, length, future = queued.popleft()
-            data = zero[:length] if future is None else future.result()
-            if target.is_device or data != zero[:length]:
+            data, is_zero = (zero[:length], True) if future is None else future.result()
+            if target.is_device or not is_zero:
                 writer.put(index * block_size, data)
             task.advance(length)
 
@@ -489,8 +553,9 @@ def write_changed(layers: list[Layer], chain: ChainReader, allocated: list[int],
         data = os.pread(target.fd, length, index * block_size)
         return data.ljust(block_size, b"\0")
 
-    def assemble(index: int, length: int, pieces: list) -> bytes:
-        stored: list[tuple[bytes, bytes | Callable[[], bytes]]] = _stored_blocks(index, pieces, block_size, bitmap_size)
+    def assemble(index: int, length: int, pieces: list) -> Block:
+        stored: list[tuple[bytes, bytes | memoryview | Callable[[], bytes]]]
+        stored, _ = _stored_blocks(index, pieces, block_size, bitmap_size)
         # What the target holds, as the lowest layer: read only when a sector is still needed.
         stored.append((full_bitmap, lambda: on_disk(index, length)))
         return stack_block(stored, block_size, length)

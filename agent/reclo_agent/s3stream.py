@@ -160,6 +160,26 @@ class ObjectStream(io.RawIOBase):
         self._pos += n
         return n
 
+    def read_span(self, start: int, n: int) -> bytes | memoryview:
+        """``n`` bytes from ``start``, moving the stream there: a view of the chunk that holds them, or (across
+        chunks, or outside the streamed part) a copy. Raises :class:`Unreachable` when the object is shorter."""
+        if n > 0 and start + n <= self._stream_end:
+            index, within = divmod(start, self._chunk)
+            if within + n <= self._chunk and self._cur_index <= index <= self._cur_index + len(self._futures):
+                self._advance_to(index)
+                if within + n <= len(self._cur):
+                    self._pos = start + n
+                    return memoryview(self._cur)[within : within + n]
+        self.seek(start)
+        pieces, left = [], n
+        while left:
+            piece = self.read(left)
+            if not piece:
+                raise Unreachable(f"{self.key} ends {left} bytes short of the range asked for.")
+            pieces.append(piece)
+            left -= len(piece)
+        return b"".join(pieces)
+
     def sha256_hexdigest(self) -> str:
         """The object's SHA-256 (fetching whatever the restore did not need)."""
         self._advance_to(self._chunks - 1)

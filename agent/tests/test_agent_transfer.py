@@ -185,3 +185,23 @@ def test_object_stream_skipping_and_going_back_stays_correct(bucket):
         assert stream.direct_reads == 1
         # Never-read parts are still fetched for the checksum.
         assert stream.sha256_hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_object_stream_spans_are_views_within_a_chunk_and_copies_across_or_in_the_tail(bucket):
+    s3, access = bucket
+    data = os.urandom(5 * MiB + 123)
+    s3.put_object(Bucket="stream-test", Key="obj", Body=data)
+    with ThreadPoolExecutor(4) as pool:
+        stream = ObjectStream(access, "obj", len(data), pool, chunk_size=MiB, ahead=2, tail_size=4096)
+        inside = stream.read_span(10, 1000)
+        assert isinstance(inside, memoryview) and inside == data[10:1010]
+        across = stream.read_span(MiB - 50, 100)  # the end of chunk 0 and the start of chunk 1
+        assert isinstance(across, bytes) and across == data[MiB - 50 : MiB + 50]
+        assert stream.tell() == MiB + 50
+        later = stream.read_span(3 * MiB + 7, 2000)  # skipped ahead within the read-ahead window
+        assert bytes(later) == data[3 * MiB + 7 : 3 * MiB + 2007]
+        tail = stream.read_span(len(data) - 100, 100)
+        assert tail == data[-100:]
+        assert stream.read_span(200, 10) == data[200:210]  # behind the stream: a read of its own
+        assert stream.direct_reads == 1
+        assert stream.sha256_hexdigest() == hashlib.sha256(data).hexdigest()

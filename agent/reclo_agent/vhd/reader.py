@@ -323,18 +323,19 @@ class VHDReader:
         return ChainReader([self], _check=False).read(offset, length)
 
 
-def stack_block(layers: Iterable, block_size: int, length: int) -> bytes:
+def stack_block(layers: Iterable, block_size: int, length: int) -> bytes | memoryview:
     """One block of a chain from its layers' stored blocks: ``(bitmap, data)``, top layer first.
 
     ``data`` may be a callable returning the data (read only when the layer
     has a sector still needed). A sector comes from the topmost layer whose
-    bitmap has it; sectors no layer has are zeros. Returns ``length`` bytes.
+    bitmap has it; sectors no layer has are zeros. Returns ``length`` bytes
+    (a memoryview when one layer's data, given as a memoryview, holds them all).
     """
     nsect_block = block_size // SECTOR
     nsect = length // SECTOR
     # Sectors still needed, as an integer whose top bit is sector 0.
     need = ((1 << nsect) - 1) << (nsect_block - nsect)
-    out: bytes | bytearray | None = None
+    out: bytes | bytearray | memoryview | None = None
     for layer_bitmap, data in layers:
         have = bitmap.to_int(layer_bitmap, nsect_block)
         take = need & have
@@ -356,6 +357,8 @@ def stack_block(layers: Iterable, block_size: int, length: int) -> bytes:
             break
     if out is None:
         return bytes(length)
+    if isinstance(out, memoryview):  # a view of a layer's decompressed frame (the restore's): kept a view
+        return out if len(out) == length else out[:length]
     return out[:length] if isinstance(out, bytes) and len(out) == length else bytes(out[:length])
 
 
@@ -429,6 +432,8 @@ class ChainReader:
                     yield layer_bitmap, lambda layer=layer: layer.read_block_data(index)
 
         block = stack_block(stored(), self.block_size, self.layers[-1].block_length(index))
+        if isinstance(block, memoryview):  # (not from these layers' bytes; for the type)
+            block = bytes(block)
         self._cache = (index, block)
         return block
 

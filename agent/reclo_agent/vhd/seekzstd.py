@@ -379,7 +379,7 @@ def read_seek_table(fileobj: Readable, *, chunk_size: int = 1 << 20) -> SeekTabl
     return SeekTable(c_offsets, d_offsets)
 
 
-def decompress_frame(data: bytes, d_size: int, frame: int = 0) -> bytes:
+def decompress_frame(data: bytes | memoryview, d_size: int, frame: int = 0) -> bytes:
     """One whole zstd frame ``data``, which must decompress to exactly ``d_size`` bytes (its checksum checked)."""
     decompressor = pyzstd.ZstdDecompressor()
     with _corrupt_as_vhderror():
