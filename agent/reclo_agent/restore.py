@@ -66,25 +66,37 @@ WRITE_QUEUE = 8  # blocks waiting for the writer thread
 DOWNLOAD_THREADS = 8
 # Read-ahead memory shared by the chain's objects.
 READ_AHEAD_BUDGET = 256 * MiB
+MIN_SHARE = 32 * MiB  # what even a small object's stream gets (within a fair share)
 # Written out behind the restore every so much (see _Writer._flush_behind).
 FLUSH_WINDOW = 64 * MiB
 Block = bytes | memoryview
 
 
-def stream_plan(size: int, layers: int) -> tuple[int, int]:
-    """``(chunk size, chunks ahead)`` of one object's ranged GETs.
+def read_ahead_shares(sizes: list[int], budget: int = READ_AHEAD_BUDGET) -> list[int]:
+    """Each object's share of the read-ahead memory: a small object gets what it can use, the rest go to the
+    larger ones (a full of hundreds of MiB under a chain of small incrementals takes most of it)."""
+    shares = [0] * len(sizes)
+    left = budget
+    for done, n in enumerate(sorted(range(len(sizes)), key=sizes.__getitem__)):
+        fair = left // (len(sizes) - done)
+        shares[n] = min(max(sizes[n], MIN_SHARE), fair)
+        left -= shares[n]
+    return shares
+
+
+def stream_plan(size: int, share: int) -> tuple[int, int]:
+    """``(chunk size, chunks ahead)`` of one object's ranged GETs, within ``share`` bytes of read-ahead.
 
     Large ranges (an eighth of the object, 8-64 MiB) mean few requests: each
     has a fixed cost, and some S3-compatible stores (moto among them) read
     the whole object to answer any range -- on the local emulator this halves
     a 1 GiB restore against 16 ranges of up to 32 MiB. S3 itself serves large
-    ranges at full speed. The read-ahead memory of all layers together stays
-    within READ_AHEAD_BUDGET however long the chain.
+    ranges at full speed. The shares of all layers together stay within
+    READ_AHEAD_BUDGET however long the chain (:func:`read_ahead_shares`).
     """
-    per_layer = READ_AHEAD_BUDGET // max(1, layers)
     chunk = min(64 * MiB, max(8 * MiB, size // 8))
-    chunk = max(MiB, min(chunk, per_layer // 3)) // MiB * MiB
-    ahead = max(1, min(6, per_layer // chunk - 1))
+    chunk = max(MiB, min(chunk, share // 3)) // MiB * MiB
+    ahead = max(1, min(6, share // chunk - 1))
     return chunk, ahead
 
 
@@ -398,8 +410,9 @@ class RestoreRun:
         streams: list[ObjectStream] = []
         with ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="reclo-get") as pool:
             try:
-                for item in chain:
-                    streams.append(self._open(s3, item, pool, len(chain)))
+                sizes = [self._size(s3, item) for item in chain]
+                for item, size, share in zip(chain, sizes, read_ahead_shares(sizes), strict=True):
+                    streams.append(self._open(s3, item, size, share, pool))
                 try:
                     layers = [Layer(stream, VHDReader(open_seekable(stream))) for stream in streams]
                     # Above an ancestor the target holds, the lowest layer's parent is not read:
@@ -446,15 +459,17 @@ class RestoreRun:
         requests = sum(stream.requests for stream in streams)
         return RestoreResult(backup_id, size, len(chain), self.downloaded, written, timings, requests)
 
-    def _open(self, s3: S3Access, item: dict, pool, layers: int) -> ObjectStream:
-        pinned = {"version_id": item.get("version_id") or None, "etag": item.get("etag") or None}
-        size = item.get("file_size")
-        if size is None:
-            head = {"VersionId": pinned["version_id"]} if pinned["version_id"] else {}
-            size = s3.call("head_object", Key=item["key"], **head)["ContentLength"]
-        chunk, ahead = stream_plan(int(size), layers)
-        return ObjectStream(s3, item["key"], int(size), pool, chunk_size=chunk, ahead=ahead, on_bytes=self._count,
-                            version_id=pinned["version_id"], etag=pinned["etag"])  # fmt: skip
+    @staticmethod
+    def _size(s3: S3Access, item: dict) -> int:
+        if item.get("file_size") is not None:
+            return int(item["file_size"])
+        head = {"VersionId": item["version_id"]} if item.get("version_id") else {}
+        return int(s3.call("head_object", Key=item["key"], **head)["ContentLength"])
+
+    def _open(self, s3: S3Access, item: dict, size: int, share: int, pool) -> ObjectStream:
+        chunk, ahead = stream_plan(size, share)
+        return ObjectStream(s3, item["key"], size, pool, chunk_size=chunk, ahead=ahead, on_bytes=self._count,
+                            version_id=item.get("version_id") or None, etag=item.get("etag") or None)  # fmt: skip
 
 
 def write_disk(layers: list[Layer], chain: ChainReader, allocated: list[int], target: Target, task,

@@ -128,7 +128,8 @@ class PartUploader:
         self._state = state
         self._limiter = limiter
         self._on_acknowledged = on_acknowledged
-        self._buffer = bytearray()
+        self._pieces: list[memoryview] = []  # the part being filled
+        self._filled = 0  # their bytes
         self._next_number = 1
         self._acked_through = 0  # parts 1..this all acknowledged
         self._acked_bytes = 0  # their bytes: the acknowledged prefix of the stream
@@ -148,14 +149,19 @@ class PartUploader:
 
     def write(self, data) -> int:
         self._raise_error()
-        view = memoryview(data).cast("B")
-        self._buffer += view
-        self.size += len(view)
-        while len(self._buffer) >= self.part_size:
-            body = bytes(self._buffer[: self.part_size])
-            del self._buffer[: self.part_size]
-            self._submit(body)
-        return len(view)
+        # Pieces are kept by reference (bytes do not change) and joined once per part: one copy.
+        view = memoryview(data if isinstance(data, bytes) else bytes(data)).cast("B")
+        written = len(view)
+        self.size += written
+        while view:
+            take = min(self.part_size - self._filled, len(view))
+            self._pieces.append(view[:take])
+            self._filled += take
+            view = view[take:]
+            if self._filled == self.part_size:
+                body, self._pieces, self._filled = b"".join(self._pieces), [], 0
+                self._submit(body)
+        return written
 
     def flush(self) -> None:
         self._raise_error()
@@ -249,9 +255,9 @@ class PartUploader:
     def finish(self) -> list[dict]:
         """Send the last part, wait for all, and return the parts list for completion."""
         try:
-            if self._buffer or self._next_number == 1:
-                self._submit(bytes(self._buffer))
-                self._buffer.clear()
+            if self._filled or self._next_number == 1:
+                self._submit(b"".join(self._pieces))
+                self._pieces, self._filled = [], 0
             for future in self._futures:
                 future.result()
         finally:

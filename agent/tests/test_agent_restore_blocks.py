@@ -10,6 +10,7 @@ from reclo_agent.restore import _assemble, _decompress
 from reclo_agent.vhd import VHDError
 
 BLOCK = 64 * 1024
+MiB = 1024 * 1024
 BITMAP = 512
 FULL = b"\xff" * (BLOCK // 512 // 8) + bytes(BITMAP - BLOCK // 512 // 8)
 
@@ -104,3 +105,34 @@ def test_the_writer_starts_writeback_behind_itself_window_by_window(tmp_path, mo
     with open(tmp_path / "out.img", "rb") as f:
         written = f.read()
     assert all(written[n * BLOCK : (n + 1) * BLOCK] == pieces.get(n, bytes(BLOCK)) for n in range(20))
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [[474 * MiB, 10 * MiB], [10 * MiB, 474 * MiB, 5 * MiB], [1000 * MiB] * 3, [MiB] * 40, [0], [3 * 1024 * MiB] * 100],
+)
+def test_read_ahead_shares_stay_in_the_budget_and_go_where_they_are_used(sizes):
+    from reclo_agent.restore import MIN_SHARE, READ_AHEAD_BUDGET, read_ahead_shares
+
+    shares = read_ahead_shares(sizes)
+    assert sum(shares) <= READ_AHEAD_BUDGET
+    fair = READ_AHEAD_BUDGET // len(sizes)
+    for size, share in zip(sizes, shares, strict=True):
+        assert share >= min(fair, max(size, MIN_SHARE))  # never less than an equal split would give it
+
+
+def test_small_objects_leave_the_read_ahead_to_the_large_one():
+    from reclo_agent.restore import read_ahead_shares
+
+    assert read_ahead_shares([474 * MiB, 10 * MiB]) == [224 * MiB, 32 * MiB]
+    assert read_ahead_shares([5 * MiB, 474 * MiB, 40 * MiB]) == [32 * MiB, 184 * MiB, 40 * MiB]
+    assert read_ahead_shares([1000 * MiB] * 2) == [128 * MiB] * 2
+
+
+def test_a_full_under_a_small_incremental_is_fetched_in_eighths():
+    from reclo_agent.restore import read_ahead_shares, stream_plan
+
+    full, inc = 474 * MiB, 10 * MiB
+    share_full, share_inc = read_ahead_shares([full, inc])
+    chunk, ahead = stream_plan(full, share_full)
+    assert -(-full // chunk) <= 9 and ahead >= 2 and (ahead + 1) * chunk <= share_full
