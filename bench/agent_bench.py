@@ -30,6 +30,11 @@ Measured, on an image of 40% random, 30% zero and 30% text blocks:
    stale on a mounted disk) and cold (``BLKFLSBUF``: the fallback for
    devices that refuse ``O_DIRECT``). ``--reads-only`` measures just this.
 
+For each backup and restore it also prints each tool's own CPU time
+(wait4), the CPU this process -- the emulator and the portal -- spent
+meanwhile, and their sum over the cores: the shortest time this machine
+allows for that work, next to the 2x target.
+
 Apart from step 5, the page cache is warm for both tools (nothing drops it). Agent times
 are wall-clock times of the whole command, including waiting for the
 portal's verdict; the breakdown shows scan, pack-and-upload and verify.
