@@ -55,6 +55,7 @@ from .scan import workers
 from .vhd import ChainReader, VHDError, VHDReader, open_seekable
 from .vhd.reader import stack_block
 from .vhd.seekzstd import decompress_frame, read_seek_table
+from .vhd.streams import read_fully
 
 log = logging.getLogger(__name__)
 
@@ -308,14 +309,10 @@ class Layer:
 
 
 def _read_exactly(f, n: int) -> bytes:
-    chunks, left = [], n
-    while left:
-        chunk = f.read(left)
-        if not chunk:
-            raise VHDError("the stored object ends inside a frame")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
+    data = read_fully(f, n)
+    if len(data) != n:
+        raise VHDError("the stored object ends inside a frame")
+    return data
 
 
 def _assemble(index: int, length: int, pieces: list, block_size: int, bitmap_size: int) -> tuple[Block, bool]:

@@ -31,6 +31,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 from .errors import Unreachable
 from .s3 import S3Access
+from .vhd.streams import read_fully
 
 MiB = 1024 * 1024
 
@@ -171,14 +172,10 @@ class ObjectStream(io.RawIOBase):
                     self._pos = start + n
                     return memoryview(self._cur)[within : within + n]
         self.seek(start)
-        pieces, left = [], n
-        while left:
-            piece = self.read(left)
-            if not piece:
-                raise Unreachable(f"{self.key} ends {left} bytes short of the range asked for.")
-            pieces.append(piece)
-            left -= len(piece)
-        return b"".join(pieces)
+        data = read_fully(self, n)
+        if len(data) != n:
+            raise Unreachable(f"{self.key} ends {n - len(data)} bytes short of the range asked for.")
+        return data
 
     def sha256_hexdigest(self) -> str:
         """The object's SHA-256 (fetching whatever the restore did not need)."""

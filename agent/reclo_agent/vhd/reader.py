@@ -49,7 +49,7 @@ from .format import (
     VHDInfo,
     bitmap_size,
 )
-from .streams import Readable
+from .streams import Readable, read_fully
 
 # BAT entries read at once: 256 KiB of BAT, 32 GiB of disk at 2 MiB blocks.
 BAT_WINDOW = 64 * 1024
@@ -62,14 +62,10 @@ _UNALLOCATED_WINDOW = b"\xff" * (4 * BAT_WINDOW)  # compared with memcmp, far fa
 def read_at(f: Readable, offset: int, n: int, what: str) -> bytes:
     """Exactly ``n`` bytes at ``offset`` (looping over short reads)."""
     f.seek(offset)
-    chunks, left = [], n
-    while left:
-        chunk = f.read(left)
-        if not chunk:
-            raise VHDError(f"file truncated: {what} at offset {offset} is cut short")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
+    data = read_fully(f, n)
+    if len(data) != n:
+        raise VHDError(f"file truncated: {what} at offset {offset} is cut short")
+    return data
 
 
 class VHDReader:

@@ -25,3 +25,15 @@ class Writable(Protocol):
     """A byte sink: a file, an upload, a compressor."""
 
     def write(self, data: Buffer, /) -> int | None: ...
+
+
+def read_fully(src: Readable, n: int) -> bytes:
+    """Up to ``n`` bytes from ``src``'s position, looping over short reads; shorter only where ``src`` ends."""
+    chunks, left = [], n
+    while left > 0:
+        chunk = src.read(left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)

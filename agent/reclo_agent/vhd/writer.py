@@ -67,7 +67,7 @@ from .format import (
     bitmap_size,
     vhd_timestamp,
 )
-from .streams import Readable, Writable
+from .streams import Readable, Writable, read_fully
 
 
 def _check_size(size: int) -> None:
@@ -354,14 +354,10 @@ class VHDWriter:
 
 def _read_exactly(src: Readable, n: int) -> bytes:
     """``n`` bytes from ``src`` (looping over short reads), or fail."""
-    chunks, left = [], n
-    while left:
-        chunk = src.read(left)
-        if not chunk:
-            raise ValueError(f"source ended {left} bytes early")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
+    data = read_fully(src, n)
+    if len(data) != n:
+        raise ValueError(f"source ended {n - len(data)} bytes early")
+    return data
 
 
 def _source_size(src: Readable, size: int | None) -> int:
