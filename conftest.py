@@ -13,6 +13,12 @@ for _name, _value in {
 }.items():
     os.environ[_name] = _value
 
+# Guests boot under software emulation (TCG) unless the runner forces KVM: on
+# nested virtualisation, as on the CI machines, /dev/kvm can run the sandbox's
+# tiny probe guest and still hang a Linux guest. The probe itself is tested
+# directly (test_sandbox clears this for its choose_accel test).
+os.environ.setdefault("RECLO_SANDBOX_ACCEL", "tcg")
+
 import pytest  # noqa: E402
 from django.core.cache import cache  # noqa: E402
 from moto import mock_aws  # noqa: E402
