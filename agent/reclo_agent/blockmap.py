@@ -59,7 +59,8 @@ _ZERO_PAGES: dict[int, tuple[bytes, bytes]] = {}
 
 
 @functools.lru_cache(maxsize=4)
-def _zeros(n: int) -> bytes:
+def zeros(n: int) -> bytes:
+    """``n`` zero bytes, made once per size (blocks and pages are compared against them)."""
     return bytes(n)
 
 
@@ -76,7 +77,7 @@ def page_digests(data, page_size: int) -> bytes:
         zero = bytes(page_size)
         _ZERO_PAGES[page_size] = (zero, hashlib.sha256(zero).digest()[:DIGEST_SIZE])
     zero, zero_digest = _ZERO_PAGES[page_size]
-    if len(data) % page_size == 0 and data == _zeros(len(data)):
+    if len(data) % page_size == 0 and data == zeros(len(data)):
         return zero_digest * (len(data) // page_size)  # free space: no page to look at
     # startswith compares in place and the view slices copy nothing: only the hashing touches each page.
     sha256, is_zero, view = hashlib.sha256, data.startswith, memoryview(data)

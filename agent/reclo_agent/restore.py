@@ -33,7 +33,6 @@ zeros included, since its old content must not show through.
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import queue
@@ -47,6 +46,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .api import PortalClient
+from .blockmap import zeros
 from .errors import DiskError, NoSpace, UsageError, VerificationFailed
 from .progress import Reporter, Task, human_bytes
 from .s3 import S3Access, StorageError
@@ -324,13 +324,8 @@ def _assemble(index: int, length: int, pieces: list, block_size: int, bitmap_siz
     return _with_zero_flag(stack_block(stored, block_size, length), origins, length)
 
 
-@functools.lru_cache(maxsize=4)
-def _zeros(n: int) -> bytes:
-    return bytes(n)
-
-
 def _with_zero_flag(block: Block, origins: list[tuple[bytes, int]], length: int) -> tuple[Block, bool]:
-    zero = _zeros(length)
+    zero = zeros(length)
     if isinstance(block, memoryview):
         # A view of one layer's decompressed frame (memoryviews compare item by item: compare the bytes under it).
         raw, start = next((raw, start) for raw, start in origins if block.obj is raw)
@@ -478,7 +473,7 @@ def write_disk(layers: list[Layer], chain: ChainReader, allocated: list[int], ta
     """
     block_size = chain.block_size
     bitmap_size = chain.top.bitmap_size
-    zero = bytes(block_size)
+    zero = zeros(block_size)
     writer = _Writer(target)
     threads = threads or workers()
     pool = ThreadPoolExecutor(threads, thread_name_prefix="reclo-unpack")
